@@ -240,3 +240,27 @@ def test_unprivileged_user_gets_a_permission_error_that_says_what_to_do() -> Non
         assert "vm.unprivileged_userfaultfd=1" in message and "user_mode_only=True" in message
         assert user_mode_works
         assert target.exit_code() == 0
+
+
+def test_copy_stopped_by_a_populated_page_reports_progress_in_done() -> None:
+    """The kernel returns EAGAIN, not EEXIST, when a multi-page copy stops part-way."""
+
+    def body(channel: Channel) -> None:
+        mapping = memory.anonymous(4 * PAGE)
+        mapping.view[2 * PAGE] = 1  # page 2 populated before registration
+        uffd = Userfaultfd()
+        uffd.register(mapping.address, mapping.length, Mode.MISSING)
+        channel.send(mapping.address, [uffd.fileno()])
+        channel.recv()
+
+    with Target(body) as target:
+        base, uffd = target.recv_uffd()
+        whole = b"".join(pattern(i) for i in range(4))
+        with pytest.raises(MappingChangedError) as caught:
+            uffd.copy(base, whole)
+        assert caught.value.done == 2 * PAGE
+        with pytest.raises(PageExistsError):
+            uffd.copy(base + caught.value.done, whole[caught.value.done :])
+        assert uffd.copy(base + 3 * PAGE, pattern(3)) == PAGE
+        target.send("done")
+        assert target.exit_code() == 0

@@ -22,6 +22,7 @@ def missing_target(make: Maker, pages: int, unit: int) -> Callable[[Channel], No
         uffd = Userfaultfd(Feature.MISSING_SHMEM | Feature.MISSING_HUGETLBFS)
         uffd.register(mapping.address, pages * unit, Mode.MISSING)
         channel.send(mapping.address, [uffd.fileno()])
+        uffd.close()  # the server's descriptor is the only one now, as in a real lazy restore
         channel.recv()
         content = bytes(mapping.view[: pages * unit])  # faults, page after page
         channel.send(hashlib.sha256(content).hexdigest())
@@ -107,3 +108,28 @@ def test_many_pages_in_one_copy_wake_the_fault() -> None:
         digest, _ = target.recv()
         assert digest == hashlib.sha256(whole).hexdigest()
         assert uffd.read_events() == []
+
+
+def test_copy_without_wake_leaves_the_fault_asleep_until_wake() -> None:
+    with Target(missing_target(KINDS["anonymous"], 1, PAGE)) as target:
+        base, uffd = target.recv_uffd()
+        target.send("go")
+        assert next_event(uffd) == PageFault(base, FaultFlag(0), 0)
+        assert uffd.copy(base, pattern(0), wake=False) == PAGE
+        with pytest.raises(TimeoutError):
+            target.recv(timeout=0.3)  # still asleep: nobody woke it
+        uffd.wake(base, PAGE)
+        digest, _ = target.recv()
+        assert digest == hashlib.sha256(pattern(0)).hexdigest()
+        assert target.exit_code() == 0
+
+
+def test_closing_the_last_descriptor_wakes_the_fault_with_zeros() -> None:
+    with Target(missing_target(KINDS["anonymous"], 1, PAGE)) as target:
+        base, uffd = target.recv_uffd()
+        target.send("go")
+        assert next_event(uffd) == PageFault(base, FaultFlag(0), 0)
+        uffd.close()  # the target closed its own copy already: this is the last one
+        digest, _ = target.recv()
+        assert digest == hashlib.sha256(bytes(PAGE)).hexdigest()
+        assert target.exit_code() == 0
