@@ -44,6 +44,7 @@ def test_memory_surface() -> None:
             "PageRegion",
             "ScanResult",
             "anonymous",
+            "free_huge_pages",
             "huge_page_size",
             "huge_pages",
             "hugetlb",

@@ -9,8 +9,11 @@ import sys
 from collections.abc import Sequence
 
 from ._features import feature_table
+from .check import CHECKS, CheckOptions, CheckResult, Status, run_checks
 
 __all__ = ["main"]
+
+_DEFAULTS = CheckOptions()
 
 
 def _features(args: argparse.Namespace) -> int:
@@ -42,12 +45,73 @@ def _features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .check._report import render_json, render_table
+
+    options = CheckOptions(
+        race_iterations=args.race_iterations,
+        race_seconds=args.race_seconds,
+        layouts=args.layouts,
+        seed=args.seed,
+    )
+    console = Console(stderr=True)
+    results: list[CheckResult] = []
+    for name in args.only or list(CHECKS):
+        with console.status(f"uffd check: {name}", spinner="dots"):
+            results.extend(run_checks([name], options))
+    if args.json:
+        print(render_json(results))
+    else:
+        # A pipe gets a wide table rather than rich's 80 columns.
+        render_table(results, Console(width=None if sys.stdout.isatty() else 160))
+    return 1 if any(r.status is Status.FAIL for r in results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uffd", description="Linux userfaultfd toolkit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     features = commands.add_parser("features", help="the userfaultfd features of this kernel")
     features.add_argument("--json", action="store_true", help="print JSON instead of a table")
     features.set_defaults(func=_features)
+
+    check = commands.add_parser(
+        "check", help="prove on this kernel that userspace governs every page of a uffd range"
+    )
+    check.add_argument(
+        "--only",
+        action="append",
+        choices=list(CHECKS),
+        metavar="NAME",
+        help=f"run only this check (repeatable): {', '.join(CHECKS)}",
+    )
+    check.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    check.add_argument(
+        "--seed",
+        type=int,
+        default=_DEFAULTS.seed,
+        help="seed of the model-agreement layouts (replays a run)",
+    )
+    check.add_argument(
+        "--layouts",
+        type=int,
+        default=_DEFAULTS.layouts,
+        help="random layouts the model is compared on",
+    )
+    check.add_argument(
+        "--race-seconds",
+        type=float,
+        default=_DEFAULTS.race_seconds,
+        help="time bound of the live race",
+    )
+    check.add_argument(
+        "--race-iterations",
+        type=int,
+        default=_DEFAULTS.race_iterations,
+        help="iteration bound of the live race",
+    )
+    check.set_defaults(func=_check)
     return parser
 
 

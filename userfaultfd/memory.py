@@ -32,6 +32,7 @@ __all__ = [
     "PageRegion",
     "ScanResult",
     "anonymous",
+    "free_huge_pages",
     "huge_page_size",
     "huge_pages",
     "hugetlb",
@@ -228,12 +229,12 @@ def huge_pages(count: int, *, proc: str = "/proc") -> Iterator[int]:
     path = f"{proc}/sys/vm/nr_hugepages"
     with open(path) as f:
         before = int(f.read())
-    free = _free_huge_pages(proc)
+    free = free_huge_pages(proc=proc)
     if free < count:
         with open(path, "w") as f:
             f.write(str(before + count - free))
     try:
-        free = _free_huge_pages(proc)
+        free = free_huge_pages(proc=proc)
         if free < count:
             raise OSError(
                 errno.ENOMEM, f"asked for {count} free huge pages, the kernel found {free}"
@@ -244,7 +245,8 @@ def huge_pages(count: int, *, proc: str = "/proc") -> Iterator[int]:
             f.write(str(before))
 
 
-def _free_huge_pages(proc: str) -> int:
+def free_huge_pages(*, proc: str = "/proc") -> int:
+    """How many default-size huge pages are free in the pool right now."""
     with open(f"{proc}/meminfo") as meminfo:
         for line in meminfo:
             if line.startswith("HugePages_Free:"):
