@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ._cli_model import add_model_commands
 from ._features import feature_table
 from .check import CHECKS, CheckOptions, CheckResult, Status, run_checks
 
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="iteration bound of the live race",
     )
     check.set_defaults(func=_check)
+
+    add_model_commands(commands)
     return parser
 
 

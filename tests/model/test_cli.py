@@ -1,0 +1,82 @@
+"""``uffd model ...`` through add_model_commands, without the rest of the command line."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from userfaultfd._cli_model import add_model_commands
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="uffd")
+    add_model_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+def test_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(["model", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("pre-patch", "seed", "markers-only", "upstream", "wp-punch-hole"):
+        assert name in out
+
+
+def test_run_prints_the_trace_and_exits_0_on_a_violation(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert _main(["model", "run", "wp-punch-hole", "--kernel", "pre-patch"]) == 0
+    out = capsys.readouterr().out
+    assert "VIOLATION (untracked write)" in out
+    assert "  4. read   do_fault_around" in out
+    assert "uffd model replay wp-punch-hole --kernel pre-patch 'punch*2 read*2 write*3'" in out
+
+
+def test_run_without_reduction(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(["model", "run", "wp-punch-hole", "--no-reduction"]) == 0
+    out = capsys.readouterr().out
+    assert "reduction off" in out
+    assert "no violation: no untracked write in any reachable state" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["model", "run", "nope"], "uffd model: unknown scenario 'nope'"),
+        (["model", "run", "wp-punch-hole", "--kernel", "5.19"], "unknown kernel preset '5.19'"),
+        (["model", "run", "wp-punch-hole", "--fault-around-bytes", "9999999"], "between 0"),
+        (["model", "replay", "wp-punch-hole", "punch*9"], "step 7: thread 'punch'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1
+
+
+def test_replay(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["model", "replay", "wp-punch-hole", "--kernel", "pre-patch", "punch*2 read*2 write*3"]
+    assert _main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1].startswith("VIOLATION (untracked write): frame #2")
+
+
+def test_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(["model", "table"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "kernel",
+        "scenario",
+        "verdict",
+        "states",
+        "transitions",
+        "faults",
+        "time",
+    ]
+    assert len(lines) == 1 + 12 + 1
+    assert lines[1].split()[:4] == ["pre-patch", "wp-punch-hole", "violated:", "untracked"]

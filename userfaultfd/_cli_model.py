@@ -1,0 +1,89 @@
+"""``uffd model ...``: argument parsing for the kernel model; the work is in userfaultfd.model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import model
+from .model import report
+
+
+def add_model_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``model`` with its sub-commands (list, run, table, replay) to ``subparsers``."""
+    parser = subparsers.add_parser(
+        "model",
+        help="explore the executable model of the seed's fault-around race",
+        description="Explore thread interleavings of the kernel model under each kernel policy.",
+    )
+    sub = parser.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list kernel presets and scenarios")
+    p.set_defaults(func=_list)
+
+    p = sub.add_parser("run", help="explore one scenario under one kernel preset")
+    p.add_argument("scenario", metavar="SCENARIO")
+    _kernel_options(p)
+    p.add_argument(
+        "--no-reduction", action="store_true", help="explore without sleep-set reduction"
+    )
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("table", help="every preset against every scenario")
+    p.add_argument("--fault-around-bytes", type=int, default=65536, metavar="N")
+    p.set_defaults(func=_table)
+
+    p = sub.add_parser("replay", help="replay a schedule a violation printed")
+    p.add_argument("scenario", metavar="SCENARIO")
+    p.add_argument("schedule", metavar="SCHEDULE", help='e.g. "punch*2 read*2 write*3"')
+    _kernel_options(p)
+    p.set_defaults(func=_replay)
+
+
+def _kernel_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", default="upstream", metavar="PRESET", help="default: upstream")
+    p.add_argument("--fault-around-bytes", type=int, default=65536, metavar="N")
+
+
+def _usage_error(err: Exception) -> int:
+    print(f"uffd model: {err.args[0] if err.args else err}", file=sys.stderr)
+    return 2
+
+
+def _list(args: argparse.Namespace) -> int:
+    print(report.render_list())
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        result = model.explore(
+            args.scenario,
+            args.kernel,
+            fault_around_bytes=args.fault_around_bytes,
+            reduction=not args.no_reduction,
+        )
+    except (model.UnknownNameError, ValueError) as err:
+        return _usage_error(err)
+    print(report.render_result(result))
+    return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    try:
+        rows = model.table(fault_around_bytes=args.fault_around_bytes)
+    except ValueError as err:
+        return _usage_error(err)
+    print(report.render_table(rows))
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    try:
+        run = model.replay(
+            args.scenario, args.schedule, args.kernel, fault_around_bytes=args.fault_around_bytes
+        )
+    except (model.UnknownNameError, ValueError) as err:
+        return _usage_error(err)
+    print(report.render_replay(run))
+    return 0

@@ -1,0 +1,213 @@
+"""Explore a scenario under a kernel preset: the glue between the kernel rules and the engine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+from . import engine
+from .kernel import Kernel, Label
+from .presets import PRESETS, Preset, get_preset
+from .scenarios import SCENARIOS, Scenario, get_scenario
+from .state import World
+
+__all__ = [
+    "Replay",
+    "Result",
+    "TableRow",
+    "TraceStep",
+    "Violation",
+    "build",
+    "explore",
+    "replay",
+    "table",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStep:
+    """Step ``number`` of a trace: which thread moved, in which kernel function, what changed."""
+
+    number: int
+    thread: str
+    function: str
+    change: str
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """A state that breaks the scenario's invariant, and the schedule that reaches it."""
+
+    invariant: str
+    message: str
+    trace: tuple[TraceStep, ...]
+    #: The schedule as a string for ``replay`` (``thread*count`` runs, space separated).
+    schedule: str
+    #: The run continued past the violation (first runnable thread first): what became of it.
+    aftermath: tuple[TraceStep, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The verdict of one exploration and its size."""
+
+    scenario: str
+    #: The invariant explored (the scenario's), broken or not.
+    invariant: str
+    kernel: Preset
+    fault_around_bytes: int
+    reduction: bool
+    violation: Violation | None
+    states: int
+    transitions: int
+    #: Page faults taken by the scenario's threads: the most in any complete run (or in the
+    #: violating run).
+    faults: int
+    #: Complete runs explored (terminal states).
+    runs: int
+    #: Terminal states where a thread never finished (deadlocks: a model bug if nonzero).
+    stuck: int
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A schedule replayed: its steps, and the violation it reached, if any."""
+
+    scenario: str
+    kernel: Preset
+    schedule: str
+    trace: tuple[TraceStep, ...]
+    violation: Violation | None
+    #: No thread could move after the last step.
+    complete: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TableRow:
+    """One cell of the history table: a result and the wall time it took."""
+
+    result: Result
+    seconds: float
+
+
+class _System:
+    """The engine's view of a built Kernel and its scenario's invariant."""
+
+    def __init__(self, kernel: Kernel, scenario: Scenario) -> None:
+        self.kernel = kernel
+        self.scenario = scenario
+        self.threads: Sequence[str] = kernel.thread_names
+
+    def initial(self) -> World:
+        return self.kernel.world
+
+    def move(self, state: World, thread: str) -> engine.Move[World, Label] | None:
+        moved = self.kernel.advance(state, thread)
+        if moved is None:
+            return None
+        w, label = moved
+        reads, writes = frozenset(w.reads), frozenset(w.writes)
+        w.reads.clear()
+        w.writes.clear()
+        return engine.Move(w, label, reads, writes)
+
+    def key(self, state: World) -> Hashable:
+        return state.key()
+
+    def check(self, state: World) -> engine.Breach | None:
+        message = self.scenario.check(self.kernel, state)
+        return None if message is None else engine.Breach(self.scenario.invariant, message)
+
+    def finished(self, state: World) -> bool:
+        return self.kernel.finished(state)
+
+    def measure(self, state: World) -> int:
+        return Kernel.faults(state)
+
+
+def build(
+    scenario: Scenario | str, kernel: Preset | str = "upstream", *, fault_around_bytes: int = 65536
+) -> Kernel:
+    """A Kernel set up for ``scenario`` with its threads spawned, not yet run."""
+    k = Kernel(get_preset(kernel), fault_around_bytes)
+    get_scenario(scenario).build(k)
+    return k
+
+
+def _trace(steps: Sequence[tuple[str, Label]], first: int = 1) -> tuple[TraceStep, ...]:
+    return tuple(
+        TraceStep(n, t, label.function, label.change) for n, (t, label) in enumerate(steps, first)
+    )
+
+
+def explore(
+    scenario: Scenario | str,
+    kernel: Preset | str = "upstream",
+    *,
+    fault_around_bytes: int = 65536,
+    reduction: bool = True,
+) -> Result:
+    """Explore every interleaving of ``scenario``'s threads under ``kernel``."""
+    scen = get_scenario(scenario)
+    preset = get_preset(kernel)
+    system = _System(build(scen, preset, fault_around_bytes=fault_around_bytes), scen)
+    found = engine.explore(system, reduction=reduction)
+    violation = None
+    if found.counterexample is not None:
+        cx = found.counterexample
+        violation = Violation(
+            cx.breach.invariant,
+            cx.breach.message,
+            _trace(cx.steps),
+            cx.schedule,
+            _trace(cx.aftermath, len(cx.steps) + 1),
+        )
+    return Result(
+        scen.name,
+        scen.invariant,
+        preset,
+        fault_around_bytes,
+        reduction,
+        violation,
+        found.states,
+        found.transitions,
+        found.measure,
+        found.runs,
+        found.stuck,
+    )
+
+
+def replay(
+    scenario: Scenario | str,
+    schedule: str,
+    kernel: Preset | str = "upstream",
+    *,
+    fault_around_bytes: int = 65536,
+) -> Replay:
+    """Replay a schedule string (as a Violation gives it); raises engine.ScheduleError if a step
+    names a thread that cannot move."""
+    scen = get_scenario(scenario)
+    preset = get_preset(kernel)
+    system = _System(build(scen, preset, fault_around_bytes=fault_around_bytes), scen)
+    threads = engine.parse_schedule(schedule)
+    run = engine.replay(system, threads)
+    trace = _trace(run.steps)
+    text = engine.format_schedule([t for t, _ in run.steps])
+    violation = None
+    if run.breach is not None:
+        violation = Violation(run.breach.invariant, run.breach.message, trace, text)
+    return Replay(scen.name, preset, text, trace, violation, run.terminal)
+
+
+def table(*, fault_around_bytes: int = 65536, reduction: bool = True) -> tuple[TableRow, ...]:
+    """Every preset against every scenario, timed."""
+    rows = []
+    for preset in PRESETS.values():
+        for scen in SCENARIOS.values():
+            t0 = time.perf_counter()
+            result = explore(
+                scen, preset, fault_around_bytes=fault_around_bytes, reduction=reduction
+            )
+            rows.append(TableRow(result, time.perf_counter() - t0))
+    return tuple(rows)

@@ -1,0 +1,293 @@
+"""The model's state: small frozen records, and the World that holds one snapshot of them.
+
+A World is a value the explorer can hash and keep. Rules never change a World they were given:
+they clone it and change the clone through the accessors below, which note every object read or
+written. That footprint is what the explorer's reduction uses to tell independent steps apart, so
+it is taken from what a step actually touched rather than declared by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from .._flags import Mode
+
+__all__ = [
+    "MARKER",
+    "PAGE_SIZE",
+    "PTRS_PER_PTE",
+    "Event",
+    "Frame",
+    "Marker",
+    "Present",
+    "Pte",
+    "ThreadState",
+    "World",
+]
+
+#: Bytes in a base page (x86-64, arm64 with 4 KiB pages).
+PAGE_SIZE = 4096
+#: PTEs in one page table, the span a PMD maps (2 MiB): fault-around never crosses it.
+PTRS_PER_PTE = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Present:
+    """A present PTE: the frame it maps, whether writes go straight through, the uffd-wp bit."""
+
+    frame: int
+    writable: bool
+    uffd_wp: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    """PTE_MARKER_UFFD_WP: a non-present PTE left where a protected PTE was zapped (5.19+)."""
+
+
+#: A PTE; ``None`` stands for pte_none().
+Pte = Present | Marker | None
+
+#: The one marker value (markers carry no data beyond their kind).
+MARKER = Marker()
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A page frame (struct folio): contents and flags; ``locked`` names the lock holder."""
+
+    data: str
+    locked: str | None
+    uptodate: bool
+    #: The file page it was allocated for (for messages; frames move nowhere in this model).
+    index: int
+    #: Who allocated it: "setup", "fault", "copy" (UFFDIO_COPY) or "cow" (private anon copy).
+    origin: str
+    #: The VMA whose fault or UFFDIO_COPY allocated it, -1 if none.
+    vma: int = -1
+
+    @property
+    def anon(self) -> bool:
+        return self.origin == "cow"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A userfault message the kernel queued; ``frame`` is model bookkeeping for WP faults."""
+
+    mode: Mode
+    vma: int
+    index: int
+    thread: str
+    frame: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadState:
+    """Where a thread is: its op, the kernel step it takes next, and what that step needs."""
+
+    op: int = 0
+    pc: str = "access"
+    #: The frame this fault holds (locked, or looked up), if any.
+    page: int | None = None
+    #: The PTE the fault started from (pte_same() checks against it).
+    orig: Present | Marker | None = None
+    #: Per-op position: a punch's VMA or file index, for instance.
+    cursor: int = 0
+    #: The message the server is handling.
+    event: Event | None = None
+    #: Page faults this thread took (entries into handle_mm_fault).
+    faults: int = 0
+    #: The value the last read returned, or an error ("SIGBUS").
+    value: str | None = None
+
+
+class World:
+    """One snapshot of everything that changes: page tables, page cache, frames, waiters.
+
+    ``ptes`` keys are (vma, page index in the VMA); ``cache`` keys are (file, file page index);
+    ``falloc`` is inode->i_private (the range being punched) per file; ``waiters`` maps an
+    address (vma, index) to the threads asleep in handle_userfault() there; the last three
+    fields are the userfaultfd server's own records (userspace, not kernel state).
+    """
+
+    __slots__ = (
+        "_key",
+        "cache",
+        "falloc",
+        "falloc_waiters",
+        "frames",
+        "next_frame",
+        "notified",
+        "protected",
+        "ptes",
+        "queue",
+        "reads",
+        "resolved",
+        "saved",
+        "threads",
+        "waiters",
+        "writes",
+    )
+
+    def __init__(self) -> None:
+        self.ptes: dict[tuple[int, int], Present | Marker] = {}
+        self.cache: dict[tuple[int, int], int] = {}
+        self.frames: dict[int, Frame] = {}
+        self.next_frame = 1
+        self.falloc: dict[int, tuple[int, int]] = {}
+        self.falloc_waiters: dict[int, frozenset[str]] = {}
+        self.queue: tuple[Event, ...] = ()
+        self.waiters: dict[tuple[int, int], frozenset[str]] = {}
+        self.threads: dict[str, ThreadState] = {}
+        #: Frames the server write-protected, with the contents it protected.
+        self.protected: dict[int, str] = {}
+        #: Frames whose contents the server saved after a WP message.
+        self.saved: frozenset[int] = frozenset()
+        #: (mode, vma, index) of every message the server read.
+        self.notified: frozenset[tuple[Mode, int, int]] = frozenset()
+        #: (vma, index) the server resolved with UFFDIO_CONTINUE after updating the page.
+        self.resolved: frozenset[tuple[int, int]] = frozenset()
+        self.reads: set[Hashable] = set()
+        self.writes: set[Hashable] = set()
+        self._key: Hashable | None = None
+
+    def clone(self) -> World:
+        w = World.__new__(World)
+        w.ptes = self.ptes.copy()
+        w.cache = self.cache.copy()
+        w.frames = self.frames.copy()
+        w.next_frame = self.next_frame
+        w.falloc = self.falloc.copy()
+        w.falloc_waiters = self.falloc_waiters.copy()
+        w.queue = self.queue
+        w.waiters = self.waiters.copy()
+        w.threads = self.threads.copy()
+        w.protected = self.protected
+        w.saved = self.saved
+        w.notified = self.notified
+        w.resolved = self.resolved
+        w.reads = set()
+        w.writes = set()
+        w._key = None
+        return w
+
+    def key(self) -> Hashable:
+        """A canonical, hashable image of the state (the footprint sets are not state)."""
+        if self._key is None:
+            self._key = (
+                frozenset(self.ptes.items()),
+                frozenset(self.cache.items()),
+                frozenset(self.frames.items()),
+                self.next_frame,
+                frozenset(self.falloc.items()),
+                frozenset(self.falloc_waiters.items()),
+                self.queue,
+                frozenset(self.waiters.items()),
+                frozenset(self.threads.items()),
+                frozenset(self.protected.items()),
+                self.saved,
+                self.notified,
+                self.resolved,
+            )
+        return self._key
+
+    # -- accessors that record the footprint ------------------------------------------------------
+    def pte(self, vma: int, index: int) -> Pte:
+        self.reads.add(("pte", vma, index))
+        return self.ptes.get((vma, index))
+
+    def set_pte(self, vma: int, index: int, pte: Pte) -> None:
+        self.writes.add(("pte", vma, index))
+        if pte is None:
+            self.ptes.pop((vma, index), None)
+        else:
+            self.ptes[(vma, index)] = pte
+
+    def cached(self, file: int, index: int) -> int | None:
+        self.reads.add(("cache", file, index))
+        return self.cache.get((file, index))
+
+    def set_cached(self, file: int, index: int, frame: int | None) -> None:
+        self.writes.add(("cache", file, index))
+        if frame is None:
+            self.cache.pop((file, index), None)
+        else:
+            self.cache[(file, index)] = frame
+
+    def frame(self, frame: int) -> Frame:
+        self.reads.add(("frame", frame))
+        return self.frames[frame]
+
+    def set_frame(self, frame: int, value: Frame) -> None:
+        self.writes.add(("frame", frame))
+        self.frames[frame] = value
+
+    def new_frame(self, value: Frame) -> int:
+        # The allocation counter is shared: two allocations do not commute (frame numbers differ).
+        self.reads.add(("alloc",))
+        self.writes.add(("alloc",))
+        fid = self.next_frame
+        self.next_frame += 1
+        self.set_frame(fid, value)
+        return fid
+
+    def punching(self, file: int) -> tuple[int, int] | None:
+        self.reads.add(("falloc", file))
+        return self.falloc.get(file)
+
+    def set_punching(self, file: int, span: tuple[int, int] | None) -> None:
+        self.writes.add(("falloc", file))
+        if span is None:
+            self.falloc.pop(file, None)
+        else:
+            self.falloc[file] = span
+
+    def falloc_sleepers(self, file: int) -> frozenset[str]:
+        self.reads.add(("falloc", file))
+        return self.falloc_waiters.get(file, frozenset())
+
+    def set_falloc_sleepers(self, file: int, threads: frozenset[str]) -> None:
+        self.writes.add(("falloc", file))
+        if threads:
+            self.falloc_waiters[file] = threads
+        else:
+            self.falloc_waiters.pop(file, None)
+
+    def push_event(self, event: Event) -> None:
+        self.reads.add(("uffd",))
+        self.writes.add(("uffd",))
+        self.queue = (*self.queue, event)
+
+    def pop_event(self) -> Event | None:
+        self.reads.add(("uffd",))
+        if not self.queue:
+            return None
+        self.writes.add(("uffd",))
+        event, self.queue = self.queue[0], self.queue[1:]
+        return event
+
+    def sleepers(self, vma: int, index: int) -> frozenset[str]:
+        self.reads.add(("waiters", vma, index))
+        return self.waiters.get((vma, index), frozenset())
+
+    def set_sleepers(self, vma: int, index: int, threads: frozenset[str]) -> None:
+        self.writes.add(("waiters", vma, index))
+        if threads:
+            self.waiters[(vma, index)] = threads
+        else:
+            self.waiters.pop((vma, index), None)
+
+    def thread(self, name: str) -> ThreadState:
+        self.reads.add(("thread", name))
+        return self.threads[name]
+
+    def set_thread(self, name: str, state: ThreadState) -> None:
+        self.writes.add(("thread", name))
+        self.threads[name] = state
+
+    def log(self, field: str) -> None:
+        """Note a change of one of the server's records (they are shared state too)."""
+        self.reads.add(("log", field))
+        self.writes.add(("log", field))
