@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from ._cli_model import add_model_commands
+from ._cli_runtime import add_runtime_commands
 from ._features import feature_table
 from .check import CHECKS, CheckOptions, CheckResult, Status, run_checks
 
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_check)
 
     add_model_commands(commands)
+    add_runtime_commands(commands)
     return parser
 
 

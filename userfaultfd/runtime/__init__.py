@@ -1,0 +1,39 @@
+"""Memory filled on demand, out of process, with a fault-around policy chosen in userspace.
+
+:func:`serve` registers ranges of this process and forks a handler that fills their pages from
+a :class:`~userfaultfd.stores.Store` as they fault; :func:`lazy` wraps that into a NumPy array.
+"""
+
+from ._handler import Handler as Handler
+from ._lazy import lazy as lazy
+from ._lazy import server_of as server_of
+from ._policy import Adaptive as Adaptive
+from ._policy import Policy as Policy
+from ._policy import Single as Single
+from ._policy import Window as Window
+from ._server import DEFAULT_CPU as DEFAULT_CPU
+from ._server import Region as Region
+from ._server import Server as Server
+from ._server import serve as serve
+from ._socket import GuestRegion as GuestRegion
+from ._socket import parse_regions as parse_regions
+from ._socket import serve_socket as serve_socket
+from ._stats import Stats as Stats
+
+__all__ = [
+    "DEFAULT_CPU",
+    "Adaptive",
+    "GuestRegion",
+    "Handler",
+    "Policy",
+    "Region",
+    "Server",
+    "Single",
+    "Stats",
+    "Window",
+    "lazy",
+    "parse_regions",
+    "serve",
+    "serve_socket",
+    "server_of",
+]

@@ -1,0 +1,107 @@
+"""lazy(): a NumPy array (or a memoryview) whose pages fill on demand from a source."""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import weakref
+from typing import Any
+
+from .. import memory
+from ..stores import Store, open_store
+from ._policy import Policy
+from ._server import Region, Server, serve
+
+__all__ = ["lazy", "server_of"]
+
+_NPY_MAGIC = b"\x93NUMPY"
+_HEADER_PROBE = 64 << 10
+
+
+def lazy(
+    source: Any,
+    *,
+    shape: int | tuple[int, ...] | None = None,
+    dtype: Any = None,
+    policy: Policy | None = None,
+    **serve_options: Any,
+) -> Any:
+    """Memory whose pages fill from ``source`` when first touched.
+
+    ``source``: a path, an fsspec URL, a bytes-like object or a :class:`Store`; a ``.npy``
+    file's header gives the shape and dtype. Returns a NumPy array of ``shape`` and ``dtype``
+    (flat, when only a dtype is given), or a writable memoryview of the bytes when neither a
+    dtype nor a .npy header says what they are. The handler process lives as long as the
+    returned object (and any view of it) does, and is stopped cleanly after.
+    """
+    store = open_store(source)
+    offset, header_shape, header_dtype = _npy_header(store)
+    if header_dtype is not None:
+        if dtype is not None or shape is not None:
+            raise ValueError("a .npy source defines its own shape and dtype; pass neither")
+        shape, dtype = header_shape, header_dtype
+    nbytes = store.size - offset
+    if dtype is not None:
+        import numpy as np
+
+        itemsize = np.dtype(dtype).itemsize
+        count = nbytes // itemsize if shape is None else int(np.prod(shape))
+        nbytes = count * itemsize
+        if offset + nbytes > store.size:
+            raise ValueError(f"shape {shape} of {dtype} needs {nbytes} bytes; the source has "
+                             f"{store.size - offset}")  # fmt: skip
+    if nbytes <= 0:
+        raise ValueError("the source is empty: there is nothing to map")
+    page = memory.page_size()
+    mapping = memory.anonymous(-(-nbytes // page) * page)
+    server = serve([Region(mapping.address, mapping.length, offset, page)], store,
+                   policy=policy, **serve_options)  # fmt: skip
+    holder = (ctypes.c_char * nbytes).from_buffer(mapping.view)
+    # The holder owns the mapping and the server; when the last view of it goes, the handler is
+    # stopped (no drain: nobody can read the memory any more) and the mapping is unmapped.
+    holder.mapping = mapping  # type: ignore[attr-defined]
+    holder.server = server  # type: ignore[attr-defined]
+    weakref.finalize(holder, _stop, server)
+    raw = memoryview(holder).cast("B")
+    if dtype is None:
+        return raw
+    import numpy as np
+
+    array = np.frombuffer(raw, dtype=dtype)
+    return array.reshape(shape) if shape is not None else array
+
+
+def server_of(array: Any) -> Server:
+    """The handler behind an object :func:`lazy` returned (for its ``stats()``)."""
+    base = array
+    while base is not None and not hasattr(base, "server"):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if base is None:
+        raise ValueError("not memory returned by lazy()")
+    server: Server = base.server
+    return server
+
+
+def _stop(server: Server) -> None:
+    server.stop(drain=False, timeout=10)
+
+
+def _npy_header(store: Store) -> tuple[int, tuple[int, ...] | None, Any]:
+    """(data offset, shape, dtype) of a .npy store; (0, None, None) for anything else."""
+    probe = bytearray(min(store.size, _HEADER_PROBE))
+    got = store.read_into(0, memoryview(probe))
+    if not probe[:got].startswith(_NPY_MAGIC):
+        return 0, None, None
+    import numpy as np
+
+    stream = io.BytesIO(bytes(probe[:got]))
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    if fortran:
+        raise ValueError("Fortran-ordered .npy files are not supported; save C-ordered")
+    if dtype.hasobject:
+        raise ValueError("a .npy of Python objects cannot be mapped")
+    return stream.tell(), tuple(shape), dtype
