@@ -1,0 +1,55 @@
+"""Fault-around policies, without a kernel."""
+
+from __future__ import annotations
+
+import pytest
+
+from userfaultfd.runtime import Adaptive, Single, Window
+
+PAGE = 4096
+
+
+def test_single_is_one_page() -> None:
+    assert Single().window(7, 100, PAGE) == (7, 8)
+
+
+@pytest.mark.parametrize(
+    ("index", "expected"), [(0, (0, 16)), (15, (0, 16)), (16, (16, 32)), (97, (96, 100))]
+)
+def test_window_is_aligned_and_clipped(index: int, expected: tuple[int, int]) -> None:
+    assert Window(16).window(index, 100, PAGE) == expected
+
+
+def test_window_needs_a_page() -> None:
+    with pytest.raises(ValueError, match="at least one page"):
+        Window(0)
+
+
+def test_adaptive_doubles_on_a_stream_and_resets_on_a_jump() -> None:
+    policy = Adaptive(min_pages=1, max_bytes=8 * PAGE)
+    windows = []
+    index = 0
+    for _ in range(6):
+        start, end = policy.window(index, 1000, PAGE)
+        windows.append((start, end))
+        index = end  # the next fault lands where the window ended: a sequential stream
+    assert windows == [(0, 1), (1, 3), (3, 7), (7, 15), (15, 23), (23, 31)]
+    assert policy.window(500, 1000, PAGE) == (500, 501)  # random access: back to one page
+
+
+def test_adaptive_keeps_streams_apart() -> None:
+    policy = Adaptive(min_pages=2, max_bytes=64 * PAGE)
+    assert policy.window(0, 100, PAGE, stream=1) == (0, 2)
+    assert policy.window(50, 100, PAGE, stream=2) == (50, 52)
+    assert policy.window(2, 100, PAGE, stream=1) == (2, 6)  # stream 1 went on
+    assert policy.window(52, 100, PAGE, stream=2) == (52, 56)
+
+
+def test_adaptive_ceiling_is_in_bytes() -> None:
+    huge = 2 << 20
+    policy = Adaptive(min_pages=1, max_bytes=8 << 20)
+    index = 0
+    for _ in range(5):
+        start, end = policy.window(index, 100, huge)
+        index = end
+    assert end - start == 4  # 8 MiB of 2 MiB pages
