@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from userfaultfd import FaultFlag, Fork, PageFault, Remap, Remove, Unmap, parse_events
@@ -54,6 +54,7 @@ def test_records_are_frozen() -> None:
         fault.address = 0  # type: ignore[misc]
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=32 * 8))
 def test_arbitrary_bytes_give_events_or_value_error(data: bytes) -> None:
     try:
@@ -64,6 +65,7 @@ def test_arbitrary_bytes_give_events_or_value_error(data: bytes) -> None:
     assert all(isinstance(e, PageFault | Fork | Remap | Remove | Unmap) for e in events)
 
 
+@settings(deadline=None)
 @given(
     st.lists(
         st.tuples(
