@@ -272,30 +272,42 @@ class Handler:
         while index < last:
             stop = min(last, index + chunk)
             size = (stop - index) * page
-            try:
-                got = self.store.read_into(region.offset + index * page, self._view[:size])
-            except StoreError:
-                self.stats.add(_stats.ERRORS)
-                if fault is not None and index <= fault < stop:
-                    self._poison(source, region, fault)
-                return True
-            if got < size:  # past the end of the store: the rest of the page range is zeros
-                self._view[got:size] = bytes(size - got)
-            done = self._copy(source, region, index, stop)
+            offset = region.offset + index * page
+            mapped = self.store.address(offset, size)
+            if mapped is None:
+                try:
+                    got = self.store.read_into(offset, self._view[:size])
+                except StoreError:
+                    self.stats.add(_stats.ERRORS)
+                    if fault is not None and index <= fault < stop:
+                        self._poison(source, region, fault)
+                    return True
+                if got < size:  # past the end of the store: the rest of the range is zeros
+                    self._view[got:size] = bytes(size - got)
+            done = self._copy(source, region, index, stop, mapped)
             if done is None:
                 return False
             index += max(done, 1)
         return True
 
-    def _copy(self, source: _Source, region: RegionState, first: int, last: int) -> int | None:
-        """UFFDIO_COPY pages [first, last) from the buffer; returns pages handled."""
+    def _copy(
+        self,
+        source: _Source,
+        region: RegionState,
+        first: int,
+        last: int,
+        src: int | None = None,
+    ) -> int | None:
+        """UFFDIO_COPY pages [first, last) from ``src`` (default: the buffer); returns pages
+        handled, or None if the range or its process went away."""
         page = region.page_size
         address = region.address + first * page
+        src = self._buffer_address if src is None else src
         # Counted before the ioctl: the copy wakes the faulting thread, which may read the
         # stats at once and must find its page counted.
         self._count_filled(region, first, last)
         try:
-            source.uffd.copy(address, self._buffer_address, (last - first) * page)
+            source.uffd.copy(address, src, (last - first) * page)
         except PageExistsError:
             # Some page in the range is there already: go page by page.
             self._count_filled(region, first, last, sign=-1)
@@ -303,7 +315,7 @@ class Handler:
                 try:
                     self._count_filled(region, i, i + 1)
                     offset = (i - first) * page
-                    source.uffd.copy(region.address + i * page, self._buffer_address + offset, page)
+                    source.uffd.copy(region.address + i * page, src + offset, page)
                 except PageExistsError:
                     self._count_filled(region, i, i + 1, sign=-1)
                     region.filled[i] = 1

@@ -36,6 +36,15 @@ class Store(abc.ABC):
         network failure after retries).
         """
 
+    def address(self, offset: int, length: int) -> int | None:
+        """Where bytes [offset, offset + length) lie in this process's memory, if they do.
+
+        A store that can map its bytes (a local file) answers with an address, and the handler
+        copies from there straight into the faulting range: one copy instead of two. Default:
+        None (use :meth:`read_into`). The range must lie inside the store.
+        """
+        return None
+
     def reopen(self) -> Store:
         """A handle usable in this process (called after fork). Default: this one."""
         return self
