@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 
 from rich.console import Console
@@ -68,7 +69,8 @@ def _lazy(args: argparse.Namespace) -> int:
                 progress.update(task, completed=done)
     seconds = time.perf_counter() - started
     stats = server_of(data).stats()
-    table = Table(title=f"uffd lazy {args.source}: {count} pages, {args.order}, {args.policy}")
+    print(f"uffd lazy {args.source}: {count} pages, {args.order}, {args.policy}")
+    table = Table()
     table.add_column("measure")
     table.add_column("value", justify="right")
     rows = [
@@ -83,7 +85,7 @@ def _lazy(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     for name, value in rows:
         table.add_row(name, value)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 100).print(table)
     return 0
 
 
