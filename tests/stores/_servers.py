@@ -1,0 +1,142 @@
+"""Real servers on 127.0.0.1 for the store tests: nginx (HTTP ranges) and moto (S3).
+
+Each is a subprocess on a free port, polled until it accepts connections, and killed on exit
+whatever happened; nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+NGINX = "/usr/sbin/nginx"
+
+# Method, path, status, Range header ("-" when absent) and body bytes: what the tests check.
+_NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    log_format ranges '$request_method $uri $status "$http_range" $body_bytes_sent';
+    access_log {prefix}/access.log ranges;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    """Until 127.0.0.1:port accepts; fail with the server's log if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {_tail(log)}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"server not listening on {port} after {timeout} s: {_tail(log)}")
+
+
+def _tail(log: Path) -> str:
+    try:
+        return log.read_text(errors="replace")[-2000:]
+    except OSError:
+        return "(no log)"
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+class Nginx:
+    """nginx serving ``root`` at :attr:`url`; its access log lines show the Range headers."""
+
+    def __init__(self, root: Path, prefix: Path) -> None:
+        self.root = root
+        self.prefix = prefix
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.access_log = prefix / "access.log"
+        prefix.mkdir(parents=True, exist_ok=True)
+        conf = prefix / "nginx.conf"
+        conf.write_text(_NGINX_CONF.format(prefix=prefix, port=self.port, root=root))
+        # -e: nginx opens its default error log before reading the config; keep that in prefix.
+        self.proc = subprocess.Popen(
+            [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_port(self.port, self.proc, 10, prefix / "error.log")
+        except BaseException:
+            _kill(self.proc)
+            raise
+
+    def requests(self, name: str) -> list[tuple[str, int, str, int]]:
+        """(method, status, range header or "-", body bytes) of every request for ``/name``."""
+        rows = []
+        for line in self.access_log.read_text().splitlines():
+            method, uri, status, rng, sent = line.split(" ")
+            if uri == f"/{name}":
+                rows.append((method, int(status), rng.strip('"') or "-", int(sent)))
+        return rows
+
+    def kill(self) -> None:
+        _kill(self.proc)
+
+
+@contextlib.contextmanager
+def nginx(root: Path, prefix: Path) -> Iterator[Nginx]:
+    server = Nginx(root, prefix)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@contextlib.contextmanager
+def moto_server(log: Path) -> Iterator[str]:
+    """moto's S3 in server mode; yields its endpoint URL."""
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # Dummy credentials: nothing may read the real ones or reach AWS.
+            env={**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
+        )
+        try:
+            wait_for_port(port, proc, 30, log)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            _kill(proc)

@@ -1,0 +1,75 @@
+"""``uffd pack``: the argparse glue, on a parser built here."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.stores._checks import assert_range
+from tests.stores.conftest import make_payload
+from userfaultfd._cli_stores import add_store_commands, parse_size
+from userfaultfd.stores import ZstdStore, open_store
+
+DATA = make_payload(200_000, seed=5)
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="uffd")
+    add_store_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+def test_pack_command_writes_a_pack_and_a_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "src").write_bytes(DATA)
+    dest = tmp_path / "out.pack"
+    assert (
+        _run(["pack", str(tmp_path / "src"), str(dest), "--chunk-size", "64K", "--level", "5"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert re.fullmatch(
+        rf"{tmp_path}/src -> {dest}: 195\.3 KiB -> \d+\.\d KiB \(ratio \d+\.\d\dx\),"
+        r" 4 chunks of 64\.0 KiB, level 5, \d+\.\d\d s\n",
+        out,
+    ), out
+    with open_store(dest) as store:
+        assert isinstance(store, ZstdStore) and store.chunk_size == 65536
+        assert_range(store, DATA, 0, len(DATA))
+
+
+def test_pack_command_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "src").write_bytes(b"x" * 10)
+    assert _run(["pack", str(tmp_path / "src"), str(tmp_path / "p")]) == 0
+    assert "1 chunks of 1.0 MiB, level 3" in capsys.readouterr().out
+
+
+def test_pack_command_errors_are_exceptions_for_main(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        _run(["pack", str(tmp_path / "missing"), str(tmp_path / "p")])
+    (tmp_path / "src").write_bytes(b"x")
+    with pytest.raises(ValueError, match="compression level 99 is out of range"):
+        _run(["pack", str(tmp_path / "src"), str(tmp_path / "p"), "--level", "99"])
+
+
+def test_bad_chunk_size_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        _run(["pack", "a", "b", "--chunk-size", "lots"])
+    assert caught.value.code == 2
+    assert "'lots' is not a size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("65536", 65536), ("64K", 65536), ("64k", 65536), ("1M", 1 << 20), ("1MiB", 1 << 20),
+     ("2G", 2 << 30), ("4kb", 4096)],
+)  # fmt: skip
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size

@@ -1,0 +1,296 @@
+"""FsspecStore over memory://, file://, a real nginx (http://) and moto's S3 (s3://)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import select
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from tests.stores._checks import assert_range, ranges
+from tests.stores.conftest import PACK_CHUNK, S3, Served
+from userfaultfd.stores import FsspecStore, Store, StoreError, ZstdStore, open_store
+
+NETWORK = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@pytest.fixture
+def memory_url(payload: bytes) -> Iterator[str]:
+    fs = fsspec.filesystem("memory")
+    url = f"memory://stores-test/{os.getpid()}/data.bin"
+    fs.pipe_file(url, payload)
+    yield url
+    fs.rm(url)
+
+
+# --- memory:// and file://: the range logic and the retries, without a network -------------------
+
+
+@NETWORK
+@given(rng=ranges(700_001, 200_000))
+def test_memory_round_trip(memory_url: str, payload: bytes, rng: tuple[int, int]) -> None:
+    store = FsspecStore(memory_url)
+    assert store.size == len(payload)
+    assert_range(store, payload, *rng)
+
+
+def test_file_url_round_trip(tmp_path: Path, payload: bytes) -> None:
+    (tmp_path / "d").write_bytes(payload)
+    with FsspecStore(f"file://{tmp_path}/d") as store:
+        assert_range(store, payload, 12345, 100_000)
+        assert_range(store, payload, len(payload) - 10, 4096)
+
+
+class _Flaky:
+    """Replaces a filesystem method: fails ``failures`` times with ``error``, then delegates."""
+
+    def __init__(self, real: Callable[..., Any], failures: int, error: Exception) -> None:
+        self.real, self.failures, self.error, self.calls = real, failures, error, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return self.real(*args, **kwargs)
+
+
+def _flaky(store: FsspecStore, failures: int, error: Exception) -> _Flaky:
+    flaky = _Flaky(store._fs.cat_file, failures, error)
+    store._fs.cat_file = flaky
+    return flaky
+
+
+def test_transient_errors_are_retried(memory_url: str, payload: bytes) -> None:
+    store = FsspecStore(memory_url, tries=3, backoff=0.01)
+    flaky = _flaky(store, 2, ConnectionResetError(104, "reset by peer"))
+    assert_range(store, payload, 1000, 5000)
+    assert flaky.calls == 3
+
+
+def test_retries_are_bounded_then_store_error(memory_url: str) -> None:
+    store = FsspecStore(memory_url, tries=3, backoff=0.01)
+    flaky = _flaky(store, 100, TimeoutError("read timed out"))
+    started = time.monotonic()
+    with pytest.raises(StoreError) as caught:
+        store.read_into(0, memoryview(bytearray(10)))
+    assert flaky.calls == 3
+    assert time.monotonic() - started < 1
+    message = str(caught.value)
+    assert memory_url in message and "after 3 tries" in message and "read timed out" in message
+
+
+def test_permanent_errors_are_not_retried(memory_url: str) -> None:
+    store = FsspecStore(memory_url, tries=3, backoff=10)  # a retry would take 10 s
+    flaky = _flaky(store, 100, PermissionError(13, "access denied"))
+    with pytest.raises(StoreError, match="access denied") as caught:
+        store.read_into(0, memoryview(bytearray(10)))
+    assert flaky.calls == 1 and caught.value.errno == 13
+
+
+def test_a_range_ignoring_server_is_an_error_not_wrong_bytes(memory_url: str) -> None:
+    store = FsspecStore(memory_url)
+    whole = store._fs.cat_file(store._path)
+    store._fs.cat_file = lambda *args, **kwargs: whole
+    with pytest.raises(StoreError, match="ignores Range requests"):
+        store.read_into(100, memoryview(bytearray(10)))
+
+
+def test_missing_object_and_unknown_protocol() -> None:
+    with pytest.raises(StoreError, match="memory://no/such/thing") as caught:
+        FsspecStore("memory://no/such/thing", backoff=10)
+    assert caught.value.errno == 2
+    with pytest.raises(StoreError, match="nosuchproto://x"):
+        FsspecStore("nosuchproto://x")
+    with pytest.raises(ValueError, match="tries must be at least 1"):
+        FsspecStore("memory://x", tries=0)
+
+
+def test_closed_store_refuses_reads(memory_url: str) -> None:
+    store = FsspecStore(memory_url)
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.read_into(0, memoryview(bytearray(1)))
+
+
+# --- http:// against a real nginx -----------------------------------------------------------------
+
+
+@NETWORK
+@given(rng=ranges(700_001, 300_000))
+def test_http_round_trip(served: Served, rng: tuple[int, int]) -> None:
+    store = FsspecStore(served.url("data.bin"))
+    assert store.size == len(served.payload)
+    assert_range(store, served.payload, *rng)
+
+
+def test_http_reads_are_range_requests(served: Served) -> None:
+    before = len(served.server.requests("data.bin"))
+    store = FsspecStore(served.url("data.bin"))
+    for offset in (0, 4096, 500_000, len(served.payload) - 100):
+        assert_range(store, served.payload, offset, 4096)
+    gets = [r for r in served.server.requests("data.bin")[before:] if r[0] == "GET"]
+    assert gets == [
+        ("GET", 206, "bytes=0-4095", 4096),
+        ("GET", 206, "bytes=4096-8191", 4096),
+        ("GET", 206, "bytes=500000-504095", 4096),
+        ("GET", 206, f"bytes={len(served.payload) - 100}-{len(served.payload) - 1}", 100),
+    ]
+
+
+@NETWORK
+@given(rng=ranges(700_001, 300_000))
+def test_http_pack_through_open_store(served: Served, rng: tuple[int, int]) -> None:
+    with open_store(served.url("data.pack")) as store:
+        assert isinstance(store, ZstdStore) and store.chunk_size == PACK_CHUNK
+        assert_range(store, served.payload, *rng)
+
+
+def test_http_pack_reads_only_ranges(served: Served) -> None:
+    before = len(served.server.requests("data.pack"))
+    with open_store(served.url("data.pack")) as store:
+        assert_range(store, served.payload, 3 * PACK_CHUNK - 10, 20)
+    packed_size = (served.root / "data.pack").stat().st_size
+    gets = [r for r in served.server.requests("data.pack")[before:] if r[0] == "GET"]
+    # magic, header, footer, index, then the two frames around the boundary in one request.
+    assert len(gets) == 5
+    assert all(status == 206 and rng.startswith("bytes=") for _, status, rng, _ in gets)
+    assert sum(sent for *_, sent in gets) < packed_size / 2
+
+
+def test_http_404_is_a_store_error_at_once(served: Served) -> None:
+    url = served.url("no-such-file")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=f"{url}: size: FileNotFoundError") as caught:
+        FsspecStore(url, backoff=10)
+    assert caught.value.errno == 2
+    assert time.monotonic() - started < 5
+
+
+def test_http_server_killed_mid_test(own_nginx: Served) -> None:
+    store = FsspecStore(own_nginx.url("data.bin"), tries=3, backoff=0.05)
+    assert_range(store, own_nginx.payload, 0, 4096)
+    own_nginx.server.kill()
+    started = time.monotonic()
+    with pytest.raises(StoreError) as caught:
+        store.read_into(8192, memoryview(bytearray(4096)))
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert own_nginx.url("data.bin") in message and "after 3 tries" in message
+
+
+def _in_child(check: Callable[[], bytes], timeout: float = 30) -> bytes:
+    """Run ``check`` in a forked child; return what it returned (or raise what it raised)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        status = 1
+        try:
+            os.close(read_end)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
+            signal.alarm(int(timeout))
+            try:
+                result: object = ("ok", check())
+            except BaseException as err:
+                result = ("error", f"{type(err).__name__}: {err}")
+            os.write(write_end, pickle.dumps(result))
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    try:
+        data = b""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and select.select([read_end], [], [], left)[
+            0
+        ]:
+            part = os.read(read_end, 1 << 20)
+            if not part:
+                break
+            data += part
+        else:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    assert data, "the child reported nothing (it hung or died)"
+    kind, value = pickle.loads(data)
+    assert kind == "ok", value
+    assert isinstance(value, bytes)
+    return value
+
+
+def _read(store: Store, offset: int, length: int) -> bytes:
+    buffer = bytearray(length)
+    got = store.read_into(offset, memoryview(buffer))
+    return bytes(buffer[:got])
+
+
+def test_reopen_after_fork_reads_in_the_child(served: Served) -> None:
+    # Only the list holds the store, so the child can drop it as a fault handler does.
+    holder: list[Store] = [FsspecStore(served.url("data.bin"))]
+    # Use the parent's filesystem first, so its loop thread and session exist at fork.
+    assert _read(holder[0], 0, 4096) == served.payload[:4096]
+    parent_fs = holder[0]._fs  # type: ignore[attr-defined]
+
+    def child() -> bytes:
+        started = time.monotonic()
+        holder[0] = holder[0].reopen()  # the handler's `store = store.reopen()`
+        gc.collect()  # the parent's store is garbage now; its filesystem must not be finalized
+        assert holder[0]._fs is not parent_fs  # type: ignore[attr-defined]
+        got = _read(holder[0], 100_000, 200_000) + _read(holder[0], len(served.payload) - 5, 100)
+        # Finalizing the parent's filesystem would wait a second on the parent's dead loop.
+        assert time.monotonic() - started < 0.5, f"took {time.monotonic() - started:.2f} s"
+        return got
+
+    got = _in_child(child)
+    assert got == served.payload[100_000:300_000] + served.payload[-5:]
+    # The parent's store still works after the fork.
+    assert _read(holder[0], 4096, 4096) == served.payload[4096:8192]
+
+
+def test_reopened_pack_after_fork(served: Served) -> None:
+    store = open_store(served.url("data.pack"))
+    assert _read(store, 0, 10) == served.payload[:10]
+    got = _in_child(lambda: _read(store.reopen(), 650_000, 60_000))
+    assert got == served.payload[650_000:710_000]
+
+
+# --- s3:// against moto's server -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_store(s3: S3) -> Iterator[FsspecStore]:
+    # One store for all examples: an S3 client takes ~0.1 s to set up.
+    with FsspecStore("s3://test/data.bin", **s3.options) as store:
+        yield store
+
+
+@NETWORK
+@given(rng=ranges(700_001, 300_000))
+def test_s3_round_trip(s3_store: FsspecStore, s3: S3, rng: tuple[int, int]) -> None:
+    assert s3_store.size == len(s3.payload)
+    assert_range(s3_store, s3.payload, *rng)
+
+
+def test_s3_pack_through_open_store(s3: S3) -> None:
+    with open_store("s3://test/data.pack", **s3.options) as store:
+        assert isinstance(store, ZstdStore)
+        assert_range(store, s3.payload, PACK_CHUNK - 1, 2)
+        assert_range(store, s3.payload, 0, len(s3.payload))
+        assert_range(store, s3.payload, len(s3.payload) - 3, PACK_CHUNK)
+
+
+def test_s3_missing_key(s3: S3) -> None:
+    with pytest.raises(StoreError, match="s3://test/missing: size: FileNotFoundError"):
+        FsspecStore("s3://test/missing", backoff=10, **s3.options)

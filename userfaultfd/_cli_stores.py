@@ -1,0 +1,95 @@
+"""``uffd pack``: argument parsing and a progress bar; the work is in userfaultfd.stores.pack."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+
+from .stores import open_store, pack
+
+__all__ = ["add_store_commands", "parse_size"]
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def add_store_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``pack SOURCE DEST [--chunk-size N] [--level N]`` to ``subparsers``."""
+    p = subparsers.add_parser(
+        "pack",
+        help="compress a file or URL into a seekable zstd pack",
+        description=(
+            "Compress SOURCE (a path or a URL such as s3://bucket/key) into a pack of"
+            " independently compressed chunks that any store can serve page by page."
+        ),
+    )
+    p.add_argument("source", metavar="SOURCE", help="a path or a URL")
+    p.add_argument("dest", metavar="DEST", help="the pack file to write")
+    p.add_argument(
+        "--chunk-size",
+        type=parse_size,
+        default=1 << 20,
+        metavar="N",
+        help="uncompressed bytes per chunk; K, M, G suffixes allowed (default: 1M)",
+    )
+    p.add_argument("--level", type=int, default=3, metavar="N", help="zstd level (default: 3)")
+    p.set_defaults(func=_pack)
+
+
+def parse_size(text: str) -> int:
+    """``"65536"``, ``"64K"``, ``"1M"``, ``"1MiB"`` -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 65536, 64K, 1M)")
+    return int(match[1]) * _UNITS[match[2].lower()]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    started = time.monotonic()
+    # The bar goes to stderr, keeping stdout for the summary; off a terminal rich draws nothing.
+    with (
+        open_store(args.source) as source,
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        ) as bar,
+    ):
+        task = bar.add_task("packing", total=source.size)
+        info = pack(
+            source,
+            args.dest,
+            chunk_size=args.chunk_size,
+            level=args.level,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    seconds = time.monotonic() - started
+    print(
+        f"{args.source} -> {info.path}: {_human(info.size)} -> {_human(info.packed_size)}"
+        f" (ratio {info.ratio:.2f}x), {info.chunks} chunks of {_human(info.chunk_size)},"
+        f" level {info.level}, {seconds:.2f} s",
+        file=sys.stdout,
+    )
+    return 0

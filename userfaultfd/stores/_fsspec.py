@@ -1,0 +1,159 @@
+"""A store over any fsspec URL (http(s)://, s3://, memory://, file://), read with range requests.
+
+Fork: fsspec's async filesystems (HTTP, S3) run their I/O on an event loop in a daemon thread and
+keep an aiohttp session bound to it. Neither survives fork: the child has the loop object but not
+its thread, so a call on the parent's filesystem waits forever. fsspec clears its instance cache
+and its loop globals in the child (``os.register_at_fork``), so :meth:`FsspecStore.reopen` builds
+a new filesystem with ``skip_instance_cache=True`` and that gets a new loop thread and session.
+The parent's filesystems must also never be collected in the child: fsspec's finalizer would
+close their sessions through the parent's loop and stall for a second waiting on the missing
+thread (a handler doing ``store = store.reopen()`` drops the last reference). An at-fork hook keeps
+them alive in the child, untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Self, TypeVar
+
+import fsspec
+import fsspec.core
+
+from ._base import Store, StoreError
+
+__all__ = ["FsspecStore"]
+
+_T = TypeVar("_T")
+
+# Every filesystem a store made, including garbage not yet collected (a filesystem can sit in a
+# reference cycle after its store is gone): a weak reference lives until the collector runs.
+# Keyed by id: filesystems compare equal by their options, so a WeakSet would keep only one.
+_MADE: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_INHERITED: list[Any] = []  # filesystems of the parent process, kept so they are never finalized
+
+
+def _keep_inherited_filesystems() -> None:
+    _INHERITED.extend(_MADE.values())
+    _MADE.clear()
+
+
+os.register_at_fork(after_in_child=_keep_inherited_filesystems)
+
+# Errors that retrying cannot fix; everything else (resets, refused connections, timeouts, 5xx)
+# is treated as transient.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _is_transient(err: Exception) -> bool:
+    if isinstance(err, (*_PERMANENT, ValueError, TypeError)):
+        return False
+    # aiohttp's ClientResponseError and friends carry the HTTP status; a 4xx other than
+    # timeout / too many requests will answer the same next time.
+    status = getattr(err, "status", None)
+    return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
+
+
+class FsspecStore(Store):
+    """The object at ``url``, read range by range (never downloaded whole).
+
+    ``storage_options`` go to the filesystem (e.g. ``client_kwargs={"endpoint_url": ...}`` for
+    s3fs). A failed request is tried ``tries`` times in all, waiting ``backoff``, then twice that,
+    and so on between tries; then :class:`StoreError` names the URL and the last cause. The size is
+    read once, at construction.
+    """
+
+    def __init__(
+        self, url: str, *, tries: int = 3, backoff: float = 0.2, **storage_options: Any
+    ) -> None:
+        if tries < 1:
+            raise ValueError(f"tries must be at least 1, not {tries}")
+        self.url = url
+        self._tries = tries
+        self._backoff = backoff
+        self._options = storage_options
+        self._connect()
+        self._size: int = self._call("size", self._size_of)
+
+    def _connect(self) -> None:
+        try:
+            # skip_instance_cache: a store owns its filesystem, so reopen() after fork gets a
+            # new one rather than the parent's, whose event loop thread is gone.
+            self._fs: Any = None
+            self._fs, self._path = fsspec.core.url_to_fs(
+                self.url, skip_instance_cache=True, **self._options
+            )
+        except (ImportError, ValueError) as err:
+            raise StoreError(f"{self.url}: {err}", code=errno.EINVAL) from err
+        _MADE[id(self._fs)] = self._fs
+
+    def _size_of(self) -> int:
+        size = self._fs.size(self._path)
+        if not isinstance(size, int):
+            raise StoreError(f"{self.url}: the server does not say how large it is")
+        return size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read_into(self, offset: int, buffer: memoryview) -> int:
+        if offset < 0:
+            raise StoreError(f"offset {offset} is negative")
+        end = min(offset + len(buffer), self._size)
+        if end <= offset:
+            return 0
+        if self._fs is None:
+            raise StoreError(f"{self.url}: the store is closed", code=errno.EBADF)
+        data = self._call(
+            f"bytes {offset}..{end}", lambda: self._fs.cat_file(self._path, start=offset, end=end)
+        )
+        if len(data) != end - offset:
+            # A server that ignores Range sends the whole object; a changed object, fewer bytes.
+            raise StoreError(
+                f"{self.url}: asked for bytes {offset}..{end}, got {len(data)} bytes"
+                " (the server ignores Range requests, or the object changed)"
+            )
+        buffer[: end - offset] = data
+        return end - offset
+
+    def _call(self, what: str, fn: Callable[[], _T]) -> _T:
+        """``fn()`` with bounded retries; failures become StoreError naming the URL and cause."""
+        for attempt in range(1, self._tries + 1):
+            try:
+                return fn()
+            except StoreError:
+                raise
+            except Exception as err:
+                transient = _is_transient(err)
+                if transient and attempt < self._tries:
+                    time.sleep(self._backoff * 2 ** (attempt - 1))
+                    continue
+                tried = f" after {attempt} tries" if attempt > 1 else ""
+                code = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
+                if isinstance(err, FileNotFoundError):
+                    code = errno.ENOENT
+                cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+                raise StoreError(f"{self.url}: {what}{tried}: {cause}", code=code) from err
+        raise AssertionError("unreachable")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def reopen(self) -> FsspecStore:
+        # Same URL, options and size (no request); a new filesystem, loop and session.
+        store = FsspecStore.__new__(FsspecStore)
+        store.url, store._tries, store._backoff = self.url, self._tries, self._backoff
+        store._options, store._size = self._options, self._size
+        store._connect()
+        return store
+
+    def close(self) -> None:
+        # Dropping the filesystem lets fsspec's finalizer close its session on its own loop.
+        self._fs = None
+
+    def __repr__(self) -> str:
+        return f"<FsspecStore {self.url!r} {self._size} bytes>"
