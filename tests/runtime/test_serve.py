@@ -272,3 +272,20 @@ def test_stats_and_lifecycle() -> None:
     faults, pages, final_pages, alive, correct = in_target(body)
     assert (faults, pages) == (1, 16)
     assert final_pages == 64 and not alive and correct
+
+
+def test_same_cpu_placement_pins_the_caller_and_stop_restores_it() -> None:
+    data = bytes(4 * PAGE)
+
+    def body() -> tuple[set[int], set[int], set[int], set[int]]:
+        before = os.sched_getaffinity(0)
+        mapping = memory.anonymous(len(data))
+        server = serve([mapping], BytesStore(data), cpu="same")
+        during = os.sched_getaffinity(0)
+        handler = os.sched_getaffinity(server.pid)
+        server.stop()
+        return before, during, handler, os.sched_getaffinity(0)
+
+    before, during, handler, after = in_target(body)
+    assert len(during) == 1 and handler == during  # one CPU, the same for both
+    assert after == before  # the caller's affinity is back as it was

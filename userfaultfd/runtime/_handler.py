@@ -25,6 +25,7 @@ import mmap
 import os
 import select
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -130,7 +131,7 @@ class Handler:
         self.stats = stats
         self.batch = batch
         self._sources: dict[int, _Source] = {}
-        self._deferred: list[tuple[_Source, int]] = []
+        self._deferred: deque[tuple[_Source, int]] = deque()
         self._streams = 0
         self._buffer = mmap.mmap(-1, buffer_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._view = memoryview(self._buffer)
@@ -197,7 +198,7 @@ class Handler:
         self._apply(source, events)
         seen: set[tuple[int, int]] = set()  # threads faulting on one page: answer once
         while self._deferred:
-            owner, address = self._deferred.pop(0)
+            owner, address = self._deferred.popleft()
             key = (id(owner), address)
             if key in seen or owner.uffd.closed:
                 continue

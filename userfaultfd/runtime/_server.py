@@ -16,10 +16,12 @@ Why another process, and why this order:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import socket
+import threading
 import time
 import weakref
 from collections.abc import Iterable
@@ -68,13 +70,21 @@ class Server:
     """A running handler process. ``stop()`` (or leaving the ``with`` block) fills the pages not
     filled yet and ends it; ``stats()`` reads its counters at any time."""
 
-    def __init__(self, pid: int, control: int, stats: StatsBlock, regions: list[Region]) -> None:
+    def __init__(
+        self,
+        pid: int,
+        control: int,
+        stats: StatsBlock,
+        regions: list[Region],
+        pinned_thread: tuple[int, set[int]] | None = None,
+    ) -> None:
         self.pid = pid
         self.regions = regions
         self._control = control
         self._stats = stats
         self._status: int | None = None
-        self._finalizer = weakref.finalize(self, _reap, pid, control)
+        self._pinned_thread = pinned_thread
+        self._finalizer = weakref.finalize(self, _reap, pid, control, pinned_thread)
 
     def stats(self) -> Stats:
         return self._stats.snapshot()
@@ -106,6 +116,7 @@ class Server:
                 raise TimeoutError(f"the handler did not finish within {timeout} s; killed")
         self._finalizer.detach()
         os.close(self._control)
+        _unpin(self._pinned_thread)
         return self.stats()
 
     def __enter__(self) -> Server:
@@ -124,13 +135,15 @@ class Server:
         return f"<Server pid={self.pid} {'running' if self._finalizer.alive else 'stopped'}>"
 
 
-def _reap(pid: int, control: int) -> None:
-    """Finalizer: the Server was dropped without stop(); end the handler without waiting."""
+def _reap(pid: int, control: int, pinned_thread: tuple[int, set[int]] | None) -> None:
+    """Finalizer: the Server was dropped without stop(). Tell the handler to fill what is left
+    and exit (the memory may still be in use), without waiting for it."""
     try:
-        os.write(control, b"x")
+        os.write(control, b"d")
         os.close(control)
     except OSError:
         pass
+    _unpin(pinned_thread)
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
@@ -155,7 +168,7 @@ def serve(
     wanted = [r if isinstance(r, Region) else Region.of(r) for r in regions]
     chosen = policy if policy is not None else Adaptive()
     resolved = [_checked(r, store) for r in wanted]
-    handler_cpu = _place(cpu)
+    handler_cpu, pinned_thread = _place(cpu)
     stats = StatsBlock()
     control_read, control_write = os.pipe2(os.O_CLOEXEC)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -189,10 +202,11 @@ def serve(
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(control_write)
+        _unpin(pinned_thread)
         raise
     finally:
         ours.close()
-    return Server(pid, control_write, stats, resolved)
+    return Server(pid, control_write, stats, resolved, pinned_thread)
 
 
 def _handler_main(
@@ -235,12 +249,21 @@ def _checked(region: Region, store: Store) -> Region:
 _libc = ctypes.CDLL(None)
 
 
-def _place(cpu: int | str | None) -> int | None:
-    """The handler's CPU; for "same", pins the calling thread there too."""
+def _place(cpu: int | str | None) -> tuple[int | None, tuple[int, set[int]] | None]:
+    """The handler's CPU. For "same", also pins the calling thread there, and returns its
+    thread id and former affinity so stop() can put it back."""
     if cpu is None or isinstance(cpu, int):
-        return cpu
+        return cpu, None
     if cpu != "same":
         raise ValueError(f'cpu must be an int, "same" or None, not {cpu!r}')
     here = int(_libc.sched_getcpu())
-    os.sched_setaffinity(0, {here})  # this thread only (Linux affinity is per thread)
-    return here
+    thread = threading.get_native_id()
+    before = os.sched_getaffinity(thread)
+    os.sched_setaffinity(thread, {here})  # this thread only: Linux affinity is per thread
+    return here, (thread, before)
+
+
+def _unpin(pinned_thread: tuple[int, set[int]] | None) -> None:
+    if pinned_thread is not None:
+        with contextlib.suppress(OSError):  # the thread may have ended
+            os.sched_setaffinity(*pinned_thread)
