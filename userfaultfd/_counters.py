@@ -1,0 +1,46 @@
+"""Counters and a latency histogram in memory shared by a handler process and its owner.
+
+The handler is the only writer; the owner reads whenever it likes (a torn read of two counters
+is possible and harmless). Latencies go into a log-linear histogram: four buckets per power of
+two of nanoseconds, so a percentile is known within 19%.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+
+__all__ = ["SharedCounters"]
+
+_BUCKETS = 4 * 64
+_SUB = 4
+
+
+class SharedCounters:
+    """``count`` counters and one histogram; create before fork, then use in both processes."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._mmap = mmap.mmap(-1, 8 * (count + _BUCKETS))  # MAP_SHARED: survives fork
+        self._words = memoryview(self._mmap).cast("Q")
+
+    def add(self, counter: int, amount: int = 1) -> None:
+        self._words[counter] = (self._words[counter] + amount) % (1 << 64)
+
+    def value(self, counter: int) -> int:
+        return self._words[counter]
+
+    def record_latency(self, nanoseconds: int) -> None:
+        bucket = min(int(_SUB * math.log2(nanoseconds)), _BUCKETS - 1) if nanoseconds > 0 else 0
+        self._words[self._count + bucket] += 1
+
+    def percentile_us(self, q: float) -> float:
+        """The ``q`` quantile of the recorded latencies, in microseconds (0 if none)."""
+        hist = self._words[self._count : self._count + _BUCKETS].tolist()
+        total = sum(hist)
+        seen = 0
+        for bucket, count in enumerate(hist):
+            seen += count
+            if total and seen >= q * total:
+                return float(2 ** ((bucket + 1) / _SUB) / 1000.0)  # the bucket's upper edge
+        return 0.0
