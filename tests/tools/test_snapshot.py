@@ -1,0 +1,153 @@
+"""Live snapshots: the image equals memory at the protect instant, whatever writers do after."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests._target import PAGE, Channel, Target
+from userfaultfd import memory
+from userfaultfd.tools.snapshot import SnapshotStats, snapshot
+
+Log = list[tuple[int, bytes]]
+
+
+def writers(mapping: memory.Mapping, unit: int, count: int, stop: threading.Event) -> tuple[
+    list[threading.Thread], list[Log]
+]:  # fmt: skip
+    """``count`` native writer threads stamping random pages until ``stop``; each logs what it
+    wrote, in order (page index, 16 bytes)."""
+    logs: list[Log] = [[] for _ in range(count)]
+
+    def run(number: int) -> None:
+        rng = random.Random(number)
+        pages = mapping.length // unit
+        while not stop.is_set():
+            index = rng.randrange(pages)
+            stamp = f"w{number}:{len(logs[number]):013d}".encode()[:16].ljust(16, b".")
+            ctypes.memmove(mapping.address + index * unit, stamp, 16)  # no GIL held: native
+            logs[number].append((index, stamp))
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    return threads, logs
+
+
+def snapshot_under_writes(
+    make: Callable[[], memory.Mapping], unit: int, image: str, *, touch: bool = True
+) -> Callable[[Channel], None]:
+    def body(channel: Channel) -> None:
+        mapping = make()
+        if touch:
+            for i in range(mapping.length // unit):
+                mapping.view[i * unit : i * unit + 32] = hashlib.sha256(b"%d" % i).digest()
+        before = bytes(mapping.view)
+        stop = threading.Event()
+        threads, logs = writers(mapping, unit, 2, stop)
+        snap = snapshot(mapping, image)
+        for t in threads:
+            t.start()
+        stats = snap.wait(timeout=60)
+        time.sleep(0.05)  # writes go on after the snapshot, unhindered
+        stop.set()
+        for t in threads:
+            t.join(10)
+        with open(image, "rb") as f:
+            exact = f.read() == before
+        # Memory holds every write: per page, the last stamp logged (threads interleave, so
+        # check each page's final 16 bytes is the last stamp some thread wrote there).
+        last: dict[int, set[bytes]] = {}
+        for log in logs:
+            for index, stamp in log:
+                last[index] = {stamp} if index not in last else last[index] | {stamp}
+        landed = all(
+            bytes(mapping.view[i * unit : i * unit + 16]) in stamps for i, stamps in last.items()
+        )
+        channel.send((exact, landed, sum(map(len, logs)), stats))
+
+    return body
+
+
+def run(body: Callable[[Channel], None], timeout: float = 90) -> Any:
+    with Target(body, timeout=timeout) as target:
+        result, _ = target.recv(timeout=timeout)
+        assert target.exit_code() == 0
+        return result
+
+
+@pytest.mark.parametrize("kind", ["anonymous", "shmem"])
+def test_image_is_memory_at_the_protect_instant(kind: str, tmp_path: Path) -> None:
+    make = {
+        "anonymous": lambda: memory.anonymous(2048 * PAGE),
+        "shmem": lambda: memory.memfd(2048 * PAGE),
+    }[kind]
+    exact, landed, writes, stats = run(snapshot_under_writes(make, PAGE, str(tmp_path / "img")))
+    assert exact, "the image differs from memory at the protect instant"
+    assert landed, "a write was lost"
+    assert writes > 0
+    assert isinstance(stats, SnapshotStats)
+    assert stats.saved == stats.pages == 2048
+    assert stats.early <= stats.faults
+
+
+def test_hugetlbfs_image_is_exact(tmp_path: Path, hugepages: int, huge_page: int) -> None:
+    make = lambda: memory.memfd(4 * huge_page, hugetlb=True)  # noqa: E731
+    exact, landed, _, stats = run(snapshot_under_writes(make, huge_page, str(tmp_path / "img")))
+    assert exact and landed and stats.pages == 4
+
+
+def test_pages_never_touched_are_caught_too(tmp_path: Path) -> None:
+    """WP_UNPOPULATED: a first write to a never-touched page still waits for the handler."""
+    exact, landed, _, stats = run(snapshot_under_writes(
+        lambda: memory.anonymous(1024 * PAGE), PAGE, str(tmp_path / "img"), touch=False
+    ))  # fmt: skip
+    assert exact and landed  # the image is all zeros, as memory was
+    assert stats.saved == 1024
+
+
+def test_image_uploaded_to_an_fsspec_url() -> None:
+    import fsspec
+
+    def body(channel: Channel) -> None:
+        mapping = memory.anonymous(64 * PAGE)
+        mapping.view[:] = random.Random(1).randbytes(mapping.length)
+        before = bytes(mapping.view)
+        snapshot(mapping, "memory://snapshots/one.img").wait(timeout=30)
+        mapping.view[:4] = b"late"
+        with fsspec.open("memory://snapshots/one.img", "rb") as f:
+            channel.send(f.read() == before)
+
+    assert run(body) is True
+
+
+def test_a_dead_handler_fails_the_snapshot_without_hanging_writers(tmp_path: Path) -> None:
+    def body(channel: Channel) -> None:
+        mapping = memory.anonymous(4096 * PAGE)
+        snap = snapshot(mapping, str(tmp_path / "img"), chunk_bytes=PAGE)
+        os.kill(snap.pid, signal.SIGKILL)
+        ctypes.memmove(mapping.address + 4095 * PAGE, b"still writable", 14)
+        try:
+            snap.wait(timeout=10)
+            channel.send("no error")
+        except RuntimeError as err:
+            channel.send(str(err))
+
+    message = run(body)
+    assert "snapshot handler failed" in message
+
+
+def test_bad_regions_and_destinations_are_refused(tmp_path: Path) -> None:
+    with memory.anonymous(4 * PAGE) as mapping:
+        with pytest.raises(ValueError, match="aligned range"):
+            snapshot((mapping.address + 1, PAGE), str(tmp_path / "img"))
+        with pytest.raises(OSError):
+            snapshot(mapping, str(tmp_path / "no" / "such" / "dir" / "img"))

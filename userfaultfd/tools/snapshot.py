@@ -1,0 +1,261 @@
+"""Live snapshots: memory as it was at one instant, written while the program keeps writing.
+
+Design note
+-----------
+This is QEMU's background snapshot, the use the seed's WP mode exists for:
+- At the protect instant the whole region is write-protected (WP_UNPOPULATED covers pages never
+  touched, PTE markers cover shmem pages that get zapped). From then on a page can change only
+  after the handler lets a write through.
+- The handler (another process: a writer blocked in a WP fault may hold the GIL) reads pages
+  through /proc/PID/mem. On a WP fault it saves the page first, then lifts the protection, which
+  wakes the writer: the saved bytes are the page as it was at the protect instant. Between
+  faults it copies the remaining pages in address order, each chunk saved before unprotected.
+- Reading /proc/PID/mem needs ptrace access to the owner; the owner names the handler as its
+  tracer (PR_SET_PTRACER), which Yama requires when ptrace_scope is 1.
+- The owner keeps no uffd of its own: if the handler dies, the kernel drops the protection and
+  writers go on (the snapshot fails, the program does not hang).
+- A page the program drops during the snapshot (MADV_DONTNEED) is zapped without a WP fault, so
+  its saved content is whatever the handler read, possibly zeros. Don't drop pages during one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import select
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from .. import memory
+from .._core import Userfaultfd, supported_features
+from .._counters import SharedCounters
+from .._errors import ProcessGoneError
+from .._events import PageFault
+from .._flags import FaultFlag, Feature, Mode
+from .._forked import Channel
+
+__all__ = ["Snapshot", "SnapshotStats", "snapshot"]
+
+_SAVED, _EARLY, _FAULTS, _BYTES = range(4)
+_PR_SET_PTRACER = 0x59616D61
+_CHUNK_BYTES = 1 << 20
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotStats:
+    """What a snapshot did."""
+
+    #: Pages saved so far, of ``pages`` in all.
+    saved: int
+    pages: int
+    #: Pages saved ahead of the background copy because a write hit them.
+    early: int
+    #: WP faults served.
+    faults: int
+    #: How long writers waited in a WP fault (event read to write let through), microseconds.
+    stall_p50_us: float
+    stall_p90_us: float
+    stall_p99_us: float
+    #: Seconds from the protect instant to now (or to the end).
+    seconds: float
+
+
+class Snapshot:
+    """A snapshot in progress. ``wait()`` until it is written; ``stats()`` at any time."""
+
+    def __init__(self, pid: int, counters: SharedCounters, pages: int, started: float,
+                 finish: Callable[[], None]) -> None:  # fmt: skip
+        self.pid = pid
+        self.pages = pages
+        self._counters = counters
+        self._started = started
+        self._finish = finish
+        self._status: int | None = None
+        self._ended: float | None = None
+
+    @property
+    def done(self) -> bool:
+        if self._status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._status, self._ended = status, time.monotonic()
+        return self._status is not None
+
+    def stats(self) -> SnapshotStats:
+        c = self._counters
+        end = self._ended if self._ended is not None else time.monotonic()
+        return SnapshotStats(
+            c.value(_SAVED), self.pages, c.value(_EARLY), c.value(_FAULTS),
+            c.percentile_us(0.5), c.percentile_us(0.9), c.percentile_us(0.99),
+            end - self._started,
+        )  # fmt: skip
+
+    def wait(
+        self, timeout: float | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> SnapshotStats:
+        """Block until the image is complete; ``progress(saved, pages)`` is called as it grows.
+        Raises RuntimeError if the handler failed, TimeoutError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done:
+            if progress is not None:
+                progress(self._counters.value(_SAVED), self.pages)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the snapshot did not finish within {timeout} s")
+            time.sleep(0.005)
+        assert self._status is not None
+        if not (os.WIFEXITED(self._status) and os.WEXITSTATUS(self._status) == 0):
+            raise RuntimeError(f"the snapshot handler failed (wait status {self._status})")
+        self._finish()
+        if progress is not None:
+            progress(self.pages, self.pages)
+        return self.stats()
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.wait()
+
+
+def snapshot(
+    region: memory.Mapping | tuple[int, int],
+    dest: str,
+    *,
+    chunk_bytes: int = _CHUNK_BYTES,
+) -> Snapshot:
+    """Write-protect ``region`` of this process now, and write it to ``dest`` (a path, or an
+    fsspec URL the image is uploaded to at the end) as it is at this instant, while this
+    program keeps running. Returns at once; the image is complete after ``Snapshot.wait()``.
+
+    Anonymous, shmem and hugetlbfs memory; the region must be writable.
+    """
+    if isinstance(region, memory.Mapping):
+        address, length = region.address, region.length
+        huge = region.kind in ("hugetlb", "hugetlbfs")
+        page = memory.huge_page_size() if huge else memory.page_size()
+    else:
+        address, length = region
+        page = memory.page_size()
+    if length <= 0 or address % page or length % page:
+        raise ValueError(f"region 0x{address:x}+{length} must be a positive {page}-aligned range")
+    local = dest if "://" not in dest else tempfile.mkstemp(prefix="uffd-snapshot-")[1]
+    with open(local, "wb") as image:  # fail here, in the caller, if dest cannot be written
+        image.truncate(length)
+    counters = SharedCounters(4)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    owner = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            ours.close()
+            _handler(Channel(theirs), owner, local, counters, max(page, chunk_bytes))
+            status = 0
+        finally:
+            os._exit(status)
+    theirs.close()
+    channel = Channel(ours)
+    wanted = Feature.PAGEFAULT_FLAG_WP | Feature.WP_UNPOPULATED | Feature.WP_HUGETLBFS_SHMEM
+    try:
+        _libc.prctl(_PR_SET_PTRACER, pid, 0, 0, 0)  # let the handler read our memory
+        with Userfaultfd(wanted & supported_features()) as uffd:
+            uffd.register(address, length, Mode.WP)
+            uffd.writeprotect(address, length)  # the protect instant
+            started = time.monotonic()
+            channel.send((address, length, page), [uffd.fileno()])
+        ready, _ = channel.recv(timeout=30)
+        if ready != "ready":
+            raise RuntimeError(f"the snapshot handler did not start: {ready}")
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        ours.close()
+
+    def finish() -> None:
+        if local != dest:  # upload the finished image, then drop the local copy
+            import fsspec
+
+            with open(local, "rb") as source, fsspec.open(dest, "wb") as target:
+                while block := source.read(_CHUNK_BYTES):
+                    target.write(block)
+            os.unlink(local)
+
+    return Snapshot(pid, counters, length // page, started, finish)
+
+
+def _handler(channel: Channel, owner: int, path: str, counters: SharedCounters,
+             chunk_bytes: int) -> None:  # fmt: skip
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C must not leave a half image
+    (address, length, page), fds = channel.recv(timeout=30)
+    uffd = Userfaultfd.from_fd(fds[0], Feature.PAGEFAULT_FLAG_WP)
+    pages = length // page
+    saved = bytearray(pages)
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    mem = os.open(f"/proc/{owner}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    image = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    channel.send("ready")
+
+    def save(first: int, last: int) -> None:
+        """Copy pages [first, last) into the image, then let writes to them through."""
+        size = (last - first) * page
+        offset = first * page
+        got = os.preadv(mem, [view[:size]], address + offset)
+        if got != size:
+            raise OSError(f"short read of the owner's memory at 0x{address + offset:x}")
+        os.pwrite(image, view[:size], offset)
+        saved[first:last] = b"\x01" * (last - first)
+        counters.add(_SAVED, last - first)
+        counters.add(_BYTES, size)
+        uffd.writeprotect(address + offset, size, protect=False)  # wakes blocked writers
+
+    def serve_faults(wait: float) -> None:
+        if not select.select([uffd], [], [], wait)[0]:
+            return
+        started = time.perf_counter_ns()
+        for event in uffd.read_events(64):
+            if not isinstance(event, PageFault) or not event.flags & FaultFlag.WP:
+                continue
+            index = (event.address - address) // page
+            counters.add(_FAULTS)
+            if not saved[index]:
+                save(index, index + 1)
+                counters.add(_EARLY)
+            else:  # saved and unprotected already: the writer only needs waking
+                uffd.wake(address + index * page, page)
+            counters.record_latency(time.perf_counter_ns() - started)
+
+    try:
+        per_chunk = max(1, chunk_bytes // page)
+        cursor = 0
+        while cursor < pages:
+            serve_faults(0)  # writers first: they are waiting
+            if saved[cursor]:
+                cursor += 1
+                continue
+            end = cursor
+            while end < pages and end - cursor < per_chunk and not saved[end]:
+                end += 1
+            save(cursor, end)
+            cursor = end
+        os.fsync(image)
+        with contextlib.suppress(ProcessGoneError):
+            uffd.unregister(address, length)
+    finally:
+        os.close(mem)
+        os.close(image)
+        uffd.close()
