@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from ._cli_model import add_model_commands
 from ._cli_runtime import add_runtime_commands
 from ._cli_stores import add_store_commands
+from ._cli_tools import add_tool_commands
 from ._features import feature_table
 from .check import CHECKS, CheckOptions, CheckResult, Status, run_checks
 
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(commands)
     add_runtime_commands(commands)
     add_store_commands(commands)
+    add_tool_commands(commands)
     return parser
 
 

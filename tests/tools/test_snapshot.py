@@ -151,3 +151,17 @@ def test_bad_regions_and_destinations_are_refused(tmp_path: Path) -> None:
             snapshot((mapping.address + 1, PAGE), str(tmp_path / "img"))
         with pytest.raises(OSError):
             snapshot(mapping, str(tmp_path / "no" / "such" / "dir" / "img"))
+
+
+def test_uffd_snapshot_demo_reports_an_exact_image(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "userfaultfd", "snapshot", str(tmp_path / "demo.img"), "--size",
+         "16M", "--writers", "2"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "4096 pages" in done.stdout
+    assert "image equals memory at the protect instant" in done.stdout

@@ -8,8 +8,9 @@ This is QEMU's background snapshot, the use the seed's WP mode exists for:
   after the handler lets a write through.
 - The handler (another process: a writer blocked in a WP fault may hold the GIL) reads pages
   through /proc/PID/mem. On a WP fault it saves the page first, then lifts the protection, which
-  wakes the writer: the saved bytes are the page as it was at the protect instant. Between
-  faults it copies the remaining pages in address order, each chunk saved before unprotected.
+  wakes the writer: the saved bytes are the page as it was at the protect instant. A second
+  thread copies the remaining pages in address order, each chunk saved before unprotected,
+  skipping pages the fault thread saved meanwhile.
 - Reading /proc/PID/mem needs ptrace access to the owner; the owner names the handler as its
   tracer (PR_SET_PTRACER), which Yama requires when ptrace_scope is 1.
 - The owner keeps no uffd of its own: if the handler dies, the kernel drops the protection and
@@ -27,6 +28,7 @@ import select
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,58 +206,90 @@ def _handler(channel: Channel, owner: int, path: str, counters: SharedCounters,
     uffd = Userfaultfd.from_fd(fds[0], Feature.PAGEFAULT_FLAG_WP)
     pages = length // page
     saved = bytearray(pages)
-    buffer = bytearray(chunk_bytes)
-    view = memoryview(buffer)
+    view = memoryview(bytearray(chunk_bytes))
     mem = os.open(f"/proc/{owner}/mem", os.O_RDONLY | os.O_CLOEXEC)
     image = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     channel.send("ready")
+    # Two threads: one answers WP faults at once, one copies the rest in order. The copies
+    # release the GIL (preadv, pwrite), so a writer waits for one page, not for a chunk.
+    lock = threading.Lock()
+    failure: list[BaseException] = []
 
-    def save(first: int, last: int) -> None:
-        """Copy pages [first, last) into the image, then let writes to them through."""
-        size = (last - first) * page
-        offset = first * page
-        got = os.preadv(mem, [view[:size]], address + offset)
-        if got != size:
+    def save_page(index: int) -> None:
+        offset = index * page
+        single = memoryview(bytearray(page))
+        if os.preadv(mem, [single], address + offset) != page:
             raise OSError(f"short read of the owner's memory at 0x{address + offset:x}")
-        os.pwrite(image, view[:size], offset)
-        saved[first:last] = b"\x01" * (last - first)
-        counters.add(_SAVED, last - first)
-        counters.add(_BYTES, size)
-        uffd.writeprotect(address + offset, size, protect=False)  # wakes blocked writers
+        os.pwrite(image, single, offset)
 
-    def serve_faults(wait: float) -> None:
-        if not select.select([uffd], [], [], wait)[0]:
-            return
-        started = time.perf_counter_ns()
-        for event in uffd.read_events(64):
-            if not isinstance(event, PageFault) or not event.flags & FaultFlag.WP:
-                continue
-            index = (event.address - address) // page
-            counters.add(_FAULTS)
-            if not saved[index]:
-                save(index, index + 1)
-                counters.add(_EARLY)
-            else:  # saved and unprotected already: the writer only needs waking
-                uffd.wake(address + index * page, page)
-            counters.record_latency(time.perf_counter_ns() - started)
+    def unprotect(first: int, last: int) -> None:
+        uffd.writeprotect(address + first * page, (last - first) * page, protect=False)
 
+    def serve_faults() -> None:
+        try:
+            while not finished.is_set():
+                if not select.select([uffd], [], [], 0.05)[0]:
+                    continue
+                started = time.perf_counter_ns()
+                for event in uffd.read_events(64):
+                    if not isinstance(event, PageFault) or not event.flags & FaultFlag.WP:
+                        continue
+                    index = (event.address - address) // page
+                    counters.add(_FAULTS)
+                    with lock:
+                        if not saved[index]:  # save first, then let the write through
+                            save_page(index)
+                            saved[index] = 1
+                            counters.add(_SAVED)
+                            counters.add(_EARLY)
+                            unprotect(index, index + 1)
+                        else:  # already saved and unprotected: the writer needs a wake only
+                            uffd.wake(address + index * page, page)
+                    counters.record_latency(time.perf_counter_ns() - started)
+        except BaseException as err:  # reported by the main thread
+            failure.append(err)
+
+    finished = threading.Event()
+    faults = threading.Thread(target=serve_faults, daemon=True)
+    faults.start()
     try:
         per_chunk = max(1, chunk_bytes // page)
-        cursor = 0
-        while cursor < pages:
-            serve_faults(0)  # writers first: they are waiting
-            if saved[cursor]:
-                cursor += 1
-                continue
-            end = cursor
-            while end < pages and end - cursor < per_chunk and not saved[end]:
-                end += 1
-            save(cursor, end)
-            cursor = end
+        for first in range(0, pages, per_chunk):
+            last = min(pages, first + per_chunk)
+            size = (last - first) * page
+            # Still protected pages cannot change, so this read needs no lock; pages the fault
+            # thread saves meanwhile are skipped below (their image bytes are already right).
+            if os.preadv(mem, [view[:size]], address + first * page) != size:
+                raise OSError(f"short read of the owner's memory at 0x{address + first * page:x}")
+            with lock:
+                for a, b in _runs(saved, first, last):
+                    os.pwrite(image, view[(a - first) * page : (b - first) * page], a * page)
+                    saved[a:b] = b"\x01" * (b - a)
+                    counters.add(_SAVED, b - a)
+                    unprotect(a, b)
+            if failure:
+                raise failure[0]
         os.fsync(image)
         with contextlib.suppress(ProcessGoneError):
             uffd.unregister(address, length)
     finally:
+        finished.set()
+        faults.join()
         os.close(mem)
         os.close(image)
         uffd.close()
+
+
+def _runs(flags: bytearray, first: int, last: int) -> list[tuple[int, int]]:
+    """Runs [a, b) of zero flags within [first, last)."""
+    runs = []
+    index = first
+    while index < last:
+        if flags[index]:
+            index += 1
+            continue
+        start = index
+        while index < last and not flags[index]:
+            index += 1
+        runs.append((start, index))
+    return runs
