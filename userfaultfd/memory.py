@@ -16,7 +16,7 @@ import errno
 import fcntl
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -356,8 +356,13 @@ def _scan_once(
     flags: int,
     max_pages: int,
     categories: tuple[int, int, int, int],
+    describe: Callable[[int], str] | None = None,
 ) -> tuple[int, int]:
-    """One PAGEMAP_SCAN ioctl; returns (regions filled, walk_end)."""
+    """One PAGEMAP_SCAN ioctl on pagemap ``fd``; returns (regions filled, walk_end).
+
+    ``categories``: (inverted, mask, anyof, return mask). Shared with the dirty tracker, which
+    decodes ``vec`` itself and words its own errors through ``describe``.
+    """
     vec_len = len(vec) // _abi.PAGE_REGION.size
     with pinned(vec, writable=True) as (vec_address, _):
         arg = bytearray(
@@ -368,6 +373,7 @@ def _scan_once(
         )  # fmt: skip
         filled: int = call(
             lambda: fcntl.ioctl(fd, _abi.PAGEMAP_SCAN, arg, True),
-            lambda code: f"PAGEMAP_SCAN on [0x{start:x}, 0x{end:x}): {os.strerror(code)}",
+            describe
+            or (lambda code: f"PAGEMAP_SCAN on [0x{start:x}, 0x{end:x}): {os.strerror(code)}"),
         )
     return filled, _abi.PM_SCAN_ARG.unpack(arg)[4]
