@@ -27,6 +27,9 @@ class SharedCounters:
     def add(self, counter: int, amount: int = 1) -> None:
         self._words[counter] = (self._words[counter] + amount) % (1 << 64)
 
+    def set(self, counter: int, value: int) -> None:
+        self._words[counter] = value
+
     def value(self, counter: int) -> int:
         return self._words[counter]
 

@@ -6,10 +6,10 @@ Why another process, and why this order:
 - The handler is forked *before* the memory is registered, and receives the uffd over a Unix
   socket (SCM_RIGHTS). Forking after registration would itself be a fork of registered memory:
   with EVENT_FORK requested, fork() would block until someone reads the Fork event.
-- Once the handler holds the uffd, this process closes its own copy: if the handler dies, the
-  kernel then releases the registration and no thread here stays blocked on a fault nobody
-  serves. (Pages not filled yet then read as zeros; a supervisor that restarts the handler is
-  future work.) stop() therefore fills the remaining pages before the handler exits.
+- Once the supervisor holds the uffd, this process closes its own copy: a thread here blocked
+  on a fault must never also be the only thing keeping the registration alive. The supervisor
+  restarts a handler that dies (see _supervisor); stop() fills the remaining pages before both
+  exit, so the memory stays right after them.
 - The handler ignores SIGINT: Ctrl-C reaches the whole process group, and a handler that died
   of it would take the memory's contents with it.
 """
@@ -33,9 +33,10 @@ from .._core import Userfaultfd, supported_features
 from .._flags import Feature, Mode
 from .._forked import Channel
 from ..stores import Store
-from ._handler import Handler
+from . import _stats
 from ._policy import Adaptive, Policy
 from ._stats import Stats, StatsBlock
+from ._supervisor import supervise
 
 __all__ = ["DEFAULT_CPU", "Region", "Server", "serve"]
 
@@ -67,8 +68,9 @@ class Region:
 
 
 class Server:
-    """A running handler process. ``stop()`` (or leaving the ``with`` block) fills the pages not
-    filled yet and ends it; ``stats()`` reads its counters at any time."""
+    """A running supervisor (``pid``) and its handler (``handler_pid``). ``stop()`` (or leaving
+    the ``with`` block) fills the pages not filled yet and ends both; ``stats()`` reads the
+    counters at any time."""
 
     def __init__(
         self,
@@ -88,6 +90,11 @@ class Server:
 
     def stats(self) -> Stats:
         return self._stats.snapshot()
+
+    @property
+    def handler_pid(self) -> int:
+        """The process serving faults right now (the supervisor restarts it if it dies)."""
+        return self._stats.value(_stats.HANDLER_PID)
 
     @property
     def alive(self) -> bool:
@@ -173,13 +180,13 @@ def serve(
     control_read, control_write = os.pipe2(os.O_CLOEXEC)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
-    if pid == 0:  # the handler
+    if pid == 0:  # the supervisor, which starts the handler
         status = 1
         try:
             ours.close()
             os.close(control_write)
-            _handler_main(Channel(theirs), control_read, store, chosen, stats, handler_cpu,
-                          batch, buffer_bytes)  # fmt: skip
+            supervise(Channel(theirs), control_read, store, chosen, stats, handler_cpu, batch,
+                      buffer_bytes)  # fmt: skip
             status = 0
         finally:
             os._exit(status)
@@ -207,27 +214,6 @@ def serve(
     finally:
         ours.close()
     return Server(pid, control_write, stats, resolved, pinned_thread)
-
-
-def _handler_main(
-    channel: Channel,
-    control: int,
-    store: Store,
-    policy: Policy,
-    stats: StatsBlock,
-    cpu: int | None,
-    batch: int,
-    buffer_bytes: int,
-) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
-    (features, regions), fds = channel.recv(timeout=30)
-    uffd = Userfaultfd.from_fd(fds[0], Feature(features))
-    handler = Handler(store.reopen(), policy, stats, batch=batch, buffer_bytes=buffer_bytes)
-    handler.add(uffd, regions)
-    channel.send("ready")
-    handler.run(control)
 
 
 def _checked(region: Region, store: Store) -> Region:

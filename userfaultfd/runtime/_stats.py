@@ -8,7 +8,8 @@ from .._counters import SharedCounters
 
 __all__ = ["Stats", "StatsBlock"]
 
-_COUNTERS = ("faults", "pages", "bytes", "errors", "events", "wakes", "poisoned", "copies")
+_COUNTERS = ("faults", "pages", "bytes", "errors", "events", "wakes", "poisoned", "copies",
+             "restarts")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,8 @@ class Stats:
     poisoned: int
     #: UFFDIO_COPY calls made.
     copies: int
+    #: Handlers the supervisor had to start again after one died.
+    restarts: int
     #: Per-fault service time in microseconds (event read to page filled): percentiles.
     latency_p50_us: float
     latency_p90_us: float
@@ -40,11 +43,13 @@ class StatsBlock(SharedCounters):
     """The runtime handler's counters."""
 
     def __init__(self) -> None:
-        super().__init__(len(_COUNTERS))
+        super().__init__(len(_COUNTERS) + 1)  # and the running handler's pid
 
     def snapshot(self) -> Stats:
         counts = [self.value(i) for i in range(len(_COUNTERS))]
         return Stats(*counts, *(self.percentile_us(q) for q in (0.5, 0.9, 0.99)))
 
 
-FAULTS, PAGES, BYTES, ERRORS, EVENTS, WAKES, POISONED, COPIES = range(len(_COUNTERS))
+FAULTS, PAGES, BYTES, ERRORS, EVENTS, WAKES, POISONED, COPIES, RESTARTS, HANDLER_PID = range(
+    len(_COUNTERS) + 1
+)
