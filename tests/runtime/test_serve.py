@@ -289,3 +289,46 @@ def test_same_cpu_placement_pins_the_caller_and_stop_restores_it() -> None:
     before, during, handler, after = in_target(body)
     assert len(during) == 1 and handler == during  # one CPU, the same for both
     assert after == before  # the caller's affinity is back as it was
+
+
+class SlowStore(BytesStore):
+    """Bytes that take ``delay`` seconds per read: a far, slow server."""
+
+    def __init__(self, data: bytes, delay: float) -> None:
+        super().__init__(data)
+        self.delay = delay
+
+    def read_into(self, offset: int, buffer: memoryview) -> int:
+        time.sleep(self.delay)
+        return super().read_into(offset, buffer)
+
+
+@pytest.mark.timeout(60)
+def test_munmap_and_madvise_never_wait_for_a_slow_store() -> None:
+    """The thread that causes UNMAP or REMOVE sleeps until the handler reads the event; a
+    handler busy in a 2-second store read must still read it at once."""
+    data = random.Random(16).randbytes(16 * PAGE)
+
+    def body() -> tuple[float, float, bool]:
+        import threading
+
+        mapping = memory.anonymous(len(data))
+        with serve([mapping], SlowStore(data, delay=2.0), policy=Single()):
+            first = ctypes.create_string_buffer(PAGE)
+            reader = threading.Thread(  # faults page 0: keeps the handler in a 2 s read
+                target=ctypes.memmove, args=(first, mapping.address, PAGE)
+            )
+            reader.start()
+            time.sleep(0.2)
+            started = time.monotonic()
+            mapping.madvise(mmap.MADV_DONTNEED, 8 * PAGE, 2 * PAGE)  # a REMOVE event
+            advised = time.monotonic() - started
+            started = time.monotonic()
+            assert _libc.munmap(mapping.address + 12 * PAGE, 4 * PAGE) == 0  # an UNMAP event
+            unmapped = time.monotonic() - started
+            reader.join(10)
+            return advised, unmapped, first.raw == data[:PAGE]
+
+    advised, unmapped, correct = in_target(body)
+    assert advised < 0.5 and unmapped < 0.5, (advised, unmapped)
+    assert correct

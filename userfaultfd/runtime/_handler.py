@@ -17,13 +17,19 @@ Design note: what the kernel makes a handler do
   filled before the fork are already in the child).
 - A range the store cannot read is never zero-filled: the faulting page is poisoned, and the
   access gets SIGBUS.
+- A slow store must not stall the program's munmap() or madvise(): while a store read takes
+  longer than a couple of milliseconds, a watcher thread reads the uffd (that read is what lets
+  the sleeping thread go on) and stashes the batch for the loop, which applies it in order.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import mmap
 import os
 import select
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -32,7 +38,7 @@ from dataclasses import dataclass, field
 
 from .._buffer import pinned
 from .._core import Userfaultfd
-from .._errors import MappingChangedError, PageExistsError, ProcessGoneError
+from .._errors import MappingChangedError, PageExistsError, ProcessGoneError, UserfaultfdError
 from .._events import Event, Fork, PageFault, Remap, Remove, Unmap
 from ..stores import Store, StoreError
 from . import _stats
@@ -40,6 +46,9 @@ from ._policy import Policy
 from ._stats import StatsBlock
 
 __all__ = ["Handler", "RegionState"]
+
+#: How long a store read may keep the handler busy before the watcher reads events for it.
+_WATCH_PERIOD = 0.002
 
 
 @dataclass(slots=True)
@@ -138,6 +147,11 @@ class Handler:
         self._resources = ExitStack()
         self._buffer_address, _ = self._resources.enter_context(pinned(self._buffer))
         self._poller = select.poll()
+        # Events the watcher thread read while the handler was busy, in read order.
+        self._stash: deque[tuple[_Source, list[Event]]] = deque()
+        self._read_lock = threading.Lock()
+        self._busy_since = 0.0
+        self._stopping = threading.Event()
 
     # -- sources -----------------------------------------------------------------------------------
     def add(self, uffd: Userfaultfd, regions: list[tuple[int, int, int, int]]) -> None:
@@ -171,6 +185,8 @@ class Handler:
         or closes, or until every served process is gone."""
         if control is not None:
             self._poller.register(control, select.POLLIN)
+        watcher = threading.Thread(target=self._watch, name="uffd-event-watcher", daemon=True)
+        watcher.start()
         try:
             while self._sources:
                 for fd, _mask in self._poller.poll(1000):
@@ -185,17 +201,16 @@ class Handler:
                     if source is not None:
                         self.pump(source)
         finally:
+            self._stopping.set()
+            watcher.join()
             self.close()
 
     def pump(self, source: _Source) -> None:
-        """Read one batch of events from ``source`` and answer it."""
-        try:
-            events = source.uffd.read_events(self.batch)
-        except ProcessGoneError:
-            self._drop(source)
-            return
+        """Read one batch of events from ``source`` and answer it (after any batches the
+        watcher read meanwhile, which came first)."""
         started = time.perf_counter_ns()
-        self._apply(source, events)
+        for owner, events in self._collect(source):
+            self._apply(owner, events)
         seen: set[tuple[int, int]] = set()  # threads faulting on one page: answer once
         while self._deferred:
             owner, address = self._deferred.popleft()
@@ -205,6 +220,33 @@ class Handler:
             seen.add(key)
             self._resolve(owner, address)
             self.stats.record_latency(time.perf_counter_ns() - started)
+
+    def _collect(self, source: _Source) -> list[tuple[_Source, list[Event]]]:
+        """The watcher's stashed batches, then a fresh one from ``source``, in read order."""
+        with self._read_lock:
+            batches = list(self._stash)
+            self._stash.clear()
+            if not source.uffd.closed:
+                try:
+                    batches.append((source, source.uffd.read_events(self.batch)))
+                except ProcessGoneError:
+                    self._drop(source)
+        return batches
+
+    def _watch(self) -> None:
+        """While the handler is busy (a slow store read), read the events it cannot: the
+        thread that caused an UNMAP, REMOVE, REMAP or FORK sleeps until its event is read,
+        so munmap() or madvise() in the program must not wait for the store."""
+        while not self._stopping.wait(_WATCH_PERIOD):
+            busy = self._busy_since
+            if not busy or time.monotonic() - busy < _WATCH_PERIOD:
+                continue
+            with self._read_lock:
+                for source in list(self._sources.values()):
+                    with contextlib.suppress(ProcessGoneError, ValueError):
+                        events = source.uffd.read_events(self.batch)
+                        if events:
+                            self._stash.append((source, events))
 
     def _apply(self, source: _Source, events: list[Event]) -> None:
         """Apply the non-fault events in order; queue the faults."""
@@ -274,17 +316,21 @@ class Handler:
             stop = min(last, index + chunk)
             size = (stop - index) * page
             offset = region.offset + index * page
-            mapped = self.store.address(offset, size)
-            if mapped is None:
-                try:
-                    got = self.store.read_into(offset, self._view[:size])
-                except StoreError:
-                    self.stats.add(_stats.ERRORS)
-                    if fault is not None and index <= fault < stop:
-                        self._poison(source, region, fault)
-                    return True
-                if got < size:  # past the end of the store: the rest of the range is zeros
-                    self._view[got:size] = bytes(size - got)
+            self._busy_since = time.monotonic()
+            try:
+                mapped = self.store.address(offset, size)
+                got = (
+                    size if mapped is not None else self.store.read_into(offset, self._view[:size])
+                )
+            except StoreError:
+                self.stats.add(_stats.ERRORS)
+                if fault is not None and index <= fault < stop:
+                    self._poison(source, region, fault)
+                return True
+            finally:
+                self._busy_since = 0.0
+            if got < size:  # past the end of the store: the rest of the range is zeros
+                self._view[got:size] = bytes(size - got)
             done = self._copy(source, region, index, stop, mapped)
             if done is None:
                 return False
@@ -326,8 +372,13 @@ class Handler:
             done = err.done // page
             self._count_filled(region, first + done, last, sign=-1)
             # Apply the queued events; the range may be gone or moved: the fault comes again.
-            self._apply(source, source.uffd.read_events(self.batch))
+            for owner, events in self._collect(source):
+                self._apply(owner, events)
             return done if region in source.regions else None
+        except UserfaultfdError as err:
+            if err.errno != errno.ENOENT:
+                raise
+            return None  # the range was unmapped meanwhile: nobody can fault on it any more
         except ProcessGoneError:
             self._drop(source)
             return None
