@@ -175,10 +175,6 @@ class Handler:
         self._streams += 1
         return self._streams
 
-    @property
-    def sources(self) -> int:
-        return len(self._sources)
-
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, control: int | None = None) -> None:
         """Serve until ``control`` (a pipe) says b"x" (exit), b"d" (fill everything, then exit)
@@ -190,13 +186,10 @@ class Handler:
         try:
             while self._sources:
                 for fd, _mask in self._poller.poll(1000):
-                    if fd == control:
-                        command = os.read(control, 1)
-                        if command == b"d":
+                    if fd == control:  # b"d": fill the rest first; b"x" or EOF: just exit
+                        if os.read(control, 1) == b"d":
                             self.drain()
-                        if command != b"p":
-                            return
-                        continue
+                        return
                     source = self._sources.get(fd)
                     if source is not None:
                         self.pump(source)

@@ -42,7 +42,9 @@ def parse_regions(data: bytes) -> list[GuestRegion]:
     """Decode a client's message; ValueError (saying what is wrong) for anything malformed."""
     try:
         items = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:
+        # ValueError covers bad JSON, bad UTF-8 and integers past Python's digit limit;
+        # RecursionError a message nested deeper than the decoder's recursion limit.
         raise ValueError(f"the region message is not JSON: {err}") from None
     if not isinstance(items, list) or not items:
         raise ValueError("the region message must be a non-empty JSON array")

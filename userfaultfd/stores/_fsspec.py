@@ -9,6 +9,12 @@ The parent's filesystems must also never be collected in the child: fsspec's fin
 close their sessions through the parent's loop and stall for a second waiting on the missing
 thread (a handler doing ``store = store.reopen()`` drops the last reference). An at-fork hook keeps
 them alive in the child, untouched.
+
+Time: every request has a deadline (``timeout``) and the store alone retries, so a dead server or
+a cut link costs at most about ``tries x timeout`` plus the backoff, never a hang. The clients'
+own retries are turned off where they are options (botocore's, s3fs's), else they multiply.
+Credentials: a refusal (HTTP 401/403, S3's key and signature errors) is EACCES at once; asking
+again with the same keys cannot succeed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Self, TypeVar
 
 import fsspec
 import fsspec.core
+import fsspec.utils
 
 from ._base import Store, StoreError
 
@@ -48,6 +55,57 @@ os.register_at_fork(after_in_child=_keep_inherited_filesystems)
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+# S3 error codes that mean "these keys are not accepted"; a HEAD has no body, so only "403".
+_S3_REFUSALS = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+     "ExpiredToken", "403", "Forbidden"}
+)  # fmt: skip
+
+
+def _refusal(err: BaseException) -> str | None:
+    """What refused the credentials (``"HTTP 401"``, ``"S3 AccessDenied"``), or None.
+
+    fsspec and s3fs wrap the cause (HTTP's size probe turns any failure into FileNotFoundError;
+    s3fs turns a ClientError into PermissionError), so the chain of causes is searched.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        status = getattr(cause, "status", None)
+        if status in (401, 403) and hasattr(cause, "request_info"):  # aiohttp's response error
+            return f"HTTP {status}"
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):  # botocore's ClientError
+            code = response.get("Error", {}).get("Code")
+            if code in _S3_REFUSALS:
+                return f"S3 {code}"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+_S3 = ("s3", "s3a")
+
+
+def _with_timeouts(url: str, timeout: float, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with a per-request deadline for HTTP and S3, unless the caller set one."""
+    protocol = fsspec.utils.get_protocol(url)
+    options = dict(options)  # never change the caller's dicts
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        client = dict(options.get("client_kwargs") or {})
+        client.setdefault("timeout", aiohttp.ClientTimeout(total=timeout))
+        options["client_kwargs"] = client
+    elif protocol in _S3:
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", timeout)
+        config.setdefault("read_timeout", timeout)
+        config.setdefault("retries", {"max_attempts": 0})  # FsspecStore retries
+        options["config_kwargs"] = config
+    return options
+
+
 def _is_transient(err: Exception) -> bool:
     if isinstance(err, (*_PERMANENT, ValueError, TypeError)):
         return False
@@ -62,19 +120,29 @@ class FsspecStore(Store):
 
     ``storage_options`` go to the filesystem (e.g. ``client_kwargs={"endpoint_url": ...}`` for
     s3fs). A failed request is tried ``tries`` times in all, waiting ``backoff``, then twice that,
-    and so on between tries; then :class:`StoreError` names the URL and the last cause. The size is
-    read once, at construction.
+    and so on between tries; then :class:`StoreError` names the URL and the last cause. Each
+    HTTP or S3 request is given up after ``timeout`` seconds (unless ``client_kwargs["timeout"]``
+    or ``config_kwargs`` say otherwise). Refused credentials are a StoreError with errno EACCES,
+    not retried. The size is read once, at construction.
     """
 
     def __init__(
-        self, url: str, *, tries: int = 3, backoff: float = 0.2, **storage_options: Any
+        self,
+        url: str,
+        *,
+        tries: int = 3,
+        backoff: float = 0.2,
+        timeout: float = 10.0,
+        **storage_options: Any,
     ) -> None:
         if tries < 1:
             raise ValueError(f"tries must be at least 1, not {tries}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, not {timeout}")
         self.url = url
         self._tries = tries
         self._backoff = backoff
-        self._options = storage_options
+        self._options = _with_timeouts(url, timeout, storage_options)
         self._connect()
         self._size: int = self._call("size", self._size_of)
 
@@ -88,6 +156,8 @@ class FsspecStore(Store):
             )
         except (ImportError, ValueError) as err:
             raise StoreError(f"{self.url}: {err}", code=errno.EINVAL) from err
+        if fsspec.utils.get_protocol(self.url) in _S3:
+            self._fs.retries = 1  # s3fs's own loop would try 5 times inside each of ours
         _MADE[id(self._fs)] = self._fs
 
     def _size_of(self) -> int:
@@ -128,6 +198,13 @@ class FsspecStore(Store):
             except StoreError:
                 raise
             except Exception as err:
+                refused = _refusal(err)
+                if refused is not None:
+                    raise StoreError(
+                        f"{self.url}: {what}: the server refused the credentials ({refused}):"
+                        f" {type(err).__name__}: {err}",
+                        code=errno.EACCES,
+                    ) from err
                 transient = _is_transient(err)
                 if transient and attempt < self._tries:
                     time.sleep(self._backoff * 2 ** (attempt - 1))

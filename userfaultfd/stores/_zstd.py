@@ -258,6 +258,15 @@ class ZstdStore(Store):
         step = self.chunk_size
         length = min(step, self.size - i * step)
         try:
+            # max_output_size bounds a frame that does not declare its size; one that does is
+            # decompressed into a buffer of the declared size, so a corrupt header declaring
+            # terabytes would raise MemoryError: check the declaration first.
+            declared = zstandard.frame_content_size(frame)
+            if declared not in (length, -1):
+                raise StoreError(
+                    f"pack chunk {i} (bytes {i * step}..): corrupt: its frame declares "
+                    f"{declared} bytes, the chunk has {length}"
+                )
             data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=length)
         except zstandard.ZstdError as err:
             raise StoreError(f"pack chunk {i} (bytes {i * step}..): corrupt: {err}") from err
