@@ -207,9 +207,7 @@ class Userfaultfd:
         self.nonblocking = nonblocking
 
     @classmethod
-    def from_fd(
-        cls, fd: int, features: Feature = Feature(0), *, nonblocking: bool = True
-    ) -> Userfaultfd:
+    def from_fd(cls, fd: int, features: Feature = Feature(0)) -> Userfaultfd:
         """Adopt a descriptor that already went through UFFDIO_API.
 
         For a uffd received over a Unix socket or carried by a Fork event. The kernel does not
@@ -221,7 +219,7 @@ class Userfaultfd:
         self._page_size = os.sysconf("SC_PAGE_SIZE")
         self.features = Feature(features)
         self.ioctls = _BaseIoctls
-        self.nonblocking = nonblocking
+        self.nonblocking = bool(fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_NONBLOCK)
         return self
 
     # -- file behaviour ----------------------------------------------------------------------------
