@@ -68,3 +68,25 @@ def test_every_error_is_an_oserror() -> None:
         assert issubclass(cls, userfaultfd.UserfaultfdError)
         assert issubclass(cls, OSError)
     assert issubclass(userfaultfd.UserfaultfdPermissionError, PermissionError)
+
+
+def test_subpackage_surfaces() -> None:
+    import userfaultfd.check
+    import userfaultfd.runtime
+    import userfaultfd.tools
+
+    assert sorted(userfaultfd.runtime.__all__) == [
+        "Adaptive", "DEFAULT_CPU", "GuestRegion", "Handler", "Policy", "Region", "Server",
+        "Single", "Stats", "Window", "lazy", "parse_regions", "serve", "serve_socket",
+        "server_of",
+    ]  # fmt: skip
+    assert sorted(userfaultfd.tools.__all__) == [
+        "DeltaInfo", "DirtyStats", "DirtyTracker", "Snapshot", "SnapshotStats", "restore",
+        "snapshot", "snapshot_delta", "snapshot_full", "track",
+    ]  # fmt: skip
+    assert sorted(userfaultfd.check.__all__) == [
+        "CHECKS", "CheckOptions", "CheckResult", "Status", "run_checks",
+    ]  # fmt: skip
+    for module in (userfaultfd.runtime, userfaultfd.tools, userfaultfd.check):
+        for name in module.__all__:
+            assert getattr(module, name) is not None
