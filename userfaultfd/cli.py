@@ -125,14 +125,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A failure is one line on stderr starting with ``uffd: `` and a non-zero
+    exit status, never a traceback: 2 for a usage error (argparse's own, or a bad value found
+    later), 130 for Ctrl-C, 1 for anything else. ``UFFD_TRACEBACK=1`` shows the traceback of an
+    unexpected exception (a bug) instead of its one-line summary."""
     args = build_parser().parse_args(argv)
     try:
         status: int = args.func(args)
-    except (OSError, ValueError) as err:
-        # A one-line message for a user, not a traceback.
-        print(f"uffd: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("uffd: interrupted", file=sys.stderr)
+        return 130
+    except argparse.ArgumentTypeError as err:  # a value checked inside a command (e.g. --size)
+        print(f"uffd: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, RuntimeError, EOFError, ImportError) as err:
+        # OSError covers TimeoutError, every UserfaultfdError and StoreError.
+        print(f"uffd: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if os.environ.get("UFFD_TRACEBACK"):
+            raise
+        print(f"uffd: internal error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
         return 1
     return status
+
+
+def _one_line(err: BaseException) -> str:
+    """The exception's message on one line (some carry a child's traceback or an HTTP body)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines) or type(err).__name__
 
 
 if __name__ == "__main__":
