@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import ssl
 import time
 import weakref
 from collections.abc import Callable
@@ -85,6 +86,24 @@ def _refusal(err: BaseException) -> str | None:
 
 
 _S3 = ("s3", "s3a")
+
+
+def _unwrapped(err: Exception) -> Exception:
+    """The failure behind fsspec's HTTP size probe, which reports any failure (a refused
+    connection, a 401) as FileNotFoundError with the real one as its cause."""
+    cause = err.__cause__
+    if not isinstance(err, FileNotFoundError) or not isinstance(cause, Exception):
+        return err
+    if isinstance(cause, FileNotFoundError) or getattr(cause, "status", None) in (404, 410):
+        return err  # truly not there
+    return cause
+
+
+def _untrusted(err: BaseException) -> bool:
+    """Whether TLS verification of the server's certificate failed (no retry will pass it)."""
+    return isinstance(err, ssl.SSLCertVerificationError) or isinstance(
+        getattr(err, "certificate_error", None), ssl.SSLCertVerificationError
+    )
 
 
 def _with_timeouts(url: str, timeout: float, options: dict[str, Any]) -> dict[str, Any]:
@@ -197,24 +216,29 @@ class FsspecStore(Store):
                 return fn()
             except StoreError:
                 raise
-            except Exception as err:
+            except Exception as caught:
+                err = _unwrapped(caught)
+                cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
                 refused = _refusal(err)
                 if refused is not None:
                     raise StoreError(
                         f"{self.url}: {what}: the server refused the credentials ({refused}):"
-                        f" {type(err).__name__}: {err}",
+                        f" {cause}",
                         code=errno.EACCES,
-                    ) from err
-                transient = _is_transient(err)
-                if transient and attempt < self._tries:
+                    ) from caught
+                if _untrusted(err):
+                    raise StoreError(
+                        f"{self.url}: {what}: the server's TLS certificate is not trusted: {cause}",
+                        code=errno.EACCES,
+                    ) from caught
+                if _is_transient(err) and attempt < self._tries:
                     time.sleep(self._backoff * 2 ** (attempt - 1))
                     continue
                 tried = f" after {attempt} tries" if attempt > 1 else ""
                 code = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
                 if isinstance(err, FileNotFoundError):
                     code = errno.ENOENT
-                cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-                raise StoreError(f"{self.url}: {what}{tried}: {cause}", code=code) from err
+                raise StoreError(f"{self.url}: {what}{tried}: {cause}", code=code) from caught
         raise AssertionError("unreachable")
 
     def __enter__(self) -> Self:
