@@ -15,8 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     "command",
     [
         ["mypy", "--strict"],
-        ["ruff", "check", "userfaultfd", "tests", "benchmarks"],
-        ["ruff", "format", "--check", "userfaultfd", "tests", "benchmarks"],
+        ["ruff", "check", "userfaultfd", "tests", "benchmarks", "fuzz"],
+        ["ruff", "format", "--check", "userfaultfd", "tests", "benchmarks", "fuzz"],
     ],
     ids=["mypy", "ruff-check", "ruff-format"],
 )
