@@ -41,12 +41,21 @@ def _cpu(text: str) -> int | str | None:
 
 def _serve(args: argparse.Namespace) -> int:
     store = open_store(args.store)
-    policy = parse_policy(args.policy)
-    Console(stderr=True).print(f"serving {args.store} ({store.size} bytes) on {args.socket}")
+    parse_policy(args.policy)  # a bad policy fails now, not when the first client comes
+
+    def listening() -> None:
+        print(f"serving {args.store} ({store.size} bytes) on {args.socket}", file=sys.stderr)
+
     serve_socket(args.socket, store, policy_factory=lambda: parse_policy(args.policy),
-                 once=args.once)  # fmt: skip
-    del policy
+                 once=args.once, on_listening=listening)  # fmt: skip
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {value}")
+    return value
 
 
 def _lazy(args: argparse.Namespace) -> int:
@@ -103,7 +112,9 @@ def add_runtime_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     lazy_cmd.add_argument("source", help="a path, an fsspec URL, a .npy file or a pack")
     lazy_cmd.add_argument("--order", choices=["seq", "random"], default="seq")
     lazy_cmd.add_argument("--policy", default="adaptive", help="single, window:N or adaptive")
-    lazy_cmd.add_argument("--pages", type=int, default=None, help="touch only this many pages")
+    lazy_cmd.add_argument(
+        "--pages", type=_positive, default=None, help="touch only this many pages"
+    )
     lazy_cmd.add_argument("--cpu", default="same", help='handler CPU: a number, "same" or "none"')
     lazy_cmd.add_argument("--seed", type=int, default=1, help="seed of the random order")
     lazy_cmd.set_defaults(func=_lazy)

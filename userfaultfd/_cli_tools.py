@@ -69,11 +69,20 @@ def _digest(path: str) -> str:
     return digest.hexdigest()
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, not {value}")
+    return value
+
+
 def add_tool_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     snap = commands.add_parser(
         "snapshot", help="live snapshot of a demo region while threads keep writing to it"
     )
     snap.add_argument("dest", help="image path, or an fsspec URL to upload it to")
     snap.add_argument("--size", default="256M", help="demo region size, e.g. 256M or 1G")
-    snap.add_argument("--writers", type=int, default=2, help="writer threads during the snapshot")
+    snap.add_argument(
+        "--writers", type=_count, default=2, help="writer threads during the snapshot"
+    )
     snap.set_defaults(func=_snapshot_demo)

@@ -179,8 +179,8 @@ class Userfaultfd:
     ) -> None:
         self._fd = -1
         requested = _index(features, "features")
-        if requested < 0:
-            raise ValueError(f"features must be a non-negative bit mask, not {requested}")
+        if not 0 <= requested < 1 << 64:
+            raise ValueError(f"features must be a 64-bit mask, not {requested}")
         flags = (
             (_abi.O_NONBLOCK if nonblocking else 0)
             | (_abi.O_CLOEXEC if cloexec else 0)

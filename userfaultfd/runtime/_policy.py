@@ -67,6 +67,13 @@ class Adaptive(Policy):
     max_bytes: int = 8 << 20
     _streams: dict[int, _Stream] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.min_pages < 1 or self.max_bytes < 1:
+            raise ValueError(
+                f"Adaptive needs min_pages >= 1 and max_bytes >= 1, not {self.min_pages} and "
+                f"{self.max_bytes}"
+            )
+
     def window(self, index: int, pages: int, page_size: int, stream: int = 0) -> tuple[int, int]:
         state = self._streams.setdefault(stream, _Stream(size=self.min_pages))
         ceiling = max(self.min_pages, self.max_bytes // page_size)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import signal
 import socket
@@ -175,6 +176,7 @@ def serve(
     wanted = [r if isinstance(r, Region) else Region.of(r) for r in regions]
     chosen = policy if policy is not None else Adaptive()
     resolved = [_checked(r, store) for r in wanted]
+    _refuse_overlaps(resolved)
     handler_cpu, pinned_thread = _place(cpu)
     stats = StatsBlock()
     control_read, control_write = os.pipe2(os.O_CLOEXEC)
@@ -216,6 +218,16 @@ def serve(
     return Server(pid, control_write, stats, resolved, pinned_thread)
 
 
+def _refuse_overlaps(regions: list[Region]) -> None:
+    ordered = sorted(regions, key=lambda r: r.address)
+    for before, after in itertools.pairwise(ordered):
+        if after.address < before.address + before.length:
+            raise ValueError(
+                f"regions 0x{before.address:x}+{before.length} and 0x{after.address:x}+"
+                f"{after.length} overlap: each page must come from one place in the store"
+            )
+
+
 def _checked(region: Region, store: Store) -> Region:
     page = region.page_size or memory.page_size()
     if region.length <= 0 or region.address % page or region.length % page:
@@ -238,8 +250,13 @@ _libc = ctypes.CDLL(None)
 def _place(cpu: int | str | None) -> tuple[int | None, tuple[int, set[int]] | None]:
     """The handler's CPU. For "same", also pins the calling thread there, and returns its
     thread id and former affinity so stop() can put it back."""
-    if cpu is None or isinstance(cpu, int):
+    if isinstance(cpu, int):
+        allowed = os.sched_getaffinity(0)
+        if cpu not in allowed:
+            raise ValueError(f"CPU {cpu} is not one this process may run on ({sorted(allowed)})")
         return cpu, None
+    if cpu is None:
+        return None, None
     if cpu != "same":
         raise ValueError(f'cpu must be an int, "same" or None, not {cpu!r}')
     here = int(_libc.sched_getcpu())

@@ -9,6 +9,7 @@ so one client's faults never wait behind another's.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -81,7 +82,11 @@ def serve_socket(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         if os.path.exists(path):
             os.unlink(path)
-        listener.bind(path)
+        try:
+            listener.bind(path)
+        except OSError as err:
+            reason = err.strerror or str(err)  # "AF_UNIX path too long" has no errno
+            raise OSError(err.errno or errno.EINVAL, f"cannot listen on {path}: {reason}") from err
         listener.listen(8)
         if on_listening is not None:
             on_listening()
