@@ -30,11 +30,11 @@ import operator
 import os
 import struct
 from collections.abc import Callable
-from types import TracebackType
 from typing import Final
 
 from . import _abi
 from ._buffer import pinned
+from ._closing import Closing
 from ._errors import (
     FeatureUnavailableError,
     MappingChangedError,
@@ -156,7 +156,7 @@ def _index(value: int, what: str) -> int:
         raise TypeError(f"{what} must be an int, not {type(value).__name__}") from None
 
 
-class Userfaultfd:
+class Userfaultfd(Closing):
     """A userfaultfd: register memory, read its fault events, resolve them.
 
     Faults are served from another process than the one touching the memory: a Python thread
@@ -239,17 +239,6 @@ class Userfaultfd:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
-
-    def __enter__(self) -> Userfaultfd:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         self.close()

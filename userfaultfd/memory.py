@@ -19,11 +19,11 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from . import _abi
 from ._buffer import pinned
+from ._closing import Closing
 from ._errors import call
 from ._flags import PageCategory, ScanFlag
 
@@ -60,7 +60,7 @@ def huge_page_size(*, proc: str = "/proc") -> int:
     raise OSError(errno.ENOENT, "this kernel reports no Hugepagesize in /proc/meminfo")
 
 
-class Mapping:
+class Mapping(Closing):
     """A mapping this process owns: ``address``, ``length``, a writable ``view`` of its bytes.
 
     ``fd`` is the memfd behind a memfd mapping (None for anonymous memory). Close it, or use it
@@ -139,17 +139,6 @@ class Mapping:
         self._mmap.close()
         if self._owns_fd and self.fd is not None:
             os.close(self.fd)
-
-    def __enter__(self) -> Mapping:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Mapping {self.kind} 0x{self.address:x}+{self.length:#x}>"

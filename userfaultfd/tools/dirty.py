@@ -55,10 +55,10 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import BinaryIO, Final
 
 from .. import _abi, memory
+from .._closing import Closing
 from .._core import Userfaultfd
 from .._errors import FeatureUnavailableError
 from .._flags import Feature, Mode
@@ -106,7 +106,7 @@ class DeltaInfo:
     seconds: float
 
 
-class DirtyTracker:
+class DirtyTracker(Closing):
     """Pages of one range of this process written since the last reset. Make it with :func:`track`.
 
     ``page_size`` is the unit of the page indexes (the huge page size for hugetlb mappings).
@@ -225,17 +225,6 @@ class DirtyTracker:
             return
         self._uffd.close()
         os.close(self._pagemap)
-
-    def __enter__(self) -> DirtyTracker:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self._scans} scans"
