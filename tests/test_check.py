@@ -120,3 +120,41 @@ def test_cli_exits_nonzero_on_a_fail(
 def test_unknown_check_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown check nope"):
         list(run_checks(["nope"]))
+
+
+@pytest.mark.parametrize("dumpable", [True, False], ids=["user", "setuid-without-dumpable"])
+def test_an_unprivileged_user_gets_passes_and_stated_skips(dumpable: bool) -> None:
+    """As a user without privileges every check runs with user-mode-only uffds, or is skipped
+    with its reason; none fails and nothing crashes."""
+    import ctypes
+    import os
+
+    from tests._target import Channel, Target
+
+    if os.geteuid() != 0:
+        pytest.skip("dropping to an unprivileged user needs root")
+
+    def body(channel: Channel) -> None:
+        os.chdir("/")
+        os.setgid(65534)
+        os.setuid(65534)
+        if dumpable:  # as a process the user started: it may read its own /proc files
+            ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+        options = CheckOptions(race_iterations=200, race_seconds=2.0, layouts=40)
+        channel.send(
+            [(r.check, r.case, r.status.value, r.reason) for r in run_checks(None, options)]
+        )
+
+    with Target(body, timeout=120) as target:
+        rows, _ = target.recv(timeout=120)
+        assert target.exit_code() == 0
+    assert [r for r in rows if r[2] == "FAIL"] == []
+    skipped = {(r[0], r[3]) for r in rows if r[2] == "SKIP"}
+    if dumpable:
+        assert skipped <= {("matrix", "no free huge pages, and reserving some needs root")}
+        assert sum(r[2] == "PASS" for r in rows) >= 16
+    else:
+        assert (
+            "footprint",
+            "this process may not read /proc/self/pagemap (Permission denied)",
+        ) in skipped

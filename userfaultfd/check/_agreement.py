@@ -24,6 +24,7 @@ from .._core import Userfaultfd
 from .._flags import Feature, Mode
 from .._forked import Channel, Forked
 from ._result import CheckOptions, CheckResult, Status
+from ._serve import pagemap_refusal
 
 __all__ = ["Layout", "agreement", "measure_layouts", "model_prediction", "random_layouts"]
 
@@ -162,6 +163,10 @@ def agreement(
     layouts = random_layouts(options.layouts, options.seed)
     fault_around = kernel_fault_around_bytes(options)
     case = f"{len(layouts)} layouts, seed {options.seed}"
+    refusal = pagemap_refusal(options.proc) if measure is measure_layouts else None
+    if refusal:
+        yield CheckResult("model", case, Status.SKIP, refusal)
+        return
     try:
         live = measure(layouts, options)
     except (OSError, TimeoutError, RuntimeError) as err:

@@ -22,7 +22,7 @@ from .._core import Userfaultfd
 from .._flags import Feature, Mode
 from .._forked import Channel, Forked
 from ._result import CheckOptions, CheckResult, Status
-from ._serve import resolve_simply, serve_until_report
+from ._serve import pagemap_refusal, resolve_simply, serve_until_report
 
 __all__ = ["KINDS", "footprint", "judge_footprint"]
 
@@ -118,6 +118,10 @@ def footprint(
 ) -> Iterator[CheckResult]:
     """Check 1. ``measure`` is the live measurement; a test can pass a fake one."""
     scratch = options.scratch_dir or disk_directory(options.proc)
+    refusal = pagemap_refusal(options.proc) if measure is measure_footprint else None
+    if refusal:
+        yield CheckResult("footprint", "all", Status.SKIP, refusal)
+        return
     for kind in KINDS:
         modes: list[Mode | None] = [None]
         if kind != "file":  # a regular file on disk cannot be registered

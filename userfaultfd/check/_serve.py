@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import select
 import time
 from collections.abc import Callable
@@ -13,7 +14,17 @@ from .._events import Event, PageFault
 from .._flags import FaultFlag
 from .._forked import Forked
 
-__all__ = ["resolve_simply", "serve_until_report"]
+__all__ = ["pagemap_refusal", "resolve_simply", "serve_until_report"]
+
+
+def pagemap_refusal(proc: str = "/proc") -> str | None:
+    """Why this process may not read its own pagemap, or None if it may. (A process that
+    changed its user id without PR_SET_DUMPABLE, for one, finds /proc/self owned by root.)"""
+    try:
+        os.close(os.open(f"{proc}/self/pagemap", os.O_RDONLY))
+    except OSError as err:
+        return f"this process may not read {proc}/self/pagemap ({err.strerror})"
+    return None
 
 
 def resolve_simply(uffd: Userfaultfd, fault: PageFault, page: int) -> None:
