@@ -110,3 +110,35 @@ def test_when_the_store_is_gone_missing_pages_are_poisoned(tmp_path: Path) -> No
         assert first_ok and not still_alive
         status = target.wait()
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS
+
+
+def test_a_restarted_handler_knows_the_ranges_as_the_program_moved_them() -> None:
+    """REMAP, REMOVE and UNMAP read by a handler that then dies are not lost: the supervisor
+    kept the map, so the next handler serves the moved range and zeros for dropped pages."""
+    import ctypes
+    import mmap
+
+    data = random.Random(23).randbytes(16 * PAGE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mremap.restype = ctypes.c_void_p
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                            ctypes.c_void_p]  # fmt: skip
+
+    def body() -> tuple[bool, bool, int]:
+        from userfaultfd.stores import BytesStore
+
+        mapping = memory.anonymous(len(data))
+        server = serve([mapping], BytesStore(data), policy=Single())
+        _ = mapping.view[0]
+        mapping.madvise(mmap.MADV_DONTNEED, 0, PAGE)  # page 0 now reads zeros
+        spot = memory.anonymous(len(data))
+        new = spot.address
+        spot.close()
+        assert libc.mremap(mapping.address, len(data), len(data), 3, new) == new
+        time.sleep(0.1)  # the handler has read both events and reported them
+        os.kill(server.handler_pid, signal.SIGKILL)
+        moved = ctypes.string_at(new, len(data))  # served by the restarted handler
+        stats = server.stop()
+        return moved[:PAGE] == bytes(PAGE), moved[PAGE:] == data[PAGE:], stats.restarts
+
+    assert in_target(body) == (True, True, 1)

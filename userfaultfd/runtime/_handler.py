@@ -28,7 +28,9 @@ import contextlib
 import errno
 import mmap
 import os
+import pickle
 import select
+import struct
 import threading
 import time
 from collections import deque
@@ -40,12 +42,13 @@ from .._buffer import pinned
 from .._core import Userfaultfd
 from .._errors import MappingChangedError, PageExistsError, ProcessGoneError, UserfaultfdError
 from .._events import Event, Fork, PageFault, Remap, Remove, Unmap
+from ..memory import page_size as memory_page_size
 from ..stores import Store, StoreError
 from . import _stats
 from ._policy import Policy
 from ._stats import StatsBlock
 
-__all__ = ["Handler", "RegionState"]
+__all__ = ["Handler", "RegionMap", "RegionState", "read_reports"]
 
 #: How long a store read may keep the handler busy before the watcher reads events for it.
 _WATCH_PERIOD = 0.002
@@ -93,10 +96,9 @@ class RegionState:
 
 
 @dataclass(slots=True)
-class _Source:
-    """One uffd (the owner's, or a forked child's) and the ranges it serves."""
+class RegionMap:
+    """The registered ranges of one address space, kept up to date by its events."""
 
-    uffd: Userfaultfd
     regions: list[RegionState]
 
     def find(self, address: int) -> RegionState | None:
@@ -122,6 +124,41 @@ class _Source:
         self.regions = kept
         return inside
 
+    def change(self, event: Remove | Unmap | Remap) -> None:
+        """Follow a REMOVE (the pages read zeros now), UNMAP (forget) or REMAP (move)."""
+        if isinstance(event, Unmap):
+            self.cut(event.start, event.end)
+            return
+        if isinstance(event, Remove):
+            pieces = self.cut(event.start, event.end)
+            for piece in pieces:
+                piece.filled[:] = bytes(piece.pages)
+                piece.removed[:] = b"\x01" * piece.pages
+        else:
+            pieces = self.cut(event.old, event.old + event.length)
+            for piece in pieces:
+                piece.address = event.new + (piece.address - event.old)
+        self.regions.extend(pieces)
+
+    def fresh(self) -> list[RegionState]:
+        """Copies of the ranges with nothing marked filled (what a restarted handler knows)."""
+        copies = []
+        for region in self.regions:
+            copy = region.piece(region.address, region.end)
+            copy.filled = bytearray(copy.pages)
+            copies.append(copy)
+        return copies
+
+
+class _Source(RegionMap):
+    """One uffd (the owner's, or a forked child's) and the ranges it serves."""
+
+    __slots__ = ("uffd",)
+
+    def __init__(self, uffd: Userfaultfd, regions: list[RegionState]) -> None:
+        super().__init__(regions)
+        self.uffd = uffd
+
 
 class Handler:
     """Serves MISSING faults of one or more uffds from ``store``, choosing windows by ``policy``."""
@@ -134,8 +171,12 @@ class Handler:
         *,
         batch: int = 64,
         buffer_bytes: int = 8 << 20,
+        report: int | None = None,
     ) -> None:
         self.store = store
+        #: Where REMOVE/UNMAP/REMAP of the first uffd are reported (a pipe to the supervisor).
+        self._report = report
+        self._primary: _Source | None = None
         self.policy = policy
         self.stats = stats
         self.batch = batch
@@ -154,15 +195,19 @@ class Handler:
         self._stopping = threading.Event()
 
     # -- sources -----------------------------------------------------------------------------------
-    def add(self, uffd: Userfaultfd, regions: list[tuple[int, int, int, int]]) -> None:
-        """Serve ``uffd`` for ``regions`` given as (address, length, store offset, page size)."""
-        states = []
-        for address, length, offset, page_size in regions:
-            states.append(RegionState(address, length, offset, page_size, self._next_stream()))
+    def add(
+        self, uffd: Userfaultfd, regions: list[RegionState] | list[tuple[int, int, int, int]]
+    ) -> None:
+        """Serve ``uffd`` for ``regions``: states, or (address, length, store offset, page size)."""
+        states = [r if isinstance(r, RegionState) else RegionState(*r, stream=0) for r in regions]
+        for state in states:
+            state.stream = self._next_stream()
         self._adopt(uffd, states)
 
     def _adopt(self, uffd: Userfaultfd, regions: list[RegionState]) -> None:
-        self._sources[uffd.fileno()] = _Source(uffd, regions)
+        source = _Source(uffd, regions)
+        self._primary = self._primary or source
+        self._sources[uffd.fileno()] = source
         self._poller.register(uffd.fileno(), select.POLLIN)
 
     def _drop(self, source: _Source) -> None:
@@ -248,33 +293,25 @@ class Handler:
                 self._deferred.append((source, event.address))
                 continue
             self.stats.add(_stats.EVENTS)
-            if isinstance(event, Remove):
-                for piece in self._pieces(source, event.start, event.end):
-                    piece.filled[:] = bytes(piece.pages)
-                    piece.removed[:] = b"\x01" * piece.pages
-            elif isinstance(event, Unmap):
-                source.cut(event.start, event.end)
-            elif isinstance(event, Remap):
-                moved = source.cut(event.old, event.old + event.length)
-                for piece in moved:
-                    piece.address = event.new + (piece.address - event.old)
-                source.regions.extend(moved)
-            elif isinstance(event, Fork):
+            if isinstance(event, Fork):
                 child = Userfaultfd.from_fd(event.uffd, source.uffd.features)
                 copies = [r.piece(r.address, r.end) for r in source.regions]
                 for copy in copies:
                     copy.stream = self._next_stream()
                 self._adopt(child, copies)
-
-    def _pieces(self, source: _Source, start: int, end: int) -> Iterator[RegionState]:
-        inside = source.cut(start, end)
-        source.regions.extend(inside)
-        yield from inside
+                continue
+            source.change(event)
+            if self._report is not None and source is self._primary:
+                _post(self._report, event)  # the supervisor keeps the map for a restart
 
     # -- filling pages -----------------------------------------------------------------------------
     def _resolve(self, source: _Source, address: int) -> None:
         region = source.find(address)
-        if region is None:  # not ours (a range the program unmapped and mapped again)
+        if region is None:  # no map says where this page comes from: SIGBUS beats a hang
+            self.stats.add(_stats.ERRORS)
+            page = memory_page_size()
+            with contextlib.suppress(UserfaultfdError):
+                source.uffd.poison(address - address % page, page)
             return
         page = region.page_size
         index = (address - region.address) // page
@@ -413,6 +450,25 @@ class Handler:
             self._drop(source)
         self._view.release()
         self._resources.close()
+
+
+def _post(report: int, event: Event) -> None:
+    """One length-prefixed record on the supervisor's pipe (small: written atomically)."""
+    record = pickle.dumps(event)
+    with contextlib.suppress(BrokenPipeError):
+        os.write(report, struct.pack("<I", len(record)) + record)
+
+
+def read_reports(data: bytearray) -> list[Event]:
+    """Take the complete records off the front of ``data`` (what ``_post`` wrote)."""
+    events: list[Event] = []
+    while len(data) >= 4:
+        (size,) = struct.unpack_from("<I", data)
+        if len(data) < 4 + size:
+            break
+        events.append(pickle.loads(bytes(data[4 : 4 + size])))
+        del data[: 4 + size]
+    return events
 
 
 def _unfilled_runs(region: RegionState, start: int, end: int) -> Iterator[tuple[int, int]]:

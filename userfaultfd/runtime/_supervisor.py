@@ -13,9 +13,10 @@ Design note
   every page not filled yet: accesses get SIGBUS, never zeros. Poison markers outlive the uffd.
 - Commands from the program (fill the rest and exit, or exit) go through the supervisor, which
   repeats the last one to a handler it had to restart, so stop() is never lost.
-What a restart forgets: pages the program dropped (REMOVE events) are filled from the store
-again rather than with zeros, and the uffds of the program's forked children (FORK events) die
-with the handler that held them.
+- Handlers report every REMAP, REMOVE and UNMAP they read over a pipe, and the supervisor keeps
+  the map of ranges up to date, so a restarted handler knows where the ranges are now and which
+  pages the program dropped (those still read zeros). What a restart forgets: the uffds of the
+  program's forked children (FORK events) die with the handler that held them.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from dataclasses import dataclass
 
 from .._core import Userfaultfd
 from .._errors import PageExistsError, ProcessGoneError, UserfaultfdError
+from .._events import Remap, Remove, Unmap
 from .._flags import Feature
 from .._forked import Channel
 from ..stores import Store
 from . import _stats
-from ._handler import Handler
+from ._handler import Handler, RegionMap, RegionState, read_reports
 from ._policy import Policy
 from ._stats import StatsBlock
 
@@ -61,33 +63,38 @@ def supervise(
         os.sched_setaffinity(0, {cpu})  # handlers inherit it
     (features, regions), fds = channel.recv(timeout=30)
     uffd = Userfaultfd.from_fd(fds[0], Feature(features))
+    # The ranges as the program has moved, dropped and unmapped them: handlers report every
+    # REMAP, REMOVE and UNMAP they read, so a restarted one starts from where things are.
+    ranges = RegionMap([RegionState(a, n, o, p, stream=0) for a, n, o, p in regions])
     command = b""  # the last command from the program, repeated to a restarted handler
     restarts: list[float] = []
     started = False
     while True:
-        handler_pid, handler_control = _start(uffd, regions, store, policy, stats, batch,
-                                              buffer_bytes, control, channel)  # fmt: skip
+        handler_pid, handler_control, reports = _start(
+            uffd, ranges, store, policy, stats, batch, buffer_bytes, control, channel
+        )
         stats.set(_stats.HANDLER_PID, handler_pid)
         if command:
             _tell(handler_control, command)
         if not started:
             channel.send("ready")
             started = True
-        status = _watch(handler_pid, handler_control, control)
+        status = _watch(handler_pid, handler_control, control, reports, ranges)
         if status.command:
             command = status.command
         os.close(handler_control)
+        os.close(reports)
         if status.exit_code == 0:
             return  # stopped as asked, or every served process is gone
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
         if status.exit_code == STORE_GONE or len(restarts) > MAX_RESTARTS:
-            _poison_unfilled(uffd, regions)
+            _poison_unfilled(uffd, ranges)
             return
         stats.add(_stats.RESTARTS)
         try:
-            for address, length, _offset, _page in regions:
-                uffd.wake(address, length)  # faults the dead handler read: ask again
+            for region in ranges.regions:
+                uffd.wake(region.address, region.length)  # faults the dead handler read
         except ProcessGoneError:
             return
 
@@ -101,7 +108,7 @@ class _Ended:
 
 def _start(
     uffd: Userfaultfd,
-    regions: list[tuple[int, int, int, int]],
+    ranges: RegionMap,
     store: Store,
     policy: Policy,
     stats: StatsBlock,
@@ -109,37 +116,52 @@ def _start(
     buffer_bytes: int,
     control: int,
     channel: Channel,
-) -> tuple[int, int]:
-    """Fork a handler on a descriptor of its own; returns its pid and its command pipe."""
+) -> tuple[int, int, int]:
+    """Fork a handler on a descriptor of its own; returns its pid, its command pipe and the
+    pipe it reports range changes on."""
     command_read, command_write = os.pipe2(os.O_CLOEXEC)
+    reports_read, reports_write = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         status = 1
         try:
             os.close(command_write)
+            os.close(reports_read)
             os.close(control)
             channel.sock.close()
             try:
                 opened = store.reopen()
             except OSError:
                 os._exit(STORE_GONE)
-            handler = Handler(opened, policy, stats, batch=batch, buffer_bytes=buffer_bytes)
-            handler.add(Userfaultfd.from_fd(os.dup(uffd.fileno()), uffd.features), regions)
+            handler = Handler(opened, policy, stats, batch=batch, buffer_bytes=buffer_bytes,
+                              report=reports_write)  # fmt: skip
+            descriptor = Userfaultfd.from_fd(os.dup(uffd.fileno()), uffd.features)
+            handler.add(descriptor, ranges.fresh())
             handler.run(command_read)
             status = 0
         finally:
             os._exit(status)
     os.close(command_read)
-    return pid, command_write
+    os.close(reports_write)
+    return pid, command_write, reports_read
 
 
-def _watch(handler_pid: int, handler_control: int, control: int) -> _Ended:
-    """Forward the program's commands to the handler until the handler exits."""
+def _watch(
+    handler_pid: int, handler_control: int, control: int, reports: int, ranges: RegionMap
+) -> _Ended:
+    """Forward the program's commands to the handler, and follow its range reports, until
+    the handler exits."""
     command = b""
     listening = True
+    pending = bytearray()
     while True:
-        ready = select.select([control] if listening else [], [], [], 0.02)[0]
-        if ready:
+        ready = select.select([reports, control] if listening else [reports], [], [], 0.02)[0]
+        if reports in ready:
+            pending += os.read(reports, 1 << 16)
+            for event in read_reports(pending):
+                if isinstance(event, Remove | Unmap | Remap):
+                    ranges.change(event)
+        if control in ready:
             received = os.read(control, 1)
             command = received or b"x"  # EOF: the program is gone, so is the memory
             listening = False
@@ -155,10 +177,11 @@ def _tell(handler_control: int, command: bytes) -> None:
         os.write(handler_control, command)
 
 
-def _poison_unfilled(uffd: Userfaultfd, regions: list[tuple[int, int, int, int]]) -> None:
-    """Poison every page of the regions that is still missing (SIGBUS on access, not zeros)."""
-    for address, length, _offset, page in regions:
-        for at in range(address, address + length, page):
+def _poison_unfilled(uffd: Userfaultfd, ranges: RegionMap) -> None:
+    """Poison every page of the ranges that is still missing (SIGBUS on access, not zeros)."""
+    for region in ranges.regions:
+        page = region.page_size
+        for at in range(region.address, region.end, page):
             try:
                 uffd.poison(at, page)
             except PageExistsError:
