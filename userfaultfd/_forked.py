@@ -18,9 +18,9 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
+from ._closing import Closing
 from ._core import Userfaultfd
 from ._events import Event
 
@@ -52,7 +52,7 @@ class ChildFailedError(RuntimeError):
     """The forked child raised; the message carries its traceback."""
 
 
-class Forked:
+class Forked(Closing):
     """Run ``body(channel)`` in a forked child with a hard deadline.
 
     ``body`` may send anything picklable (and descriptors). An exception in the child is sent
@@ -124,15 +124,8 @@ class Forked:
             raise ChildFailedError(f"the child process died by signal {os.WTERMSIG(status)}")
         return os.WEXITSTATUS(status)
 
-    def __enter__(self) -> Forked:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """Kill the child if it still runs, reap it, close the channel. Idempotent."""
         if self.status is None:
             try:
                 os.kill(self.pid, signal.SIGKILL)

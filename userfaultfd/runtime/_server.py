@@ -27,9 +27,9 @@ import time
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import TracebackType
 
 from .. import memory
+from .._closing import Closing
 from .._core import Userfaultfd, supported_features
 from .._flags import Feature, Mode
 from .._forked import Channel
@@ -68,7 +68,7 @@ class Region:
         return cls(mapping.address, mapping.length, offset, page)
 
 
-class Server:
+class Server(Closing):
     """A running supervisor (``pid``) and its handler (``handler_pid``). ``stop()`` (or leaving
     the ``with`` block) fills the pages not filled yet and ends both; ``stats()`` reads the
     counters at any time."""
@@ -127,15 +127,8 @@ class Server:
         _unpin(self._pinned_thread)
         return self.stats()
 
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """stop() with its defaults, unless the server was stopped already."""
         if self._finalizer.alive:
             self.stop()
 
