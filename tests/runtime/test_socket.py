@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from tests._target import PAGE, Channel, Target
 from userfaultfd import Mode, Userfaultfd, memory
 from userfaultfd.runtime import GuestRegion, parse_regions
+from userfaultfd.runtime._socket import check_regions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -85,32 +86,87 @@ def test_arbitrary_json_decodes_or_raises_value_error(items: list[dict[str, obje
         pass
 
 
+def test_regions_inside_the_store_pass_the_check() -> None:
+    store_size = 16 * PAGE + 100  # the last page is mostly padding
+    check_regions([GuestRegion(0, 8 * PAGE, 0, PAGE), GuestRegion(0, 9 * PAGE, 8 * PAGE, PAGE),
+                   GuestRegion(0, 2 * PAGE, 15 * PAGE, PAGE)],
+                  store_size)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("region", "store_size"),
+    [
+        (GuestRegion(0, 16 * PAGE, 100 << 20, PAGE), 16 << 20),  # far past the end
+        (GuestRegion(0, 2 * PAGE, 15 * PAGE, PAGE), 16 * PAGE),  # a whole page past the end
+        (GuestRegion(0, 2 * PAGE, 15 * PAGE, PAGE), 16 * PAGE - 1),
+        (GuestRegion(0, PAGE, 20 * PAGE, PAGE), 16 * PAGE + 1),  # starts past the end
+    ],
+)
+def test_regions_past_the_end_of_the_store_are_refused(
+    region: GuestRegion, store_size: int
+) -> None:
+    """These regions were served as zeros past the store's end."""
+    with pytest.raises(
+        ValueError, match=r"region 1: bytes \[\d+, \d+\) lie past the end of the store"
+    ):
+        check_regions([GuestRegion(0, PAGE, 0, PAGE), region], store_size)
+
+
 # -- end to end ---------------------------------------------------------------------------------
+
+
+def guest_bytes(size: int) -> bytes:
+    """Position-dependent bytes with no zero byte (a page served as zeros cannot pass)."""
+    blocks = (hashlib.sha256(b"%d" % i).digest().replace(b"\0", b"\1") for i in range(size // 32))
+    return b"".join(blocks)[:size]
 
 
 @pytest.fixture
 def store_file(tmp_path: os.PathLike[str]) -> tuple[str, bytes]:
-    data = random.Random(21).randbytes(64 * PAGE)
+    data = guest_bytes(64 * PAGE)
+    assert 0 not in data
     path = os.path.join(os.fspath(tmp_path), "guest-memory")
     with open(path, "wb") as f:
         f.write(data)
     return path, data
 
 
+def start_server(socket_path: str, store: str, log: str) -> subprocess.Popen[bytes]:
+    """``uffd serve --socket PATH STORE`` as a user runs it, once it listens (stderr to ``log``)."""
+    with open(log, "wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "userfaultfd", "serve", "--socket", socket_path, store],
+            stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while b"serving " not in read(log):
+        if process.poll() is not None:
+            raise AssertionError(read(log).decode())
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait(10)
+            raise AssertionError("the server did not start listening")
+        time.sleep(0.01)
+    return process
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 @pytest.fixture
-def server(tmp_path: os.PathLike[str], store_file: tuple[str, bytes]) -> Iterator[str]:
-    """``uffd serve --socket PATH STORE`` as a user runs it."""
+def server_log(tmp_path: os.PathLike[str]) -> str:
+    return os.path.join(os.fspath(tmp_path), "serve.log")
+
+
+@pytest.fixture
+def server(
+    tmp_path: os.PathLike[str], store_file: tuple[str, bytes], server_log: str
+) -> Iterator[str]:
     path = os.path.join(os.fspath(tmp_path), "uffd.sock")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "userfaultfd", "serve", "--socket", path, store_file[0]],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    process = start_server(path, store_file[0], server_log)
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(path):
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.monotonic() < deadline, "the server did not start listening"
-            time.sleep(0.01)
         yield path
     finally:
         process.kill()
@@ -161,3 +217,112 @@ def test_c_client_is_served_every_page(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == f"OK {len(data) // PAGE} pages"
+
+
+def serve_client(server: str, regions: list[dict[str, int]], pages: int) -> Any:
+    """A client that maps ``pages`` pages and sends ``regions`` (relative addresses) to the
+    server; it reports ("refused", b"") if the server closed the connection without serving,
+    else ("served", the bytes of its memory)."""
+
+    def client(channel: Channel) -> None:
+        mapping = memory.anonymous(pages * PAGE)
+        with Userfaultfd() as uffd:
+            uffd.register(mapping.address, mapping.length, Mode.MISSING)
+            absolute = [{**r, "base_host_virt_addr": mapping.address + r["base_host_virt_addr"]}
+                        for r in regions]  # fmt: skip
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+                connection.connect(server)
+                socket.send_fds(connection, [json.dumps(absolute).encode()], [uffd.fileno()])
+                connection.settimeout(5)
+                try:
+                    hung_up = connection.recv(1) == b""
+                except TimeoutError:
+                    hung_up = False  # still connected: the server is serving us
+                if hung_up:
+                    channel.send(("refused", b""))
+                    return
+                channel.send(("served", bytes(mapping.view)))
+
+    with Target(client, timeout=30) as target:
+        result, _ = target.recv(timeout=30)
+        assert target.exit_code() == 0
+        return result
+
+
+def test_a_client_reaching_past_the_store_is_refused_and_others_still_served(
+    server: str, store_file: tuple[str, bytes], server_log: str
+) -> None:
+    """A region at offset 100 MB of a 256 KiB store was served as zeros."""
+    _path, data = store_file
+    far = [{"base_host_virt_addr": 0, "size": 16 * PAGE, "offset": 100 << 20, "page_size": PAGE}]
+    assert serve_client(server, far, 16) == ("refused", b"")
+    # A region that starts inside the store and runs one page past its end: refused too.
+    over = [{"base_host_virt_addr": 0, "size": 16 * PAGE, "offset": 49 * PAGE, "page_size": PAGE}]
+    assert serve_client(server, over, 16) == ("refused", b"")
+    log = read(server_log).decode()
+    assert log.count("uffd serve: refused a client: region 0: bytes") == 2, log
+    assert f"[{100 << 20}, {(100 << 20) + 16 * PAGE}) lie past the end of the store" in log
+    # The server is still up, and serves the next client byte for byte.
+    good = [{"base_host_virt_addr": 0, "size": 16 * PAGE, "offset": 48 * PAGE, "page_size": PAGE}]
+    assert serve_client(server, good, 16) == ("served", data[48 * PAGE :])
+
+
+# -- what is at the socket path -----------------------------------------------------------------
+
+
+def uffd_serve(socket_path: str, store: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "userfaultfd", "serve", "--socket", socket_path, store],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_a_regular_file_at_the_socket_path_is_kept(
+    tmp_path: os.PathLike[str], store_file: tuple[str, bytes]
+) -> None:
+    """uffd serve deleted whatever file was at --socket, a text file included."""
+    path = os.path.join(os.fspath(tmp_path), "notes.txt")
+    with open(path, "w") as f:
+        f.write("my notes\n")
+    done = uffd_serve(path, store_file[0])
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done
+    [line] = done.stderr.splitlines()
+    assert line.startswith("uffd: ") and line.endswith(
+        f"cannot listen on {path}: it exists and is not a socket"
+    ), line
+    assert read(path) == b"my notes\n"
+
+
+def test_a_live_socket_at_the_path_is_kept(
+    tmp_path: os.PathLike[str], store_file: tuple[str, bytes]
+) -> None:
+    """uffd serve unlinked the socket of a server still listening, stealing its path."""
+    path = os.path.join(os.fspath(tmp_path), "live.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(path)
+        live.listen(8)
+        done = uffd_serve(path, store_file[0])
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done
+        [line] = done.stderr.splitlines()
+        assert line.startswith("uffd: ") and line.endswith(
+            f"cannot listen on {path}: a server is listening there"
+        ), line
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)  # still the live server's socket
+        assert live.accept()[0] is not None
+
+
+def test_a_stale_socket_is_replaced(
+    tmp_path: os.PathLike[str], store_file: tuple[str, bytes], server_log: str
+) -> None:
+    path = os.path.join(os.fspath(tmp_path), "stale.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as old:
+        old.bind(path)  # closed without unlinking: what a killed server leaves behind
+    process = start_server(path, store_file[0], server_log)
+    try:
+        _path, data = store_file
+        region = [{"base_host_virt_addr": 0, "size": 4 * PAGE, "offset": 0, "page_size": PAGE}]
+        assert serve_client(path, region, 4) == ("served", data[: 4 * PAGE])
+    finally:
+        process.kill()
+        process.wait(10)

@@ -5,6 +5,11 @@ of regions, ``[{"base_host_virt_addr": A, "size": N, "offset": O, "page_size": P
 its userfaultfd attached as SCM_RIGHTS. Region byte i then comes from store byte O + i. The
 server serves that client until it closes the connection; each client gets its own process,
 so one client's faults never wait behind another's.
+
+A client is refused at the handshake, before any of its faults is served, when its message is
+malformed or a region reaches past the end of the store (those bytes would be served as zeros):
+its connection is closed, the reason goes to ``on_refused`` (default: a line on stderr), and the
+server goes on serving the others. Listening never deletes anything but a stale socket.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import json
 import os
 import signal
 import socket
+import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +30,7 @@ from ._handler import Handler
 from ._policy import Adaptive, Policy
 from ._stats import StatsBlock
 
-__all__ = ["GuestRegion", "parse_regions", "serve_socket"]
+__all__ = ["GuestRegion", "check_regions", "parse_regions", "serve_socket"]
 
 _MAX_MESSAGE = 1 << 20
 _FIELDS = ("base_host_virt_addr", "size", "offset", "page_size")
@@ -69,6 +76,44 @@ def parse_regions(data: bytes) -> list[GuestRegion]:
     return regions
 
 
+def check_regions(regions: list[GuestRegion], store_size: int) -> None:
+    """ValueError unless every region's bytes [offset, offset + size) lie in a store of
+    ``store_size`` bytes, apart from less than one page of padding at the end of its last page
+    (the handler fills that padding with zeros; anything past it would be zeros the store never
+    held)."""
+    for number, r in enumerate(regions):
+        end = r.offset + r.size
+        if end - store_size >= r.page_size:
+            raise ValueError(
+                f"region {number}: bytes [{r.offset}, {end}) lie past the end of the store "
+                f"({store_size} bytes)"
+            )
+
+
+def _refused(reason: BaseException) -> None:
+    print(f"uffd serve: refused a client: {reason}", file=sys.stderr, flush=True)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Delete ``path`` if it is a socket nobody listens on; OSError if anything else is there."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"cannot listen on {path}: it exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:  # stale: whoever listened there is gone
+            os.unlink(path)
+            return
+        except OSError as err:
+            reason = err.strerror or str(err)
+            raise OSError(err.errno or errno.EINVAL, f"cannot listen on {path}: {reason}") from err
+    raise OSError(errno.EADDRINUSE, f"cannot listen on {path}: a server is listening there")
+
+
 def serve_socket(
     path: str,
     store: Store,
@@ -76,12 +121,13 @@ def serve_socket(
     policy_factory: Callable[[], Policy] = Adaptive,
     once: bool = False,
     on_listening: Callable[[], None] | None = None,
+    on_refused: Callable[[BaseException], None] = _refused,
 ) -> None:
-    """Listen on ``path`` and serve every client that connects (``once``: only the first,
-    in this process). Each other client is served by a forked process of its own."""
+    """Listen on ``path`` and serve every client that connects (``once``: only the first
+    client not refused, in this process). Each other client is served by a forked process of
+    its own. A stale socket at ``path`` is replaced; anything else there is an OSError."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        if os.path.exists(path):
-            os.unlink(path)
+        _remove_stale_socket(path)
         try:
             listener.bind(path)
         except OSError as err:
@@ -95,27 +141,53 @@ def serve_socket(
             connection, _ = listener.accept()
             if once:
                 with connection:
-                    _serve_client(connection, store, policy_factory())
+                    handshake = _handshake(connection, store, on_refused)
+                    if handshake is None:
+                        continue
+                    _serve_client(connection, store, policy_factory(), *handshake)
                 return
             if os.fork() == 0:
                 status = 1
                 try:
                     listener.close()
-                    _serve_client(connection, store.reopen(), policy_factory())
+                    handshake = _handshake(connection, store, on_refused)
+                    if handshake is not None:
+                        _serve_client(connection, store.reopen(), policy_factory(), *handshake)
                     status = 0
                 finally:
                     os._exit(status)
             connection.close()
 
 
-def _serve_client(connection: socket.socket, store: Store, policy: Policy) -> None:
-    data, fds, _flags, _address = socket.recv_fds(connection, _MAX_MESSAGE, 4)
-    if not fds:
-        raise ValueError("the client sent no userfaultfd with its regions")
+def _handshake(
+    connection: socket.socket, store: Store, on_refused: Callable[[BaseException], None]
+) -> tuple[Userfaultfd, list[GuestRegion]] | None:
+    """The client's userfaultfd and regions; None (the client told why, the connection closed)
+    for a client that must be refused."""
+    try:
+        data, fds, _flags, _address = socket.recv_fds(connection, _MAX_MESSAGE, 4)
+    except OSError as err:
+        on_refused(err)
+        connection.close()
+        return None
     for extra in fds[1:]:
         os.close(extra)
-    uffd = Userfaultfd.from_fd(fds[0])
-    regions = parse_regions(data)
+    try:
+        if not fds:
+            raise ValueError("the client sent no userfaultfd with its regions")
+        regions = parse_regions(data)
+        check_regions(regions, store.size)
+    except ValueError as err:
+        if fds:
+            os.close(fds[0])
+        on_refused(err)
+        connection.close()
+        return None
+    return Userfaultfd.from_fd(fds[0]), regions
+
+
+def _serve_client(connection: socket.socket, store: Store, policy: Policy, uffd: Userfaultfd,
+                  regions: list[GuestRegion]) -> None:  # fmt: skip
     handler = Handler(store, policy, StatsBlock())
     handler.add(uffd, [(r.base_host_virt_addr, r.size, r.offset, r.page_size) for r in regions])
     handler.run(control=connection.fileno())  # until the client hangs up
