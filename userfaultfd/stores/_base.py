@@ -20,6 +20,12 @@ class Store(abc.ABC):
 
     The fault handler runs in a forked process: it calls :meth:`reopen` there once, so a store
     holding fork-unsafe state (a network session, an event loop) makes a fresh handle.
+
+    Pinned: a store serves the bytes it opened, or fails. A restarted handler calls
+    :meth:`reopen` again, maybe long after the first open, and memory filled from two versions
+    of a source is silently wrong; so a store that cannot keep reading the version it opened
+    (the file shrank, the object was replaced) raises :class:`StoreError` (errno ESTALE or EIO)
+    and the handler poisons the page, rather than mixing versions or padding with zeros.
     """
 
     @property
@@ -31,10 +37,22 @@ class Store(abc.ABC):
     def read_into(self, offset: int, buffer: memoryview) -> int:
         """Fill ``buffer`` with bytes [offset, offset + len(buffer)).
 
-        Returns the number of bytes read: ``len(buffer)``, or less only where the store ends.
+        Returns the number of bytes read: ``len(buffer)``, except where the range passes
+        :attr:`size` (as recorded at open): then ``size - offset``, or 0 at or past the end, and
+        the rest of ``buffer`` is left as it was. Any other short read is an error, never a short
+        count: the caller must be able to trust that the bytes it got are all there are.
         Raises :class:`StoreError` when the range cannot be read (I/O error, corruption, a
-        network failure after retries).
+        network failure after retries, a source that changed since it was opened) or
+        ``offset`` is negative. :meth:`clamp` does the offset check and the clamping.
         """
+
+    def clamp(self, offset: int, length: int) -> int:
+        """How many of the bytes [offset, offset + length) lie inside the store: what
+        :meth:`read_into` must read (``length``, less where the range passes :attr:`size`,
+        0 at or past it). A negative offset is a :class:`StoreError` (EINVAL)."""
+        if offset < 0:
+            raise StoreError(f"offset {offset} is negative", code=errno.EINVAL)
+        return max(0, min(length, self.size - offset))
 
     def address(self, offset: int, length: int) -> int | None:
         """Where bytes [offset, offset + length) lie in this process's memory, if they do.
@@ -46,7 +64,10 @@ class Store(abc.ABC):
         return None
 
     def reopen(self) -> Store:
-        """A handle usable in this process (called after fork). Default: this one."""
+        """A handle usable in this process (called after fork), over the same bytes as this one.
+
+        Raises :class:`StoreError` (errno ESTALE) when a store can tell that its source changed
+        since it was opened. Default: this one."""
         return self
 
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from contextlib import ExitStack, suppress
@@ -25,35 +26,94 @@ class BytesStore(Store):
         return len(self._data)
 
     def read_into(self, offset: int, buffer: memoryview) -> int:
-        if offset < 0:
-            raise StoreError(f"offset {offset} is negative")
-        chunk = self._data[offset : offset + len(buffer)]
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
+        length = self.clamp(offset, len(buffer))
+        buffer[:length] = self._data[offset : offset + length]
+        return length
 
 
 class FileStore(Store):
-    """A local file, read with pread (never read whole), or mapped for :meth:`address`."""
+    """A local file, read with pread (never read whole), or mapped for :meth:`address`.
+
+    Pinned to the open file, not to its path: the store keeps the descriptor it opened, and
+    :meth:`reopen` duplicates that descriptor, so a file replaced (``os.replace``) or unlinked
+    after the open is still read as it was, and the size recorded at the open stays the size.
+    ``FileStore.from_fd(fd)`` makes one from a descriptor the caller opened. A file truncated
+    below a range inside the recorded size cannot give those bytes: :meth:`read_into` raises
+    :class:`StoreError` (ESTALE) and :meth:`address` answers None for it (it checks the current
+    size with one fstat), so the handler poisons the page rather than mapping zeros. Writes into
+    the same file in place are not detected: pin the bytes by replacing files, not editing them.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        self._size = os.fstat(self._fd).st_size
+        fd = os.open(os.fspath(path), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
+        self._adopt(fd, os.fspath(path), size)
+
+    @classmethod
+    def from_fd(cls, fd: int, *, path: str | None = None) -> FileStore:
+        """A store over the file open at ``fd``, which stays the caller's: the store reads a
+        duplicate (close-on-exec) and closes only that. ``path`` names the file in error
+        messages (default: what /proc/self/fd says, as it was when the store was made). The size
+        is the file's size now."""
+        if path is None:
+            try:
+                path = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                path = f"fd {fd}"
+        dup = os.dup(fd)  # os.dup's copy is non-inheritable: close-on-exec
+        try:
+            size = os.fstat(dup).st_size
+        except BaseException:
+            os.close(dup)
+            raise
+        store = cls.__new__(cls)
+        store._adopt(dup, path, size)
+        return store
+
+    def _adopt(self, fd: int, path: str, size: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._size = size
         self._map: mmap.mmap | None = None
         self._pins = ExitStack()
         self._base = 0
 
+    def _current_size(self) -> int:
+        try:
+            return os.fstat(self._fd).st_size
+        except OSError as err:
+            raise StoreError(f"{self.path}: fstat: {err.strerror}", code=err.errno or 5) from err
+
     def address(self, offset: int, length: int) -> int | None:
-        if offset < 0 or offset + length > self._size:
+        if offset < 0 or offset + length > self._size or self._fd < 0:
+            return None
+        # A mapped page past the file's current end would SIGBUS the copy: fall back to
+        # read_into, which raises. (A truncation between this check and the copy kills the
+        # handler instead; its restart comes back here and sees the new size.)
+        current = self._current_size()
+        if current < offset + length:
             return None
         if self._map is None:
-            self._map = mmap.mmap(self._fd, self._size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            # The recorded size, or less if the file shrank (mmap refuses more than it holds).
+            try:
+                self._map = mmap.mmap(
+                    self._fd, min(self._size, current), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ
+                )
+            except (OSError, ValueError):
+                return None
             self._base, _ = self._pins.enter_context(pinned(self._map))
+        if offset + length > len(self._map):
+            return None
         # Map the source pages with one call, rather than one fault per 64 KiB during the copy.
         page = mmap.PAGESIZE
         start = offset - offset % page
         with suppress(OSError):  # MADV_POPULATE_READ is Linux 5.14+; without it, faults do
-            self._map.madvise(_MADV_POPULATE_READ, start, min(self._size - start, length + page))
+            populate = min(len(self._map) - start, length + page)
+            self._map.madvise(_MADV_POPULATE_READ, start, populate)
         return self._base + offset
 
     @property
@@ -61,20 +121,33 @@ class FileStore(Store):
         return self._size
 
     def read_into(self, offset: int, buffer: memoryview) -> int:
+        want = self.clamp(offset, len(buffer))
+        if self._fd < 0:
+            raise StoreError(f"{self.path}: the store is closed", code=errno.EBADF)
         done = 0
-        while done < len(buffer):
+        while done < want:
             try:
-                got = os.preadv(self._fd, [buffer[done:]], offset + done)
+                got = os.preadv(self._fd, [buffer[done:want]], offset + done)
             except OSError as err:
                 raise StoreError(f"{self.path}: reading at {offset + done}: {err.strerror}",
                                  code=err.errno or 5) from err  # fmt: skip
             if got == 0:
-                break  # end of file
+                raise StoreError(
+                    f"{self.path}: reading at {offset + done}: the file ends there now"
+                    f" ({self._current_size()} bytes), it was {self._size} bytes when opened",
+                    code=errno.ESTALE,
+                )
             done += got
         return done
 
     def reopen(self) -> FileStore:
-        return FileStore(self.path)  # a mapping of its own in the handler process
+        """A store over the same open file (a duplicate descriptor, with a mapping of its own),
+        not over whatever the path names now."""
+        if self._fd < 0:
+            raise StoreError(f"{self.path}: the store is closed", code=errno.EBADF)
+        store = FileStore.__new__(FileStore)
+        store._adopt(os.dup(self._fd), self.path, self._size)
+        return store
 
     def close(self) -> None:
         self._pins.close()

@@ -206,10 +206,8 @@ class ZstdStore(Store):
         return len(self._layout.digests)
 
     def read_into(self, offset: int, buffer: memoryview) -> int:
-        if offset < 0:
-            raise StoreError(f"offset {offset} is negative")
-        end = min(offset + len(buffer), self.size)
-        if end <= offset:
+        end = offset + self.clamp(offset, len(buffer))
+        if end == offset:
             return 0
         step = self.chunk_size
         first, last = offset // step, (end - 1) // step
@@ -278,7 +276,9 @@ class ZstdStore(Store):
         return self
 
     def reopen(self) -> ZstdStore:
-        # The layout is immutable and shared; only the transport needs a fresh handle.
+        # The layout is immutable and shared; only the transport needs a fresh handle, and the
+        # raw store's reopen() pins it to the bytes this store opened (or raises StoreError).
+        # Should those bytes change anyway, every chunk is checked against its hash.
         store = ZstdStore.__new__(ZstdStore)
         store._init(self._raw.reopen(), self._layout, self._cache_chunks)
         return store
