@@ -15,7 +15,7 @@ from userfaultfd import model
 
 
 def _best(
-    scenario: str, preset: str, reduction: bool, repeat: int, fab: int
+    scenario: str, preset: str, reduction: str, repeat: int, fab: int
 ) -> tuple[float, model.Result]:
     best = float("inf")
     result = None
@@ -47,8 +47,8 @@ def main() -> None:
     total = 0.0
     for preset in model.PRESETS:
         for scenario in model.SCENARIOS:
-            t_on, on = _best(scenario, preset, True, args.repeat, args.fault_around_bytes)
-            _, off = _best(scenario, preset, False, args.repeat, args.fault_around_bytes)
+            t_on, on = _best(scenario, preset, "sleep", args.repeat, args.fault_around_bytes)
+            _, off = _best(scenario, preset, "none", args.repeat, args.fault_around_bytes)
             total += t_on
             saved = 1 - on.transitions / off.transitions if off.transitions else 0.0
             rows.append(

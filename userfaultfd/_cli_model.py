@@ -24,13 +24,15 @@ def add_model_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p = sub.add_parser("run", help="explore one scenario under one kernel preset")
     p.add_argument("scenario", metavar="SCENARIO")
     _kernel_options(p)
+    _reduction_options(p)
     p.add_argument(
-        "--no-reduction", action="store_true", help="explore without sleep-set reduction"
+        "--no-reduction", action="store_true", help="plain DFS (same as --reduction none)"
     )
     p.set_defaults(func=_run)
 
     p = sub.add_parser("table", help="every preset against every scenario")
     p.add_argument("--fault-around-bytes", type=int, default=65536, metavar="N")
+    _reduction_options(p)
     p.set_defaults(func=_table)
 
     p = sub.add_parser("replay", help="replay a schedule a violation printed")
@@ -43,6 +45,15 @@ def add_model_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 def _kernel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", default="upstream", metavar="PRESET", help="default: upstream")
     p.add_argument("--fault-around-bytes", type=int, default=65536, metavar="N")
+
+
+def _reduction_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reduction",
+        choices=model.REDUCTIONS,
+        default="persistent",
+        help="persistent sets (default; fewer states), sleep sets (fewer transitions) or none",
+    )
 
 
 def _usage_error(err: Exception) -> int:
@@ -61,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
             args.scenario,
             args.kernel,
             fault_around_bytes=args.fault_around_bytes,
-            reduction=not args.no_reduction,
+            reduction="none" if args.no_reduction else args.reduction,
         )
     except (model.UnknownNameError, ValueError) as err:
         return _usage_error(err)
@@ -71,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _table(args: argparse.Namespace) -> int:
     try:
-        rows = model.table(fault_around_bytes=args.fault_around_bytes)
+        rows = model.table(fault_around_bytes=args.fault_around_bytes, reduction=args.reduction)
     except ValueError as err:
         return _usage_error(err)
     print(report.render_table(rows))

@@ -34,10 +34,21 @@ def test_run_prints_the_trace_and_exits_0_on_a_violation(
     assert "uffd model replay wp-punch-hole --kernel pre-patch 'punch*2 read*2 write*3'" in out
 
 
-def test_run_without_reduction(capsys: pytest.CaptureFixture[str]) -> None:
-    assert _main(["model", "run", "wp-punch-hole", "--no-reduction"]) == 0
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--no-reduction"], "reduction off"),
+        (["--reduction", "none"], "reduction off"),
+        (["--reduction", "sleep"], "reduction: sleep sets"),
+        ([], "reduction: persistent sets"),
+    ],
+)
+def test_run_with_each_reduction(
+    flags: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _main(["model", "run", "wp-punch-hole", *flags]) == 0
     out = capsys.readouterr().out
-    assert "reduction off" in out
+    assert says in out
     assert "no violation: no untracked write in any reachable state" in out
 
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from userfaultfd._flags import Mode
-from userfaultfd.model import PRESETS, SCENARIOS, ScheduleError, explore, replay
+from userfaultfd.model import PRESETS, REDUCTIONS, SCENARIOS, ScheduleError, explore, replay
 
 # Tests may write verdicts down; the library may not.
 HISTORY = {
@@ -43,17 +43,41 @@ def test_verdict(preset: str, scenario: str) -> None:
 
 
 @pytest.mark.parametrize(("preset", "scenario"), sorted(HISTORY))
-def test_reduction_keeps_verdicts_and_states_and_saves_transitions(
+def test_sleep_sets_keep_verdicts_and_states_and_save_transitions(
     preset: str, scenario: str
 ) -> None:
-    on = explore(scenario, preset, reduction=True)
-    off = explore(scenario, preset, reduction=False)
+    on = explore(scenario, preset, reduction="sleep")
+    off = explore(scenario, preset, reduction="none")
     assert (on.violation is None) == (off.violation is None)
     if on.violation is None:
         assert on.states == off.states  # sleep sets prune transitions, never states
         assert on.runs == off.runs
         assert on.faults == off.faults
         assert on.transitions < off.transitions
+
+
+@pytest.mark.parametrize(("preset", "scenario"), sorted(HISTORY))
+def test_persistent_sets_keep_verdicts_and_every_end_state_and_cut_states(
+    preset: str, scenario: str
+) -> None:
+    on = explore(scenario, preset, reduction="persistent")
+    off = explore(scenario, preset, reduction="none")
+    assert (on.violation is not None and off.violation is not None) or on.violation == off.violation
+    if off.violation is not None:
+        assert on.violation is not None and on.violation.invariant == off.violation.invariant
+        assert on.states <= off.states
+    else:
+        # Persistent sets keep every terminal state, so complete runs and faults agree too.
+        assert (on.runs, on.faults, on.stuck) == (off.runs, off.faults, off.stuck)
+        assert on.states < off.states
+
+
+def test_persistent_sets_cut_the_seed_scenario_at_least_fivefold() -> None:
+    for preset in ("seed", "upstream"):
+        on = explore("wp-punch-hole", preset, reduction="persistent")
+        off = explore("wp-punch-hole", preset, reduction="none")
+        assert on.violation is None and off.violation is None
+        assert 5 * on.states < off.states
 
 
 def test_seed_takes_more_faults_where_the_cache_was_filled_elsewhere() -> None:
@@ -73,14 +97,20 @@ def test_seed_takes_more_faults_where_the_cache_was_filled_elsewhere() -> None:
         ("pre-patch", {"pte_markers": True}, "wp-punch-hole"),
     ],
 )
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_flipping_one_switch_flips_the_verdict(
-    preset: str, switch: dict[str, object], scenario: str
+    preset: str, switch: dict[str, object], scenario: str, reduction: str
 ) -> None:
     base = PRESETS[preset]
     flipped = replace(base, name=f"{preset}*", **switch)  # type: ignore[arg-type]
-    assert (explore(scenario, base).violation is None) != (
-        explore(scenario, flipped).violation is None
-    )
+    before = explore(scenario, base, reduction=reduction).violation
+    after = explore(scenario, flipped, reduction=reduction).violation
+    assert (before is None) != (after is None)
+    # and each reduction finds what plain DFS finds
+    plain = explore(scenario, flipped, reduction="none").violation
+    assert (after is None) == (plain is None)
+    if after is not None and plain is not None:
+        assert after.invariant == plain.invariant
 
 
 def test_upstream_keeps_its_verdicts_without_markers_thanks_to_the_exclusion() -> None:
@@ -89,9 +119,11 @@ def test_upstream_keeps_its_verdicts_without_markers_thanks_to_the_exclusion() -
     assert explore("wp-punch-hole", no_markers).violation is None
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("scenario", ["wp-punch-hole", "minor-fault-around"])
-def test_no_fault_around_no_violation(scenario: str) -> None:
-    assert explore(scenario, "pre-patch", fault_around_bytes=4096).violation is None
+def test_no_fault_around_no_violation(scenario: str, reduction: str) -> None:
+    found = explore(scenario, "pre-patch", fault_around_bytes=4096, reduction=reduction)
+    assert found.violation is None
 
 
 def test_counterexample_shows_the_write_landing_on_the_doomed_page() -> None:
@@ -139,7 +171,9 @@ def test_a_harmless_schedule_replays_without_violation() -> None:
     assert run.complete
 
 
-def test_exploring_is_deterministic() -> None:
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_exploring_is_deterministic(reduction: str) -> None:
     for preset in PRESETS:
         for scenario in SCENARIOS:
-            assert explore(scenario, preset) == explore(scenario, preset)
+            first = explore(scenario, preset, reduction=reduction)
+            assert first == explore(scenario, preset, reduction=reduction)

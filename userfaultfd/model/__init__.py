@@ -13,6 +13,7 @@ domain-free explorer (:mod:`.engine`) search every interleaving under each kerne
     'untracked write'
 """
 
+from .engine import REDUCTIONS as REDUCTIONS
 from .engine import ScheduleError as ScheduleError
 from .explorer import Replay as Replay
 from .explorer import Result as Result
@@ -50,6 +51,7 @@ __all__ = [
     "PAGE_SIZE",
     "PRESETS",
     "PTRS_PER_PTE",
+    "REDUCTIONS",
     "SCENARIOS",
     "File",
     "Frame",

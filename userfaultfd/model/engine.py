@@ -20,16 +20,18 @@ thread moved at each step) is shrunk greedily by replay and then is a string one
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 __all__ = [
+    "REDUCTIONS",
     "Breach",
     "Counterexample",
     "Exploration",
+    "Footprint",
     "Move",
+    "Reducible",
     "Replayed",
     "ScheduleError",
     "System",
@@ -86,6 +88,35 @@ class System(Protocol[S, L]):
 
 
 @dataclass(frozen=True, slots=True)
+class Footprint:
+    """Objects read and written, in the vocabulary a system uses to speak of futures."""
+
+    reads: frozenset[Hashable]
+    writes: frozenset[Hashable]
+
+
+@runtime_checkable
+class Reducible(System[S, L], Protocol[S, L]):
+    """What persistent-set reduction needs on top of a System.
+
+    ``future(state, thread, frozen)`` over-approximates what ``thread`` may touch in any number
+    of its own steps from ``state`` while the threads in ``frozen`` do not move (None: cannot
+    tell); ``abstract(move)`` is the move's footprint in the same vocabulary; ``visible(move)``
+    says whether the move may change the value of the invariant; ``enablers(state, thread)``,
+    for a thread that cannot move, names every thread whose step could let it (and ``future``
+    must then be empty while those are frozen), None if it can move.
+    """
+
+    def abstract(self, move: Move[S, L]) -> Footprint: ...
+
+    def future(self, state: S, thread: str, frozen: frozenset[str]) -> Footprint | None: ...
+
+    def visible(self, move: Move[S, L]) -> bool: ...
+
+    def enablers(self, state: S, thread: str) -> frozenset[str] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
 class Counterexample(Generic[L_co]):
     """A schedule that breaks the invariant; ``aftermath`` runs on from there, for the story."""
 
@@ -132,17 +163,119 @@ def _independent(a: Move[S, L], b: Move[S, L]) -> bool:
     )
 
 
-def explore(system: System[S, L], *, reduction: bool = True) -> Exploration[L]:
-    """Visit every reachable state (in a fixed order) until one breaks the invariant."""
+def _conflicts(step: Footprint, future: Footprint) -> bool:
+    return not (
+        step.writes.isdisjoint(future.reads)
+        and step.writes.isdisjoint(future.writes)
+        and step.reads.isdisjoint(future.writes)
+    )
+
+
+def _persistent(
+    system: Reducible[S, L],
+    state: S,
+    moves: list[tuple[str, Move[S, L]]],
+    threads: Sequence[str],
+    on_stack: set[Hashable],
+) -> list[tuple[str, Move[S, L]]]:
+    """The smallest persistent subset of ``moves`` (all of them if none is smaller).
+
+    A set P of enabled threads is persistent when no thread outside P can, in any number of
+    its own future steps taken while P's threads stay put, touch what P's next steps touch: then
+    every path that avoids P's steps commutes with them. P grows from one thread by adding each
+    enabled thread whose future conflicts with it, and fails on a disabled one. A visible step
+    (one that can change the invariant) or a step back onto the search stack (the cycle
+    proviso) forces the full set.
+    """
+    if len(moves) <= 1:
+        return moves
+    enabled = dict(moves)
+    steps = {t: system.abstract(m) for t, m in moves}
+    visible = {t for t, m in moves if system.visible(m)}
+    best: list[str] | None = None
+    for p in enabled:
+        if p in visible:
+            continue
+        members = [p]
+        ok = True
+        grown = True
+        while ok and grown:
+            grown = False
+            frozen = frozenset(members)
+            for q in threads:
+                if q in frozen:
+                    continue
+                future = system.future(state, q, frozen)
+                if future is not None and not any(_conflicts(steps[x], future) for x in members):
+                    continue
+                if future is None:
+                    ok = False
+                elif q in enabled:
+                    # q's own next step must come into the set.
+                    members.append(q)
+                else:
+                    # q cannot move yet: take in whoever could let it (then it stays put).
+                    waking = (system.enablers(state, q) or frozenset()) - frozen
+                    members.extend(sorted(waking))
+                    ok = bool(waking) and waking <= enabled.keys()
+                ok = ok and not visible.intersection(members)
+                grown = ok
+                break
+        if ok and len(members) < len(moves) and (best is None or len(members) < len(best)):
+            best = members
+            if len(best) == 1:
+                break
+    if best is None:
+        return moves
+    chosen = [(t, m) for t, m in moves if t in best]
+    if any(system.key(m.state) in on_stack for _, m in chosen):
+        return moves
+    return chosen
+
+
+@dataclass(slots=True)
+class _Frame(Generic[S, L]):
+    """One state on the explicit search stack: what is left to try from it."""
+
+    key: Hashable
+    todo: list[tuple[str, Move[S, L]]]
+    sleep: dict[str, Move[S, L]]
+    done: dict[str, Move[S, L]]
+    #: The move that led here (None at the initial state).
+    entry: tuple[str, Move[S, L]] | None
+    next: int = 0
+
+
+#: The reductions ``explore`` knows: none (plain DFS), sleep sets, persistent sets.
+REDUCTIONS = ("none", "sleep", "persistent")
+
+
+def explore(system: System[S, L], *, reduction: str = "sleep") -> Exploration[L]:
+    """Visit every reachable state (in a fixed order) until one breaks the invariant.
+
+    ``reduction`` is ``"none"`` (every enabled thread from every state), ``"sleep"`` (sleep
+    sets: the same states, fewer transitions) or ``"persistent"`` (persistent sets with the
+    cycle proviso: fewer states; ``system`` must be ``Reducible``).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r} (choose from {', '.join(REDUCTIONS)})")
+    reducible: Reducible[S, L] | None = None
+    if reduction == "persistent":
+        if not isinstance(system, Reducible):
+            raise TypeError("persistent-set reduction needs abstract(), future() and visible()")
+        reducible = system
     threads = tuple(system.threads)
-    # state key -> the sleep set it was last explored with (None: not yet)
+    # state key -> the sleep set it was last explored with (empty unless sleep sets are on)
     visited: dict[Hashable, frozenset[str]] = {}
+    on_stack: set[Hashable] = set()
     path: list[str] = []
+    stack: list[_Frame[S, L]] = []
     states = transitions = runs = stuck = measure = 0
     found: tuple[Breach, S] | None = None
 
-    def visit(state: S, sleep: dict[str, Move[S, L]]) -> bool:
-        nonlocal states, transitions, runs, stuck, measure, found
+    def enter(state: S, sleep: dict[str, Move[S, L]], entry: tuple[str, Move[S, L]] | None) -> bool:
+        """Push ``state`` if it needs exploring; True if it breaks the invariant."""
+        nonlocal states, runs, stuck, measure, found
         key = system.key(state)
         asleep = frozenset(sleep)
         before = visited.get(key)
@@ -155,7 +288,7 @@ def explore(system: System[S, L], *, reduction: bool = True) -> Exploration[L]:
             visited[key] = asleep
             retry: frozenset[str] | None = None
         else:
-            if before <= asleep:
+            if reduction != "sleep" or before <= asleep:
                 return False
             # Explored before with these threads asleep; now some are awake: try just those.
             retry = before - asleep
@@ -165,29 +298,39 @@ def explore(system: System[S, L], *, reduction: bool = True) -> Exploration[L]:
             runs += 1
             stuck += not system.finished(state)
             measure = max(measure, system.measure(state))
-        done: dict[str, Move[S, L]] = {}
-        for t, m in moves:
-            if t in sleep or (retry is not None and t not in retry):
-                continue
-            child: dict[str, Move[S, L]] = {}
-            if reduction:
-                for u, mu in (*sleep.items(), *done.items()):
-                    if _independent(mu, m):
-                        child[u] = mu
-            transitions += 1
-            path.append(t)
-            if visit(m.state, child):
-                return True
-            path.pop()
-            done[t] = m
+        if reducible is not None:
+            on_stack.add(key)
+            moves = _persistent(reducible, state, moves, threads, on_stack)
+        todo = [(t, m) for t, m in moves if t not in sleep and (retry is None or t in retry)]
+        stack.append(_Frame(key, todo, sleep, {}, entry))
         return False
 
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, 10_000))
-    try:
-        visit(system.initial(), {})
-    finally:
-        sys.setrecursionlimit(limit)
+    if enter(system.initial(), {}, None):
+        stack.clear()
+    while stack:
+        frame = stack[-1]
+        if frame.next == len(frame.todo):
+            stack.pop()
+            on_stack.discard(frame.key)
+            if frame.entry is not None:
+                path.pop()
+                stack[-1].done[frame.entry[0]] = frame.entry[1]
+            continue
+        t, m = frame.todo[frame.next]
+        frame.next += 1
+        child: dict[str, Move[S, L]] = {}
+        if reduction == "sleep":
+            for u, mu in (*frame.sleep.items(), *frame.done.items()):
+                if _independent(mu, m):
+                    child[u] = mu
+        transitions += 1
+        path.append(t)
+        depth = len(stack)
+        if enter(m.state, child, (t, m)):
+            break
+        if len(stack) == depth:  # not pushed: visited before
+            path.pop()
+            frame.done[t] = m
     counterexample = None
     if found is not None:
         breach, state = found

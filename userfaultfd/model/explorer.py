@@ -57,7 +57,8 @@ class Result:
     invariant: str
     kernel: Preset
     fault_around_bytes: int
-    reduction: bool
+    #: The reduction explored with: "none", "sleep" or "persistent" (engine.REDUCTIONS).
+    reduction: str
     violation: Violation | None
     states: int
     transitions: int
@@ -115,6 +116,19 @@ class _System:
     def key(self, state: World) -> Hashable:
         return state.key()
 
+    def abstract(self, move: engine.Move[World, Label]) -> engine.Footprint:
+        k, w = self.kernel, move.state
+        return engine.Footprint(k.abstract(w, move.reads), k.abstract(w, move.writes))
+
+    def future(self, state: World, thread: str, frozen: frozenset[str]) -> engine.Footprint:
+        return engine.Footprint(*self.kernel.future(state, thread, frozen))
+
+    def enablers(self, state: World, thread: str) -> frozenset[str] | None:
+        return self.kernel.enablers(state, thread)
+
+    def visible(self, move: engine.Move[World, Label]) -> bool:
+        return any(self.scenario.watches(self.kernel, obj) for obj in move.writes)
+
     def check(self, state: World) -> engine.Breach | None:
         message = self.scenario.check(self.kernel, state)
         return None if message is None else engine.Breach(self.scenario.invariant, message)
@@ -146,7 +160,7 @@ def explore(
     kernel: Preset | str = "upstream",
     *,
     fault_around_bytes: int = 65536,
-    reduction: bool = True,
+    reduction: str = "persistent",
 ) -> Result:
     """Explore every interleaving of ``scenario``'s threads under ``kernel``."""
     scen = get_scenario(scenario)
@@ -200,7 +214,9 @@ def replay(
     return Replay(scen.name, preset, text, trace, violation, run.terminal)
 
 
-def table(*, fault_around_bytes: int = 65536, reduction: bool = True) -> tuple[TableRow, ...]:
+def table(
+    *, fault_around_bytes: int = 65536, reduction: str = "persistent"
+) -> tuple[TableRow, ...]:
     """Every preset against every scenario, timed."""
     rows = []
     for preset in PRESETS.values():

@@ -45,7 +45,7 @@ end the same way); EVENT_REMOVE is not modelled (fallocate() does not send it).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, replace
 
 from .._flags import Mode
@@ -424,6 +424,185 @@ class Kernel:
     def faults(world: World) -> int:
         return sum(t.faults for t in world.threads.values())
 
+    # -- what a thread may touch: for the explorer's persistent sets -----------------------------
+    def abstract(self, world: World, objects: Iterable[Hashable]) -> frozenset[Hashable]:
+        """A footprint in the vocabulary of ``future``: a frame becomes its file page
+        (``("page", index)``), since which frame a future step meets is not known yet."""
+        out: set[Hashable] = set()
+        for obj in objects:
+            assert isinstance(obj, tuple)
+            if obj[0] in ("frame", "data"):
+                out.add(("page", world.frames[obj[1]].index))
+            else:
+                out.add(obj)
+        return frozenset(out)
+
+    def future(
+        self, world: World, name: str, frozen: frozenset[str]
+    ) -> tuple[frozenset[Hashable], frozenset[Hashable]]:
+        """(reads, writes) that thread ``name`` may touch in any number of its own steps from
+        ``world``, while the threads in ``frozen`` stay where they are (in ``abstract``'s terms).
+
+        It is built from the thread's remaining program, not from the World, except for what
+        only the present can say: which threads are asleep (only those can be woken by someone
+        else: an awake thread in ``frozen`` stays awake), the messages already queued, and who
+        could still queue one. A thread asleep whose every waker is frozen takes no step at all.
+        """
+        ts = world.threads[name]
+        program = self.programs[name]
+        empty: frozenset[Hashable] = frozenset()
+        stalled = self.enablers(world, name)
+        if stalled is not None and stalled <= frozen:
+            return empty, empty
+        reads: set[Hashable] = set()
+        writes: set[Hashable] = {("thread", name)}
+        for op in program[ts.op :]:
+            if isinstance(op, Read | Write):
+                self._access_future(op, reads, writes)
+            elif isinstance(op, Punch):
+                self._punch_future(world, op, ts if op is program[ts.op] else None, writes)
+            else:
+                writes.update(
+                    (("uffd",), ("log", "notified"), ("log", "resolved"), ("log", "saved"))
+                )
+                pages = {(e.vma, e.index) for e in world.queue}
+                if ts.event is not None:
+                    pages.add((ts.event.vma, ts.event.index))
+                for t, prog in self.programs.items():
+                    if t in frozen or t == name:
+                        continue
+                    for later in prog[world.threads[t].op :]:
+                        if isinstance(later, Read | Write) and self._may_userfault(later):
+                            pages.add((later.vma, later.index))
+                for vid, i in pages:
+                    v = self.vmas[vid]
+                    fi = v.pgoff + i
+                    writes.update(
+                        (
+                            ("pte", vid, i),
+                            ("cache", v.file, fi),
+                            ("page", fi),
+                            ("alloc",),
+                            ("waiters", vid, i),
+                        )
+                    )
+                writes.update(
+                    ("thread", t) for t, s in world.threads.items() if s.pc == "userfault"
+                )
+        reads |= writes
+        return frozenset(reads), frozenset(writes)
+
+    def enablers(self, world: World, name: str) -> frozenset[str] | None:
+        """If thread ``name`` cannot move in ``world``, every thread whose step could let it
+        (empty: it never moves again); None if it can move now.
+
+        Only a server wakes a userfault, only a punch of the file wakes shmem_falloc_wait,
+        only the holder unlocks a page, and only a fault queues a message for an idle server.
+        """
+        ts = world.threads[name]
+        program = self.programs[name]
+        if ts.op >= len(program):
+            return frozenset()
+        op = program[ts.op]
+        if ts.pc == "userfault":
+            return frozenset(
+                t for t, p in self.programs.items() if any(isinstance(o, Serve) for o in p)
+            )
+        if ts.pc == "falloc_wait":
+            assert isinstance(op, Read | Write)
+            file = self.vmas[op.vma].file
+            return frozenset(
+                t
+                for t, p in self.programs.items()
+                if any(isinstance(o, Punch) and o.file == file for o in p)
+            )
+        holder = self._lock_wait(world, name, ts, op)
+        if holder is not None:
+            return frozenset({holder}) & set(self.programs) - {name}
+        if isinstance(op, Serve) and ts.event is None and not world.queue:
+            return frozenset(
+                t
+                for t, p in self.programs.items()
+                if any(
+                    isinstance(o, Read | Write) and self._may_userfault(o)
+                    for o in p[world.threads[t].op :]
+                )
+            )
+        return None
+
+    def _lock_wait(self, world: World, name: str, ts: ThreadState, op: Op) -> str | None:
+        """The holder of the page lock ``name`` waits for, if it waits for one."""
+        frame: Frame | None = None
+        if ts.pc == "lock_page" and ts.page is not None:
+            frame = world.frames[ts.page]
+        elif ts.pc == "truncate" and isinstance(op, Punch):
+            for fi in range(ts.cursor, op.start + op.pages):
+                fid = world.cache.get((op.file, fi))
+                if fid is not None:
+                    frame = world.frames[fid]
+                    break
+        elif ts.pc == "continue" and ts.event is not None:
+            v = self.vmas[ts.event.vma]
+            fid = world.cache.get((v.file, v.pgoff + ts.event.index))
+            frame = None if fid is None else world.frames[fid]
+        if frame is None or frame.locked is None or frame.locked == name:
+            return None
+        return frame.locked
+
+    def _punch_future(
+        self, world: World, op: Punch, ts: ThreadState | None, writes: set[Hashable]
+    ) -> None:
+        # ts: where the punch is, if it is the op under way (its done steps touch nothing more).
+        pc = "access" if ts is None else ts.pc
+        end = op.start + op.pages
+        victims = [
+            v
+            for v in self.vmas
+            if v.file == op.file and v.pgoff < end and op.start < v.pgoff + v.pages
+        ]
+        writes.update((("inode", op.file), ("fwait", op.file)))
+        writes.update(("falloc", op.file, fi) for fi in range(op.start, end))
+        writes.update(("thread", t) for t, s in world.threads.items() if s.pc == "falloc_wait")
+        if pc == "end":
+            return
+        first = ts.cursor if ts is not None and pc in ("truncate", "remove") else op.start
+        for fi in range(first, end):
+            writes.update((("cache", op.file, fi), ("page", fi)))
+        unmapping = victims[ts.cursor :] if ts is not None and pc == "unmap" else victims
+        for v in victims:
+            lo = op.start if v in unmapping and pc in ("access", "unmap") else first
+            for fi in range(max(lo, v.pgoff), min(end, v.pgoff + v.pages)):
+                writes.add(("pte", v.id, fi - v.pgoff))
+
+    def _punched(self, file: int, index: int) -> bool:
+        """Some thread's program punches file page ``index``."""
+        return any(
+            isinstance(op, Punch) and op.file == file and op.start <= index < op.start + op.pages
+            for p in self.programs.values()
+            for op in p
+        )
+
+    def _may_userfault(self, op: Read | Write) -> bool:
+        register = self.vmas[op.vma].register
+        if isinstance(op, Read):
+            return bool(register & (Mode.MISSING | Mode.MINOR))
+        return bool(register)
+
+    def _access_future(self, op: Read | Write, reads: set[Hashable], writes: set[Hashable]) -> None:
+        v = self.vmas[op.vma]
+        fi = v.pgoff + op.index
+        writes.update((("pte", v.id, op.index), ("cache", v.file, fi), ("page", fi), ("alloc",)))
+        # shmem_fault() reads inode->i_private, and writes it only to sleep on a punch.
+        reads.add(("falloc", v.file, fi))
+        if self._punched(v.file, fi):
+            writes.add(("fwait", v.file))
+        if self._may_userfault(op):
+            writes.update((("uffd",), ("waiters", v.id, op.index)))
+        if isinstance(op, Read) and self.should_fault_around(v):
+            for j in self.fault_around_window(v, op.index):
+                writes.add(("pte", v.id, j))
+                reads.update((("cache", v.file, v.pgoff + j), ("page", v.pgoff + j)))
+
     # -- Read and Write --------------------------------------------------------------------------
     def _access(self, w: World, name: str, ts: ThreadState, op: Read | Write) -> Label | None:
         vma = self.vmas[op.vma]
@@ -515,8 +694,8 @@ class Kernel:
 
     def _shmem_fault(self, w: World, name: str, ts: ThreadState, vma: Vma, i: int) -> Label:
         fi = vma.pgoff + i
-        span = w.punching(vma.file)
-        if span is not None and span[0] <= fi < span[1]:
+        span = w.hole(vma.file, fi)
+        if span is not None:
             w.set_falloc_sleepers(vma.file, w.falloc_sleepers(vma.file) | {name})
             w.set_thread(name, replace(ts, pc="falloc_wait"))
             return Label(
@@ -691,12 +870,11 @@ class Kernel:
             # truncate_cleanup_folio() calls unmap_mapping_folio() only while the folio is
             # still mapped somewhere; then it zaps the folio's PTEs and, at its index, markers
             # too (ZAP_FLAG_DROP_MARKER). A folio the pre-unmap left unmapped keeps every marker.
-            still_mapped = any(isinstance(p, Present) and p.frame == fid for p in w.ptes.values())
-            for vma in victims:
-                vi = fi - vma.pgoff
-                if not 0 <= vi < vma.pages:
-                    continue
-                pte = w.pte(vma.id, vi)
+            # (A PTE mapping the folio is at index fi of a VMA of the file: read those, noted.)
+            around = [(vma, fi - vma.pgoff) for vma in victims if 0 <= fi - vma.pgoff < vma.pages]
+            ptes = [w.pte(vma.id, vi) for vma, vi in around]
+            still_mapped = any(isinstance(p, Present) and p.frame == fid for p in ptes)
+            for (vma, vi), pte in zip(around, ptes, strict=True):
                 if (isinstance(pte, Marker) and still_mapped) or (
                     isinstance(pte, Present) and pte.frame == fid
                 ):

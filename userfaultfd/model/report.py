@@ -18,6 +18,13 @@ __all__ = [
 ]
 
 
+_REDUCTION = {
+    "none": "reduction off",
+    "sleep": "reduction: sleep sets",
+    "persistent": "reduction: persistent sets",
+}
+
+
 def _quote(text: str) -> str:
     return f"'{text}'" if " " in text else text
 
@@ -40,7 +47,7 @@ def render_result(result: Result) -> str:
     head = (
         f"{result.scenario} on {result.kernel.name} "
         f"(fault_around_bytes={result.fault_around_bytes}, "
-        f"reduction {'on' if result.reduction else 'off'})"
+        f"{_REDUCTION[result.reduction]})"
     )
     v = result.violation
     if v is None:

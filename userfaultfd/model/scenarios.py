@@ -5,7 +5,7 @@ No scenario says what its outcome should be: verdicts come only from exploring.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from .._flags import Mode
@@ -29,6 +29,9 @@ class Scenario:
     invariant: str
     build: Callable[[Kernel], None]
     check: Callable[[Kernel, World], str | None]
+    #: Whether writing this footprint object can change what ``check`` says (a visible step:
+    #: persistent sets never postpone one).
+    watches: Callable[[Kernel, Hashable], bool]
 
 
 # -- wp-punch-hole --------------------------------------------------------------------------------
@@ -52,6 +55,13 @@ def _untracked_write(k: Kernel, w: World) -> str | None:
                 f"and now holds {frame.data!r}, but the server got no WP message for it"
             )
     return None
+
+
+def _watches_untracked(k: Kernel, obj: Hashable) -> bool:
+    # The check reads frame contents, the protected frames and the saved ones.
+    return isinstance(obj, tuple) and (
+        obj[0] == "data" or obj in (("log", "saved"), ("log", "protected"))
+    )
 
 
 # -- minor-fault-around ---------------------------------------------------------------------------
@@ -78,6 +88,15 @@ def _unnotified_mapping(k: Kernel, w: World) -> str | None:
     return None
 
 
+def _watches_unnotified(k: Kernel, obj: Hashable) -> bool:
+    # The check reads PTEs of MINOR VMAs and the resolved addresses.
+    if not isinstance(obj, tuple):
+        return False
+    if obj[0] == "pte":
+        return bool(k.vmas[obj[1]].register & Mode.MINOR)
+    return obj == ("log", "resolved")
+
+
 # -- missing-shared-cache -------------------------------------------------------------------------
 def _build_missing_shared_cache(k: Kernel) -> None:
     f = k.shmem_file(8)
@@ -100,6 +119,11 @@ def _silent_missing(k: Kernel, w: World) -> str | None:
     return None
 
 
+def _watches_silent(k: Kernel, obj: Hashable) -> bool:
+    # The check reads the frames that exist: only an allocation adds one.
+    return obj == ("alloc",)
+
+
 #: Every scenario, in a stable order.
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -111,6 +135,7 @@ SCENARIOS: dict[str, Scenario] = {
             "untracked write",
             _build_wp_punch_hole,
             _untracked_write,
+            _watches_untracked,
         ),
         Scenario(
             "minor-fault-around",
@@ -118,6 +143,7 @@ SCENARIOS: dict[str, Scenario] = {
             "unnotified mapping",
             _build_minor_fault_around,
             _unnotified_mapping,
+            _watches_unnotified,
         ),
         Scenario(
             "missing-shared-cache",
@@ -126,6 +152,7 @@ SCENARIOS: dict[str, Scenario] = {
             "silent missing page",
             _build_missing_shared_cache,
             _silent_missing,
+            _watches_silent,
         ),
     )
 }

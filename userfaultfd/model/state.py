@@ -222,6 +222,11 @@ class World:
 
     def set_frame(self, frame: int, value: Frame) -> None:
         self.writes.add(("frame", frame))
+        old = self.frames.get(frame)
+        if old is not None and old.data != value.data:
+            # Nobody reads this tag: it marks a change of contents for invariants that watch
+            # them (a new frame is marked by ("alloc",) instead).
+            self.writes.add(("data", frame))
         self.frames[frame] = value
 
     def new_frame(self, value: Frame) -> int:
@@ -234,22 +239,32 @@ class World:
         return fid
 
     def punching(self, file: int) -> tuple[int, int] | None:
-        self.reads.add(("falloc", file))
+        """inode->i_private as a whole: whether a punch of ``file`` is in progress."""
+        self.reads.add(("inode", file))
         return self.falloc.get(file)
 
+    def hole(self, file: int, index: int) -> tuple[int, int] | None:
+        """The range being punched if it covers file page ``index`` (what shmem_fault asks)."""
+        self.reads.add(("falloc", file, index))
+        span = self.falloc.get(file)
+        return span if span is not None and span[0] <= index < span[1] else None
+
     def set_punching(self, file: int, span: tuple[int, int] | None) -> None:
-        self.writes.add(("falloc", file))
+        self.writes.add(("inode", file))
+        for old_or_new in (self.falloc.get(file), span):
+            if old_or_new is not None:
+                self.writes.update(("falloc", file, i) for i in range(*old_or_new))
         if span is None:
             self.falloc.pop(file, None)
         else:
             self.falloc[file] = span
 
     def falloc_sleepers(self, file: int) -> frozenset[str]:
-        self.reads.add(("falloc", file))
+        self.reads.add(("fwait", file))
         return self.falloc_waiters.get(file, frozenset())
 
     def set_falloc_sleepers(self, file: int, threads: frozenset[str]) -> None:
-        self.writes.add(("falloc", file))
+        self.writes.add(("fwait", file))
         if threads:
             self.falloc_waiters[file] = threads
         else:
