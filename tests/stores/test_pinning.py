@@ -3,14 +3,29 @@ give the original bytes or a StoreError, never the new bytes, a mix, or zeros.""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import mmap
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import fsspec
 import pytest
 
-from userfaultfd.stores import FileStore, Store, StoreError, ZstdStore, pack
+from tests.stores import _servers
+from tests.stores.conftest import S3
+from userfaultfd.stores import (
+    FileStore,
+    FsspecStore,
+    Store,
+    StoreError,
+    ZstdStore,
+    open_store,
+    pack,
+)
+from userfaultfd.stores._fsspec import _http_conditions, _Version
 
 PAGE = mmap.PAGESIZE
 
@@ -171,3 +186,149 @@ def test_pack_rewritten_in_place_fails_never_wrong_bytes(tmp_path: Path) -> None
         with store.reopen() as again, pytest.raises(StoreError, match="pack chunk 1") as caught:
             read(again, PAGE, PAGE)
         assert caught.value.errno in (errno.EIO, errno.ESTALE), str(caught.value)
+
+
+# --- http:// against a real nginx: If-Match on every ranged GET ---------------------------------
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[tuple[_servers.Nginx, Path]]:
+    if not os.path.exists(_servers.NGINX):
+        pytest.skip(f"{_servers.NGINX} is missing (Debian package nginx)")
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "data.bin").write_bytes(OLD)
+    with _servers.nginx(tmp_path / "root", tmp_path / "prefix") as server:
+        yield server, tmp_path / "root" / "data.bin"
+
+
+def replace_and_age(path: Path, data: bytes) -> None:
+    """Replace ``path`` so nginx's ETag (mtime in seconds, size) surely changes."""
+    mtime = path.stat().st_mtime
+    replace_with(path, data)
+    os.utime(path, (mtime + 10, mtime + 10))
+
+
+@pytest.mark.timeout(60)
+def test_http_replaced_file_is_estale_never_the_new_bytes(
+    web: tuple[_servers.Nginx, Path],
+) -> None:
+    server, path = web
+    url = f"{server.url}/data.bin"
+    store = FsspecStore(url, tries=3, backoff=5)  # a retry would take 5 s
+    old_etag = fsspec.filesystem("http", skip_instance_cache=True).info(url)["ETag"]
+    assert read(store, PAGE, PAGE) == OLD[PAGE : 2 * PAGE]
+    replace_and_age(path, NEW)
+    new_etag = fsspec.filesystem("http", skip_instance_cache=True).info(url)["ETag"]
+    assert new_etag != old_etag, "the test did not change nginx's ETag"
+    buffer = bytearray(b"\xa5" * PAGE)
+    started = time.monotonic()
+    with pytest.raises(StoreError) as caught:
+        store.read_into(2 * PAGE, memoryview(buffer))
+    assert time.monotonic() - started < 4, "a 412 was retried"
+    message = str(caught.value)
+    assert caught.value.errno == errno.ESTALE, f"errno {caught.value.errno}: {message}"
+    assert f"changed since it was opened (ETag {old_etag} -> {new_etag})" in message, message
+    assert url in message, message
+    assert buffer == b"\xa5" * PAGE, "bytes of the new file reached the buffer"
+    gets = [row for row in server.requests("data.bin") if row[0] == "GET"]
+    assert [status for _, status, _, _ in gets] == [206, 412], f"requests: {gets}"
+    with pytest.raises(StoreError, match="reopen: the object changed since") as reopened:
+        store.reopen()
+    assert reopened.value.errno == errno.ESTALE
+
+
+@pytest.mark.timeout(60)
+def test_http_reopen_of_an_unchanged_file_reads(web: tuple[_servers.Nginx, Path]) -> None:
+    server, _ = web
+    store = FsspecStore(f"{server.url}/data.bin")
+    with store.reopen() as again:
+        assert read(again, 0, len(OLD)) == OLD, "an unchanged file read wrong"
+    gets = [row for row in server.requests("data.bin") if row[0] == "GET"]
+    assert gets == [("GET", 206, f"bytes=0-{len(OLD) - 1}", len(OLD))], f"requests: {gets}"
+
+
+@pytest.mark.timeout(60)
+def test_http_shrunk_file_is_estale(web: tuple[_servers.Nginx, Path]) -> None:
+    server, path = web
+    store = FsspecStore(f"{server.url}/data.bin")
+    replace_and_age(path, OLD[: 2 * PAGE])
+    with pytest.raises(StoreError, match="changed since it was opened") as caught:
+        store.read_into(0, memoryview(bytearray(PAGE)))  # inside the new file too: still stale
+    assert caught.value.errno == errno.ESTALE, str(caught.value)
+    assert f"size {len(OLD)} -> {2 * PAGE}" in str(caught.value), str(caught.value)
+
+
+@pytest.mark.timeout(60)
+def test_http_replaced_pack_fails_through_the_zstd_store(tmp_path: Path) -> None:
+    if not os.path.exists(_servers.NGINX):
+        pytest.skip(f"{_servers.NGINX} is missing (Debian package nginx)")
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "old").write_bytes(OLD)
+    (tmp_path / "new").write_bytes(NEW)
+    pack(tmp_path / "old", root / "data.pack", chunk_size=PAGE)
+    with _servers.nginx(root, tmp_path / "prefix") as server:
+        store = open_store(f"{server.url}/data.pack")
+        assert isinstance(store, ZstdStore)
+        mtime = (root / "data.pack").stat().st_mtime
+        pack(tmp_path / "new", root / "data.pack", chunk_size=PAGE)
+        os.utime(root / "data.pack", (mtime + 10, mtime + 10))
+        with pytest.raises(StoreError, match=r"pack chunk 2: .*changed since") as caught:
+            store.read_into(2 * PAGE, memoryview(bytearray(PAGE)))
+        assert caught.value.errno == errno.ESTALE, str(caught.value)
+        with pytest.raises(StoreError, match="changed since it was opened"):
+            store.reopen()
+
+
+def test_http_conditions_and_changes() -> None:
+    strong = _Version(10, etag='"abc"', last_modified="Mon, 01 Jan 2024 00:00:00 GMT")
+    assert _http_conditions(strong) == {"If-Match": '"abc"'}
+    weak = dataclasses.replace(strong, etag='W/"abc"')  # If-Match never matches a weak ETag
+    assert _http_conditions(weak) == {"If-Unmodified-Since": "Mon, 01 Jan 2024 00:00:00 GMT"}
+    assert _http_conditions(_Version(10)) == {}, "no identity: only the size can be checked"
+    assert strong.changes(strong) == []
+    assert strong.changes(_Version(11, etag='"def"')) == ['ETag "abc" -> "def"', "size 10 -> 11"]
+    assert strong.changes(None) == ['ETag "abc" -> ?']
+    assert _Version(10).changes(_Version(10, etag='"x"')) == [], "a new ETag alone is no change"
+    assert _Version(10).changes(_Version(9)) == ["size 10 -> 9"]
+
+
+# --- s3:// against moto: IfMatch, or the pinned VersionId --------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_s3_overwritten_object_is_estale(s3: S3) -> None:
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3.options)
+    fs.pipe_file("test/pin-plain.bin", OLD)
+    store = FsspecStore("s3://test/pin-plain.bin", backoff=5, **s3.options)
+    assert read(store, 0, PAGE) == OLD[:PAGE]
+    fs.pipe_file("test/pin-plain.bin", NEW)
+    buffer = bytearray(b"\xa5" * PAGE)
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=r"changed since it was opened \(ETag ") as caught:
+        store.read_into(PAGE, memoryview(buffer))
+    assert time.monotonic() - started < 4, "a 412 was retried"
+    assert caught.value.errno == errno.ESTALE, str(caught.value)
+    assert buffer == b"\xa5" * PAGE, "bytes of the new object reached the buffer"
+    with pytest.raises(StoreError, match="reopen: the object changed") as reopened:
+        store.reopen()
+    assert reopened.value.errno == errno.ESTALE
+
+
+@pytest.mark.timeout(60)
+def test_s3_versioned_bucket_keeps_serving_the_opened_version(s3: S3) -> None:
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3.options)
+    if not fs.exists("pinned-versions"):
+        fs.mkdir("pinned-versions")
+    fs.call_s3(
+        "put_bucket_versioning",
+        Bucket="pinned-versions",
+        VersioningConfiguration={"Status": "Enabled"},
+    )
+    fs.pipe_file("pinned-versions/data.bin", OLD)
+    store = FsspecStore("s3://pinned-versions/data.bin", **s3.options)
+    fs.pipe_file("pinned-versions/data.bin", NEW)
+    assert fs.cat_file("pinned-versions/data.bin") == NEW, "the overwrite did not happen"
+    assert read(store, 0, len(OLD)) == OLD, "the store read the new version"
+    with store.reopen() as again:  # the opened version still exists: nothing is stale
+        assert read(again, PAGE, PAGE) == OLD[PAGE : 2 * PAGE], "reopen() read the new version"

@@ -15,10 +15,25 @@ a cut link costs at most about ``tries x timeout`` plus the backoff, never a han
 own retries are turned off where they are options (botocore's, s3fs's), else they multiply.
 Credentials: a refusal (HTTP 401/403, S3's key and signature errors) is EACCES at once; asking
 again with the same keys cannot succeed.
+
+Versions: a store is pinned to the version of the object it opened, because a restarted handler
+reopens it later and a page of the new version next to a page of the old is silent corruption.
+At open the store records the identity ``info()`` gives: for HTTP the ETag (or, without one,
+Last-Modified), for S3 the VersionId when the bucket is versioned, and the ETag, and always the
+size. Every ranged GET carries it as a precondition: HTTP ``If-Match: <etag>`` (a weak ETag
+cannot match, so then ``If-Unmodified-Since: <last-modified>``), S3 ``VersionId`` (the old
+version keeps being served after an overwrite; reading by version needs s3:GetObjectVersion)
+and ``IfMatch``. A server answers 412 Precondition Failed once the object changed: that is
+StoreError ESTALE at once, never retried. :meth:`FsspecStore.reopen` asks for the identity again
+(one HEAD) and raises ESTALE if it changed. A server that sends neither ETag nor Last-Modified
+leaves only the size to check, and one that ignores the preconditions only reopen()'s check.
+nginx's ETag is the file's mtime (in seconds) and size: a same-size rewrite within the same
+second of the original keeps the ETag.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import ssl
@@ -28,6 +43,7 @@ from collections.abc import Callable
 from typing import Any, Self, TypeVar
 
 import fsspec
+import fsspec.asyn
 import fsspec.core
 import fsspec.utils
 
@@ -86,6 +102,98 @@ def _refusal(err: BaseException) -> str | None:
 
 
 _S3 = ("s3", "s3a")
+_HTTP = ("http", "https")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Version:
+    """What identifies the version of an object a store opened; None where the server says
+    nothing."""
+
+    size: int
+    etag: str | None = None
+    last_modified: str | None = None  # compared only when there is no ETag
+    version_id: str | None = None
+
+    def changes(self, now: _Version | None) -> list[str]:
+        """How ``now`` differs from this version (``["ETag "a" -> "b""]``); [] when it is
+        the same. ``now`` None: unknown, every recorded field is reported as changed to ``?``."""
+        fields = [("VersionId", self.version_id, now and now.version_id),
+                  ("ETag", self.etag, now and now.etag)]  # fmt: skip
+        if self.etag is None:
+            fields.append(("Last-Modified", self.last_modified, now and now.last_modified))
+        out = []
+        for label, old, new in fields:
+            if old is not None and old != new:
+                out.append(f"{label} {old} -> {'?' if now is None else new or '(none)'}")
+        if now is not None and now.size != self.size:
+            out.append(f"size {self.size} -> {now.size}")
+        if now is None and not out:
+            out.append(f"size {self.size} -> ?")
+        return out
+
+
+def _version_of(protocol: str, info: dict[str, Any], size: int) -> _Version:
+    """The identity in fsspec's ``info()`` of an HTTP or S3 object; the size only elsewhere."""
+
+    def text(key: str) -> str | None:
+        value = info.get(key)
+        return value if isinstance(value, str) and value else None
+
+    if protocol in _HTTP:
+        return _Version(size, etag=text("ETag"), last_modified=text("Last-Modified"))
+    if protocol in _S3:
+        return _Version(size, etag=text("ETag"), version_id=text("VersionId"))
+    return _Version(size)
+
+
+def _http_conditions(version: _Version) -> dict[str, str]:
+    """Request headers that make an HTTP server refuse (412) any other version."""
+    if version.etag is not None and not version.etag.startswith("W/"):
+        return {"If-Match": version.etag}  # If-Match compares strongly: a weak ETag never matches
+    if version.last_modified is not None:
+        return {"If-Unmodified-Since": version.last_modified}
+    return {}
+
+
+def _s3_pin(version: _Version) -> dict[str, str]:
+    """GetObject / HeadObject parameters that select ``version`` or fail with 412."""
+    pin = {}
+    if version.version_id is not None:
+        pin["VersionId"] = version.version_id
+    if version.etag is not None:
+        pin["IfMatch"] = version.etag
+    return pin
+
+
+async def _s3_range(fs: Any, path: str, start: int, end: int, pin: dict[str, str]) -> bytes:
+    """Bytes [start, end) of the pinned version (s3fs's cat_file cannot pass IfMatch)."""
+    bucket, key, _ = fs.split_path(path)
+    response = await fs._call_s3(
+        "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **pin
+    )
+    body = response["Body"]
+    try:
+        data: bytes = await body.read()
+    finally:
+        body.close()
+    return data
+
+
+def _precondition_failed(err: BaseException) -> bool:
+    """Whether the server answered 412 Precondition Failed (the object changed)."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if getattr(cause, "status", None) == 412 and hasattr(cause, "request_info"):
+            return True
+        response = getattr(cause, "response", None)
+        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+        if code in ("PreconditionFailed", "412"):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _unwrapped(err: Exception) -> Exception:
@@ -142,7 +250,9 @@ class FsspecStore(Store):
     and so on between tries; then :class:`StoreError` names the URL and the last cause. Each
     HTTP or S3 request is given up after ``timeout`` seconds (unless ``client_kwargs["timeout"]``
     or ``config_kwargs`` say otherwise). Refused credentials are a StoreError with errno EACCES,
-    not retried. The size is read once, at construction.
+    not retried. The size and the version are read once, at construction, and the store is
+    pinned to that version (see the module docstring): a read or a :meth:`reopen` after the
+    object changed raises StoreError with errno ESTALE.
     """
 
     def __init__(
@@ -162,8 +272,11 @@ class FsspecStore(Store):
         self._tries = tries
         self._backoff = backoff
         self._options = _with_timeouts(url, timeout, storage_options)
+        self._protocol = fsspec.utils.get_protocol(url)
+        self._version = _Version(0)
         self._connect()
-        self._size: int = self._call("size", self._size_of)
+        self._version = self._call("size", self._info)
+        self._set_conditions()
 
     def _connect(self) -> None:
         try:
@@ -175,31 +288,58 @@ class FsspecStore(Store):
             )
         except (ImportError, ValueError) as err:
             raise StoreError(f"{self.url}: {err}", code=errno.EINVAL) from err
-        if fsspec.utils.get_protocol(self.url) in _S3:
+        if self._protocol in _S3:
             self._fs.retries = 1  # s3fs's own loop would try 5 times inside each of ours
         _MADE[id(self._fs)] = self._fs
 
-    def _size_of(self) -> int:
-        size = self._fs.size(self._path)
+    def _info(self) -> _Version:
+        """The object's size and identity, asked of the server now."""
+        info = self._fs.info(self._path)
+        size = info.get("size")
         if not isinstance(size, int):
             raise StoreError(f"{self.url}: the server does not say how large it is")
-        return size
+        return _version_of(self._protocol, info, size)
+
+    def _current(self) -> _Version:
+        """The identity now, of the pinned version where S3 can name it (one HEAD)."""
+        if self._protocol not in _S3:
+            return self._info()
+        bucket, key, _ = self._fs.split_path(self._path)
+        pin = {"VersionId": self._version.version_id} if self._version.version_id else {}
+        head = self._fs.call_s3("head_object", Bucket=bucket, Key=key, **pin)
+        return _version_of(
+            self._protocol,
+            {"ETag": head.get("ETag"), "VersionId": head.get("VersionId")},
+            int(head.get("ContentLength", -1)),
+        )
+
+    def _set_conditions(self) -> None:
+        """The keyword arguments of every ranged read: the version's preconditions."""
+        self._read_kwargs: dict[str, Any] = {}
+        if self._protocol in _HTTP:
+            conditions = _http_conditions(self._version)
+            if conditions:  # cat_file's headers replace the session's: keep those too
+                headers = dict(self._fs.kwargs.get("headers") or {})
+                self._read_kwargs["headers"] = {**headers, **conditions}
+
+    def _stale(self, what: str, now: _Version | None) -> StoreError:
+        changes = ", ".join(self._version.changes(now))
+        return StoreError(
+            f"{self.url}: {what}: the object changed since it was opened ({changes})",
+            code=errno.ESTALE,
+        )
 
     @property
     def size(self) -> int:
-        return self._size
+        return self._version.size
 
     def read_into(self, offset: int, buffer: memoryview) -> int:
-        if offset < 0:
-            raise StoreError(f"offset {offset} is negative")
-        end = min(offset + len(buffer), self._size)
-        if end <= offset:
+        end = offset + self.clamp(offset, len(buffer))
+        if end == offset:
             return 0
         if self._fs is None:
             raise StoreError(f"{self.url}: the store is closed", code=errno.EBADF)
-        data = self._call(
-            f"bytes {offset}..{end}", lambda: self._fs.cat_file(self._path, start=offset, end=end)
-        )
+        data = self._call(f"bytes {offset}..{end}", lambda: self._fetch(offset, end))
         if len(data) != end - offset:
             # A server that ignores Range sends the whole object; a changed object, fewer bytes.
             raise StoreError(
@@ -208,6 +348,17 @@ class FsspecStore(Store):
             )
         buffer[: end - offset] = data
         return end - offset
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the pinned version, in one request."""
+        if self._protocol in _S3:
+            pin = _s3_pin(self._version)
+            data: bytes = fsspec.asyn.sync(
+                self._fs.loop, _s3_range, self._fs, self._path, start, end, pin
+            )
+            return data
+        data = self._fs.cat_file(self._path, start=start, end=end, **self._read_kwargs)
+        return data
 
     def _call(self, what: str, fn: Callable[[], _T]) -> _T:
         """``fn()`` with bounded retries; failures become StoreError naming the URL and cause."""
@@ -219,6 +370,12 @@ class FsspecStore(Store):
             except Exception as caught:
                 err = _unwrapped(caught)
                 cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+                if _precondition_failed(caught):  # a permanent answer: never retried
+                    try:
+                        now: _Version | None = self._current()
+                    except Exception:
+                        now = None  # the cause stays the 412
+                    raise self._stale(what, now) from caught
                 refused = _refusal(err)
                 if refused is not None:
                     raise StoreError(
@@ -245,11 +402,28 @@ class FsspecStore(Store):
         return self
 
     def reopen(self) -> FsspecStore:
-        # Same URL, options and size (no request); a new filesystem, loop and session.
+        """A new filesystem, loop and session over the same version (same URL, options and size),
+        after one HEAD that checks the version: StoreError ESTALE if the object changed."""
         store = FsspecStore.__new__(FsspecStore)
         store.url, store._tries, store._backoff = self.url, self._tries, self._backoff
-        store._options, store._size = self._options, self._size
+        store._options, store._protocol, store._version = (
+            self._options,
+            self._protocol,
+            self._version,
+        )
         store._connect()
+        store._set_conditions()
+        try:
+            changes = self._version.changes(store._call("reopen", store._current))
+            if changes:
+                raise StoreError(
+                    f"{self.url}: reopen: the object changed since it was opened"
+                    f" ({', '.join(changes)})",
+                    code=errno.ESTALE,
+                )
+        except BaseException:
+            store.close()
+            raise
         return store
 
     def close(self) -> None:
@@ -257,4 +431,4 @@ class FsspecStore(Store):
         self._fs = None
 
     def __repr__(self) -> str:
-        return f"<FsspecStore {self.url!r} {self._size} bytes>"
+        return f"<FsspecStore {self.url!r} {self.size} bytes>"
