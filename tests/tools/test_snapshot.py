@@ -7,6 +7,8 @@ import hashlib
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -154,9 +156,6 @@ def test_bad_regions_and_destinations_are_refused(tmp_path: Path) -> None:
 
 
 def test_uffd_snapshot_demo_reports_an_exact_image(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     done = subprocess.run(
         [sys.executable, "-m", "userfaultfd", "snapshot", str(tmp_path / "demo.img"), "--size",
          "16M", "--writers", "2"],
@@ -165,3 +164,96 @@ def test_uffd_snapshot_demo_reports_an_exact_image(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "4096 pages" in done.stdout
     assert "image equals memory at the protect instant" in done.stdout
+    assert os.listdir(tmp_path) == ["demo.img"]  # no demo.img.partial left
+
+
+def uffd_snapshot(dest: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    """``uffd snapshot DEST`` with its temp files in ``tmp``; it must end within 20 s."""
+    tmp.mkdir(exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-m", "userfaultfd", "snapshot", dest, "--size", "16M"],
+        capture_output=True, text=True, timeout=20, env={**os.environ, "TMPDIR": str(tmp)},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("dest", "reason"),
+    [
+        ("http://127.0.0.1:9/image", "its filesystem cannot write files"),
+        ("{tmp}/no/such/dir/image", "No such file or directory"),
+        ("{tmp}", "it is a directory"),
+    ],
+)
+def test_an_unwritable_destination_is_one_line_at_once(tmp_path: Path, dest: str,
+                                                       reason: str) -> None:  # fmt: skip
+    """An http:// destination printed ``uffd: NotImplementedError`` after the whole snapshot,
+    then spun forever (the writers never stopped) and left the image in a temp dir."""
+    dest = dest.format(tmp=tmp_path)
+    done = uffd_snapshot(dest, tmp_path / "tmp")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done
+    assert done.stderr.splitlines() == [f"uffd: cannot write the snapshot to {dest}: {reason}"]
+    assert done.stdout == ""
+    assert sorted(os.listdir(tmp_path)) == ["tmp"] and os.listdir(tmp_path / "tmp") == []
+
+
+def test_a_failure_mid_way_fails_the_snapshot_and_leaves_nothing(tmp_path: Path) -> None:
+    """A handler thread that raises ends the snapshot with its reason; no image, no .partial."""
+    image = tmp_path / "img"
+
+    def body(channel: Channel) -> None:
+        mapping = memory.anonymous(512 * PAGE)
+        mapping.view[:] = b"\x5a" * mapping.length
+        calls = [0]
+        real = os.pwrite
+
+        def failing(fd: int, data: Any, offset: int) -> int:  # runs in the forked handler
+            calls[0] += 1
+            if calls[0] > 3:
+                raise OSError(28, "No space left on device")
+            return real(fd, data, offset)
+
+        os.pwrite = failing  # this process is the test's own fork: nothing else sees it
+        stop = threading.Event()
+        threads, _ = writers(mapping, PAGE, 2, stop)
+        snap = snapshot(mapping, str(image), chunk_bytes=4 * PAGE)
+        for t in threads:
+            t.start()
+        try:
+            snap.wait(timeout=20)
+            channel.send("no error")
+        except RuntimeError as err:
+            channel.send(str(err))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+
+    message = run(body, timeout=60)
+    assert "the snapshot handler failed: OSError" in message and "No space left" in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_url_upload_that_fails_leaves_nothing() -> None:
+    import fsspec
+
+    def body(channel: Channel) -> None:
+        mapping = memory.anonymous(16 * PAGE)
+        mapping.view[:] = b"\x33" * mapping.length
+        snap = snapshot(mapping, "memory://failing/one.img")
+        local = snap._destination.local
+
+        def broken_mv(*args: object, **kwargs: object) -> None:
+            raise OSError(5, "the upload broke")
+
+        fs = fsspec.filesystem("memory")
+        fs.mv = broken_mv
+        try:
+            snap.wait(timeout=20)
+            channel.send("no error")
+        except OSError as err:
+            left = fs.exists("/failing/one.img"), fs.exists("/failing/one.img.partial")
+            channel.send((str(err), *left, os.path.exists(local)))
+
+    message, final, partial, local = run(body)
+    assert message == "cannot write the snapshot to memory://failing/one.img: the upload broke"
+    assert (final, partial, local) == (False, False, False)

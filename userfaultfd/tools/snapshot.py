@@ -15,6 +15,11 @@ This is QEMU's background snapshot, the use the seed's WP mode exists for:
   tracer (PR_SET_PTRACER), which Yama requires when ptrace_scope is 1.
 - The owner keeps no uffd of its own: if the handler dies, the kernel drops the protection and
   writers go on (the snapshot fails, the program does not hang).
+- The image is written to DEST.partial (a URL's to a local temp file, uploaded to URL.partial)
+  and renamed to DEST only when complete: a failed snapshot leaves nothing at DEST, and nothing
+  behind. The destination is opened before the protect instant, so one that cannot be written
+  fails at once, in the caller. A failure in either handler thread ends the handler, and
+  ``wait()`` raises with the reason the handler sent.
 - A page the program drops during the snapshot (MADV_DONTNEED) is zapped without a WP fault, so
   its saved content is whatever the handler read, possibly zeros. Don't drop pages during one.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import select
 import signal
@@ -33,6 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from .. import memory
 from .._core import Userfaultfd, supported_features
@@ -42,7 +49,7 @@ from .._events import PageFault
 from .._flags import FaultFlag, Feature, Mode
 from .._forked import Channel
 
-__all__ = ["Snapshot", "SnapshotStats", "snapshot"]
+__all__ = ["Snapshot", "SnapshotStats", "check_destination", "snapshot"]
 
 _SAVED, _EARLY, _FAULTS, _BYTES = range(4)
 _PR_SET_PTRACER = 0x59616D61
@@ -69,18 +76,94 @@ class SnapshotStats:
     seconds: float
 
 
+def _cannot_write(dest: str, err: BaseException) -> OSError:
+    if isinstance(err, NotImplementedError):
+        reason = "its filesystem cannot write files"
+    elif isinstance(err, OSError) and err.strerror:
+        reason = err.strerror
+    else:
+        reason = str(err).strip() or type(err).__name__
+    # The same kind of OSError (FileNotFoundError, PermissionError...), without "[Errno N]".
+    kind = type(err) if isinstance(err, OSError) and type(err).__module__ == "builtins" else OSError
+    failure = kind(f"cannot write the snapshot to {dest}: {reason}")
+    failure.errno = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
+    return failure
+
+
+class _Destination:
+    """Where an image goes. The handler writes ``local``; ``commit()`` makes it DEST (a rename,
+    or an upload to URL.partial and a move), ``discard()`` removes every trace of it."""
+
+    def __init__(self, dest: str) -> None:
+        self.dest = dest
+        self._fs: object | None = None
+        try:
+            if "://" in dest:
+                import fsspec
+
+                fs, self._path = fsspec.core.url_to_fs(dest)
+                with fs.open(self._path + ".partial", "wb"):  # can we write there at all?
+                    pass
+                self._fs = fs
+                fd, self.local = tempfile.mkstemp(prefix="uffd-snapshot-")
+                os.close(fd)
+            else:
+                if os.path.isdir(dest):
+                    raise IsADirectoryError(errno.EISDIR, "it is a directory")
+                if os.path.exists(dest) and not os.access(dest, os.W_OK):
+                    raise PermissionError(errno.EACCES, "it is not writable")
+                self.local = dest + ".partial"
+                os.close(os.open(self.local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                 0o666))  # fmt: skip
+        except Exception as err:
+            self.discard()
+            raise _cannot_write(dest, err) from err
+
+    def commit(self) -> None:
+        try:
+            if self._fs is None:
+                os.replace(self.local, self.dest)
+                return
+            fs: Any = self._fs
+            with open(self.local, "rb") as source, fs.open(self._path + ".partial", "wb") as target:
+                while block := source.read(_CHUNK_BYTES):
+                    target.write(block)
+            fs.mv(self._path + ".partial", self._path)
+            os.unlink(self.local)
+        except Exception as err:
+            self.discard()
+            raise _cannot_write(self.dest, err) from err
+
+    def discard(self) -> None:
+        if hasattr(self, "local"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.local)
+        if self._fs is not None:
+            fs: Any = self._fs
+            with contextlib.suppress(Exception):
+                fs.rm(self._path + ".partial")
+
+
+def check_destination(dest: str) -> None:
+    """OSError (naming ``dest`` and why) unless a snapshot image can be written to ``dest``;
+    leaves nothing behind. :func:`snapshot` checks it too; this is for failing before work."""
+    _Destination(dest).discard()
+
+
 class Snapshot:
     """A snapshot in progress. ``wait()`` until it is written; ``stats()`` at any time."""
 
     def __init__(self, pid: int, counters: SharedCounters, pages: int, started: float,
-                 finish: Callable[[], None]) -> None:  # fmt: skip
+                 destination: _Destination, channel: Channel) -> None:  # fmt: skip
         self.pid = pid
         self.pages = pages
         self._counters = counters
         self._started = started
-        self._finish = finish
+        self._destination = destination
+        self._channel = channel
         self._status: int | None = None
         self._ended: float | None = None
+        self._outcome: BaseException | bool = False  # True once committed; the error if failed
 
     @property
     def done(self) -> bool:
@@ -103,7 +186,9 @@ class Snapshot:
         self, timeout: float | None = None, progress: Callable[[int, int], None] | None = None
     ) -> SnapshotStats:
         """Block until the image is complete; ``progress(saved, pages)`` is called as it grows.
-        Raises RuntimeError if the handler failed, TimeoutError after ``timeout`` seconds."""
+        Raises RuntimeError if the handler failed, OSError if the image could not be put at its
+        destination (nothing is left there either way), TimeoutError after ``timeout`` seconds
+        (the snapshot goes on; wait again)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.done:
             if progress is not None:
@@ -112,12 +197,34 @@ class Snapshot:
                 raise TimeoutError(f"the snapshot did not finish within {timeout} s")
             time.sleep(0.005)
         assert self._status is not None
-        if not (os.WIFEXITED(self._status) and os.WEXITSTATUS(self._status) == 0):
-            raise RuntimeError(f"the snapshot handler failed (wait status {self._status})")
-        self._finish()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        if self._outcome:
+            return self.stats()
+        try:
+            if not (os.WIFEXITED(self._status) and os.WEXITSTATUS(self._status) == 0):
+                raise RuntimeError(f"the snapshot handler failed: {self._reason()}")
+            self._destination.commit()
+        except BaseException as err:
+            self._destination.discard()
+            self._outcome = err
+            raise
+        finally:
+            self._channel.sock.close()
+        self._outcome = True
         if progress is not None:
             progress(self.pages, self.pages)
         return self.stats()
+
+    def _reason(self) -> str:
+        """What the handler said went wrong, or how it ended."""
+        with contextlib.suppress(OSError, EOFError, ValueError):
+            message, _ = self._channel.recv(timeout=0)
+            return str(message)
+        status = self._status or 0
+        if os.WIFSIGNALED(status):
+            return f"killed by signal {os.WTERMSIG(status)} (wait status {status})"
+        return f"wait status {status}"
 
     def __enter__(self) -> Snapshot:
         return self
@@ -152,9 +259,13 @@ def snapshot(
         page = memory.page_size()
     if length <= 0 or address % page or length % page:
         raise ValueError(f"region 0x{address:x}+{length} must be a positive {page}-aligned range")
-    local = dest if "://" not in dest else tempfile.mkstemp(prefix="uffd-snapshot-")[1]
-    with open(local, "wb") as image:  # fail here, in the caller, if dest cannot be written
-        image.truncate(length)
+    destination = _Destination(dest)  # fails here, in the caller, if dest cannot be written
+    try:
+        os.truncate(destination.local, length)
+    except OSError as err:
+        destination.discard()
+        raise _cannot_write(dest, err) from err
+    local = destination.local
     counters = SharedCounters(4)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     owner = os.getpid()
@@ -163,8 +274,13 @@ def snapshot(
         status = 1
         try:
             ours.close()
-            _handler(Channel(theirs), owner, local, counters, max(page, chunk_bytes))
-            status = 0
+            child = Channel(theirs)
+            try:
+                _handler(child, owner, local, counters, max(page, chunk_bytes))
+                status = 0
+            except BaseException as err:  # the owner's wait() reports it
+                with contextlib.suppress(Exception):
+                    child.send(f"{type(err).__name__}: {err}")
         finally:
             os._exit(status)
     theirs.close()
@@ -183,20 +299,10 @@ def snapshot(
     except BaseException:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise
-    finally:
         ours.close()
-
-    def finish() -> None:
-        if local != dest:  # upload the finished image, then drop the local copy
-            import fsspec
-
-            with open(local, "rb") as source, fsspec.open(dest, "wb") as target:
-                while block := source.read(_CHUNK_BYTES):
-                    target.write(block)
-            os.unlink(local)
-
-    return Snapshot(pid, counters, length // page, started, finish)
+        destination.discard()
+        raise
+    return Snapshot(pid, counters, length // page, started, destination, channel)
 
 
 def _handler(channel: Channel, owner: int, path: str, counters: SharedCounters,
@@ -269,6 +375,8 @@ def _handler(channel: Channel, owner: int, path: str, counters: SharedCounters,
                     unprotect(a, b)
             if failure:
                 raise failure[0]
+        if failure:
+            raise failure[0]
         os.fsync(image)
         with contextlib.suppress(ProcessGoneError):
             uffd.unregister(address, length)
