@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from userfaultfd import Feature
+from userfaultfd import Feature, memory
 from userfaultfd.cli import main
+from userfaultfd.stores import BytesStore, pack
+
+PAGE = memory.page_size()
 
 
 def test_features_prints_every_feature_with_its_kernel(capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,3 +55,75 @@ def test_unknown_command_exits_2() -> None:
     with pytest.raises(SystemExit) as caught:
         main(["no-such-command"])
     assert caught.value.code == 2
+
+
+# -- uffd lazy on a source that cannot be read -----------------------------------------------------
+CHUNK = 4 * PAGE
+
+
+def nonzero_bytes(size: int) -> bytes:
+    """Position-dependent bytes with no zero byte (a page served as zeros cannot pass)."""
+    blocks = (hashlib.sha256(b"%d" % i).digest().replace(b"\0", b"\1") for i in range(size // 32))
+    return b"".join(blocks)[:size]
+
+
+def packed(tmp_path: Path, corrupt_chunk: int | None) -> Path:
+    """A pack of 64 pages in chunks of 4 pages; ``corrupt_chunk``: one byte flipped inside it."""
+    path = tmp_path / "data.pack"
+    pack(BytesStore(nonzero_bytes(64 * PAGE)), path, chunk_size=CHUNK)
+    if corrupt_chunk is not None:
+        raw = bytearray(path.read_bytes())
+        # The pack's footer and index (see userfaultfd/stores/_zstd.py): <QQ> index offset and
+        # chunk count in the last 40 bytes; <QI> offset and length of each chunk, 28 bytes apart.
+        index, _count = struct.unpack_from("<QQ", raw, len(raw) - 40)
+        offset, length = struct.unpack_from("<QI", raw, index + corrupt_chunk * 28)
+        raw[offset + length // 2] ^= 0xFF
+        path.write_bytes(raw)
+    return path
+
+
+def uffd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "userfaultfd", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("order", ["seq", "random"])
+def test_lazy_on_a_corrupt_pack_says_which_page_and_why(tmp_path: Path, order: str) -> None:
+    """uffd lazy died of SIGBUS without a word (exit status 135)."""
+    path = packed(tmp_path, corrupt_chunk=5)
+    done = uffd("lazy", str(path), "--order", order)
+    assert (done.returncode, done.stdout) == (1, ""), done
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.splitlines()
+    match = re.fullmatch(
+        rf"uffd: page at offset (\d+) of {re.escape(str(path))} could not be read "
+        r"\((.*)pack chunk 5 \(.*corrupt.*\); the memory there raises SIGBUS",
+        line,
+    )
+    assert match is not None, line
+    offset = int(match[1])
+    if match[2]:  # a read-ahead window that reached the corrupt chunk was refused with it
+        assert offset < 5 * CHUNK and "which failed: " in match[2], line
+    else:
+        assert 5 * CHUNK <= offset < 6 * CHUNK, line
+
+
+def test_lazy_single_names_the_first_page_of_the_corrupt_chunk(tmp_path: Path) -> None:
+    path = packed(tmp_path, corrupt_chunk=5)
+    done = uffd("lazy", str(path), "--policy", "single")
+    assert done.returncode == 1, done
+    assert done.stderr.splitlines() == [
+        f"uffd: page at offset {5 * CHUNK} of {path} could not be read (pack chunk 5 (bytes "
+        f"{5 * CHUNK}..): corrupt: hash mismatch); the memory there raises SIGBUS"
+    ]
+
+
+def test_lazy_on_a_good_pack_reports_every_page(tmp_path: Path) -> None:
+    done = uffd("lazy", str(packed(tmp_path, corrupt_chunk=None)), "--order", "random")
+    assert done.returncode == 0, done.stderr
+    assert "64 pages, random, adaptive" in done.stdout
+    [filled] = [line for line in done.stdout.splitlines() if "pages filled" in line]
+    assert " 64 " in filled
+    [errors] = [line for line in done.stdout.splitlines() if "store errors" in line]
+    assert " 0 " in errors
