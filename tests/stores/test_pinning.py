@@ -240,7 +240,11 @@ def test_http_replaced_file_is_estale_never_the_new_bytes(
 @pytest.mark.timeout(60)
 def test_http_reopen_of_an_unchanged_file_reads(web: tuple[_servers.Nginx, Path]) -> None:
     server, _ = web
-    store = FsspecStore(f"{server.url}/data.bin")
+    store = FsspecStore(f"{server.url}/data.bin", headers={"X-Trace": "pinning"})
+    etag = store._version.etag
+    assert etag is not None, "nginx sent no ETag"
+    # The condition joins the caller's headers (cat_file's headers replace the session's).
+    assert store._read_kwargs == {"headers": {"X-Trace": "pinning", "If-Match": etag}}
     with store.reopen() as again:
         assert read(again, 0, len(OLD)) == OLD, "an unchanged file read wrong"
     gets = [row for row in server.requests("data.bin") if row[0] == "GET"]
