@@ -196,6 +196,24 @@ def test_an_unwritable_destination_is_one_line_at_once(tmp_path: Path, dest: str
     assert sorted(os.listdir(tmp_path)) == ["tmp"] and os.listdir(tmp_path / "tmp") == []
 
 
+def test_a_read_only_filesystem_is_one_line(tmp_path: Path) -> None:
+    """A destination on a read-only mount: the error names DEST and the reason, nothing else."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if subprocess.run(["mount", "-o", "bind,ro", str(folder), str(folder)],
+                      capture_output=True, timeout=30).returncode:  # fmt: skip
+        pytest.skip("cannot bind-mount read-only here (needs root)")
+    try:
+        done = uffd_snapshot(str(folder / "image"), tmp_path / "tmp")
+    finally:
+        subprocess.run(["umount", str(folder)], check=True, timeout=30)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done
+    assert done.stderr.splitlines() == [
+        f"uffd: cannot write the snapshot to {folder / 'image'}: Read-only file system"
+    ]
+    assert os.listdir(folder) == [] and os.listdir(tmp_path / "tmp") == []
+
+
 def test_a_failure_mid_way_fails_the_snapshot_and_leaves_nothing(tmp_path: Path) -> None:
     """A handler thread that raises ends the snapshot with its reason; no image, no .partial."""
     image = tmp_path / "img"

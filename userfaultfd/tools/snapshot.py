@@ -135,8 +135,9 @@ class _Destination:
             raise _cannot_write(self.dest, err) from err
 
     def discard(self) -> None:
+        """Best effort, and never raises: it runs while another error is being reported."""
         if hasattr(self, "local"):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # ENOENT; EROFS for a file never created
                 os.unlink(self.local)
         if self._fs is not None:
             fs: Any = self._fs
