@@ -113,13 +113,20 @@ def _open(flags: int, device: bool | None) -> int:
         raise
 
 
+def _describe_api(code: int, features: Feature) -> str:
+    failed = f"UFFDIO_API with features {features!r} failed: {os.strerror(code)}"
+    if code == errno.EPERM and Feature.EVENT_FORK in features:
+        # fs/userfaultfd.c: EVENT_FORK hands the handler the child's memory, so it asks for
+        # the right to trace processes.
+        return f"{failed}: EVENT_FORK needs CAP_SYS_PTRACE, which this process lacks"
+    return failed
+
+
 def _handshake(fd: int, features: int) -> tuple[int, int]:
     """UFFDIO_API: returns the (features available, ioctls) the kernel reports."""
     buf = bytearray(_abi.UFFDIO_API_STRUCT.pack(_abi.UFFD_API, features, 0))
-    call(
-        lambda: fcntl.ioctl(fd, _abi.UFFDIO_API, buf, True),
-        lambda code: f"UFFDIO_API with features {Feature(features)!r} failed: {os.strerror(code)}",
-    )
+    call(lambda: fcntl.ioctl(fd, _abi.UFFDIO_API, buf, True),
+         lambda code: _describe_api(code, Feature(features)))  # fmt: skip
     _api, available, ioctls = _abi.UFFDIO_API_STRUCT.unpack(buf)
     return available, ioctls
 

@@ -169,10 +169,14 @@ def _map(make: Any, what: str) -> mmap.mmap:
     return mm
 
 
-def anonymous(length: int) -> Mapping:
-    """Private anonymous memory, the kind MISSING, WP and MOVE work on without any feature."""
+def anonymous(length: int, *, noreserve: bool = False) -> Mapping:
+    """Private anonymous memory, the kind MISSING, WP and MOVE work on without any feature.
+
+    ``noreserve`` (MAP_NORESERVE): reserve no swap or commit charge up front, so a mapping may
+    be larger than memory; pages are charged as they are filled.
+    """
     _check_length(length, page_size(), "anonymous mapping")
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_abi.MAP_NORESERVE if noreserve else 0)
     mm = _map(lambda: mmap.mmap(-1, length, flags=flags, prot=_PROT_RW), "anonymous mapping")
     return Mapping(mm, length, kind="anonymous", shared=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -15,7 +16,7 @@ from tests._target import PAGE, Channel, Target
 from tests.runtime.test_serve import in_target
 from userfaultfd import memory
 from userfaultfd.runtime import Adaptive, Single, serve
-from userfaultfd.stores import FileStore
+from userfaultfd.stores import BytesStore, FileStore, StoreError
 
 SIZE = 256 << 20
 
@@ -87,29 +88,45 @@ def test_stop_after_a_crash_still_fills_everything(source: tuple[str, str]) -> N
     assert in_target(body) == (True, 1)
 
 
+class _Vanishing(BytesStore):
+    """Bytes that cannot be had again once opened: reopen() fails, as a remote object whose
+    version changed does."""
+
+    def reopen(self) -> BytesStore:
+        if os.path.exists(self.gone):
+            raise StoreError("the object changed since it was opened", code=errno.ESTALE)
+        return self
+
+    def __init__(self, data: bytes, gone: Path) -> None:
+        super().__init__(data)
+        self.gone = gone
+
+
 def test_when_the_store_is_gone_missing_pages_are_poisoned(tmp_path: Path) -> None:
-    path = tmp_path / "vanishing"
     data = random.Random(5).randbytes(64 * PAGE)
-    path.write_bytes(data)
+    gone = tmp_path / "gone"
 
     def body(channel: Channel) -> None:
         mapping = memory.anonymous(len(data))
-        server = serve([mapping], FileStore(str(path)), policy=Single())
+        server = serve([mapping], _Vanishing(data, gone), policy=Single())
         first = bytes(mapping.view[:PAGE])
-        path.unlink()  # a restarted handler cannot open the store again
-        handler = server.handler_pid
-        os.kill(handler, signal.SIGKILL)
+        gone.touch()  # a restarted handler cannot open the store again
+        os.kill(server.handler_pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while server.alive and time.monotonic() < deadline:
             time.sleep(0.01)  # the supervisor poisons what is missing, then exits
-        channel.send((first == data[:PAGE], server.alive))
+        channel.send((first == data[:PAGE], server.alive, server.stats().poisoned))
         channel.send(mapping.view[5 * PAGE])  # never filled: SIGBUS, not a zero
 
     with Target(body) as target:
-        (first_ok, still_alive), _ = target.recv()
-        assert first_ok and not still_alive
+        (first_ok, still_alive, poisoned), _ = target.recv()
+        assert first_ok, "page 0, filled before the store went, lost its bytes"
+        assert not still_alive, "the supervisor did not give up on a store that is gone"
+        assert poisoned == 63, f"{poisoned} pages poisoned; expected the 63 never filled"
         status = target.wait()
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS, (
+            f"reading page 5 after the store went ended with status {status}, not SIGBUS"
+        )
 
 
 def test_a_restarted_handler_knows_the_ranges_as_the_program_moved_them() -> None:

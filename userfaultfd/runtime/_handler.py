@@ -1,484 +1,522 @@
 """The fault handler: an event loop that fills missing pages from a store.
 
-Design note: what the kernel makes a handler do
------------------------------------------------
-- Faults arrive in batches (one read() returns up to ``batch`` messages) and several threads may
-  fault on the same page: faults are merged per page, and a fault on a page already filled (a
-  window filled it after the fault was queued) is answered with a wake.
+Design note: the invariant, and what the kernel makes a handler do
+------------------------------------------------------------------
+- When the last descriptor of a uffd closes, the kernel unregisters its ranges, wakes every
+  blocked fault, and from then on zero-fills the missing pages. A zero page looks like data, so
+  the runtime keeps one invariant: **a uffd is closed only once every page of its ranges is
+  settled (present or poisoned) or removed, or its process is gone.** :meth:`Handler.finish` is
+  the one place that closes a source whose process lives, and it settles every page first;
+  ``_release`` is reached otherwise only for a source whose process is gone or whose ranges are
+  all unmapped. The supervisor holds a descriptor of every uffd too, so a handler that crashes
+  closes nothing that matters; when no handler can run, the supervisor settles through a
+  Handler of its own (``finish(fill=False)``: poison).
+- The handler serves the program and every forked child for as long as each lives, whichever
+  exits first. A process is gone when an ioctl on its uffd fails with ESRCH (its address space
+  is torn down); the loop probes each source a few times a second with a ZEROPAGE at
+  mmap_min_addr, where nothing is registered, which answers ENOENT while the process lives.
+- Faults arrive in batches, and several threads may fault on one page: faults are merged per
+  page, and a fault on a page already settled is answered with a wake.
 - COPY wakes the threads blocked in the range it fills, so the faulting page is copied first and
-  the rest of the window after it: the faulting thread resumes as early as possible.
-- EEXIST means the page is there already (another fill won): mark it filled, wake, move on.
-- EAGAIN means a FORK, REMAP, REMOVE or UNMAP event is queued and unread, and the mapping may
-  have changed: read and apply the events, then resume the copy at ``done``. The thread that
+  the rest of the window after it.
+- EEXIST is reported for the first page of a COPY only: that page is there already (another
+  fill won); it is settled, woken, and the copy goes on from the next page.
+- EAGAIN means a FORK, REMAP, REMOVE or UNMAP event is queued and unread (or a multi-page copy
+  stopped at a page already there), with the pages done so far. The fill path only reports
+  this (``Outcome.CHANGED``); the loop owns all event reading: it reads and applies every
+  pending event, then resolves the fault again from the map as it is now. The thread that
   caused such an event sleeps until the event is read, so events are read promptly, always.
 - REMOVE (MADV_DONTNEED / MADV_REMOVE) drops pages: they read zeros afterwards, exactly as they
   would without a handler, so they are answered with zero pages from then on. UNMAP forgets a
-  range, REMAP moves it, FORK hands over a new uffd for the child's copy of the regions (pages
-  filled before the fork are already in the child).
-- A range the store cannot read is never zero-filled: the faulting page is poisoned, and the
-  access gets SIGBUS.
+  range, REMAP moves it, FORK adopts the child's uffd (and sends it to the supervisor).
+- Bytes the store cannot give (an exception, a short read inside the store) are never
+  zero-filled: the faulting page is poisoned (SIGBUS), counted and logged. Only the tail of the
+  last page past the store's end is zero-padded.
 - A slow store must not stall the program's munmap() or madvise(): while a store read takes
-  longer than a couple of milliseconds, a watcher thread reads the uffd (that read is what lets
-  the sleeping thread go on) and stashes the batch for the loop, which applies it in order.
+  longer than a couple of milliseconds, a watcher thread reads the uffds (that read is what lets
+  the sleeping thread go on) and stashes the batches, then wakes the loop through a pipe: a
+  stashed fault is answered even though its uffd will not poll readable again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
+import logging
 import mmap
 import os
-import pickle
 import select
-import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 
 from .._buffer import pinned
 from .._core import Userfaultfd
 from .._errors import MappingChangedError, PageExistsError, ProcessGoneError, UserfaultfdError
 from .._events import Event, Fork, PageFault, Remap, Remove, Unmap
-from ..memory import page_size as memory_page_size
+from .._forked import Channel
 from ..stores import Store, StoreError
 from . import _stats
 from ._policy import Policy
+from ._ranges import RegionMap, RegionState, unsettled_runs
+from ._reports import Adopted, Changed, Closed, Reporter
 from ._stats import StatsBlock
 
-__all__ = ["Handler", "RegionMap", "RegionState", "read_reports"]
+__all__ = ["Handler"]
+
+_log = logging.getLogger("userfaultfd.runtime")
 
 #: How long a store read may keep the handler busy before the watcher reads events for it.
 _WATCH_PERIOD = 0.002
+#: How often every source is probed for a process that is gone.
+_PROBE_PERIOD = 0.25
 
 
-@dataclass(slots=True)
-class RegionState:
-    """One registered range and which of its pages are filled."""
-
-    address: int
-    length: int
-    #: Byte offset in the store of the range's first byte.
-    offset: int
-    page_size: int
-    stream: int
-    filled: bytearray = field(default_factory=bytearray)
-    #: Pages dropped by a REMOVE event: served as zeros from then on.
-    removed: bytearray = field(default_factory=bytearray)
-
-    def __post_init__(self) -> None:
-        if not self.filled:
-            self.filled = bytearray(self.pages)
-        if not self.removed:
-            self.removed = bytearray(self.pages)
-
-    @property
-    def pages(self) -> int:
-        return self.length // self.page_size
-
-    @property
-    def end(self) -> int:
-        return self.address + self.length
-
-    def piece(self, start: int, end: int, *, moved_to: int | None = None) -> RegionState:
-        """The part [start, end) of this range (optionally moved to a new address)."""
-        first, last = (
-            (start - self.address) // self.page_size,
-            (end - self.address) // self.page_size,
-        )
-        return RegionState(
-            start if moved_to is None else moved_to, end - start,
-            self.offset + (start - self.address), self.page_size, self.stream,
-            self.filled[first:last], self.removed[first:last],
-        )  # fmt: skip
+def _probe_address() -> int:
+    """The lowest address userspace may map: nothing a handler serves is ever registered there."""
+    try:
+        with open("/proc/sys/vm/mmap_min_addr") as f:
+            lowest = int(f.read())
+    except OSError:
+        lowest = 65536
+    page = mmap.PAGESIZE
+    return max(page, -(-lowest // page) * page)
 
 
-@dataclass(slots=True)
-class RegionMap:
-    """The registered ranges of one address space, kept up to date by its events."""
+class Outcome(enum.Enum):
+    """What an attempt to settle pages came to."""
 
-    regions: list[RegionState]
+    DONE = enum.auto()  #: the pages are settled (or the store failed for pages nobody waits on)
+    CHANGED = enum.auto()  #: EAGAIN: read the pending events, then try again
+    PROCESS_GONE = enum.auto()  #: ESRCH: the source was released
+    STORE_FAILED = enum.auto()  #: the source bytes could not be read (a mapped store shrank)
 
-    def find(self, address: int) -> RegionState | None:
-        for region in self.regions:
-            if region.address <= address < region.end:
-                return region
-        return None
 
-    def cut(self, start: int, end: int) -> list[RegionState]:
-        """Split the regions at ``start`` and ``end``; returns the pieces inside [start, end)."""
-        kept: list[RegionState] = []
-        inside: list[RegionState] = []
-        for region in self.regions:
-            if region.end <= start or end <= region.address:
-                kept.append(region)
-                continue
-            lo, hi = max(start, region.address), min(end, region.end)
-            if region.address < lo:
-                kept.append(region.piece(region.address, lo))
-            inside.append(region.piece(lo, hi))
-            if hi < region.end:
-                kept.append(region.piece(hi, region.end))
-        self.regions = kept
-        return inside
-
-    def change(self, event: Remove | Unmap | Remap) -> None:
-        """Follow a REMOVE (the pages read zeros now), UNMAP (forget) or REMAP (move)."""
-        if isinstance(event, Unmap):
-            self.cut(event.start, event.end)
-            return
-        if isinstance(event, Remove):
-            pieces = self.cut(event.start, event.end)
-            for piece in pieces:
-                piece.filled[:] = bytes(piece.pages)
-                piece.removed[:] = b"\x01" * piece.pages
-        else:
-            pieces = self.cut(event.old, event.old + event.length)
-            for piece in pieces:
-                piece.address = event.new + (piece.address - event.old)
-        self.regions.extend(pieces)
-
-    def fresh(self) -> list[RegionState]:
-        """Copies of the ranges with nothing marked filled (what a restarted handler knows)."""
-        copies = []
-        for region in self.regions:
-            copy = region.piece(region.address, region.end)
-            copy.filled = bytearray(copy.pages)
-            copies.append(copy)
-        return copies
+class _Fill(enum.Enum):
+    COPY = enum.auto()
+    ZERO = enum.auto()
+    POISON = enum.auto()
 
 
 class _Source(RegionMap):
-    """One uffd (the owner's, or a forked child's) and the ranges it serves."""
+    """One uffd (the program's, or a forked child's), its key, and the ranges it serves."""
 
-    __slots__ = ("uffd",)
+    __slots__ = ("key", "uffd")
 
-    def __init__(self, uffd: Userfaultfd, regions: list[RegionState]) -> None:
+    def __init__(self, key: int, uffd: Userfaultfd, regions: list[RegionState]) -> None:
         super().__init__(regions)
+        self.key = key
         self.uffd = uffd
 
 
 class Handler:
-    """Serves MISSING faults of one or more uffds from ``store``, choosing windows by ``policy``."""
+    """Serves MISSING faults of one or more uffds from ``store``, choosing windows by ``policy``.
+
+    ``store`` None: a handler that can only poison (the supervisor's, when no handler can run).
+    ``reports``: the channel to a supervisor, which is told every change it needs for a restart.
+    """
 
     def __init__(
         self,
-        store: Store,
+        store: Store | None,
         policy: Policy,
         stats: StatsBlock,
         *,
         batch: int = 64,
         buffer_bytes: int = 8 << 20,
-        report: int | None = None,
+        reports: Channel | None = None,
+        first_key: int = 1,
     ) -> None:
         self.store = store
-        #: Where REMOVE/UNMAP/REMAP of the first uffd are reported (a pipe to the supervisor).
-        self._report = report
-        self._primary: _Source | None = None
         self.policy = policy
         self.stats = stats
         self.batch = batch
+        self._reports = Reporter(reports)
+        self._next_key = first_key
         self._sources: dict[int, _Source] = {}
-        self._deferred: deque[tuple[_Source, int]] = deque()
+        self._faults: deque[tuple[_Source, int]] = deque()
         self._streams = 0
         self._buffer = mmap.mmap(-1, buffer_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._view = memoryview(self._buffer)
         self._resources = ExitStack()
         self._buffer_address, _ = self._resources.enter_context(pinned(self._buffer))
+        self._probe_at = _probe_address()
+        self._zero_map: mmap.mmap | None = None
+        self._zero_address = 0
         self._poller = select.poll()
-        # Events the watcher thread read while the handler was busy, in read order.
+        # Batches the watcher read while the loop was busy, in read order; the pipe wakes the loop.
         self._stash: deque[tuple[_Source, list[Event]]] = deque()
+        self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._poller.register(self._wake_read, select.POLLIN)
         self._read_lock = threading.Lock()
         self._busy_since = 0.0
         self._stopping = threading.Event()
 
     # -- sources -----------------------------------------------------------------------------------
     def add(
-        self, uffd: Userfaultfd, regions: list[RegionState] | list[tuple[int, int, int, int]]
-    ) -> None:
-        """Serve ``uffd`` for ``regions``: states, or (address, length, store offset, page size)."""
-        states = [r if isinstance(r, RegionState) else RegionState(*r, stream=0) for r in regions]
+        self,
+        uffd: Userfaultfd,
+        regions: list[RegionState] | list[tuple[int, int, int, int]],
+        *,
+        key: int | None = None,
+    ) -> int:
+        """Serve ``uffd`` for ``regions``: states, or (address, length, store offset, page size).
+        Returns the source's key."""
+        states = [r if isinstance(r, RegionState) else RegionState(*r) for r in regions]
         for state in states:
             state.stream = self._next_stream()
-        self._adopt(uffd, states)
-
-    def _adopt(self, uffd: Userfaultfd, regions: list[RegionState]) -> None:
-        source = _Source(uffd, regions)
-        self._primary = self._primary or source
+        if key is None:
+            key = self._next_key
+        self._next_key = max(self._next_key, key + 1)
+        source = _Source(key, uffd, states)
         self._sources[uffd.fileno()] = source
         self._poller.register(uffd.fileno(), select.POLLIN)
+        return key
 
-    def _drop(self, source: _Source) -> None:
-        fd = source.uffd.fileno()
-        self._poller.unregister(fd)
-        del self._sources[fd]
-        source.uffd.close()
+    def _release(self, source: _Source) -> None:
+        """Close a source. Only for one that is settled, or whose process or ranges are gone."""
+        with self._read_lock:
+            fd = source.uffd.fileno()
+            self._poller.unregister(fd)
+            del self._sources[fd]
+            source.uffd.close()
+        self._reports.send(Closed(source.key))
 
     def _next_stream(self) -> int:
         self._streams += 1
         return self._streams
 
     # -- the loop ----------------------------------------------------------------------------------
-    def run(self, control: int | None = None) -> None:
-        """Serve until ``control`` (a pipe) says b"x" (exit), b"d" (fill everything, then exit)
-        or closes, or until every served process is gone."""
-        if control is not None:
-            self._poller.register(control, select.POLLIN)
+    def run(self, commands: int | None = None, control: int | None = None) -> None:
+        """Serve until every served process is gone or has unmapped its ranges, or until a
+        command: b"d" fills every page not filled yet, b"p" poisons them, then the handler exits.
+
+        ``commands`` comes from the supervisor. When it closes (the supervisor died), the
+        handler goes on alone and takes its commands from the program's ``control`` pipe."""
+        listening = commands if commands is not None else control
+        if listening is not None:
+            self._poller.register(listening, select.POLLIN)
         watcher = threading.Thread(target=self._watch, name="uffd-event-watcher", daemon=True)
         watcher.start()
         try:
+            probed = time.monotonic()
             while self._sources:
-                for fd, _mask in self._poller.poll(1000):
-                    if fd == control:  # b"d": fill the rest first; b"x" or EOF: just exit
-                        if os.read(control, 1) == b"d":
-                            self.drain()
-                        return
-                    source = self._sources.get(fd)
-                    if source is not None:
-                        self.pump(source)
+                for fd, _mask in self._poller.poll(_PROBE_PERIOD * 1000):
+                    if fd == self._wake_read:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_read, 4096)
+                        self._serve(None)
+                    elif fd == listening:
+                        command = os.read(fd, 1)
+                        if command in (b"d", b"p"):
+                            self.finish(fill=command == b"d")
+                            return
+                        self._poller.unregister(fd)  # EOF
+                        listening = None
+                        if fd == commands:  # the supervisor is gone: go on alone
+                            self._reports.orphaned()
+                            if control is not None:
+                                self._poller.register(control, select.POLLIN)
+                                listening = control
+                    elif (source := self._sources.get(fd)) is not None:
+                        self._serve(source)
+                if time.monotonic() - probed >= _PROBE_PERIOD:
+                    self._probe()
+                    probed = time.monotonic()
+        except BaseException:
+            if not self._reports.supervised:  # nobody else holds the uffds: settle them here
+                _log.exception("the fault handler failed; poisoning every page not filled")
+                self.finish(fill=False)
+            raise
         finally:
             self._stopping.set()
             watcher.join()
             self.close()
 
-    def pump(self, source: _Source) -> None:
-        """Read one batch of events from ``source`` and answer it (after any batches the
-        watcher read meanwhile, which came first)."""
+    def _serve(self, source: _Source | None) -> None:
+        """Answer what is pending: the watcher's batches, a batch from ``source``, their faults."""
         started = time.perf_counter_ns()
-        for owner, events in self._collect(source):
-            self._apply(owner, events)
-        seen: set[tuple[int, int]] = set()  # threads faulting on one page: answer once
-        while self._deferred:
-            owner, address = self._deferred.popleft()
-            key = (id(owner), address)
-            if key in seen or owner.uffd.closed:
+        self._apply_all(self._collect([source] if source is not None else []))
+        answered: set[tuple[int, int]] = set()  # threads faulting on one page: answer once
+        while self._faults:
+            owner, address = self._faults.popleft()
+            if owner.uffd.closed or (owner.key, address) in answered:
                 continue
-            seen.add(key)
-            self._resolve(owner, address)
+            outcome = self._resolve(owner, address)
+            if outcome is Outcome.CHANGED:
+                self._catch_up()
+                self._faults.appendleft((owner, address))  # resolve it again, from the new map
+                continue
+            answered.add((owner.key, address))
             self.stats.record_latency(time.perf_counter_ns() - started)
+            if self._stash:
+                self._apply_all(self._collect([]))
 
-    def _collect(self, source: _Source) -> list[tuple[_Source, list[Event]]]:
-        """The watcher's stashed batches, then a fresh one from ``source``, in read order."""
+    def _collect(self, sources: list[_Source]) -> list[tuple[_Source, list[Event]]]:
+        """The watcher's stashed batches, then one fresh batch from each of ``sources``."""
         with self._read_lock:
             batches = list(self._stash)
             self._stash.clear()
-            if not source.uffd.closed:
-                try:
-                    batches.append((source, source.uffd.read_events(self.batch)))
-                except ProcessGoneError:
-                    self._drop(source)
+            for source in sources:
+                if not source.uffd.closed:
+                    events = source.uffd.read_events(self.batch)
+                    if events:
+                        batches.append((source, events))
         return batches
 
+    def _catch_up(self) -> None:
+        """Read and apply every pending event of every source (after an EAGAIN)."""
+        read = False
+        while batches := self._collect(list(self._sources.values())):
+            self._apply_all(batches)
+            read = True
+        if not read:
+            # EAGAIN with nothing to read: the event was read, but the thread that caused it has
+            # not yet marked the mapping stable again. It does so within microseconds.
+            time.sleep(50e-6)
+
     def _watch(self) -> None:
-        """While the handler is busy (a slow store read), read the events it cannot: the
-        thread that caused an UNMAP, REMOVE, REMAP or FORK sleeps until its event is read,
-        so munmap() or madvise() in the program must not wait for the store."""
+        """While the loop is busy (a slow store read), read the events it cannot."""
         while not self._stopping.wait(_WATCH_PERIOD):
             busy = self._busy_since
             if not busy or time.monotonic() - busy < _WATCH_PERIOD:
                 continue
             with self._read_lock:
+                stashed = False
                 for source in list(self._sources.values()):
-                    with contextlib.suppress(ProcessGoneError, ValueError):
+                    with contextlib.suppress(OSError, ValueError):  # closed meanwhile
                         events = source.uffd.read_events(self.batch)
                         if events:
                             self._stash.append((source, events))
+                            stashed = True
+                if stashed:
+                    with contextlib.suppress(BlockingIOError):
+                        os.write(self._wake_write, b"\0")
 
-    def _apply(self, source: _Source, events: list[Event]) -> None:
-        """Apply the non-fault events in order; queue the faults."""
-        for event in events:
-            if isinstance(event, PageFault):
-                self._deferred.append((source, event.address))
-                continue
-            self.stats.add(_stats.EVENTS)
-            if isinstance(event, Fork):
-                child = Userfaultfd.from_fd(event.uffd, source.uffd.features)
-                copies = [r.piece(r.address, r.end) for r in source.regions]
-                for copy in copies:
-                    copy.stream = self._next_stream()
-                self._adopt(child, copies)
-                continue
+    def _apply_all(self, batches: list[tuple[_Source, list[Event]]]) -> None:
+        for source, events in batches:
+            for event in events:
+                if not source.uffd.closed:
+                    self._apply(source, event)
+
+    def _apply(self, source: _Source, event: Event) -> None:
+        """Queue a fault; apply any other event to the map at once (and tell the supervisor)."""
+        if isinstance(event, PageFault):
+            self._faults.append((source, event.address))
+            return
+        self.stats.add(_stats.EVENTS)
+        if isinstance(event, Fork):
+            child = Userfaultfd.from_fd(event.uffd, source.uffd.features)
+            copies = [r.piece(r.address, r.end) for r in source.regions]
+            key = self.add(child, copies)
+            self._reports.send(Adopted(source.key, key), [child.fileno()])
+            return
+        if isinstance(event, Remove | Unmap | Remap):
             source.change(event)
-            if self._report is not None and source is self._primary:
-                _post(self._report, event)  # the supervisor keeps the map for a restart
+            self._reports.send(Changed(source.key, event))
+            if not source.regions:  # every range unmapped: nothing left to serve there
+                self._release(source)
+
+    def _probe(self) -> None:
+        """Release the sources whose process is gone."""
+        for source in list(self._sources.values()):
+            try:
+                source.uffd.zeropage(self._probe_at, mmap.PAGESIZE)
+            except ProcessGoneError:
+                self._release(source)
+            except UserfaultfdError:
+                pass  # ENOENT (or EAGAIN): the process is there
+            else:
+                _log.error("the liveness probe at 0x%x mapped a zero page", self._probe_at)
+
+    # -- settling pages ----------------------------------------------------------------------------
+    def finish(self, *, fill: bool) -> None:
+        """Settle every page of every source, then close them: the only way a source whose
+        process lives is closed. ``fill``: from the store, poisoning what it cannot give;
+        otherwise poison every page not filled yet."""
+        while self._sources:
+            self._catch_up()  # events first: a FORK adds a source, a REMAP moves a range
+            self._faults.clear()  # settling wakes every fault there is
+            source = next(iter(self._sources.values()), None)
+            if source is None:
+                break
+            outcome = self._settle(source, fill=fill and self.store is not None)
+            if outcome is Outcome.DONE:
+                self._release(source)
+        self.close()
+
+    def _settle(self, source: _Source, *, fill: bool) -> Outcome:
+        for region in list(source.regions):
+            for first, last in list(unsettled_runs(region, 0, region.pages)):
+                if fill:
+                    outcome = self._fill(source, region, first, last, must=(first, last))
+                else:
+                    outcome = self._place(source, region, first, last, _Fill.POISON)
+                if outcome is not Outcome.DONE:
+                    return outcome
+        return Outcome.DONE
+
+    def close(self) -> None:
+        """Release the buffer. Sources still open are left to whoever holds their copies."""
+        if not self._buffer.closed:
+            self._view.release()
+            self._resources.close()
+            self._buffer.close()
+            if self._zero_map is not None:
+                self._zero_map.close()
+            os.close(self._wake_read)
+            os.close(self._wake_write)
 
     # -- filling pages -----------------------------------------------------------------------------
-    def _resolve(self, source: _Source, address: int) -> None:
+    def _zeros(self, length: int) -> int:
+        """The address of ``length`` zero bytes (a mapping never written)."""
+        if self._zero_map is None or len(self._zero_map) < length:
+            self._zero_map = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                       prot=mmap.PROT_READ)  # fmt: skip
+            self._zero_address, _ = self._resources.enter_context(pinned(self._zero_map))
+        return self._zero_address
+
+    def _resolve(self, source: _Source, address: int) -> Outcome:
         region = source.find(address)
+        page = mmap.PAGESIZE if region is None else region.page_size
         if region is None:  # no map says where this page comes from: SIGBUS beats a hang
             self.stats.add(_stats.ERRORS)
-            page = memory_page_size()
             with contextlib.suppress(UserfaultfdError):
                 source.uffd.poison(address - address % page, page)
-            return
-        page = region.page_size
+            return Outcome.DONE
         index = (address - region.address) // page
         self.stats.add(_stats.FAULTS)
-        if region.filled[index]:
+        if region.settled[index]:
             self.stats.add(_stats.WAKES)
-            source.uffd.wake(region.address + index * page, page)
-            return
+            source.uffd.wake(region.at(index), page)
+            return Outcome.DONE
         if region.removed[index]:
-            self._zero(source, region, index)
-            return
+            return self._place(source, region, index, index + 1, _Fill.ZERO)
         start, end = self.policy.window(index, region.pages, page, region.stream)
         start, end = max(start, 0), min(max(end, index + 1), region.pages)
         # The faulting page's run first (it wakes the faulting thread), then the rest.
         run_end = index
-        while run_end < end and not region.filled[run_end] and not region.removed[run_end]:
+        while run_end < end and not region.settled[run_end] and not region.removed[run_end]:
             run_end += 1
-        if not self._fill(source, region, index, run_end, fault=index):
-            return
-        for a, b in _unfilled_runs(region, start, end):
-            if not self._fill(source, region, a, b, fault=None):
-                return
+        outcome = self._fill(source, region, index, run_end, must=(index, index + 1))
+        for first, last in list(unsettled_runs(region, start, end)):
+            if outcome is not Outcome.DONE:
+                break
+            outcome = self._fill(source, region, first, last, must=(0, 0))
+        return outcome
 
     def _fill(
-        self, source: _Source, region: RegionState, first: int, last: int, fault: int | None
-    ) -> bool:
-        """Copy pages [first, last) of ``region`` from the store; False if the source is gone."""
+        self, source: _Source, region: RegionState, first: int, last: int, must: tuple[int, int]
+    ) -> Outcome:
+        """Copy pages [first, last) of ``region`` from the store. Pages in ``must`` that the
+        store cannot give are poisoned; others are left for a later fault to try again."""
+        assert self.store is not None
         page = region.page_size
         chunk = max(1, len(self._view) // page)
         index = first
         while index < last:
             stop = min(last, index + chunk)
-            size = (stop - index) * page
-            offset = region.offset + index * page
-            self._busy_since = time.monotonic()
-            try:
-                mapped = self.store.address(offset, size)
-                got = (
-                    size if mapped is not None else self.store.read_into(offset, self._view[:size])
+            src = self._read(region.offset + index * page, (stop - index) * page)
+            outcome = Outcome.STORE_FAILED
+            if src is not None:
+                outcome = self._place(source, region, index, stop, _Fill.COPY, src)
+            if outcome is Outcome.STORE_FAILED:
+                lo, hi = max(index, must[0]), min(stop, must[1])
+                outcome = Outcome.DONE
+                if lo < hi:
+                    outcome = self._place(source, region, lo, hi, _Fill.POISON)
+            if outcome is not Outcome.DONE:
+                return outcome
+            index = stop
+        return Outcome.DONE
+
+    def _read(self, offset: int, size: int) -> int | None:
+        """The address of store bytes [offset, offset + size), or None if the store failed."""
+        assert self.store is not None
+        self._busy_since = time.monotonic()
+        try:
+            mapped = self.store.address(offset, size)
+            if mapped is not None:
+                return mapped
+            inside = max(0, min(size, self.store.size - offset))
+            got = self.store.read_into(offset, self._view[:size])
+            if got < inside:
+                raise StoreError(
+                    f"short read: {got} of {inside} bytes at offset {offset}, inside the "
+                    f"store's {self.store.size} bytes"
                 )
-            except StoreError:
-                self.stats.add(_stats.ERRORS)
-                if fault is not None and index <= fault < stop:
-                    self._poison(source, region, fault)
-                return True
-            finally:
-                self._busy_since = 0.0
-            if got < size:  # past the end of the store: the rest of the range is zeros
-                self._view[got:size] = bytes(size - got)
-            done = self._copy(source, region, index, stop, mapped)
-            if done is None:
-                return False
-            index += max(done, 1)
-        return True
-
-    def _copy(
-        self,
-        source: _Source,
-        region: RegionState,
-        first: int,
-        last: int,
-        src: int | None = None,
-    ) -> int | None:
-        """UFFDIO_COPY pages [first, last) from ``src`` (default: the buffer); returns pages
-        handled, or None if the range or its process went away."""
-        page = region.page_size
-        address = region.address + first * page
-        src = self._buffer_address if src is None else src
-        # Counted before the ioctl: the copy wakes the faulting thread, which may read the
-        # stats at once and must find its page counted.
-        self._count_filled(region, first, last)
-        try:
-            source.uffd.copy(address, src, (last - first) * page)
-        except PageExistsError:
-            # Some page in the range is there already: go page by page.
-            self._count_filled(region, first, last, sign=-1)
-            for i in range(first, last):
-                try:
-                    self._count_filled(region, i, i + 1)
-                    offset = (i - first) * page
-                    source.uffd.copy(region.address + i * page, src + offset, page)
-                except PageExistsError:
-                    self._count_filled(region, i, i + 1, sign=-1)
-                    region.filled[i] = 1
-                    source.uffd.wake(region.address + i * page, page)
-            return last - first
-        except MappingChangedError as err:
-            done = err.done // page
-            self._count_filled(region, first + done, last, sign=-1)
-            # Apply the queued events; the range may be gone or moved: the fault comes again.
-            for owner, events in self._collect(source):
-                self._apply(owner, events)
-            return done if region in source.regions else None
-        except UserfaultfdError as err:
-            if err.errno != errno.ENOENT:
-                raise
-            return None  # the range was unmapped meanwhile: nobody can fault on it any more
-        except ProcessGoneError:
-            self._drop(source)
+            self._view[got:size] = bytes(size - got)  # the last page's tail, past the end
+            return self._buffer_address
+        except Exception as err:  # any failure of the store is a page it cannot give
+            self.stats.add(_stats.ERRORS)
+            _log.warning("store %r failed at offset %d (%d bytes): %s: %s; pages that are "
+                         "waited on are poisoned", self.store, offset, size,
+                         type(err).__name__, err)  # fmt: skip
             return None
-        self.stats.add(_stats.COPIES)
-        return last - first
+        finally:
+            self._busy_since = 0.0
 
-    def _count_filled(self, region: RegionState, first: int, last: int, sign: int = 1) -> None:
-        """Mark pages [first, last) filled (``sign`` -1: take that back) and count them."""
-        if last <= first:
-            return
-        region.filled[first:last] = (b"\x01" if sign > 0 else b"\x00") * (last - first)
-        self.stats.add(_stats.PAGES, sign * (last - first))
-        self.stats.add(_stats.BYTES, sign * (last - first) * region.page_size)
-
-    def _zero(self, source: _Source, region: RegionState, index: int) -> None:
+    def _place(
+        self, source: _Source, region: RegionState, first: int, last: int, how: _Fill,
+        src: int = 0,
+    ) -> Outcome:  # fmt: skip
+        """Settle pages [first, last) by one ioctl (COPY from ``src``, ZEROPAGE or POISON),
+        going on past pages that are there already."""
         page = region.page_size
-        self._view[:page] = bytes(page)
-        self._copy(source, region, index, index + 1)
+        while first < last:
+            address, length = region.at(first), (last - first) * page
+            # Counted before the ioctl: it wakes the faulting thread, which may read the stats
+            # at once and must find its page counted.
+            self._count(region, first, last, how)
+            try:
+                if how is _Fill.COPY:
+                    source.uffd.copy(address, src, length)
+                elif how is _Fill.ZERO:  # a COPY of zeros: hugetlbfs ranges have no ZEROPAGE
+                    source.uffd.copy(address, self._zeros(length), length)
+                else:
+                    source.uffd.poison(address, length)
+            except PageExistsError:  # the first page is there already
+                self._count(region, first, last, how, sign=-1)
+                region.settled[first] = 1
+                self.stats.add(_stats.WAKES)
+                source.uffd.wake(address, page)
+                first, src = first + 1, src + page
+                continue
+            except MappingChangedError as err:
+                done = err.done // page
+                self._count(region, first + done, last, how, sign=-1)
+                region.settled[first : first + done] = b"\x01" * done
+                return Outcome.CHANGED
+            except ProcessGoneError:
+                self._count(region, first, last, how, sign=-1)
+                self._release(source)
+                return Outcome.PROCESS_GONE
+            except UserfaultfdError as err:
+                self._count(region, first, last, how, sign=-1)
+                if err.errno == errno.ENOENT:
+                    # Unmapped meanwhile (its UNMAP event follows): nothing there to settle.
+                    region.settled[first:last] = b"\x01" * (last - first)
+                    return Outcome.DONE
+                if err.errno == errno.EFAULT and how is _Fill.COPY:
+                    self.stats.add(_stats.ERRORS)
+                    _log.warning("store %r: its mapped bytes for 0x%x+%d cannot be read (the "
+                                 "file shrank?)", self.store, address, length)  # fmt: skip
+                    return Outcome.STORE_FAILED
+                raise
+            region.settled[first:last] = b"\x01" * (last - first)
+            if how is _Fill.COPY:
+                self.stats.add(_stats.COPIES)
+            return Outcome.DONE
+        return Outcome.DONE
 
-    def _poison(self, source: _Source, region: RegionState, index: int) -> None:
-        page = region.page_size
-        try:
-            source.uffd.poison(region.address + index * page, page)
-        except PageExistsError:
-            return
-        region.filled[index] = 1
-        self.stats.add(_stats.POISONED)
-
-    def drain(self) -> None:
-        """Fill every page not filled yet (before the handler goes away)."""
-        for source in list(self._sources.values()):
-            for region in list(source.regions):
-                for a, b in _unfilled_runs(region, 0, region.pages):
-                    if not self._fill(source, region, a, b, fault=None):
-                        break
-
-    def close(self) -> None:
-        for source in list(self._sources.values()):
-            self._drop(source)
-        self._view.release()
-        self._resources.close()
-
-
-def _post(report: int, event: Event) -> None:
-    """One length-prefixed record on the supervisor's pipe (small: written atomically)."""
-    record = pickle.dumps(event)
-    with contextlib.suppress(BrokenPipeError):
-        os.write(report, struct.pack("<I", len(record)) + record)
-
-
-def read_reports(data: bytearray) -> list[Event]:
-    """Take the complete records off the front of ``data`` (what ``_post`` wrote)."""
-    events: list[Event] = []
-    while len(data) >= 4:
-        (size,) = struct.unpack_from("<I", data)
-        if len(data) < 4 + size:
-            break
-        events.append(pickle.loads(bytes(data[4 : 4 + size])))
-        del data[: 4 + size]
-    return events
-
-
-def _unfilled_runs(region: RegionState, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """Runs [a, b) of pages in [start, end) neither filled nor removed."""
-    index = start
-    while index < end:
-        if region.filled[index] or region.removed[index]:
-            index += 1
-            continue
-        run = index
-        while index < end and not region.filled[index] and not region.removed[index]:
-            index += 1
-        yield run, index
+    def _count(
+        self, region: RegionState, first: int, last: int, how: _Fill, sign: int = 1
+    ) -> None:
+        pages = sign * max(0, last - first)
+        if how is _Fill.POISON:
+            self.stats.add(_stats.POISONED, pages)
+        elif how is _Fill.COPY:
+            self.stats.add(_stats.PAGES, pages)
+            self.stats.add(_stats.BYTES, pages * region.page_size)

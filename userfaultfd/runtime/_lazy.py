@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import io
-import weakref
 from typing import Any
 
 from .. import memory
@@ -35,6 +34,17 @@ def lazy(
     returned object (and any view of it) does, and is stopped cleanly after.
     """
     store = open_store(source)
+    try:
+        return _map(store, shape, dtype, policy, serve_options)
+    finally:
+        if store is not source:
+            store.close()  # the supervisor has its own handle; this process needs none
+
+
+def _map(
+    store: Store, shape: int | tuple[int, ...] | None, dtype: Any, policy: Policy | None,
+    serve_options: dict[str, Any],
+) -> Any:  # fmt: skip
     offset, header_shape, header_dtype = _npy_header(store)
     if header_dtype is not None:
         if dtype is not None or shape is not None:
@@ -53,15 +63,20 @@ def lazy(
     if nbytes <= 0:
         raise ValueError("the source is empty: there is nothing to map")
     page = memory.page_size()
-    mapping = memory.anonymous(-(-nbytes // page) * page)
-    server = serve([Region(mapping.address, mapping.length, offset, page)], store,
-                   policy=policy, **serve_options)  # fmt: skip
+    # No commit charge up front: a source may be larger than memory; pages count as they fill.
+    mapping = memory.anonymous(-(-nbytes // page) * page, noreserve=True)
+    try:
+        server = serve([Region(mapping.address, mapping.length, offset, page)], store,
+                       policy=policy, **serve_options)  # fmt: skip
+    except BaseException:
+        mapping.close()
+        raise
     holder = (ctypes.c_char * nbytes).from_buffer(mapping.view)
-    # The holder owns the mapping and the server; when the last view of it goes, the handler is
-    # stopped (no drain: nobody can read the memory any more) and the mapping is unmapped.
+    # The holder owns the mapping and the server. When the last view of it goes, the mapping is
+    # unmapped (the handler reads that UNMAP and lets the range go) and the program lets go of
+    # the server; the handler still serves forked children that have a copy.
     holder.mapping = mapping  # type: ignore[attr-defined]
     holder.server = server  # type: ignore[attr-defined]
-    weakref.finalize(holder, _stop, server)
     raw = memoryview(holder).cast("B")
     if dtype is None:
         return raw
@@ -80,10 +95,6 @@ def server_of(array: Any) -> Server:
         raise ValueError("not memory returned by lazy()")
     server: Server = base.server
     return server
-
-
-def _stop(server: Server) -> None:
-    server.stop(drain=False, timeout=10)
 
 
 def _npy_header(store: Store) -> tuple[int, tuple[int, ...] | None, Any]:

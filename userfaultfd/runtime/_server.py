@@ -2,16 +2,19 @@
 
 Why another process, and why this order:
 - A Python thread faulting on registered memory holds the GIL (see userfaultfd._core), so the
-  handler is a separate process.
-- The handler is forked *before* the memory is registered, and receives the uffd over a Unix
-  socket (SCM_RIGHTS). Forking after registration would itself be a fork of registered memory:
-  with EVENT_FORK requested, fork() would block until someone reads the Fork event.
+  handler is a separate process (a daemon: see _launch).
+- The supervisor is started *before* the memory is registered, and receives the uffd over a
+  Unix socket (SCM_RIGHTS). Forking after registration would itself be a fork of registered
+  memory: with EVENT_FORK requested, fork() would block until someone reads the Fork event.
 - Once the supervisor holds the uffd, this process closes its own copy: a thread here blocked
-  on a fault must never also be the only thing keeping the registration alive. The supervisor
-  restarts a handler that dies (see _supervisor); stop() fills the remaining pages before both
-  exit, so the memory stays right after them.
-- The handler ignores SIGINT: Ctrl-C reaches the whole process group, and a handler that died
-  of it would take the memory's contents with it.
+  on a fault must never also be the only thing keeping the registration alive.
+- The handler serves this process and every child it forks for as long as each lives (see
+  _handler). So a ``Server`` acts only in the process that created it: in a forked child, its
+  copy stops nothing, and dropping it or exiting changes nothing for anyone else. Dropping the
+  Server without stop() only lets go of it: the handler goes on while the memory is mapped.
+- EVENT_FORK needs CAP_SYS_PTRACE. Without it the kernel would give a forked child the range
+  unregistered, and its missing pages would read zeros; so the ranges are marked MADV_DONTFORK
+  instead: a child does not get them at all (touching them there is SIGSEGV, never zeros).
 """
 
 from __future__ import annotations
@@ -20,21 +23,22 @@ import contextlib
 import ctypes
 import itertools
 import os
-import signal
-import socket
+import select
 import threading
 import time
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .. import memory
+from .. import _abi, memory
 from .._closing import Closing
 from .._core import Userfaultfd, supported_features
+from .._errors import UserfaultfdPermissionError
 from .._flags import Feature, Mode
 from .._forked import Channel
 from ..stores import Store
 from . import _stats
+from ._launch import Launched, launch
 from ._policy import Adaptive, Policy
 from ._stats import Stats, StatsBlock
 from ._supervisor import supervise
@@ -49,6 +53,8 @@ _WANTED = (
     Feature.EVENT_FORK | Feature.EVENT_REMAP | Feature.EVENT_REMOVE | Feature.EVENT_UNMAP
     | Feature.MISSING_SHMEM | Feature.MISSING_HUGETLBFS | Feature.POISON
 )  # fmt: skip
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,24 +76,24 @@ class Region:
 
 class Server(Closing):
     """A running supervisor (``pid``) and its handler (``handler_pid``). ``stop()`` (or leaving
-    the ``with`` block) fills the pages not filled yet and ends both; ``stats()`` reads the
-    counters at any time."""
+    the ``with`` block) settles the pages not filled yet and ends both; ``stats()`` reads the
+    counters at any time, from any process."""
 
     def __init__(
-        self,
-        pid: int,
-        control: int,
-        stats: StatsBlock,
-        regions: list[Region],
-        pinned_thread: tuple[int, set[int]] | None = None,
-    ) -> None:
-        self.pid = pid
+        self, launched: Launched, control: int, stats: StatsBlock, regions: list[Region],
+        pinned_thread: int | None,
+    ) -> None:  # fmt: skip
+        self.pid = launched.pid
         self.regions = regions
+        self._launched = launched
         self._control = control
         self._stats = stats
-        self._status: int | None = None
+        self._owner = os.getpid()
         self._pinned_thread = pinned_thread
-        self._finalizer = weakref.finalize(self, _reap, pid, control, pinned_thread)
+        self._stopped = False
+        self._finalizer = weakref.finalize(
+            self, _let_go, self._owner, control, launched.pidfd, pinned_thread
+        )
 
     def stats(self) -> Stats:
         return self._stats.snapshot()
@@ -99,56 +105,90 @@ class Server(Closing):
 
     @property
     def alive(self) -> bool:
-        if self._status is not None:
+        """Whether the supervisor runs (the handler may outlive it, see stop())."""
+        if self._stopped:
             return False
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
-        if pid:
-            self._status = status
-        return self._status is None
+        return not select.select([self._launched.pidfd], [], [], 0)[0]
 
     def stop(self, *, drain: bool = True, timeout: float = 600.0) -> Stats:
-        """End the handler. With ``drain`` it first fills every page not filled yet, so the
-        memory stays correct after it is gone; without, unfilled pages would read as zeros, so
-        use ``drain=False`` only once the memory is unmapped or no longer read."""
-        if self._status is None:
-            try:
-                os.write(self._control, b"d" if drain else b"x")
-            except BrokenPipeError:
-                pass
-            deadline = time.monotonic() + timeout
-            while self.alive and time.monotonic() < deadline:
-                time.sleep(0.001)
-            if self.alive:
-                os.kill(self.pid, signal.SIGKILL)
-                self._status = os.waitpid(self.pid, 0)[1]
-                raise TimeoutError(f"the handler did not finish within {timeout} s; killed")
+        """Settle every page not filled yet, in this process and the children it forked, and
+        end the handler: with ``drain``, fill them from the store; without, poison them (an
+        access then gets SIGBUS). If the drain takes longer than ``timeout`` seconds, the pages
+        left are poisoned and TimeoutError is raised. In a forked child, or once stopped, this
+        only returns the stats."""
+        if self._stopped or os.getpid() != self._owner:
+            return self.stats()
+        self._stopped = True
         self._finalizer.detach()
-        os.close(self._control)
-        _unpin(self._pinned_thread)
+        try:
+            self._tell(b"d" if drain else b"p")
+            if not self._gone_within(timeout):
+                self._tell(b"p")  # the supervisor kills the stuck handler and poisons
+                if not self._gone_within(10.0):
+                    self._launched.kill()
+                    raise TimeoutError(
+                        f"the handler did not finish within {timeout} s, nor poison the pages "
+                        "left; killed"
+                    )
+                raise TimeoutError(
+                    f"the handler did not finish within {timeout} s; the pages not filled were "
+                    "poisoned"
+                )
+        finally:
+            _let_go(self._owner, self._control, self._launched.pidfd, self._pinned_thread)
         return self.stats()
+
+    def _tell(self, command: bytes) -> None:
+        with contextlib.suppress(BrokenPipeError):  # supervisor and handler are both gone
+            os.write(self._control, command)
+
+    def _gone_within(self, timeout: float) -> bool:
+        """Wait until the supervisor and the handler it ran have both exited."""
+        deadline = time.monotonic() + timeout
+        pidfd = self._launched.pidfd
+        while not select.select([pidfd], [], [], min(0.05, _left(deadline)))[0]:
+            if time.monotonic() >= deadline:
+                return False
+        while _running(self.handler_pid):  # an orphaned handler finishing alone
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
     def close(self) -> None:
         """stop() with its defaults, unless the server was stopped already."""
-        if self._finalizer.alive:
-            self.stop()
+        self.stop()
 
     def __repr__(self) -> str:
-        return f"<Server pid={self.pid} {'running' if self._finalizer.alive else 'stopped'}>"
+        return f"<Server pid={self.pid} {'stopped' if self._stopped else 'running'}>"
 
 
-def _reap(pid: int, control: int, pinned_thread: tuple[int, set[int]] | None) -> None:
-    """Finalizer: the Server was dropped without stop(). Tell the handler to fill what is left
-    and exit (the memory may still be in use), without waiting for it."""
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
+    if pid <= 0:
+        return False
     try:
-        os.write(control, b"d")
-        os.close(control)
-    except OSError:
-        pass
-    _unpin(pinned_thread)
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _let_go(owner: int, control: int, pidfd: int, pinned_thread: int | None) -> None:
+    """Release what the program holds of a server (the handler goes on while it is needed).
+    Only in the process that created it: a forked child's copy holds nothing of its own."""
+    if os.getpid() != owner:
+        return
+    for fd in (control, pidfd):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    if pinned_thread is not None:
+        _unpin(pinned_thread)
 
 
 def serve(
@@ -159,56 +199,98 @@ def serve(
     cpu: int | str | None = DEFAULT_CPU,
     batch: int = 64,
     buffer_bytes: int = 8 << 20,
+    user_mode_only: bool = False,
 ) -> Server:
     """Register ``regions`` (MISSING) and serve their faults from ``store`` in a new process.
 
     ``policy`` chooses how many pages each fault fills (default :class:`Adaptive`). ``cpu``: an
     int pins the handler to that CPU; "same" pins the handler and the calling thread to the CPU
-    the caller runs on; None leaves both to the scheduler.
+    the caller runs on; None leaves both to the scheduler. ``batch``: events read per read().
+    ``buffer_bytes``: the handler's copy buffer. ``user_mode_only``: a uffd that handles faults
+    from user space only (all an unprivileged process may have under
+    vm.unprivileged_userfaultfd=0); a system call reading the memory then fails with EFAULT.
     """
     wanted = [r if isinstance(r, Region) else Region.of(r) for r in regions]
-    chosen = policy if policy is not None else Adaptive()
+    if not wanted:
+        raise ValueError("serve() needs at least one region")
+    chosen = Adaptive() if policy is None else policy
+    if not isinstance(chosen, Policy):
+        raise TypeError(f"policy must be Single(), Window(n) or Adaptive(), not {chosen!r}")
+    if not isinstance(store, Store):
+        raise TypeError(f"store must be a userfaultfd.stores.Store, not {type(store).__name__}")
     resolved = [_checked(r, store) for r in wanted]
     _refuse_overlaps(resolved)
+    largest_page = max(r.page_size or 0 for r in resolved)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch (events read at once) must be a positive int, not {batch!r}")
+    if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or (
+        buffer_bytes < largest_page
+    ):
+        raise ValueError(
+            f"buffer_bytes must be an int of at least one page ({largest_page}), not "
+            f"{buffer_bytes!r}"
+        )
     handler_cpu, pinned_thread = _place(cpu)
     stats = StatsBlock()
     control_read, control_write = os.pipe2(os.O_CLOEXEC)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:  # the supervisor, which starts the handler
-        status = 1
-        try:
-            ours.close()
-            os.close(control_write)
-            supervise(Channel(theirs), control_read, store, chosen, stats, handler_cpu, batch,
-                      buffer_bytes)  # fmt: skip
-            status = 0
-        finally:
-            os._exit(status)
-    theirs.close()
-    os.close(control_read)
-    channel = Channel(ours)
+
+    def body(channel: Channel) -> None:
+        os.close(control_write)
+        supervise(channel, control_read, store, chosen, stats, handler_cpu, batch, buffer_bytes)
+
+    launched: Launched | None = None
     try:
-        features = _WANTED & supported_features()
-        with Userfaultfd(features) as uffd:
+        # The supervisor first: a fork of registered memory would wait for its Fork event.
+        launched = launch(body)
+        os.close(control_read)
+        control_read = -1
+        uffd, features = _open(user_mode_only)
+        with uffd:
+            if Feature.EVENT_FORK not in features:
+                for r in resolved:
+                    _dont_fork(r)
             for r in resolved:
                 uffd.register(r.address, r.length, Mode.MISSING)
-            channel.send(
+            launched.channel.send(
                 (int(features), [(r.address, r.length, r.offset, r.page_size) for r in resolved]),
                 [uffd.fileno()],
             )
-        ready, _ = channel.recv(timeout=30)
+        (ready, _pid), _ = launched.channel.recv(timeout=30)
         if ready != "ready":
             raise RuntimeError(f"the handler did not start: {ready}")
     except BaseException:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(control_write)
-        _unpin(pinned_thread)
+        if launched is not None:
+            launched.kill()
+            os.close(launched.pidfd)
+        for fd in (control_read, control_write):
+            if fd >= 0:
+                os.close(fd)
+        if pinned_thread is not None:
+            _unpin(pinned_thread)
         raise
     finally:
-        ours.close()
-    return Server(pid, control_write, stats, resolved, pinned_thread)
+        if launched is not None:
+            launched.channel.sock.close()
+    return Server(launched, control_write, stats, resolved, pinned_thread)
+
+
+def _open(user_mode_only: bool) -> tuple[Userfaultfd, Feature]:
+    """A uffd with the features the runtime uses that this kernel and this process may have."""
+    features = _WANTED & supported_features()
+    try:
+        return Userfaultfd(features, user_mode_only=user_mode_only), features
+    except UserfaultfdPermissionError:
+        if Feature.EVENT_FORK not in features:
+            raise
+    features &= ~Feature.EVENT_FORK  # needs CAP_SYS_PTRACE; children then get no copy at all
+    return Userfaultfd(features, user_mode_only=user_mode_only), features
+
+
+def _dont_fork(region: Region) -> None:
+    if _libc.madvise(ctypes.c_void_p(region.address), ctypes.c_size_t(region.length),
+                     _abi.MADV_DONTFORK) != 0:  # fmt: skip
+        code = ctypes.get_errno()
+        raise OSError(code, f"madvise(MADV_DONTFORK) on 0x{region.address:x}: {os.strerror(code)}")
 
 
 def _refuse_overlaps(regions: list[Region]) -> None:
@@ -237,12 +319,17 @@ def _checked(region: Region, store: Store) -> Region:
     return Region(region.address, region.length, region.offset, page)
 
 
-_libc = ctypes.CDLL(None)
+# -- placement ---------------------------------------------------------------------------------
+# Pins are counted per thread: the first pin saves the thread's affinity and the last unpin
+# puts it back, so servers stopped in any order leave the thread as it was.
+_pins: dict[int, tuple[set[int], int]] = {}
+_pins_lock = threading.Lock()
 
 
-def _place(cpu: int | str | None) -> tuple[int | None, tuple[int, set[int]] | None]:
-    """The handler's CPU. For "same", also pins the calling thread there, and returns its
-    thread id and former affinity so stop() can put it back."""
+def _place(cpu: int | str | None) -> tuple[int | None, int | None]:
+    """The handler's CPU. For "same", also pins the calling thread there; returns its id."""
+    if isinstance(cpu, bool) or not (cpu is None or isinstance(cpu, int | str)):
+        raise ValueError(f'cpu must be an int, "same" or None, not {cpu!r}')
     if isinstance(cpu, int):
         allowed = os.sched_getaffinity(0)
         if cpu not in allowed:
@@ -253,13 +340,23 @@ def _place(cpu: int | str | None) -> tuple[int | None, tuple[int, set[int]] | No
     if cpu != "same":
         raise ValueError(f'cpu must be an int, "same" or None, not {cpu!r}')
     here = int(_libc.sched_getcpu())
+    if here < 0:
+        raise OSError(ctypes.get_errno(), "sched_getcpu failed")
     thread = threading.get_native_id()
-    before = os.sched_getaffinity(thread)
-    os.sched_setaffinity(thread, {here})  # this thread only: Linux affinity is per thread
-    return here, (thread, before)
+    with _pins_lock:
+        before, count = _pins.get(thread, (os.sched_getaffinity(thread), 0))
+        os.sched_setaffinity(thread, {here})  # this thread only: Linux affinity is per thread
+        _pins[thread] = (before, count + 1)
+    return here, thread
 
 
-def _unpin(pinned_thread: tuple[int, set[int]] | None) -> None:
-    if pinned_thread is not None:
+def _unpin(thread: int) -> None:
+    with _pins_lock:
+        if thread not in _pins:
+            return
+        before, count = _pins.pop(thread)
+        if count > 1:
+            _pins[thread] = (before, count - 1)
+            return
         with contextlib.suppress(OSError):  # the thread may have ended
-            os.sched_setaffinity(*pinned_thread)
+            os.sched_setaffinity(thread, before)

@@ -2,21 +2,24 @@
 
 Design note
 -----------
-- The supervisor holds its own descriptor of the uffd. While any descriptor is open the kernel
-  keeps the registration, so a handler that dies (a crash, SIGKILL, the OOM killer) leaves the
-  faulting threads blocked, not reading zeros; the program itself holds none (see _server).
+- The supervisor holds a descriptor of every uffd the handler serves: the program's (received
+  at start) and each forked child's (the handler sends it over SCM_RIGHTS when it reads the FORK
+  event). While any descriptor is open the kernel keeps the registration, so a handler that
+  dies (a crash, SIGKILL, the OOM killer) leaves the faulting threads blocked, not reading zeros.
+  The program itself holds none (see _server).
 - It forks a new handler, then wakes every registered range (UFFDIO_WAKE): threads whose fault
   the dead handler had read but not answered fault again, and their events reach the new one.
-  The new handler starts with an empty map of filled pages; copies onto pages already there
-  fail with EEXIST, which the handler answers with a wake.
-- If no handler can run (the store cannot be opened again, or handlers keep dying), it poisons
-  every page not filled yet: accesses get SIGBUS, never zeros. Poison markers outlive the uffd.
-- Commands from the program (fill the rest and exit, or exit) go through the supervisor, which
-  repeats the last one to a handler it had to restart, so stop() is never lost.
-- Handlers report every REMAP, REMOVE and UNMAP they read over a pipe, and the supervisor keeps
-  the map of ranges up to date, so a restarted handler knows where the ranges are now and which
-  pages the program dropped (those still read zeros). What a restart forgets: the uffds of the
-  program's forked children (FORK events) die with the handler that held them.
+  The new handler knows nothing of what the dead one filled; copies onto pages already there
+  fail with EEXIST, which it answers with a wake.
+- Handlers report every change to the ranges (REMAP, REMOVE, UNMAP), every child they adopt and
+  every source they close, so a restarted handler starts from where things are now.
+- If no handler can run (the store cannot be opened again, or handlers keep dying), or the
+  program asks for it (``stop(drain=False)``, or a drain that timed out), the supervisor settles
+  every source itself by poisoning what is not filled: SIGBUS, never zeros.
+- Supervisor and handler run in a session of their own and ignore the signals a terminal or a
+  service manager sends a process group (SIGINT, SIGTERM, SIGHUP, SIGQUIT): the program may
+  handle those and go on reading its memory. They end when the processes they serve are gone.
+  If the supervisor alone is killed, the handler goes on serving (it holds the uffds), alone.
 """
 
 from __future__ import annotations
@@ -25,27 +28,54 @@ import contextlib
 import os
 import select
 import signal
+import socket
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 from .._core import Userfaultfd
-from .._errors import PageExistsError, ProcessGoneError, UserfaultfdError
-from .._events import Remap, Remove, Unmap
 from .._flags import Feature
 from .._forked import Channel
 from ..stores import Store
 from . import _stats
-from ._handler import Handler, RegionMap, RegionState, read_reports
+from ._handler import Handler
 from ._policy import Policy
+from ._ranges import RegionMap, RegionState
+from ._reports import Adopted, Changed, Closed
 from ._stats import StatsBlock
 
-__all__ = ["supervise"]
+__all__ = ["ignore_group_signals", "supervise"]
 
 #: A handler that cannot open its store exits with this status: restarting will not help.
 STORE_GONE = 3
 #: More restarts than this within RESTART_WINDOW seconds: give up and poison.
 MAX_RESTARTS = 50
 RESTART_WINDOW = 10.0
+
+_GROUP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def ignore_group_signals() -> None:
+    for signum in _GROUP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@dataclass(slots=True)
+class _Held:
+    """The supervisor's own descriptor of one uffd, and where its ranges are now."""
+
+    uffd: Userfaultfd
+    ranges: RegionMap
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    store: Store
+    policy: Policy
+    stats: StatsBlock
+    batch: int
+    buffer_bytes: int
 
 
 def supervise(
@@ -58,135 +88,154 @@ def supervise(
     batch: int,
     buffer_bytes: int,
 ) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
+    ignore_group_signals()
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})  # handlers inherit it
+    options = _Options(store, policy, stats, batch, buffer_bytes)
     (features, regions), fds = channel.recv(timeout=30)
-    uffd = Userfaultfd.from_fd(fds[0], Feature(features))
-    # The ranges as the program has moved, dropped and unmapped them: handlers report every
-    # REMAP, REMOVE and UNMAP they read, so a restarted one starts from where things are.
-    ranges = RegionMap([RegionState(a, n, o, p, stream=0) for a, n, o, p in regions])
-    command = b""  # the last command from the program, repeated to a restarted handler
-    restarts: list[float] = []
-    started = False
-    while True:
-        handler_pid, handler_control, reports = _start(
-            uffd, ranges, store, policy, stats, batch, buffer_bytes, control, channel
+    sources = {
+        1: _Held(
+            Userfaultfd.from_fd(fds[0], Feature(features)),
+            RegionMap([RegionState(a, n, o, p) for a, n, o, p in regions]),
         )
-        stats.set(_stats.HANDLER_PID, handler_pid)
+    }
+    command = b""  # the program's last command, repeated to a restarted handler
+    restarts: list[float] = []
+    listening = True
+    while True:
+        pid, commands, reports = _start(sources, options, control, channel)
+        stats.set(_stats.HANDLER_PID, pid)
         if command:
-            _tell(handler_control, command)
-        if not started:
-            channel.send("ready")
-            started = True
-        status = _watch(handler_pid, handler_control, control, reports, ranges)
-        if status.command:
-            command = status.command
-        os.close(handler_control)
-        os.close(reports)
-        if status.exit_code == 0:
-            return  # stopped as asked, or every served process is gone
+            _tell(commands, command)
+        if channel.sock.fileno() >= 0:
+            channel.send(("ready", os.getpid()))
+            channel.sock.close()  # the program has what it needs
+        ended, listening, received = _watch(pid, commands, control, listening, reports, sources)
+        command = received or command
+        os.close(commands)
+        reports.sock.close()
+        if command == b"p" or (ended == 0 and not sources):
+            break  # poison asked for, or every source settled or gone
+        if ended == 0:
+            continue  # exited cleanly with sources left (cannot happen): serve them again
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
-        if status.exit_code == STORE_GONE or len(restarts) > MAX_RESTARTS:
-            _poison_unfilled(uffd, ranges)
-            return
+        if ended == STORE_GONE or len(restarts) > MAX_RESTARTS:
+            command = b"p"
+            break
         stats.add(_stats.RESTARTS)
-        try:
-            for region in ranges.regions:
-                uffd.wake(region.address, region.length)  # faults the dead handler read
-        except ProcessGoneError:
-            return
-
-
-@dataclass(frozen=True, slots=True)
-class _Ended:
-    exit_code: int
-    #: The program's command the handler was given, if any.
-    command: bytes
+        for held in sources.values():
+            for region in held.ranges.regions:  # faults the dead handler read
+                held.uffd.wake(region.address, region.length)
+    if command == b"p" and sources:
+        _poison(sources, options)
 
 
 def _start(
-    uffd: Userfaultfd,
-    ranges: RegionMap,
-    store: Store,
-    policy: Policy,
-    stats: StatsBlock,
-    batch: int,
-    buffer_bytes: int,
-    control: int,
-    channel: Channel,
-) -> tuple[int, int, int]:
-    """Fork a handler on a descriptor of its own; returns its pid, its command pipe and the
-    pipe it reports range changes on."""
-    command_read, command_write = os.pipe2(os.O_CLOEXEC)
-    reports_read, reports_write = os.pipe2(os.O_CLOEXEC)
+    sources: dict[int, _Held], options: _Options, control: int, channel: Channel
+) -> tuple[int, int, Channel]:
+    """Fork a handler with descriptors of its own; returns its pid, its command pipe and the
+    channel it reports on."""
+    commands_read, commands_write = os.pipe2(os.O_CLOEXEC)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         status = 1
         try:
-            os.close(command_write)
-            os.close(reports_read)
-            os.close(control)
+            os.close(commands_write)
+            ours.close()
             channel.sock.close()
             try:
-                opened = store.reopen()
-            except OSError:
+                opened = options.store.reopen()
+            except Exception as err:
+                print(f"userfaultfd: the store cannot be opened again: {err}", file=sys.stderr)
                 os._exit(STORE_GONE)
-            handler = Handler(opened, policy, stats, batch=batch, buffer_bytes=buffer_bytes,
-                              report=reports_write)  # fmt: skip
-            descriptor = Userfaultfd.from_fd(os.dup(uffd.fileno()), uffd.features)
-            handler.add(descriptor, ranges.fresh())
-            handler.run(command_read)
+            handler = Handler(opened, options.policy, options.stats, batch=options.batch,
+                              buffer_bytes=options.buffer_bytes, reports=Channel(theirs),
+                              first_key=max(sources, default=0) + 1)  # fmt: skip
+            for key, held in sources.items():
+                own = Userfaultfd.from_fd(os.dup(held.uffd.fileno()), held.uffd.features)
+                held.uffd.close()  # the supervisor's copy, inherited: only the supervisor keeps it
+                handler.add(own, held.ranges.forgotten(), key=key)
+            handler.run(commands_read, control)
             status = 0
+        except BaseException:
+            traceback.print_exc()
         finally:
             os._exit(status)
-    os.close(command_read)
-    os.close(reports_write)
-    return pid, command_write, reports_read
+    os.close(commands_read)
+    theirs.close()
+    return pid, commands_write, Channel(ours)
 
 
 def _watch(
-    handler_pid: int, handler_control: int, control: int, reports: int, ranges: RegionMap
-) -> _Ended:
-    """Forward the program's commands to the handler, and follow its range reports, until
-    the handler exits."""
-    command = b""
-    listening = True
-    pending = bytearray()
+    pid: int,
+    commands: int,
+    control: int,
+    listening: bool,
+    reports: Channel,
+    sources: dict[int, _Held],
+) -> tuple[int, bool, bytes]:
+    """Forward the program's commands and follow the handler's reports until it exits.
+    Returns its exit code (-1 for a signal), whether the program's pipe is still open, and
+    the command received, if any."""
+    received = b""
     while True:
-        ready = select.select([reports, control] if listening else [reports], [], [], 0.02)[0]
-        if reports in ready:
-            pending += os.read(reports, 1 << 16)
-            for event in read_reports(pending):
-                if isinstance(event, Remove | Unmap | Remap):
-                    ranges.change(event)
+        watched = [reports.sock.fileno(), control] if listening else [reports.sock.fileno()]
+        ready = select.select(watched, [], [], 0.02)[0]
+        if reports.sock.fileno() in ready:
+            _follow(reports, sources)
         if control in ready:
-            received = os.read(control, 1)
-            command = received or b"x"  # EOF: the program is gone, so is the memory
-            listening = False
-            _tell(handler_control, command)
-        pid, status = os.waitpid(handler_pid, os.WNOHANG)
-        if pid:
+            command = os.read(control, 1)
+            if not command:
+                listening = False  # the program closed its end: nothing more will come
+            elif command == b"p":  # poison: this process does it, the handler may be stuck
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                _follow(reports, sources)
+                return -1, listening, command
+            else:
+                received = command
+                _tell(commands, command)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            _follow(reports, sources)  # what it said before it went
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
-            return _Ended(code, command)
+            return code, listening, received
 
 
-def _tell(handler_control: int, command: bytes) -> None:
+def _follow(reports: Channel, sources: dict[int, _Held]) -> None:
+    """Apply every report waiting on the channel."""
+    while select.select([reports.sock], [], [], 0)[0]:
+        try:
+            report, fds = reports.recv(timeout=0)
+        except (EOFError, OSError):
+            return
+        if isinstance(report, Changed) and report.key in sources:
+            sources[report.key].ranges.change(report.event)
+        elif isinstance(report, Adopted) and fds and report.parent in sources:
+            parent = sources[report.parent]
+            copies = [r.piece(r.address, r.end) for r in parent.ranges.regions]
+            sources[report.key] = _Held(
+                Userfaultfd.from_fd(fds[0], parent.uffd.features), RegionMap(copies)
+            )
+        elif isinstance(report, Closed) and report.key in sources:
+            sources.pop(report.key).uffd.close()
+        for extra in fds[1:] if isinstance(report, Adopted) else fds:
+            os.close(extra)
+
+
+def _tell(commands: int, command: bytes) -> None:
     with contextlib.suppress(BrokenPipeError):
-        os.write(handler_control, command)
+        os.write(commands, command)
 
 
-def _poison_unfilled(uffd: Userfaultfd, ranges: RegionMap) -> None:
-    """Poison every page of the ranges that is still missing (SIGBUS on access, not zeros)."""
-    for region in ranges.regions:
-        page = region.page_size
-        for at in range(region.address, region.end, page):
-            try:
-                uffd.poison(at, page)
-            except PageExistsError:
-                pass  # filled: its data is right
-            except ProcessGoneError:
-                return
-            except UserfaultfdError:
-                return  # POISON unsupported: leaving the pages blocked beats zeros
+def _poison(sources: dict[int, _Held], options: _Options) -> None:
+    """Settle every source by poisoning the pages not filled: SIGBUS on access, not zeros."""
+    page = max((r.page_size for h in sources.values() for r in h.ranges.regions), default=4096)
+    settler = Handler(None, options.policy, options.stats, buffer_bytes=page)
+    for key, held in sources.items():
+        settler.add(held.uffd, held.ranges.forgotten(), key=key)
+    sources.clear()
+    settler.finish(fill=False)

@@ -1,0 +1,80 @@
+"""Start a server process and hand it work: the one fork-and-handshake sequence of the runtime.
+
+The server is a daemon, not a child of this process: an intermediate child calls setsid() and
+forks it, then exits at once. So
+- signals sent to the program's process group (Ctrl-C, a closed terminal, a service manager's
+  SIGTERM) do not reach it: it runs in a session of its own;
+- it leaves no zombie when the program forgets it, and ``os.wait()`` in the program never reaps
+  it by surprise: init does;
+- the program watches it through a pidfd, which works for any process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .._forked import Channel
+
+__all__ = ["Launched", "launch"]
+
+
+@dataclass(frozen=True, slots=True)
+class Launched:
+    """A server process: its pid, a pidfd for it, its process group, and the channel to it."""
+
+    pid: int
+    pidfd: int
+    group: int
+    channel: Channel
+
+    def kill(self) -> None:
+        """SIGKILL the server and everything it started (they share its process group)."""
+        try:
+            os.killpg(self.group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def launch(body: Callable[[Channel], None], timeout: float = 30.0) -> Launched:
+    """Run ``body(channel)`` in a new daemon process; returns once it runs."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    middle = os.fork()
+    if middle == 0:
+        status = 1
+        try:
+            ours.close()
+            os.setsid()  # a new session and process group, led by this short-lived process
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    body(Channel(theirs))
+                    status = 0
+                finally:
+                    os._exit(status)
+            Channel(theirs).send(("pid", pid))
+            status = 0
+        finally:
+            os._exit(status)
+    theirs.close()
+    channel = Channel(ours)
+    try:
+        os.waitpid(middle, 0)
+        (what, pid), _ = channel.recv(timeout=timeout)
+        if what != "pid":
+            raise RuntimeError(f"the server process did not start: {what}")
+        # The server waits for the program's first message, so it is alive here and its pid
+        # cannot have been reused.
+        pidfd = os.pidfd_open(pid)
+    except BaseException:
+        ours.close()
+        with_group = middle  # setsid made the middle process's pid the group id
+        try:
+            os.killpg(with_group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        raise
+    return Launched(pid, pidfd, middle, channel)

@@ -1,0 +1,69 @@
+"""What a handler tells its supervisor, so a restarted handler starts from where things are.
+
+Every source (the program's uffd, and one per forked child) has a key the supervisor knows it
+by. A handler reports each change to a source's map of ranges, each child it adopts (with the
+child's uffd, over SCM_RIGHTS: the supervisor must hold a descriptor of every uffd, or a
+handler's death would close the child's last one), and each source it has closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from .._events import Remap, Remove, Unmap
+from .._forked import Channel
+
+__all__ = ["Adopted", "Changed", "Closed", "Report", "Reporter"]
+
+
+@dataclass(frozen=True, slots=True)
+class Changed:
+    """Source ``key``'s ranges changed (the event the handler read and applied)."""
+
+    key: int
+    event: Remove | Unmap | Remap
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """A FORK event of source ``parent``: the child's uffd (sent with the report) is ``key``."""
+
+    parent: int
+    key: int
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """Source ``key`` is settled or its process is gone: the supervisor may close its copy."""
+
+    key: int
+
+
+Report = Changed | Adopted | Closed
+
+
+class Reporter:
+    """The handler's end of the report channel. Once the supervisor is gone (the channel
+    breaks), reports are dropped: there is nobody left to restart a handler."""
+
+    def __init__(self, channel: Channel | None) -> None:
+        self._channel = channel
+
+    @property
+    def supervised(self) -> bool:
+        return self._channel is not None
+
+    def send(self, report: Report, fds: list[int] | None = None) -> None:
+        if self._channel is None:
+            return
+        try:
+            self._channel.send(report, fds or [])
+        except OSError:  # EPIPE, ECONNRESET: the supervisor died
+            self.orphaned()
+
+    def orphaned(self) -> None:
+        if self._channel is not None:
+            with contextlib.suppress(OSError):
+                self._channel.sock.close()
+            self._channel = None
