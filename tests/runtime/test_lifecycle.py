@@ -249,7 +249,7 @@ def handler_under(run: Program, supervisor: int, killed: list[int]) -> int | Non
             pytest.fail(f"{run.case}: the supervisor died{run.summary()}")
         if time.monotonic() > run.deadline:
             run.hung(f"no new handler after killing {killed}")
-        time.sleep(0.002)
+        time.sleep(0.005)
 
 
 # -- 1. a forked child exits while the parent uses the array ------------------------------------
@@ -312,10 +312,12 @@ def test_a_signal_to_the_process_group_mid_load(npy: Path, tmp_path: Path, name:
         run.await_record("loading")
         time.sleep(0.1)
         os.killpg(run.sid, signal.Signals[name])
+        early = run.records("signals")
         run.assert_right()
         run.assert_exit(0)
         [received] = run.records("signals")
         assert received["received"] == [signal.Signals[name]], f"{case}: {run.summary()}"
+        assert not early, f"{case}: the load had ended before the signal was sent"
         run.assert_checked("parent", 0, N)
         run.assert_gone()
 
@@ -341,9 +343,12 @@ def test_sigkill_mid_load(npy: Path, tmp_path: Path, victim: str, times: int) ->
                 time.sleep(0.05)
                 os.kill(handler, signal.SIGKILL)
                 killed.append(handler)
+        early = run.records("stats")
         run.assert_right()
         run.assert_exit(0)
-        assert len(killed) == times, f"{case}: the load ended after {len(killed)} kills"
+        assert len(killed) == times and not early, (
+            f"{case}: the load ended before the last kill ({len(killed)} of {times} made)"
+        )
         run.assert_checked("parent", 0, N)
         if victim == "handler":
             [stats] = run.records("stats")
