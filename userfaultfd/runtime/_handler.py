@@ -426,11 +426,34 @@ class Handler:
                 lo, hi = max(index, must[0]), min(stop, must[1])
                 outcome = Outcome.DONE
                 if lo < hi:
-                    outcome = self._place(source, region, lo, hi, _Fill.POISON)
+                    outcome = self._fill_or_poison(source, region, lo, hi, tried=(index, stop))
             if outcome is not Outcome.DONE:
                 return outcome
             index = stop
         return Outcome.DONE
+
+    def _fill_or_poison(
+        self, source: _Source, region: RegionState, first: int, last: int, tried: tuple[int, int]
+    ) -> Outcome:
+        """After the store failed for pages ``tried``, fill [first, last) in halves, down to
+        single pages, and poison only the pages it cannot give: a bad chunk of a pack read
+        ahead must not cost the faulting page that lies outside it."""
+        if tried == (first, last):
+            if last - first == 1:
+                return self._place(source, region, first, last, _Fill.POISON)
+            middle = (first + last) // 2
+            outcome = self._fill_or_poison(source, region, first, middle, (first, middle))
+            if outcome is Outcome.DONE:
+                outcome = self._fill_or_poison(source, region, middle, last, (middle, last))
+            return outcome
+        page = region.page_size
+        src = self._read(region.offset + first * page, (last - first) * page)
+        outcome = Outcome.STORE_FAILED
+        if src is not None:
+            outcome = self._place(source, region, first, last, _Fill.COPY, src)
+        if outcome is Outcome.STORE_FAILED:
+            return self._fill_or_poison(source, region, first, last, (first, last))
+        return outcome
 
     def _read(self, offset: int, size: int) -> int | None:
         """The address of store bytes [offset, offset + size), or None if the store failed."""
