@@ -88,7 +88,7 @@ def test_stop_settles_every_page(drain: bool) -> None:
     def body(channel: Channel) -> None:
         mapping = memory.anonymous(len(SOURCE))
         server = serve([mapping], _Flaky(), policy=Single())
-        touched = _first_wrong(mapping.view, range(4))
+        touched: str | None = _first_wrong(mapping.view, range(4))
         stats = server.stop(drain=drain)
         expected = (PAGES, 0) if drain else (4, PAGES - 4)
         if (stats.pages, stats.poisoned) != expected:
@@ -116,7 +116,7 @@ def test_a_stop_that_times_out_poisons_and_does_not_hang() -> None:
         started = time.monotonic()
         try:
             server.stop(timeout=1.0)
-            outcome = "stop() returned although the store never answered"
+            outcome: str | None = "stop() returned although the store never answered"
         except TimeoutError as err:
             outcome = None if "poisoned" in str(err) else f"unexpected message: {err}"
         took = time.monotonic() - started

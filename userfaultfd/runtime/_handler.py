@@ -70,6 +70,8 @@ _log = logging.getLogger("userfaultfd.runtime")
 
 #: How long a store read may keep the handler busy before the watcher reads events for it.
 _WATCH_PERIOD = 0.002
+#: A store read that fails faster than this may be tried again on a smaller range.
+_QUICK_FAILURE = 0.1
 #: How often every source is probed for a process that is gone.
 _PROBE_PERIOD = 0.25
 
@@ -152,6 +154,7 @@ class Handler:
         self._poller.register(self._wake_read, select.POLLIN)
         self._read_lock = threading.Lock()
         self._busy_since = 0.0
+        self._failed_quickly = True
         self._stopping = threading.Event()
 
     # -- sources -----------------------------------------------------------------------------------
@@ -426,7 +429,8 @@ class Handler:
                 lo, hi = max(index, must[0]), min(stop, must[1])
                 outcome = Outcome.DONE
                 if lo < hi:
-                    outcome = self._fill_or_poison(source, region, lo, hi, tried=(index, stop))
+                    tried = (index, stop) if self._failed_quickly else (lo, hi)
+                    outcome = self._fill_or_poison(source, region, lo, hi, tried)
             if outcome is not Outcome.DONE:
                 return outcome
             index = stop
@@ -437,9 +441,10 @@ class Handler:
     ) -> Outcome:
         """After the store failed for pages ``tried``, fill [first, last) in halves, down to
         single pages, and poison only the pages it cannot give: a bad chunk of a pack read
-        ahead must not cost the faulting page that lies outside it."""
+        ahead must not cost the faulting page that lies outside it. A store that fails slowly
+        (a timeout: the network is down) is not asked again: everything left is poisoned."""
         if tried == (first, last):
-            if last - first == 1:
+            if last - first == 1 or not self._failed_quickly:
                 return self._place(source, region, first, last, _Fill.POISON)
             middle = (first + last) // 2
             outcome = self._fill_or_poison(source, region, first, middle, (first, middle))
@@ -473,6 +478,7 @@ class Handler:
             self._view[got:size] = bytes(size - got)  # the last page's tail, past the end
             return self._buffer_address
         except Exception as err:  # any failure of the store is a page it cannot give
+            self._failed_quickly = time.monotonic() - self._busy_since < _QUICK_FAILURE
             self.stats.add(_stats.ERRORS)
             _log.warning("store %r failed at offset %d (%d bytes): %s: %s; pages that are "
                          "waited on are poisoned", self.store, offset, size,

@@ -6,7 +6,11 @@ forks it, then exits at once. So
   SIGTERM) do not reach it: it runs in a session of its own;
 - it leaves no zombie when the program forgets it, and ``os.wait()`` in the program never reaps
   it by surprise: init does;
-- the program watches it through a pidfd, which works for any process.
+- the program watches it through a pidfd, which works for any process;
+- it does not hold the program's standard streams: it may outlive the program by a moment (or
+  serve its children for long), and a pipe it kept open would never reach end-of-file for
+  whoever reads the program's output. Standard error stays when it is a terminal or a file,
+  for the handler's log lines.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +44,19 @@ class Launched:
             pass
 
 
+def _let_go_of_streams() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    try:
+        mode = os.fstat(2).st_mode
+    except OSError:  # closed
+        mode = stat.S_IFIFO
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        os.dup2(null, 2)
+    os.close(null)
+
+
 def launch(body: Callable[[Channel], None], timeout: float = 30.0) -> Launched:
     """Run ``body(channel)`` in a new daemon process; returns once it runs."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -48,6 +66,7 @@ def launch(body: Callable[[Channel], None], timeout: float = 30.0) -> Launched:
         try:
             ours.close()
             os.setsid()  # a new session and process group, led by this short-lived process
+            _let_go_of_streams()
             pid = os.fork()
             if pid == 0:
                 try:
