@@ -226,7 +226,7 @@ def slow_load(args: list[str]) -> None:
 
 # -- 6. a forked child reads its copy after a handler restart -----------------------------------
 def restart_then_child(args: list[str]) -> None:
-    (npy,) = args
+    npy, delay = args[0], float(args[1])
     a = lazy(npy)
     pids(a)
     verify(a, 0, N // 4, "parent before the fork")
@@ -239,6 +239,7 @@ def restart_then_child(args: list[str]) -> None:
         os._exit(0)
     os.close(go_r)
     say("child", child=pid)
+    time.sleep(delay)  # 0: the kill comes right after fork() returned
     kill_handler(a)
     os.write(go_w, b"g")
     say("child-status", child=pid, code=exit_code(os.waitpid(pid, 0)[1]))

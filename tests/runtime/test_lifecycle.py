@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -65,8 +65,17 @@ def small_npy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # -- processes ----------------------------------------------------------------------------------
-def processes() -> dict[int, tuple[str, str, int, int]]:
-    """pid -> (comm, state, ppid, session) of every process, from /proc/PID/stat."""
+class Proc(NamedTuple):
+    comm: str
+    state: str
+    ppid: int
+    session: int
+    #: Clock ticks after boot when it started (tells a reused pid from the process it was).
+    start: int
+
+
+def processes() -> dict[int, Proc]:
+    """Every process, from /proc/PID/stat."""
     found = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -78,7 +87,7 @@ def processes() -> dict[int, tuple[str, str, int, int]]:
             continue
         comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :]
         fields = rest.split()
-        found[int(name)] = (comm, fields[0], int(fields[1]), int(fields[3]))
+        found[int(name)] = Proc(comm, fields[0], int(fields[1]), int(fields[3]), int(fields[19]))
     return found
 
 
@@ -119,6 +128,7 @@ class Program:
                 start_new_session=True,
             )  # fmt: skip
         self.sid = self.proc.pid
+        self.start = processes()[self.sid].start
 
     def __enter__(self) -> Program:
         return self
@@ -129,19 +139,40 @@ class Program:
         self.kill()
 
     def kill(self) -> None:
-        """SIGKILL whatever is left of the case: its process group, and its session."""
+        """SIGKILL whatever is left of the case: its process group, and its processes."""
         try:
             os.killpg(self.sid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        for pid, (_c, state, _p, session) in processes().items():
-            if session == self.sid and state not in "ZX":
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        for pid in self.members():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if self.proc.poll() is None:
             self.proc.wait(5)
+
+    def members(self) -> dict[int, Proc]:
+        """The case's running processes: those of its session; every process it reported
+        (the supervisor runs in a session of its own); and their descendants. Only processes
+        started after the program: a pid reused since is not the case's."""
+        table = processes()
+        reported = {self.sid}
+        for record in self.records():
+            for key in ("supervisor", "handler", "child", "reader"):
+                if isinstance(record.get(key), int):
+                    reported.add(record[key])
+        newer = {pid: p for pid, p in table.items() if p.start >= self.start}
+        ours = {pid for pid, p in newer.items() if p.session == self.sid or pid in reported}
+        # The sessions they lead or joined (not the test's own), and their descendants.
+        sessions = {newer[pid].session for pid in ours} - {os.getsid(0)}
+        ours |= {pid for pid, p in newer.items() if p.session in sessions}
+        while True:
+            more = {pid for pid, p in newer.items() if p.ppid in ours and pid not in ours}
+            if not more:
+                break
+            ours |= more
+        return {pid: table[pid] for pid in ours if table[pid].state not in "ZX"}
 
     # -- what it reported ---------------------------------------------------------------------
     def records(self, kind: str | None = None) -> list[dict[str, Any]]:
@@ -219,8 +250,7 @@ class Program:
         """No process of the case is left, within GRACE seconds of the last one we waited for."""
         deadline = time.monotonic() + GRACE
         while True:
-            left = {pid: entry for pid, entry in processes().items()
-                    if entry[3] == self.sid and entry[1] not in "ZX"}  # fmt: skip
+            left = self.members()
             if not left:
                 return
             if time.monotonic() > deadline:
@@ -229,8 +259,8 @@ class Program:
                     roles[r["supervisor"]] = f"supervisor of {r['array']}"
                     roles[r["handler"]] = f"first handler of {r['array']}"
                 listed = ", ".join(
-                    f"{pid} ({roles.get(pid, comm)}, state {state}, ppid {ppid})"
-                    for pid, (comm, state, ppid, _s) in sorted(left.items())
+                    f"{pid} ({roles.get(pid, p.comm)}, state {p.state}, ppid {p.ppid})"
+                    for pid, p in sorted(left.items())
                 )
                 pytest.fail(f"{self.case}: processes left over {GRACE} s after the case ended: "
                             f"{listed}{self.summary()}")  # fmt: skip
@@ -240,8 +270,8 @@ class Program:
 def handler_under(run: Program, supervisor: int, killed: list[int]) -> int | None:
     """The supervisor's running child that is not one of ``killed`` (None: the program ended)."""
     while True:
-        for pid, (_c, state, ppid, _s) in processes().items():
-            if ppid == supervisor and state not in "ZX" and pid not in killed:
+        for pid, p in processes().items():
+            if p.ppid == supervisor and p.state not in "ZX" and pid not in killed:
                 return pid
         if run.proc.poll() is not None:
             return None
@@ -358,9 +388,12 @@ def test_sigkill_mid_load(npy: Path, tmp_path: Path, victim: str, times: int) ->
 
 # -- 6. a forked child reads its copy after a handler restart -----------------------------------
 @pytest.mark.timeout(DEADLINE + 30)
-def test_a_forked_child_reads_its_copy_after_a_handler_restart(npy: Path, tmp_path: Path) -> None:
-    case = "6. forked child after a handler restart"
-    with Program(case, "restart_then_child", [str(npy)], tmp_path) as run:
+@pytest.mark.parametrize("delay", [0.0, 0.2], ids=["killed-at-once", "killed-after-0.2s"])
+def test_a_forked_child_reads_its_copy_after_a_handler_restart(
+    npy: Path, tmp_path: Path, delay: float
+) -> None:
+    case = f"6. forked child, handler killed {delay} s after the fork"
+    with Program(case, "restart_then_child", [str(npy), str(delay)], tmp_path) as run:
         run.assert_right()
         run.assert_exit(0)
         [restart] = run.records("restart")
