@@ -1,4 +1,4 @@
-"""The package installs as a user would get it: pinned dependencies, and a wheel that works alone."""
+"""The package installs as a user gets it: pinned dependencies, and a wheel that works alone."""
 
 from __future__ import annotations
 
@@ -62,7 +62,9 @@ def test_the_environment_is_the_one_constraints_txt_describes() -> None:
 def test_the_wheel_carries_the_package_and_runs_check(tmp_path: Path) -> None:
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=240,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert built.returncode == 0, built.stderr
     (wheel,) = tmp_path.glob("userfaultfd-*.whl")
@@ -79,9 +81,20 @@ def test_the_wheel_carries_the_package_and_runs_check(tmp_path: Path) -> None:
 
     target = tmp_path / "site"
     installed = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-         str(wheel)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert installed.returncode == 0, installed.stderr
     # PYTHONPATH comes before the editable install's path entry, so this runs the wheel's copy;
@@ -89,11 +102,19 @@ def test_the_wheel_carries_the_package_and_runs_check(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(target)}
     where = subprocess.run(
         [sys.executable, "-c", "import userfaultfd; print(userfaultfd.__file__)"],
-        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
     )
     assert where.stdout.strip() == str(target / "userfaultfd" / "__init__.py"), where
     check = subprocess.run(
         [sys.executable, "-m", "userfaultfd", "check", "--json"],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
     )
     assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]

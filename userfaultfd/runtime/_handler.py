@@ -540,9 +540,7 @@ class Handler:
             return Outcome.DONE
         return Outcome.DONE
 
-    def _count(
-        self, region: RegionState, first: int, last: int, how: _Fill, sign: int = 1
-    ) -> None:
+    def _count(self, region: RegionState, first: int, last: int, how: _Fill, sign: int = 1) -> None:
         pages = sign * max(0, last - first)
         if how is _Fill.POISON:
             self.stats.add(_stats.POISONED, pages)

@@ -128,4 +128,3 @@ def unsettled_runs(region: RegionState, start: int, end: int) -> Iterator[tuple[
         while index < end and not region.settled[index] and not region.removed[index]:
             index += 1
         yield run, index
-

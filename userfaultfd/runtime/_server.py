@@ -223,8 +223,10 @@ def serve(
     largest_page = max(r.page_size or 0 for r in resolved)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch (events read at once) must be a positive int, not {batch!r}")
-    if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) or (
-        buffer_bytes < largest_page
+    if (
+        isinstance(buffer_bytes, bool)
+        or not isinstance(buffer_bytes, int)
+        or (buffer_bytes < largest_page)
     ):
         raise ValueError(
             f"buffer_bytes must be an int of at least one page ({largest_page}), not "
