@@ -45,6 +45,30 @@ def add_model_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 def _kernel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", default="upstream", metavar="PRESET", help="default: upstream")
     p.add_argument("--fault-around-bytes", type=int, default=65536, metavar="N")
+    for name in ("readers", "writers", "punchers", "pages"):
+        p.add_argument(f"--{name}", type=int, metavar="N", help="default: the scenario's own")
+    p.add_argument(
+        "--punch",
+        action="append",
+        metavar="START+PAGES",
+        help="a puncher's hole in file pages (repeat for each puncher), e.g. 1+2",
+    )
+
+
+def _sizes(args: argparse.Namespace) -> model.Sizes:
+    punch = None
+    if args.punch:
+        ranges = []
+        for text in args.punch:
+            start, plus, pages = text.partition("+")
+            if not (plus and start.isdigit() and pages.isdigit()):
+                raise ValueError(f"bad --punch {text!r} (want START+PAGES, e.g. 1+2)")
+            ranges.append((int(start), int(pages)))
+        punch = tuple(ranges)
+    punchers = args.punchers if args.punchers is not None or punch is None else len(punch)
+    if punch is not None and punchers != len(punch):
+        raise ValueError(f"--punchers {punchers} but {len(punch)} --punch ranges")
+    return model.Sizes(args.readers, args.writers, punchers, args.pages, punch)
 
 
 def _reduction_options(p: argparse.ArgumentParser) -> None:
@@ -73,6 +97,7 @@ def _run(args: argparse.Namespace) -> int:
             args.kernel,
             fault_around_bytes=args.fault_around_bytes,
             reduction="none" if args.no_reduction else args.reduction,
+            sizes=_sizes(args),
         )
     except (model.UnknownNameError, ValueError) as err:
         return _usage_error(err)
@@ -92,7 +117,11 @@ def _table(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     try:
         run = model.replay(
-            args.scenario, args.schedule, args.kernel, fault_around_bytes=args.fault_around_bytes
+            args.scenario,
+            args.schedule,
+            args.kernel,
+            fault_around_bytes=args.fault_around_bytes,
+            sizes=_sizes(args),
         )
     except (model.UnknownNameError, ValueError) as err:
         return _usage_error(err)

@@ -59,6 +59,9 @@ def test_run_with_each_reduction(
         (["model", "run", "wp-punch-hole", "--kernel", "5.19"], "unknown kernel preset '5.19'"),
         (["model", "run", "wp-punch-hole", "--fault-around-bytes", "9999999"], "between 0"),
         (["model", "replay", "wp-punch-hole", "punch*9"], "step 7: thread 'punch'"),
+        (["model", "run", "minor-fault-around", "--punchers", "2"], "has no punchers to size"),
+        (["model", "run", "wp-punch-hole", "--punch", "1-2"], "bad --punch '1-2'"),
+        (["model", "run", "wp-punch-hole", "--punchers", "2", "--punch", "1+1"], "but 1 --punch"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(
@@ -91,3 +94,18 @@ def test_table(capsys: pytest.CaptureFixture[str]) -> None:
     ]
     assert len(lines) == 1 + 12 + 1
     assert lines[1].split()[:4] == ["pre-patch", "wp-punch-hole", "violated:", "untracked"]
+
+
+def test_run_at_other_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["model", "run", "wp-punch-hole", "--kernel", "pre-patch", "--readers", "2"]
+    assert _main([*argv, "--pages", "8", "--punch", "1+2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "wp-punch-hole on pre-patch [readers=2 writers=1 punchers=1 pages=8 punch=1+2]"
+    )
+    assert "VIOLATION (untracked write)" in out
+    schedule = out.split("replay: uffd model replay wp-punch-hole --kernel pre-patch ")[1]
+    schedule = schedule.splitlines()[0].strip("'")
+    replay = ["model", "replay", "wp-punch-hole", "--kernel", "pre-patch", schedule]
+    assert _main([*replay, "--readers", "2", "--pages", "8", "--punch", "1+2"]) == 0
+    assert "VIOLATION (untracked write)" in capsys.readouterr().out

@@ -40,6 +40,7 @@ from .presets import UnknownNameError as UnknownNameError
 from .presets import get_preset as get_preset
 from .scenarios import SCENARIOS as SCENARIOS
 from .scenarios import Scenario as Scenario
+from .scenarios import Sizes as Sizes
 from .scenarios import get_scenario as get_scenario
 from .state import PAGE_SIZE as PAGE_SIZE
 from .state import PTRS_PER_PTE as PTRS_PER_PTE
@@ -68,6 +69,7 @@ __all__ = [
     "ScheduleError",
     "Serve",
     "SigBusError",
+    "Sizes",
     "TableRow",
     "TraceStep",
     "UnknownNameError",

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import engine
 from .kernel import Kernel, Label
 from .presets import PRESETS, Preset, get_preset
-from .scenarios import SCENARIOS, Scenario, get_scenario
+from .scenarios import SCENARIOS, Scenario, Sizes, get_scenario
 from .state import World
 
 __all__ = [
@@ -69,6 +69,8 @@ class Result:
     runs: int
     #: Terminal states where a thread never finished (deadlocks: a model bug if nonzero).
     stuck: int
+    #: The sizes it was built at (the scenario's defaults filled in).
+    sizes: Sizes = field(default_factory=Sizes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,11 +143,15 @@ class _System:
 
 
 def build(
-    scenario: Scenario | str, kernel: Preset | str = "upstream", *, fault_around_bytes: int = 65536
+    scenario: Scenario | str,
+    kernel: Preset | str = "upstream",
+    *,
+    fault_around_bytes: int = 65536,
+    sizes: Sizes | None = None,
 ) -> Kernel:
-    """A Kernel set up for ``scenario`` with its threads spawned, not yet run."""
+    """A Kernel set up for ``scenario`` (at ``sizes``) with its threads spawned, not yet run."""
     k = Kernel(get_preset(kernel), fault_around_bytes)
-    get_scenario(scenario).build(k)
+    get_scenario(scenario).build(k, sizes)
     return k
 
 
@@ -161,11 +167,13 @@ def explore(
     *,
     fault_around_bytes: int = 65536,
     reduction: str = "persistent",
+    sizes: Sizes | None = None,
 ) -> Result:
     """Explore every interleaving of ``scenario``'s threads under ``kernel``."""
     scen = get_scenario(scenario)
     preset = get_preset(kernel)
-    system = _System(build(scen, preset, fault_around_bytes=fault_around_bytes), scen)
+    k = build(scen, preset, fault_around_bytes=fault_around_bytes, sizes=sizes)
+    system = _System(k, scen)
     found = engine.explore(system, reduction=reduction)
     violation = None
     if found.counterexample is not None:
@@ -189,6 +197,7 @@ def explore(
         found.measure,
         found.runs,
         found.stuck,
+        scen.sized(sizes),
     )
 
 
@@ -198,12 +207,14 @@ def replay(
     kernel: Preset | str = "upstream",
     *,
     fault_around_bytes: int = 65536,
+    sizes: Sizes | None = None,
 ) -> Replay:
     """Replay a schedule string (as a Violation gives it); raises engine.ScheduleError if a step
     names a thread that cannot move."""
     scen = get_scenario(scenario)
     preset = get_preset(kernel)
-    system = _System(build(scen, preset, fault_around_bytes=fault_around_bytes), scen)
+    k = build(scen, preset, fault_around_bytes=fault_around_bytes, sizes=sizes)
+    system = _System(k, scen)
     threads = engine.parse_schedule(schedule)
     run = engine.replay(system, threads)
     trace = _trace(run.steps)

@@ -386,6 +386,9 @@ class Kernel:
             return f"{ev.mode.name} userfault on page {ev.index} of VMA {ev.vma}"
         if state.pc == "falloc_wait":
             return "a hole punch covers the page: shmem_falloc_wait() sleeps"
+        op = self.programs[name][state.op]
+        if isinstance(op, Punch) and state.pc == "access" and op.file in world.falloc:
+            return "another hole punch of the file holds the inode lock"
         if state.pc in ("lock_page", "truncate", "continue"):
             return "waiting for a page lock"
         return f"thread {name!r} cannot move at {state.pc}"
@@ -515,6 +518,12 @@ class Kernel:
                 t
                 for t, p in self.programs.items()
                 if any(isinstance(o, Punch) and o.file == file for o in p)
+            )
+        if isinstance(op, Punch) and ts.pc == "access" and op.file in world.falloc:
+            return frozenset(
+                t
+                for t, p in self.programs.items()
+                if t != name and any(isinstance(o, Punch) and o.file == op.file for o in p)
             )
         holder = self._lock_wait(world, name, ts, op)
         if holder is not None:
@@ -813,6 +822,10 @@ class Kernel:
         ]
         pc = ts.pc
         if pc == "access":
+            # shmem_fallocate() holds inode_lock from here to the end: punches of one file
+            # run one after the other (i_private is set exactly while one is in progress).
+            if w.punching(op.file) is not None:
+                return None
             w.set_punching(op.file, (start, end))
             nxt = (
                 replace(ts, pc="unmap", cursor=0)

@@ -44,8 +44,22 @@ def render_trace(steps: Iterable[TraceStep]) -> str:
 
 
 def render_result(result: Result) -> str:
+    z = result.sizes
+    shown = [
+        f"{name}={value}"
+        for name, value in (
+            ("readers", z.readers),
+            ("writers", z.writers),
+            ("punchers", z.punchers),
+            ("pages", z.pages),
+        )
+        if value is not None
+    ]
+    if z.punch:
+        shown.append("punch=" + ",".join(f"{s}+{n}" for s, n in z.punch))
     head = (
         f"{result.scenario} on {result.kernel.name} "
+        f"[{' '.join(shown)}] "
         f"(fault_around_bytes={result.fault_around_bytes}, "
         f"{_REDUCTION[result.reduction]})"
     )

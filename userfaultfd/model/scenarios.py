@@ -6,43 +6,120 @@ No scenario says what its outcome should be: verdicts come only from exploring.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .._flags import Mode
 from .kernel import Kernel, Punch, Read, Serve, Write
 from .presets import UnknownNameError
 from .state import Present, World
 
-__all__ = ["SCENARIOS", "Scenario", "get_scenario"]
+__all__ = ["SCENARIOS", "Scenario", "Sizes", "get_scenario"]
 
 # 256 MiB: aligned to a page table (2 MiB), so windows clip to the VMA, not to the PMD.
 _BASE = 0x1000_0000
 
 
 @dataclass(frozen=True, slots=True)
+class Sizes:
+    """How big to build a scenario; None takes the scenario's default.
+
+    ``punch`` gives each puncher's hole as (first file page, pages); without it the punchers
+    take the scenario's own ranges.
+    """
+
+    readers: int | None = None
+    writers: int | None = None
+    punchers: int | None = None
+    pages: int | None = None
+    punch: tuple[tuple[int, int], ...] | None = None
+
+    def over(self, defaults: Sizes) -> Sizes:
+        """These sizes, each None filled from ``defaults``."""
+
+        def pick(mine: int | None, theirs: int | None) -> int | None:
+            return theirs if mine is None else mine
+
+        return Sizes(
+            pick(self.readers, defaults.readers),
+            pick(self.writers, defaults.writers),
+            pick(self.punchers, defaults.punchers),
+            pick(self.pages, defaults.pages),
+            defaults.punch if self.punch is None else self.punch,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Scenario:
-    """A system to explore: ``build`` sets up a Kernel and spawns its threads; ``check`` returns
-    a message if a state breaks ``invariant``."""
+    """A system to explore: ``build`` sets up a Kernel and spawns its threads, at the sizes
+    given (``defaults`` fills the rest; a size the scenario has no use for is None there);
+    ``check`` returns a message if a state breaks ``invariant``."""
 
     name: str
     summary: str
     invariant: str
-    build: Callable[[Kernel], None]
+    build_sized: Callable[[Kernel, Sizes], None]
     check: Callable[[Kernel, World], str | None]
     #: Whether writing this footprint object can change what ``check`` says (a visible step:
     #: persistent sets never postpone one).
     watches: Callable[[Kernel, Hashable], bool]
+    defaults: Sizes = field(default_factory=Sizes)
+
+    def sized(self, sizes: Sizes | None = None) -> Sizes:
+        """``sizes`` over the defaults, checked: every size this scenario knows, and only those."""
+        got = (sizes or Sizes()).over(self.defaults)
+        for name in ("readers", "writers", "punchers", "pages"):
+            mine, default = getattr(sizes or Sizes(), name), getattr(self.defaults, name)
+            if mine is not None and default is None:
+                raise ValueError(f"scenario {self.name} has no {name} to size")
+            value = getattr(got, name)
+            low = 2 if name == "pages" else 0 if name != "readers" else 1
+            if value is not None and not low <= value <= _MAX_SIZE:
+                raise ValueError(f"{name} must be between {low} and {_MAX_SIZE}, got {value}")
+        if sizes is not None and sizes.punch is not None:
+            if self.defaults.punchers is None:
+                raise ValueError(f"scenario {self.name} has no punchers")
+            assert got.pages is not None
+            for start, pages in sizes.punch:
+                if not (start >= 0 and pages >= 1 and start + pages <= got.pages):
+                    raise ValueError(
+                        f"punch range {start}+{pages} is outside the file's {got.pages} pages"
+                    )
+        return got
+
+    def build(self, k: Kernel, sizes: Sizes | None = None) -> None:
+        self.build_sized(k, self.sized(sizes))
+
+
+#: The largest count of any one size (threads or pages) a scenario accepts.
+_MAX_SIZE = 64
+
+
+def _names(base: str, n: int) -> list[str]:
+    """``read``, ``read2``, ``read3``...: the first keeps the plain name of the default run."""
+    return [base if i == 0 else f"{base}{i + 1}" for i in range(n)]
 
 
 # -- wp-punch-hole --------------------------------------------------------------------------------
-def _build_wp_punch_hole(k: Kernel) -> None:
-    f = k.shmem_file(4, cached=range(4))
-    v = k.mmap(f, _BASE, 4, register=Mode.WP)
-    k.write(v, 1, "v1")  # the application wrote page 1 (mapping only that page) ...
-    k.writeprotect(v, 1)  # ... and the server write-protected it to track it
-    k.spawn("punch", Punch(f.id, 1, 1))
-    k.spawn("read", Read(v.id, 2))
-    k.spawn("write", Write(v.id, 1, "v2"))
+def _build_wp_punch_hole(k: Kernel, z: Sizes) -> None:
+    assert z.pages is not None and z.readers is not None
+    assert z.writers is not None and z.punchers is not None
+    pages = z.pages
+    f = k.shmem_file(pages, cached=range(pages))
+    v = k.mmap(f, _BASE, pages, register=Mode.WP)
+    # Writer j writes odd page 2j+1, which the application wrote before (mapping only it) and
+    # the server write-protected; punch i punches the i-th of those; reader r reads the even
+    # page after it (unmapped: its read fault is what faults around).
+    targets = [(2 * j + 1) % pages for j in range(max(z.writers, z.punchers, 1))]
+    for t in sorted(set(targets[: z.writers])):
+        k.write(v, t, "v1")
+        k.writeprotect(v, t)
+    holes = z.punch or tuple((targets[i % len(targets)], 1) for i in range(z.punchers))
+    for name, (start, n) in zip(_names("punch", len(holes)), holes, strict=True):
+        k.spawn(name, Punch(f.id, start, n))
+    for r, name in enumerate(_names("read", z.readers)):
+        k.spawn(name, Read(v.id, (2 * r + 2) % pages))
+    for j, name in enumerate(_names("write", z.writers)):
+        k.spawn(name, Write(v.id, targets[j], "v2"))
     k.spawn("server", Serve())
 
 
@@ -65,11 +142,18 @@ def _watches_untracked(k: Kernel, obj: Hashable) -> bool:
 
 
 # -- minor-fault-around ---------------------------------------------------------------------------
-def _build_minor_fault_around(k: Kernel) -> None:
-    f = k.shmem_file(4, cached=range(4))
-    v = k.mmap(f, _BASE, 4, register=Mode.MINOR)
-    k.spawn("read0", Read(v.id, 0))
-    k.spawn("read2", Read(v.id, 2))
+def _build_minor_fault_around(k: Kernel, z: Sizes) -> None:
+    assert z.pages is not None and z.readers is not None
+    f = k.shmem_file(z.pages, cached=range(z.pages))
+    v = k.mmap(f, _BASE, z.pages, register=Mode.MINOR)
+    # Readers of every other page (read0, read2), or of every page once they outnumber those.
+    step = 2 if 2 * z.readers <= z.pages else 1
+    seen: dict[int, int] = {}
+    for r in range(z.readers):
+        page = (step * r) % z.pages
+        seen[page] = seen.get(page, 0) + 1
+        suffix = "" if seen[page] == 1 else f"_{seen[page]}"
+        k.spawn(f"read{page}{suffix}", Read(v.id, page))
     k.spawn("server", Serve())
 
 
@@ -98,14 +182,22 @@ def _watches_unnotified(k: Kernel, obj: Hashable) -> bool:
 
 
 # -- missing-shared-cache -------------------------------------------------------------------------
-def _build_missing_shared_cache(k: Kernel) -> None:
-    f = k.shmem_file(8)
-    filler = k.mmap(f, _BASE, 8, mm=0)
-    reader = k.mmap(f, _BASE, 8, mm=1, register=Mode.MISSING)
-    for i in range(4):
+def _build_missing_shared_cache(k: Kernel, z: Sizes) -> None:
+    assert z.pages is not None and z.readers is not None and z.writers is not None
+    pages = z.pages
+    f = k.shmem_file(pages)
+    filler = k.mmap(f, _BASE, pages, mm=0)
+    reader = k.mmap(f, _BASE, pages, mm=1, register=Mode.MISSING)
+    half = pages // 2
+    for i in range(half):
         k.write(filler, i, f"a{i}")  # another process filled half the page cache
-    k.spawn("read", *(Read(reader.id, i) for i in range(6)))
-    k.spawn("fill", Write(filler.id, 5, "a5"))
+    # Each reader reads the filled half and two pages more; filler j writes one page past it.
+    reads = min(half + 2, pages)
+    for name in _names("read", z.readers):
+        k.spawn(name, *(Read(reader.id, i) for i in range(reads)))
+    for j, name in enumerate(_names("fill", z.writers)):
+        page = (half + 1 + j) % pages
+        k.spawn(name, Write(filler.id, page, f"a{page}"))
     k.spawn("server", Serve())
 
 
@@ -136,6 +228,7 @@ SCENARIOS: dict[str, Scenario] = {
             _build_wp_punch_hole,
             _untracked_write,
             _watches_untracked,
+            Sizes(readers=1, writers=1, punchers=1, pages=4),
         ),
         Scenario(
             "minor-fault-around",
@@ -144,6 +237,7 @@ SCENARIOS: dict[str, Scenario] = {
             _build_minor_fault_around,
             _unnotified_mapping,
             _watches_unnotified,
+            Sizes(readers=2, pages=4),
         ),
         Scenario(
             "missing-shared-cache",
@@ -153,6 +247,7 @@ SCENARIOS: dict[str, Scenario] = {
             _build_missing_shared_cache,
             _silent_missing,
             _watches_silent,
+            Sizes(readers=1, writers=1, pages=8),
         ),
     )
 }
