@@ -138,6 +138,7 @@ class Handler:
         self._reports = Reporter(reports)
         self._next_key = first_key
         self._sources: dict[int, _Source] = {}
+        self._fork_keys: dict[int, int] = {}  # a FORK event's uffd -> the key it was reported as
         self._faults: deque[tuple[_Source, int]] = deque()
         self._streams = 0
         self._buffer = mmap.mmap(-1, buffer_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -266,8 +267,19 @@ class Handler:
                 if not source.uffd.closed:
                     events = source.uffd.read_events(self.batch)
                     if events:
+                        self._forward_forks(source, events)
                         batches.append((source, events))
         return batches
+
+    def _forward_forks(self, source: _Source, events: list[Event]) -> None:
+        """Send each child's uffd to the supervisor the moment its FORK event is read: until
+        then this process holds the child's only descriptor, and dying would close it."""
+        for event in events:
+            if isinstance(event, Fork):
+                key = self._next_key
+                self._next_key += 1
+                self._fork_keys[event.uffd] = key
+                self._reports.send(Adopted(source.key, key), [event.uffd])
 
     def _catch_up(self) -> None:
         """Read and apply every pending event of every source (after an EAGAIN)."""
@@ -292,6 +304,7 @@ class Handler:
                     with contextlib.suppress(OSError, ValueError):  # closed meanwhile
                         events = source.uffd.read_events(self.batch)
                         if events:
+                            self._forward_forks(source, events)
                             self._stash.append((source, events))
                             stashed = True
                 if stashed:
@@ -313,8 +326,7 @@ class Handler:
         if isinstance(event, Fork):
             child = Userfaultfd.from_fd(event.uffd, source.uffd.features)
             copies = [r.piece(r.address, r.end) for r in source.regions]
-            key = self.add(child, copies)
-            self._reports.send(Adopted(source.key, key), [child.fileno()])
+            self.add(child, copies, key=self._fork_keys.pop(event.uffd))
             return
         if isinstance(event, Remove | Unmap | Remap):
             source.change(event)
