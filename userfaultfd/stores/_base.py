@@ -63,6 +63,19 @@ class Store(abc.ABC):
         """
         return None
 
+    def known_zero(self, offset: int, length: int) -> bool:
+        """Whether bytes [offset, offset + length) are known to be all zero without reading
+        them (a pack's zero chunks, a hole). The handler then maps zero pages and fetches
+        nothing. Default: False."""
+        return False
+
+    @property
+    def parallel_reads(self) -> int:
+        """How many :meth:`read_into` calls this store serves usefully at once, from as many
+        threads (a remote store: many requests in flight hide the latency). 1 (the default):
+        the handler calls it from one thread only."""
+        return 1
+
     def reopen(self) -> Store:
         """A handle usable in this process (called after fork), over the same bytes as this one.
 
