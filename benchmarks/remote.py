@@ -25,7 +25,8 @@ chunks). Rows, each a fresh client process (its handler a process of its own) wi
 Every byte a row read is compared with the expected values (vectorised) before its speed counts;
 a wrong page fails the run naming the page. ``x eager``: the eager GET's seconds at the same RTT
 over this row's (for a sequential row, the ratio of MB/s). ``moved``: bytes that crossed the link,
-both directions, headers included. ``faults``: ``server_of(a).stats().faults``. Times are noisy
+both directions, headers included. ``faults``: ``server_of(a).stats().faults``. ``requests``:
+HTTP requests nginx answered for the row (its access log). Times are noisy
 on a 2-vCPU VM: compare the ratios of one run. Needs root (namespaces).
 """
 
@@ -234,7 +235,8 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 256; }}
 http {{
-    access_log off;
+    log_format sent '$request_method $uri $status $body_bytes_sent';
+    access_log {prefix}/access.log sent;
     keepalive_requests 1000000;
     client_body_temp_path {prefix}/body;
     proxy_temp_path {prefix}/proxy;
@@ -345,6 +347,7 @@ class Row:
     value: float | None
     moved: int | None
     faults: int | None
+    requests: int | None = None  # HTTP requests nginx answered (its access log)
     touched: int = 0  # bytes the program read (for moved / touched)
     note: str = ""
 
@@ -356,10 +359,19 @@ class Bench:
     root: Path
     size: int
     deadline: float
+    access_log: Path
     rows: list[Row] = dataclasses.field(default_factory=list)
 
+    def requests(self) -> int:
+        try:
+            with self.access_log.open("rb") as f:
+                return sum(1 for _ in f)
+        except FileNotFoundError:
+            return 0
+
     def run(self, kind: str, layout: str, **extra: Any) -> tuple[dict[str, Any], int]:
-        """One row's program in a fresh process in the client namespace: its result, bytes moved."""
+        """One row's program in a fresh process in the client namespace: its result (with the
+        requests nginx answered meanwhile) and the bytes moved over the link."""
         name = "data.bin" if layout == "raw" else "data.pack"
         host = self.hosts.server.address
         spec = {"kind": kind, "layout": layout, "size": self.size, "host": host,
@@ -367,7 +379,7 @@ class Bench:
                 "deadline": self.deadline, **extra}  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
         env["PYTHONPATH"] = str(ROOT)
-        before = self.link.moved()
+        before, asked = self.link.moved(), self.requests()
         proc = self.hosts.client.popen(
             [sys.executable, str(Path(__file__).resolve()), "--measure", json.dumps(spec)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
@@ -390,12 +402,13 @@ class Bench:
             raise RuntimeError(f"{kind} {layout} at RTT {self.link.rtt_ms} ms: page "
                                f"{result['bad']} holds wrong values")  # fmt: skip
         time.sleep(0.3)  # the handler's last requests (and FINs) are through the proxy by now
+        result["requests"] = self.requests() - asked
         return result, self.link.moved() - before
 
     def add(self, what: str, layout: str, unit: str, result: dict[str, Any], moved: int,
             value: float) -> Row:  # fmt: skip
         row = Row(what, layout, self.link.rtt_ms, result["seconds"], unit, value, moved,
-                  result["faults"], result["touched"])  # fmt: skip
+                  result["faults"], result["requests"], result["touched"])  # fmt: skip
         self.rows.append(row)
         print(f"  {format_row(row)}", file=sys.stderr, flush=True)
         return row
@@ -517,7 +530,8 @@ def changed_pack_row(root: Path, size: int, chunk: int) -> tuple[Row, str]:
     info = pack(root / "changed.bin", root / "cas-v2", chunk_size=chunk, **options)
     seconds = time.perf_counter() - started
     unique = int(getattr(info, field))
-    return Row(what, "pack", None, seconds, "%", 100 * unique / size, unique, None, size), note
+    row = Row(what, "pack", None, seconds, "%", 100 * unique / size, unique, None, touched=size)
+    return row, note
 
 
 # --- the table and the targets ------------------------------------------------------------------
@@ -548,14 +562,15 @@ def format_row(row: Row, rows: list[Row] | None = None) -> str:
     eager = _eager_of(rows, row) if rows else None
     ratio = f"{eager.seconds / row.seconds:.2f}x" if eager and eager.seconds and row.seconds else ""
     faults = "-" if row.faults is None else f"{row.faults:,}"
+    requests = "-" if row.requests is None else f"{row.requests:,}"
     seconds = "-" if row.seconds is None else f"{row.seconds:.3f}"
     return (f"{what:36} {rtt:>6} {value:>24} {ratio:>8} {_bytes(row.moved):>9} {faults:>8} "
-            f"{seconds:>8}")  # fmt: skip
+            f"{requests:>8} {seconds:>8}")  # fmt: skip
 
 
 def table(rows: list[Row]) -> str:
     lines = [f"{'what':36} {'RTT':>6} {'MB/s, pages/s, ms':>24} {'x eager':>8} {'moved':>9} "
-             f"{'faults':>8} {'time s':>8}"]  # fmt: skip
+             f"{'faults':>8} {'requests':>8} {'time s':>8}"]  # fmt: skip
     lines += [format_row(row, rows) for row in rows]
     return "\n".join(lines)
 
@@ -677,7 +692,7 @@ def measure(size: int, rtts: list[float], chunk: int, deadline: float, directory
         _wait_listening(nginx, NGINX_PORT, "nginx", prefix / "error.log")
         link = Link(hosts)
         header(link.how, info)
-        bench = Bench(hosts, link, Path(tmp), size, deadline)
+        bench = Bench(hosts, link, Path(tmp), size, deadline, prefix / "access.log")
         replay = replay_supported()
         try:
             for rtt in rtts:
