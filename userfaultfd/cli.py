@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ._cli_criu import add_criu_commands
 from ._cli_model import add_model_commands
 from ._cli_runtime import add_runtime_commands
 from ._cli_stores import add_store_commands
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_commands(commands)
     add_store_commands(commands)
     add_tool_commands(commands)
+    add_criu_commands(commands)
     return parser
 
 

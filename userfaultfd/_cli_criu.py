@@ -1,0 +1,69 @@
+"""``uffd lazy-pages`` and ``uffd pack --criu``: argument parsing for userfaultfd.criu."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._cli_runtime import parse_policy
+
+__all__ = ["add_criu_commands"]
+
+
+def add_criu_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``lazy-pages [--policy P] [--no-background] [--pages URL] IMAGES_DIR``."""
+    p = subparsers.add_parser(
+        "lazy-pages",
+        help="serve a CRIU lazy restore (a drop-in for criu lazy-pages -D IMAGES_DIR)",
+        description=(
+            "Listen on IMAGES_DIR/lazy-pages.socket, then serve the page faults of every task"
+            " that `criu restore --lazy-pages -D IMAGES_DIR` restores, from the dump's pages"
+            " (or from --pages). After the restore, the pages left are filled in the background"
+            " unless --no-background. Exits when every task is gone or every page is in, with"
+            " a one-line summary."
+        ),
+    )
+    p.add_argument("images", metavar="IMAGES_DIR", help="the directory criu dump wrote")
+    p.add_argument(
+        "--policy",
+        default="adaptive",
+        help="fault-around: single, window:N or adaptive[:MAX_BYTES] (default: adaptive)",
+    )
+    p.add_argument(
+        "--no-background",
+        dest="background",
+        action="store_false",
+        help="serve only on demand: no background fill after the restore",
+    )
+    p.add_argument(
+        "--pages",
+        metavar="URL",
+        help=(
+            "where the pages images are: a directory or URL prefix holding pages-ID.img (raw, or"
+            " written by uffd pack --criu), or a template with {id}"
+        ),
+    )
+    p.add_argument("--socket", metavar="PATH", help="default: IMAGES_DIR/lazy-pages.socket")
+    p.add_argument("--cpu", type=int, default=None, help="pin the handlers to this CPU")
+    p.set_defaults(func=_lazy_pages)
+
+
+def _lazy_pages(args: argparse.Namespace) -> int:
+    from .criu.lazy_pages import lazy_pages
+    from .runtime import Server
+
+    policy = parse_policy(args.policy)
+
+    def listening(path: str) -> None:
+        print(f"uffd lazy-pages: listening on {path}", file=sys.stderr, flush=True)
+
+    def task(pid: int, server: Server) -> None:
+        print(f"uffd lazy-pages: task {pid}: {len(server.regions)} lazy ranges, handler "
+              f"{server.handler_pid}, supervisor {server.pid}", file=sys.stderr,
+              flush=True)  # fmt: skip
+
+    summary = lazy_pages(args.images, pages=args.pages, policy=policy, background=args.background,
+                         socket_path=args.socket, cpu=args.cpu, on_listening=listening,
+                         on_task=task)  # fmt: skip
+    print(summary.line(), flush=True)
+    return 1 if summary.poisoned else 0
