@@ -8,6 +8,8 @@ import userfaultfd.stores
 def test_stores_surface() -> None:
     assert sorted(userfaultfd.stores.__all__) == [
         "BytesStore",
+        "ChunkCache",
+        "ChunkedStore",
         "FileStore",
         "FsspecStore",
         "PackInfo",

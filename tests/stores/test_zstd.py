@@ -232,8 +232,8 @@ def test_wrong_magic_is_a_clear_error(content: bytes, message: str) -> None:
 def test_unknown_version_is_refused(tmp_path: Path) -> None:
     path, _ = _pack_bytes(tmp_path, b"abc", 4096)
     raw = bytearray(path.read_bytes())
-    raw[8] = 2
-    with pytest.raises(StoreError, match="pack format version 2 is not supported"):
+    raw[8] = 3
+    with pytest.raises(StoreError, match="pack format version 3 is not supported"):
         ZstdStore(BytesStore(bytes(raw)))
 
 

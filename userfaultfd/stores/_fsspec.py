@@ -49,7 +49,7 @@ import fsspec.utils
 
 from ._base import Store, StoreError
 
-__all__ = ["FsspecStore"]
+__all__ = ["PARALLEL_REQUESTS", "FsspecStore", "call_with_retries", "connect", "with_timeouts"]
 
 _T = TypeVar("_T")
 
@@ -102,6 +102,8 @@ def _refusal(err: BaseException) -> str | None:
 
 
 _S3 = ("s3", "s3a")
+#: How many requests a remote store keeps in flight (its ``parallel_reads``).
+PARALLEL_REQUESTS = 16
 _HTTP = ("http", "https")
 
 
@@ -214,7 +216,7 @@ def _untrusted(err: BaseException) -> bool:
     )
 
 
-def _with_timeouts(url: str, timeout: float, options: dict[str, Any]) -> dict[str, Any]:
+def with_timeouts(url: str, timeout: float, options: dict[str, Any]) -> dict[str, Any]:
     """``options`` with a per-request deadline for HTTP and S3, unless the caller set one."""
     protocol = fsspec.utils.get_protocol(url)
     options = dict(options)  # never change the caller's dicts
@@ -240,6 +242,69 @@ def _is_transient(err: Exception) -> bool:
     # timeout / too many requests will answer the same next time.
     status = getattr(err, "status", None)
     return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
+
+
+def call_with_retries(
+    url: str,
+    what: str,
+    fn: Callable[[], _T],
+    tries: int,
+    backoff: float,
+    stale: Callable[[Exception], StoreError] | None = None,
+) -> _T:
+    """``fn()`` tried up to ``tries`` times (waiting ``backoff``, then twice that, ...) while it
+    fails transiently; every failure becomes a :class:`StoreError` naming ``url``, ``what`` and
+    the cause. A 412 is ``stale(caught)`` (ESTALE), refused credentials and an untrusted
+    certificate EACCES: none of these is retried."""
+    for attempt in range(1, tries + 1):
+        try:
+            return fn()
+        except StoreError:
+            raise
+        except Exception as caught:
+            err = _unwrapped(caught)
+            cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            if _precondition_failed(caught):  # a permanent answer: never retried
+                if stale is None:
+                    raise StoreError(
+                        f"{url}: {what}: the object changed: {cause}", code=errno.ESTALE
+                    ) from caught
+                raise stale(caught) from caught
+            refused = _refusal(err)
+            if refused is not None:
+                raise StoreError(
+                    f"{url}: {what}: the server refused the credentials ({refused}): {cause}",
+                    code=errno.EACCES,
+                ) from caught
+            if _untrusted(err):
+                raise StoreError(
+                    f"{url}: {what}: the server's TLS certificate is not trusted: {cause}",
+                    code=errno.EACCES,
+                ) from caught
+            if _is_transient(err) and attempt < tries:
+                time.sleep(backoff * 2 ** (attempt - 1))
+                continue
+            tried = f" after {attempt} tries" if attempt > 1 else ""
+            code = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
+            if isinstance(err, FileNotFoundError):
+                code = errno.ENOENT
+            raise StoreError(f"{url}: {what}{tried}: {cause}", code=code) from caught
+    raise AssertionError("unreachable")
+
+
+def connect(url: str, options: dict[str, Any]) -> tuple[Any, str]:
+    """A filesystem of its own for ``url`` (never fsspec's cached instance, so one made after
+    fork gets a new loop thread and session) and the path inside it; ``options`` as
+    :func:`with_timeouts` made them. Unknown protocols and bad options are StoreError EINVAL."""
+    protocol = fsspec.utils.get_protocol(url)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+    except (ImportError, ValueError) as err:
+        raise StoreError(f"{url}: {err}", code=errno.EINVAL) from err
+    if protocol in _S3:
+        fs.retries = 1  # s3fs's own loop would try 5 times inside each of ours
+    _MADE[id(fs)] = fs
+    return fs, path
 
 
 class FsspecStore(Store):
@@ -271,7 +336,7 @@ class FsspecStore(Store):
         self.url = url
         self._tries = tries
         self._backoff = backoff
-        self._options = _with_timeouts(url, timeout, storage_options)
+        self._options = with_timeouts(url, timeout, storage_options)
         self._protocol = fsspec.utils.get_protocol(url)
         self._version = _Version(0)
         self._connect()
@@ -279,18 +344,8 @@ class FsspecStore(Store):
         self._set_conditions()
 
     def _connect(self) -> None:
-        try:
-            # skip_instance_cache: a store owns its filesystem, so reopen() after fork gets a
-            # new one rather than the parent's, whose event loop thread is gone.
-            self._fs: Any = None
-            self._fs, self._path = fsspec.core.url_to_fs(
-                self.url, skip_instance_cache=True, **self._options
-            )
-        except (ImportError, ValueError) as err:
-            raise StoreError(f"{self.url}: {err}", code=errno.EINVAL) from err
-        if self._protocol in _S3:
-            self._fs.retries = 1  # s3fs's own loop would try 5 times inside each of ours
-        _MADE[id(self._fs)] = self._fs
+        self._fs: Any = None
+        self._fs, self._path = connect(self.url, self._options)
 
     def _info(self) -> _Version:
         """The object's size and identity, asked of the server now."""
@@ -333,6 +388,12 @@ class FsspecStore(Store):
     def size(self) -> int:
         return self._version.size
 
+    @property
+    def parallel_reads(self) -> int:
+        """16: each read is one request, and many in flight hide the round trip (fsspec runs
+        them all on the filesystem's one event loop, so calls from many threads are safe)."""
+        return PARALLEL_REQUESTS
+
     def read_into(self, offset: int, buffer: memoryview) -> int:
         end = offset + self.clamp(offset, len(buffer))
         if end == offset:
@@ -362,41 +423,15 @@ class FsspecStore(Store):
 
     def _call(self, what: str, fn: Callable[[], _T]) -> _T:
         """``fn()`` with bounded retries; failures become StoreError naming the URL and cause."""
-        for attempt in range(1, self._tries + 1):
+
+        def stale(caught: Exception) -> StoreError:
             try:
-                return fn()
-            except StoreError:
-                raise
-            except Exception as caught:
-                err = _unwrapped(caught)
-                cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-                if _precondition_failed(caught):  # a permanent answer: never retried
-                    try:
-                        now: _Version | None = self._current()
-                    except Exception:
-                        now = None  # the cause stays the 412
-                    raise self._stale(what, now) from caught
-                refused = _refusal(err)
-                if refused is not None:
-                    raise StoreError(
-                        f"{self.url}: {what}: the server refused the credentials ({refused}):"
-                        f" {cause}",
-                        code=errno.EACCES,
-                    ) from caught
-                if _untrusted(err):
-                    raise StoreError(
-                        f"{self.url}: {what}: the server's TLS certificate is not trusted: {cause}",
-                        code=errno.EACCES,
-                    ) from caught
-                if _is_transient(err) and attempt < self._tries:
-                    time.sleep(self._backoff * 2 ** (attempt - 1))
-                    continue
-                tried = f" after {attempt} tries" if attempt > 1 else ""
-                code = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
-                if isinstance(err, FileNotFoundError):
-                    code = errno.ENOENT
-                raise StoreError(f"{self.url}: {what}{tried}: {cause}", code=code) from caught
-        raise AssertionError("unreachable")
+                now: _Version | None = self._current()
+            except Exception:
+                now = None  # the cause stays the 412
+            return self._stale(what, now)
+
+        return call_with_retries(self.url, what, fn, self._tries, self._backoff, stale)
 
     def __enter__(self) -> Self:
         return self

@@ -7,47 +7,65 @@ import re
 from typing import Any
 
 from ._base import Store
+from ._cache import ChunkCache
+from ._chunked import INDEX_MAGIC, ChunkedStore
 from ._fsspec import FsspecStore
 from ._simple import BytesStore, FileStore
 from ._zstd import MAGIC, ZstdStore
 
-__all__ = ["open_store"]
+__all__ = ["open_raw", "open_store"]
 
 # A scheme as RFC 3986 spells it; fsspec chains ("simplecache::s3://...") start with one too.
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*(://|::)")
 
+assert len(MAGIC) == len(INDEX_MAGIC)
+
 
 def open_store(
-    source: Store | bytes | bytearray | memoryview | str | os.PathLike[str], **options: Any
+    source: Store | bytes | bytearray | memoryview | str | os.PathLike[str],
+    *,
+    cache: ChunkCache | None = None,
+    **options: Any,
 ) -> Store:
     """A Store for ``source``.
 
     - a Store: itself;
     - bytes-like: a :class:`BytesStore` over it (not copied);
     - a path or a ``file://`` URL: a :class:`FileStore`, inside a :class:`ZstdStore` if the file
-      starts with the pack magic;
+      starts with the pack magic, or a :class:`ChunkedStore` if it is a content-addressed
+      pack's index;
     - any other URL: an :class:`FsspecStore` (``options`` are its storage options), inside a
-      :class:`ZstdStore` if the object starts with the pack magic.
+      :class:`ZstdStore` or read as a :class:`ChunkedStore` index likewise.
+
+    ``cache``: where a content-addressed pack keeps the chunks it fetched (other sources do
+    not use it).
     """
     if isinstance(source, Store | bytes | bytearray | memoryview):
         if options:
             raise TypeError(f"options {sorted(options)} apply only to URLs")
         return source if isinstance(source, Store) else BytesStore(source)
     text = os.fspath(source)
-    if _URL.match(text) and not text.startswith("file://"):
-        return _unpacked(FsspecStore(text, **options))
-    if options:
-        raise TypeError(f"options {sorted(options)} apply only to URLs")
-    return _unpacked(FileStore(text.removeprefix("file://")))
-
-
-def _unpacked(raw: Store) -> Store:
-    """``raw``, or a ZstdStore over it when it holds a pack."""
+    raw = open_raw(text, options)
     try:
         head = bytearray(len(MAGIC))
-        if raw.read_into(0, memoryview(head)) == len(MAGIC) and head == MAGIC:
+        got = raw.read_into(0, memoryview(head))
+        if got == len(MAGIC) and head == MAGIC:
             return ZstdStore(raw)
+        if got == len(MAGIC) and head == INDEX_MAGIC:
+            try:
+                return ChunkedStore.over(raw, text, options, cache)
+            finally:
+                raw.close()  # read whole: the chunks are read by name from here on
     except BaseException:
         raw.close()
         raise
     return raw
+
+
+def open_raw(text: str, options: dict[str, Any]) -> Store:
+    """The bytes at a path or URL as they are: a FileStore or an FsspecStore."""
+    if _URL.match(text) and not text.startswith("file://"):
+        return FsspecStore(text, **options)
+    if options:
+        raise TypeError(f"options {sorted(options)} apply only to URLs")
+    return FileStore(text.removeprefix("file://"))

@@ -1,29 +1,41 @@
 """A seekable zstd pack: independently compressed chunks with an index, read through any Store.
 
-Format (version 1, all integers little-endian)::
+Format (all integers little-endian)::
 
-    header   32 bytes   magic b"UFFDZST1", u16 version (1), u16 flags (0), u32 chunk size,
+    header   32 bytes   magic b"UFFDZST1", u16 version (1 or 2), u16 flags, u32 chunk size,
                         u64 uncompressed size, u64 chunk count
+    dictionary          version 2 with flag 2 only: u32 length, then a zstd dictionary that every
+                        frame was compressed with
     chunks              chunk i is one zstd frame holding bytes [i * chunk size, (i + 1) * chunk
                         size) of the source (the last one may be shorter); frames follow each
-                        other from offset 32 with no gaps
+                        other, from the end of the header (or dictionary), with no gaps
     index    28 bytes   per chunk: u64 offset of its frame, u32 frame length, blake2b-128 of the
                         uncompressed chunk
-    footer   40 bytes   u64 offset of the index, u64 chunk count, blake2b-128 of header + index,
-                        magic b"UFFDZEND"
+    footer   40 bytes   u64 offset of the index, u64 chunk count, blake2b-128 of header +
+                        dictionary + index, magic b"UFFDZEND"
 
-A reader reads the header, the footer and the index (three reads, whatever the transport) and
-checks them against each other and the footer's digest; a truncated or foreign file fails there.
-Every chunk it then serves is decompressed and checked against its hash, so a corrupted pack
-raises :class:`StoreError` naming the chunk: a page fault handler poisons that page rather than
-mapping wrong bytes. Chunks are independent so a random page costs one chunk, and the index sits at
-the end so :func:`pack` can stream the source without knowing compressed sizes up front.
+Version 2 adds two flags: 1, zero chunks: a chunk that is all zero has no frame (frame length 0,
+its offset where the next frame starts, and the hash of its zeros), and 2, a dictionary. A pack
+that uses neither is written as version 1, byte for byte what earlier writers wrote, and both
+versions are read.
+
+A reader reads the header, the footer and the index (three reads, whatever the transport; a
+fourth for the dictionary) and checks them against each other and the footer's digest; a
+truncated or foreign file fails there. Every chunk it then serves is decompressed and checked
+against its hash, so a corrupted pack raises :class:`StoreError` naming the chunk: a page fault
+handler poisons that page rather than mapping wrong bytes. A zero chunk is served without any
+read, and :meth:`ZstdStore.known_zero` tells the handler so before it asks. Chunks are
+independent so a random page costs one chunk, and the index sits at the end so :func:`pack` can
+stream the source without knowing compressed sizes up front.
+
+Threads: :meth:`ZstdStore.read_into` may be called from many threads at once (as many as the raw
+store's ``parallel_reads``): the chunk cache is behind a lock, reads and decompression run
+outside it, and every read decodes into buffers of its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import struct
 import threading
@@ -31,48 +43,23 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import BinaryIO, Self
 
-import zstandard
-
 from ._base import Store, StoreError
-from ._simple import FileStore
+from ._chunks import Codec, PackInfo, digest, is_zero, read_chunks, train
 
-__all__ = ["MAGIC", "PackInfo", "ZstdStore", "pack"]
+__all__ = ["MAGIC", "ZstdStore", "write_pack"]
 
 MAGIC = b"UFFDZST1"
 _END_MAGIC = b"UFFDZEND"
-_VERSION = 1
+_VERSIONS = (1, 2)
+_ZERO_CHUNKS = 1  #: flag: entries of frame length 0 are zero chunks (version 2)
+_DICTIONARY = 2  #: flag: a dictionary follows the header (version 2)
 _HEADER = struct.Struct("<8sHHIQQ")
+_DICT_LENGTH = struct.Struct("<I")
 _ENTRY = struct.Struct("<QI16s")
 _FOOTER = struct.Struct("<QQ16s8s")
 _DIGEST_SIZE = 16
-_MAX_CHUNK_SIZE = 1 << 30  # a frame length must fit the index's u32 even if incompressible
-_READ_SPAN = 8 << 20  # pack() reads the source this many bytes at a time at most
 
 assert _HEADER.size == 32 and _ENTRY.size == 28 and _FOOTER.size == 40
-
-
-def _digest(data: bytes | memoryview) -> bytes:
-    return hashlib.blake2b(data, digest_size=_DIGEST_SIZE).digest()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PackInfo:
-    """What :func:`pack` wrote."""
-
-    #: Path of the pack.
-    path: str
-    #: Uncompressed size in bytes.
-    size: int
-    #: Size of the pack file in bytes (header, frames, index and footer).
-    packed_size: int
-    chunk_size: int
-    chunks: int
-    level: int
-
-    @property
-    def ratio(self) -> float:
-        """Uncompressed size over packed size (above 1 means it shrank)."""
-        return self.size / self.packed_size if self.packed_size else 0.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -83,33 +70,24 @@ class _Layout:
     chunk_size: int
     offsets: tuple[int, ...]  # chunk count + 1 entries: frame i is offsets[i]:offsets[i + 1]
     digests: tuple[bytes, ...]
+    zero: bytes  # per chunk: 1 for a zero chunk (no frame), else 0
+    codec: Codec
 
 
-def pack(
-    source: str | os.PathLike[str] | Store,
-    dest: str | os.PathLike[str],
+def write_pack(
+    store: Store,
+    dest: str,
     *,
-    chunk_size: int = 1 << 20,
-    level: int = 3,
-    progress: Callable[[int, int], None] | None = None,
+    chunk_size: int,
+    level: int,
+    dictionary: int,
+    progress: Callable[[int, int], None] | None,
 ) -> PackInfo:
-    """Compress ``source`` (a path or a Store) into a pack at ``dest``; see the module docstring.
-
-    ``progress(bytes_done, bytes_total)`` is called after every chunk. ``dest`` is written under
-    a temporary name and renamed at the end, so a failed pack leaves no half-written file.
-    """
-    if not 1 <= chunk_size <= _MAX_CHUNK_SIZE:
-        raise ValueError(f"chunk size {chunk_size} is out of range: 1 .. {_MAX_CHUNK_SIZE}")
-    if not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
-        raise ValueError(
-            f"compression level {level} is out of range: 1 .. {zstandard.MAX_COMPRESSION_LEVEL}"
-        )
-    dest = os.fspath(dest)
-    store = source if isinstance(source, Store) else FileStore(source)
+    """The single-file pack of ``store`` at the local path ``dest`` (see :func:`pack`)."""
     tmp = os.path.join(os.path.dirname(dest) or ".", f".{os.path.basename(dest)}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as out:
-            _write_pack(store, out, chunk_size, level, progress)
+            zero_chunks, dict_size = _write(store, out, chunk_size, level, dictionary, progress)
             packed_size = out.tell()
             out.flush()
             os.fsync(out.fileno())
@@ -120,9 +98,6 @@ def pack(
         except FileNotFoundError:
             pass
         raise
-    finally:
-        if store is not source:
-            store.close()
     size = store.size
     return PackInfo(
         path=dest,
@@ -131,46 +106,53 @@ def pack(
         chunk_size=chunk_size,
         chunks=-(-size // chunk_size),
         level=level,
+        zero_chunks=zero_chunks,
+        unique_bytes=packed_size,
+        dictionary=dict_size,
+        layout="file",
     )
 
 
-def _write_pack(
+def _write(
     store: Store,
     out: BinaryIO,
     chunk_size: int,
     level: int,
+    dictionary: int,
     progress: Callable[[int, int], None] | None,
-) -> None:
+) -> tuple[int, int]:
+    """Write the pack; (zero chunks, dictionary bytes)."""
     size = store.size
     count = -(-size // chunk_size)
-    header = _HEADER.pack(MAGIC, _VERSION, 0, chunk_size, size, count)
-    out.write(header)
-    compressor = zstandard.ZstdCompressor(level=level, write_checksum=False)
+    trained = train(store, chunk_size, dictionary, level) if dictionary else b""
+    codec = Codec(trained, _DIGEST_SIZE)
+    # The header is rewritten at the end, once the flags are known (zero chunks show up late).
+    out.write(bytes(_HEADER.size))
+    section = _DICT_LENGTH.pack(len(trained)) + trained if trained else b""
+    out.write(section)
+    compressor = codec.compressor(level)
+    zeros = bytes(chunk_size)
     index = bytearray()
-    position = _HEADER.size
-    # Every span but the last is a whole number of chunks, so chunks never straddle two reads.
-    span = bytearray(min(size, max(1, _READ_SPAN // chunk_size) * chunk_size))
-    done = 0
-    if progress is not None:
-        progress(0, size)
-    while done < size:
-        # Read many small chunks at once: a Store read may be a network round trip.
-        want = min(len(span), size - done)
-        view = memoryview(span)[:want]
-        got = store.read_into(done, view)
-        if got != want:
-            raise StoreError(f"source ended at {done + got} bytes, its size said {size}")
-        for start in range(0, want, chunk_size):
-            chunk = view[start : start + chunk_size]
-            frame = compressor.compress(chunk)
-            out.write(frame)
-            index += _ENTRY.pack(position, len(frame), _digest(chunk))
-            position += len(frame)
-            done += len(chunk)
-            if progress is not None:
-                progress(done, size)
+    position = _HEADER.size + len(section)
+    zero_chunks = 0
+    for chunk in read_chunks(store, chunk_size, progress):
+        if is_zero(chunk, zeros):
+            index += _ENTRY.pack(position, 0, digest(chunk, _DIGEST_SIZE))
+            zero_chunks += 1
+            continue
+        frame = compressor.compress(chunk)
+        out.write(frame)
+        index += _ENTRY.pack(position, len(frame), digest(chunk, _DIGEST_SIZE))
+        position += len(frame)
+    flags = (_ZERO_CHUNKS if zero_chunks else 0) | (_DICTIONARY if trained else 0)
+    header = _HEADER.pack(MAGIC, 2 if flags else 1, flags, chunk_size, size, count)
     out.write(index)
-    out.write(_FOOTER.pack(position, count, _digest(header + index), _END_MAGIC))
+    out.write(_FOOTER.pack(position, count, digest(header + section + index, _DIGEST_SIZE),
+                           _END_MAGIC))  # fmt: skip
+    out.seek(0)
+    out.write(header)
+    out.seek(0, os.SEEK_END)
+    return zero_chunks, len(trained)
 
 
 class ZstdStore(Store):
@@ -178,7 +160,8 @@ class ZstdStore(Store):
 
     ``raw`` can be any Store (a file, HTTP, S3), and this store owns it: closing this closes that.
     The last ``cache_chunks`` decompressed chunks are kept, so a reader walking a chunk page by page
-    decompresses it once.
+    decompresses it once. Zero chunks are never read (:meth:`known_zero`). Safe to call from
+    ``raw.parallel_reads`` threads at once.
     """
 
     def __init__(self, raw: Store, *, cache_chunks: int = 8) -> None:
@@ -205,6 +188,27 @@ class ZstdStore(Store):
     def chunks(self) -> int:
         return len(self._layout.digests)
 
+    @property
+    def zero_chunks(self) -> int:
+        """How many chunks are all zero (stored without a frame)."""
+        return self._layout.zero.count(1)
+
+    @property
+    def dictionary(self) -> int:
+        """Size of the pack's zstd dictionary in bytes (0: none)."""
+        return len(self._layout.codec.dictionary)
+
+    @property
+    def parallel_reads(self) -> int:
+        return self._raw.parallel_reads
+
+    def known_zero(self, offset: int, length: int) -> bool:
+        end = offset + self.clamp(offset, length)
+        if end == offset:
+            return False
+        step = self.chunk_size
+        return 0 not in self._layout.zero[offset // step : (end - 1) // step + 1]
+
     def read_into(self, offset: int, buffer: memoryview) -> int:
         end = offset + self.clamp(offset, len(buffer))
         if end == offset:
@@ -215,31 +219,43 @@ class ZstdStore(Store):
         for i, chunk in zip(range(first, last + 1), chunks, strict=True):
             lo = max(offset, i * step)
             hi = min(end, (i + 1) * step)
-            buffer[lo - offset : hi - offset] = chunk[lo - i * step : hi - i * step]
+            if chunk is None:  # a zero chunk
+                buffer[lo - offset : hi - offset] = bytes(hi - lo)
+            else:
+                buffer[lo - offset : hi - offset] = chunk[lo - i * step : hi - i * step]
         return end - offset
 
-    def _chunks(self, first: int, last: int) -> list[bytes]:
-        """Decompressed chunks first..last, from the cache or from one read of ``raw``."""
+    def _chunks(self, first: int, last: int) -> list[bytes | None]:
+        """Decompressed chunks first..last (None for a zero chunk), from the cache or from one
+        read of ``raw``."""
+        zero = self._layout.zero
         with self._lock:
-            found = {i: self._cache[i] for i in range(first, last + 1) if i in self._cache}
-            for i in found:
-                self._cache.move_to_end(i)
+            found: dict[int, bytes | None] = {}
+            for i in range(first, last + 1):
+                if zero[i]:
+                    found[i] = None
+                elif i in self._cache:
+                    found[i] = self._cache[i]
+                    self._cache.move_to_end(i)
         missing = [i for i in range(first, last + 1) if i not in found]
         if missing:
             # Frames are contiguous: one raw read covers every missing one (one request on HTTP).
+            # Cached chunks between them are read again rather than split the request.
             lo, hi = missing[0], missing[-1]
             offsets = self._layout.offsets
             frames = bytearray(offsets[hi + 1] - offsets[lo])
             got = self._read_raw(offsets[lo], memoryview(frames), lo, hi)
+            decoded = {}
             for i in missing:
                 start = offsets[i] - offsets[lo]
                 stop = offsets[i + 1] - offsets[lo]
                 if stop > got:
                     raise StoreError(f"pack chunk {i}: truncated (the pack ends inside it)")
-                found[i] = self._decode(i, memoryview(frames)[start:stop])
+                decoded[i] = self._decode(i, memoryview(frames)[start:stop])
+            found.update(decoded)
             with self._lock:
-                for i in missing:
-                    self._cache[i] = found[i]
+                for i, data in decoded.items():
+                    self._cache[i] = data
                     self._cache.move_to_end(i)
                 while len(self._cache) > self._cache_chunks:
                     self._cache.popitem(last=False)
@@ -255,22 +271,8 @@ class ZstdStore(Store):
     def _decode(self, i: int, frame: memoryview) -> bytes:
         step = self.chunk_size
         length = min(step, self.size - i * step)
-        try:
-            # max_output_size bounds a frame that does not declare its size; one that does is
-            # decompressed into a buffer of the declared size, so a corrupt header declaring
-            # terabytes would raise MemoryError: check the declaration first.
-            declared = zstandard.frame_content_size(frame)
-            if declared not in (length, -1):
-                raise StoreError(
-                    f"pack chunk {i} (bytes {i * step}..): corrupt: its frame declares "
-                    f"{declared} bytes, the chunk has {length}"
-                )
-            data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=length)
-        except zstandard.ZstdError as err:
-            raise StoreError(f"pack chunk {i} (bytes {i * step}..): corrupt: {err}") from err
-        if len(data) != length or _digest(data) != self._layout.digests[i]:
-            raise StoreError(f"pack chunk {i} (bytes {i * step}..): corrupt: hash mismatch")
-        return data
+        what = f"pack chunk {i} (bytes {i * step}..)"
+        return self._layout.codec.decode(frame, length, self._layout.digests[i], what)
 
     def __enter__(self) -> Self:
         return self
@@ -292,7 +294,7 @@ class ZstdStore(Store):
         return f"<ZstdStore {self.size} bytes, {self.chunks} chunks over {self._raw!r}>"
 
 
-def _read_exact(raw: Store, offset: int, length: int, what: str) -> bytes:
+def read_exact(raw: Store, offset: int, length: int, what: str) -> bytes:
     buf = bytearray(length)
     got = raw.read_into(offset, memoryview(buf))
     if got != length:
@@ -304,36 +306,60 @@ def _read_layout(raw: Store) -> _Layout:
     """Parse and cross-check the header, footer and index; see the module docstring."""
     total = raw.size
     if total < _HEADER.size + _FOOTER.size:
-        if total >= len(MAGIC) and _read_exact(raw, 0, len(MAGIC), "magic") != MAGIC:
+        if total >= len(MAGIC) and read_exact(raw, 0, len(MAGIC), "magic") != MAGIC:
             raise StoreError(f"not a uffd zstd pack: no {MAGIC!r} magic at the start")
         raise StoreError(f"not a complete pack: {total} bytes is shorter than header + footer")
-    header = _read_exact(raw, 0, _HEADER.size, "header")
-    magic, version, _flags, chunk_size, size, count = _HEADER.unpack(header)
+    header = read_exact(raw, 0, _HEADER.size, "header")
+    magic, version, flags, chunk_size, size, count = _HEADER.unpack(header)
     if magic != MAGIC:
         raise StoreError(f"not a uffd zstd pack: magic {magic!r}, expected {MAGIC!r}")
-    if version != _VERSION:
-        raise StoreError(f"pack format version {version} is not supported (only {_VERSION})")
+    if version not in _VERSIONS:
+        raise StoreError(f"pack format version {version} is not supported (only 1 and 2)")
+    if version == 1:
+        flags = 0  # version 1 wrote 0 and never read them
+    elif flags & ~(_ZERO_CHUNKS | _DICTIONARY):
+        raise StoreError(f"pack flags {flags:#x} are not supported (only 0x1 and 0x2)")
     if chunk_size == 0 or count != -(-size // chunk_size):
         raise StoreError(f"corrupt pack header: {count} chunks of {chunk_size} for {size} bytes")
-    footer = _read_exact(raw, total - _FOOTER.size, _FOOTER.size, "footer")
-    index_offset, footer_count, digest, end_magic = _FOOTER.unpack(footer)
+    footer = read_exact(raw, total - _FOOTER.size, _FOOTER.size, "footer")
+    index_offset, footer_count, footer_digest, end_magic = _FOOTER.unpack(footer)
     index_size = count * _ENTRY.size
     if end_magic != _END_MAGIC or footer_count != count:
         raise StoreError(f"not a complete pack: no valid footer at the end ({total} bytes)")
     if index_offset + index_size + _FOOTER.size != total:
         raise StoreError(f"not a complete pack: index at {index_offset} does not fit {total} bytes")
-    index = _read_exact(raw, index_offset, index_size, "index")
-    if _digest(header + index) != digest:
+    index = read_exact(raw, index_offset, index_size, "index")
+    entries = list(_ENTRY.iter_unpack(index))
+    start = entries[0][0] if entries else index_offset
+    section = b""
+    if flags & _DICTIONARY:
+        if not _HEADER.size + _DICT_LENGTH.size < start <= index_offset:
+            raise StoreError(f"corrupt pack: the dictionary ends at {start}, past the index")
+        section = read_exact(raw, _HEADER.size, start - _HEADER.size, "dictionary")
+        (length,) = _DICT_LENGTH.unpack_from(section)
+        if length != len(section) - _DICT_LENGTH.size:
+            raise StoreError(f"corrupt pack: a dictionary of {length} bytes in {len(section)}")
+    if digest(header + section + index, _DIGEST_SIZE) != footer_digest:
         raise StoreError("corrupt pack: header or index does not match the footer's digest")
-    offsets = [_HEADER.size]
-    digests = []
-    for i, (offset, length, chunk_digest) in enumerate(_ENTRY.iter_unpack(index)):
+    offsets = [_HEADER.size + len(section)]
+    zero = bytearray(count)
+    zero_digests: dict[int, bytes] = {}
+    for i, (offset, length, chunk_digest) in enumerate(entries):
         if offset != offsets[-1]:
             raise StoreError(f"corrupt pack index: chunk {i} at {offset}, expected {offsets[-1]}")
+        if length == 0:
+            # A zero chunk must say so twice: the flag, and the hash of exactly its zeros.
+            n = min(chunk_size, size - i * chunk_size)
+            if n not in zero_digests:
+                zero_digests[n] = digest(bytes(n), _DIGEST_SIZE)
+            if not flags & _ZERO_CHUNKS or chunk_digest != zero_digests[n]:
+                raise StoreError(f"corrupt pack index: chunk {i} has no frame")
+            zero[i] = 1
         offsets.append(offset + length)
-        digests.append(chunk_digest)
     if offsets[-1] != index_offset:
         raise StoreError(
             f"corrupt pack index: frames end at {offsets[-1]}, index at {index_offset}"
         )
-    return _Layout(size, chunk_size, tuple(offsets), tuple(digests))
+    dictionary = section[_DICT_LENGTH.size :]
+    return _Layout(size, chunk_size, tuple(offsets), tuple(d for _, _, d in entries), bytes(zero),
+                   Codec(dictionary, _DIGEST_SIZE))  # fmt: skip
