@@ -41,12 +41,14 @@ Design note: the invariant, and what the kernel makes a handler do
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 import errno
 import logging
 import mmap
 import os
 import select
+import struct
 import threading
 import time
 from collections import deque
@@ -59,6 +61,7 @@ from .._events import Event, Fork, PageFault, Remap, Remove, Unmap
 from .._forked import Channel
 from ..stores import Store, StoreError
 from . import _stats
+from ._fetch import Fetch, Fetcher
 from ._policy import Policy
 from ._ranges import RegionMap, RegionState, unsettled_runs
 from ._reports import Adopted, Changed, Closed, Reporter
@@ -70,10 +73,26 @@ _log = logging.getLogger("userfaultfd.runtime")
 
 #: How long a store read may keep the handler busy before the watcher reads events for it.
 _WATCH_PERIOD = 0.002
+#: The largest read handed to one fetch thread (a window is split into reads this size).
+_FETCH_UNIT = 2 << 20
+#: A working-set record: each fill a fault caused, as (store offset, length), in order.
+_RECORD = struct.Struct("<QQ")
 #: A store read that fails faster than this may be tried again on a smaller range.
 _QUICK_FAILURE = 0.1
 #: How often every source is probed for a process that is gone.
 _PROBE_PERIOD = 0.25
+
+
+def _without_marker(
+    region: RegionState, first: int, last: int, marker: int, waited: set[int]
+) -> list[tuple[int, int]]:
+    """[first, last) as runs to place, with the marker page (at store offset ``marker``) as an
+    empty run (c, c) to hold back, unless a thread already waits on it."""
+    index = (marker - region.offset) // region.page_size if marker >= region.offset else -1
+    if not first <= index < last or region.at(index) in waited:
+        return [(first, last)]
+    runs = [(first, index), (index, index), (index + 1, last)]
+    return [(a, b) for a, b in runs if a < b or a == index]
 
 
 def _probe_address() -> int:
@@ -130,6 +149,9 @@ class Handler:
         buffer_bytes: int = 8 << 20,
         reports: Channel | None = None,
         first_key: int = 1,
+        fetches: int | None = None,
+        record: str | None = None,
+        prefetch: str | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -139,6 +161,7 @@ class Handler:
         self._next_key = first_key
         self._sources: dict[int, _Source] = {}
         self._fork_keys: dict[int, int] = {}  # a FORK event's uffd -> the key it was reported as
+        self._by_key: dict[int, _Source] = {}
         self._faults: deque[tuple[_Source, int]] = deque()
         self._streams = 0
         self._buffer = mmap.mmap(-1, buffer_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -154,6 +177,16 @@ class Handler:
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._poller.register(self._wake_read, select.POLLIN)
         self._read_lock = threading.Lock()
+        # Many reads in flight, for a store that serves them concurrently (see _fetch).
+        depth = fetches if fetches is not None else (store.parallel_reads if store else 1)
+        self._fetcher = (
+            Fetcher(store, depth, max(_FETCH_UNIT, buffer_bytes // depth), self._wake_write)
+            if store is not None and depth > 1 else None
+        )  # fmt: skip
+        self._retry: deque[Fetch] = deque()  # fetches whose install met EAGAIN
+        self._held: dict[tuple[int, int], bytes] = {}  # marker pages kept back, by store offset
+        self._record = open(record, "ab") if record is not None else None  # noqa: SIM115
+        self._prefetch = prefetch
         self._busy_since = 0.0
         self._failed_quickly = True
         self._stopping = threading.Event()
@@ -176,6 +209,7 @@ class Handler:
         self._next_key = max(self._next_key, key + 1)
         source = _Source(key, uffd, states)
         self._sources[uffd.fileno()] = source
+        self._by_key[key] = source
         self._poller.register(uffd.fileno(), select.POLLIN)
         return key
 
@@ -185,6 +219,7 @@ class Handler:
             fd = source.uffd.fileno()
             self._poller.unregister(fd)
             del self._sources[fd]
+            self._by_key.pop(source.key, None)
             source.uffd.close()
         self._reports.send(Closed(source.key))
 
@@ -204,6 +239,7 @@ class Handler:
             self._poller.register(listening, select.POLLIN)
         watcher = threading.Thread(target=self._watch, name="uffd-event-watcher", daemon=True)
         watcher.start()
+        self.start_prefetch()
         try:
             probed = time.monotonic()
             while self._sources:
@@ -227,6 +263,8 @@ class Handler:
                     elif (source := self._sources.get(fd)) is not None:
                         self._serve(source)
                 if time.monotonic() - probed >= _PROBE_PERIOD:
+                    if self._record is not None:
+                        self._record.flush()
                     self._probe()
                     probed = time.monotonic()
         except BaseException:
@@ -254,9 +292,12 @@ class Handler:
                 self._faults.appendleft((owner, address))  # resolve it again, from the new map
                 continue
             answered.add((owner.key, address))
-            self.stats.record_latency(time.perf_counter_ns() - started)
+            if self._fetcher is None:
+                self.stats.record_latency(time.perf_counter_ns() - started)
             if self._stash:
                 self._apply_all(self._collect([]))
+        if self._fetcher is not None:
+            self._install_completed()
 
     def _collect(self, sources: list[_Source]) -> list[tuple[_Source, list[Event]]]:
         """The watcher's stashed batches, then one fresh batch from each of ``sources``."""
@@ -351,6 +392,8 @@ class Handler:
         """Settle every page of every source, then close them: the only way a source whose
         process lives is closed. ``fill``: from the store, poisoning what it cannot give;
         otherwise poison every page not filled yet."""
+        if fill and self._fetcher is not None:
+            self._drain_in_flight()
         while self._sources:
             self._catch_up()  # events first: a FORK adds a source, a REMAP moves a range
             self._faults.clear()  # settling wakes every fault there is
@@ -375,6 +418,12 @@ class Handler:
 
     def close(self) -> None:
         """Release the buffer. Sources still open are left to whoever holds their copies."""
+        if self._fetcher is not None:
+            self._fetcher.close()
+            self._fetcher = None
+        if self._record is not None:
+            self._record.close()
+            self._record = None
         if not self._buffer.closed:
             self._view.release()
             self._resources.close()
@@ -383,6 +432,179 @@ class Handler:
                 self._zero_map.close()
             os.close(self._wake_read)
             os.close(self._wake_write)
+
+    # -- many reads in flight (see _fetch) ------------------------------------------------------
+    def _request(
+        self, source: _Source, region: RegionState, index: int, start: int, end: int
+    ) -> Outcome:
+        """Ask for the faulting page's bytes first, then the rest of the window and, for a
+        sequential stream, the window after it; the fault is answered when its bytes arrive."""
+        assert self._fetcher is not None
+        page = region.page_size
+        offset = region.offset + index * page
+        held = self._held.pop((source.key, offset), None)
+        if held is not None:  # a marker page: its bytes are here already
+            self._view[:page] = held
+            outcome = self._place(source, region, index, index + 1, _Fill.COPY,
+                                  self._buffer_address)  # fmt: skip
+            if outcome is not Outcome.DONE:
+                return outcome
+        else:
+            fetch = self._fetcher.covering(source.key, offset)
+            if fetch is not None:
+                fetch.waiters.append((source.key, region.at(index), time.perf_counter_ns()))
+                self._fetcher.promote(fetch)
+            else:
+                waiter = (source.key, region.at(index), time.perf_counter_ns())
+                self._ask(source, region, index, end, demand=True, waiter=waiter)
+        self._ask(source, region, start, end, demand=False)
+        ahead = self.policy.readahead(index, start, end, region.pages, page, region.stream)
+        if ahead is not None and ahead[0] < ahead[1]:
+            self._ask(source, region, ahead[0], min(ahead[1], region.pages), demand=False,
+                      marker=region.offset + ahead[0] * page)  # fmt: skip
+        return Outcome.DONE
+
+    def _ask(
+        self, source: _Source, region: RegionState, first: int, last: int, *, demand: bool,
+        waiter: tuple[int, int, int] | None = None, marker: int = -1, prefetch: bool = False,
+    ) -> None:  # fmt: skip
+        """Submit reads for the pages of [first, last) that are neither settled nor being read,
+        split at the fetch unit. With ``demand``, only the run that starts at ``first``."""
+        assert self._fetcher is not None and self.store is not None
+        page = region.page_size
+        unit_pages = max(1, self._fetcher.unit // page)
+        for a, b in list(unsettled_runs(region, first, last)):
+            index = a
+            while index < b:
+                offset = region.offset + index * page
+                covering = self._fetcher.covering(source.key, offset)
+                if covering is not None:
+                    index = max(index + 1, -(-(covering.end - region.offset) // page))
+                    continue
+                stop = min(b, index + unit_pages)
+                size = (stop - index) * page
+                if self.store.known_zero(offset, size):
+                    self._place(source, region, index, stop, _Fill.ZERO)
+                    self.stats.add(_stats.ZEROS, stop - index)
+                else:
+                    fetch = Fetch(source.key, offset, size, demand, prefetch=prefetch,
+                                  marker=marker if index * page + region.offset <= marker
+                                  < offset + size else -1)  # fmt: skip
+                    if waiter is not None:
+                        fetch.waiters.append(waiter)
+                    self._fetcher.submit(fetch)
+                if demand:
+                    return
+                index = stop
+            if demand:
+                return
+
+    def _install_completed(self) -> None:
+        """Place the bytes of every read that has arrived."""
+        assert self._fetcher is not None
+        while done := [*self._retry, *self._fetcher.completed()]:
+            self._retry.clear()
+            for position, fetch in enumerate(done):
+                outcome = self._install(fetch)
+                if outcome is Outcome.CHANGED:
+                    self._catch_up()
+                    self._retry.extend(done[position:])
+                    break
+                self._fetcher.release(fetch)
+
+    def _install(self, fetch: Fetch) -> Outcome:
+        source = self._by_key.get(fetch.key)
+        if source is None or source.uffd.closed:
+            return Outcome.DONE
+        if fetch.error is not None:
+            return self._fetch_failed(source, fetch)
+        waited = {address for _key, address, _t in fetch.waiters}
+        for region in list(source.regions):
+            page = region.page_size
+            lo, hi = max(fetch.offset, region.offset), min(fetch.end, region.offset + region.length)
+            if lo >= hi:
+                continue
+            first, last = (lo - region.offset) // page, -(-(hi - region.offset) // page)
+            for a, b in list(unsettled_runs(region, first, last)):
+                for c, d in _without_marker(region, a, b, fetch.marker, waited):
+                    src = fetch.address + region.offset + c * page - fetch.offset
+                    if d == c:  # the marker: kept back until the reader faults on it
+                        self._held[(fetch.key, region.offset + c * page)] = ctypes.string_at(
+                            src, page
+                        )
+                        continue
+                    outcome = self._place(source, region, c, d, _Fill.COPY, src,
+                                          wake=not fetch.prefetch)  # fmt: skip
+                    if outcome is not Outcome.DONE:
+                        return outcome
+            if fetch.prefetch:
+                source.uffd.wake(region.at(first), (last - first) * page)
+                self.stats.add(_stats.PREFETCHED, last - first)
+        now = time.perf_counter_ns()
+        for _key, _address, asked in fetch.waiters:
+            self.stats.record_latency(now - asked)
+        return Outcome.DONE
+
+    def _fetch_failed(self, source: _Source, fetch: Fetch) -> Outcome:
+        """The store could not give ``fetch``'s bytes: each page a thread waits on is asked for
+        alone (if the store failed quickly), or poisoned."""
+        self.stats.add(_stats.ERRORS)
+        _log.warning("store %r failed at offset %d (%d bytes): %s: %s; pages that are waited "
+                     "on are poisoned", self.store, fetch.offset, fetch.size,
+                     type(fetch.error).__name__, fetch.error)  # fmt: skip
+        for _key, address, asked in fetch.waiters:
+            region = source.find(address)
+            if region is None:
+                continue
+            index = (address - region.address) // region.page_size
+            if region.settled[index]:
+                continue
+            if fetch.size > region.page_size and fetch.failed_quickly:
+                self._ask(source, region, index, index + 1, demand=True,
+                          waiter=(fetch.key, address, asked))  # fmt: skip
+                continue
+            outcome = self._place(source, region, index, index + 1, _Fill.POISON)
+            if outcome is not Outcome.DONE:
+                return outcome
+        return Outcome.DONE
+
+    def _drain_in_flight(self) -> None:
+        """Fill every page not filled yet with many reads in flight (before finish's own pass,
+        which then only settles what this could not: pages the store failed on)."""
+        assert self._fetcher is not None
+        for source in list(self._sources.values()):
+            for region in list(source.regions):
+                self._ask(source, region, 0, region.pages, demand=False)
+        while self._fetcher.pending and self._sources:
+            ready = select.select([self._wake_read], [], [], 0.05)[0]
+            if ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_read, 4096)
+            self._apply_all(self._collect(list(self._sources.values())))
+            self._faults.clear()  # the drain fills every page: it wakes every fault there is
+            self._install_completed()
+
+    def start_prefetch(self) -> None:
+        """Ask for a recorded working set, in its order, behind any demand read."""
+        if self._prefetch is None or self._fetcher is None:
+            return
+        source = self._by_key.get(1)
+        try:
+            with open(self._prefetch, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            _log.warning("prefetch: cannot read %s: %s", self._prefetch, err)
+            return
+        if source is None:
+            return
+        for offset, length in _RECORD.iter_unpack(data[: len(data) // _RECORD.size * _RECORD.size]):
+            for region in source.regions:
+                page = region.page_size
+                lo = max(offset, region.offset)
+                hi = min(offset + length, region.offset + region.length)
+                if lo < hi:
+                    first, last = (lo - region.offset) // page, -(-(hi - region.offset) // page)
+                    self._ask(source, region, first, last, demand=False, prefetch=True)
 
     # -- filling pages -----------------------------------------------------------------------------
     def _zeros(self, length: int) -> int:
@@ -411,6 +633,10 @@ class Handler:
             return self._place(source, region, index, index + 1, _Fill.ZERO)
         start, end = self.policy.window(index, region.pages, page, region.stream)
         start, end = max(start, 0), min(max(end, index + 1), region.pages)
+        if self._record is not None and source.key == 1:
+            self._record.write(_RECORD.pack(region.offset + start * page, (end - start) * page))
+        if self._fetcher is not None:
+            return self._request(source, region, index, start, end)
         # The faulting page's run first (it wakes the faulting thread), then the rest.
         run_end = index
         while run_end < end and not region.settled[run_end] and not region.removed[run_end]:
@@ -433,7 +659,14 @@ class Handler:
         index = first
         while index < last:
             stop = min(last, index + chunk)
-            src = self._read(region.offset + index * page, (stop - index) * page)
+            offset, size = region.offset + index * page, (stop - index) * page
+            if self.store.known_zero(offset, size):
+                outcome = self._place(source, region, index, stop, _Fill.ZERO)
+                if outcome is not Outcome.DONE:
+                    return outcome
+                index = stop
+                continue
+            src = self._read(offset, size)
             outcome = Outcome.STORE_FAILED
             if src is not None:
                 outcome = self._place(source, region, index, stop, _Fill.COPY, src)
@@ -501,7 +734,7 @@ class Handler:
 
     def _place(
         self, source: _Source, region: RegionState, first: int, last: int, how: _Fill,
-        src: int = 0,
+        src: int = 0, *, wake: bool = True,
     ) -> Outcome:  # fmt: skip
         """Settle pages [first, last) by one ioctl (COPY from ``src``, ZEROPAGE or POISON),
         going on past pages that are there already."""
@@ -513,7 +746,7 @@ class Handler:
             self._count(region, first, last, how)
             try:
                 if how is _Fill.COPY:
-                    source.uffd.copy(address, src, length)
+                    source.uffd.copy(address, src, length, wake=wake)
                 elif how is _Fill.ZERO:  # a COPY of zeros: hugetlbfs ranges have no ZEROPAGE
                     source.uffd.copy(address, self._zeros(length), length)
                 else:

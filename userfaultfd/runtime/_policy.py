@@ -25,6 +25,14 @@ class Policy(abc.ABC):
         skips pages already filled, and fills the faulting page first.
         """
 
+    def readahead(
+        self, index: int, start: int, end: int, pages: int, page_size: int, stream: int = 0
+    ) -> tuple[int, int] | None:
+        """Pages to read ahead of the window [start, end) just chosen for a fault on ``index``,
+        when the store keeps many reads in flight: the handler keeps their first page back
+        until the program faults on it, which asks for the window after. Default: none."""
+        return None
+
 
 class Single(Policy):
     """One page per fault."""
@@ -84,3 +92,11 @@ class Adaptive(Policy):
         end = min(index + state.size, pages)
         state.next_index = end
         return index, end
+
+    def readahead(
+        self, index: int, start: int, end: int, pages: int, page_size: int, stream: int = 0
+    ) -> tuple[int, int] | None:
+        """A stream that went on: one more window of the same size, ahead of this one."""
+        if end - start <= self.min_pages or end >= pages:
+            return None
+        return end, min(end + (end - start), pages)

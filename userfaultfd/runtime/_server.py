@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import itertools
 import os
 import select
@@ -41,7 +42,7 @@ from . import _stats
 from ._launch import Launched, launch
 from ._policy import Adaptive, Policy
 from ._stats import Stats, StatsBlock
-from ._supervisor import supervise
+from ._supervisor import Options, supervise
 
 __all__ = ["DEFAULT_CPU", "Region", "Server", "serve"]
 
@@ -200,6 +201,9 @@ def serve(
     batch: int = 64,
     buffer_bytes: int = 8 << 20,
     user_mode_only: bool = False,
+    fetches: int | None = None,
+    record: str | os.PathLike[str] | None = None,
+    prefetch: str | os.PathLike[str] | None = None,
 ) -> Server:
     """Register ``regions`` (MISSING) and serve their faults from ``store`` in a new process.
 
@@ -209,6 +213,10 @@ def serve(
     ``buffer_bytes``: the handler's copy buffer. ``user_mode_only``: a uffd that handles faults
     from user space only (all an unprivileged process may have under
     vm.unprivileged_userfaultfd=0); a system call reading the memory then fails with EFAULT.
+    ``fetches``: store reads kept in flight (default: what the store serves at once, e.g. 16
+    for HTTP and S3, 1 for a local file). ``record``: append the working set to this file (each
+    fill a fault asked for, in order); ``prefetch``: a file ``record`` wrote, whose fills are
+    read and installed ahead of the faults, behind any page a thread waits on.
     """
     wanted = [r if isinstance(r, Region) else Region.of(r) for r in regions]
     if not wanted:
@@ -232,13 +240,23 @@ def serve(
             f"buffer_bytes must be an int of at least one page ({largest_page}), not "
             f"{buffer_bytes!r}"
         )
+    if fetches is not None and (isinstance(fetches, bool) or not isinstance(fetches, int)
+                                or not 1 <= fetches <= 1024):  # fmt: skip
+        raise ValueError(f"fetches (reads in flight) must be an int in [1, 1024], not {fetches!r}")
+    if prefetch is not None and not os.path.isfile(prefetch):
+        raise FileNotFoundError(errno.ENOENT, "no working-set record to prefetch", str(prefetch))
+    options = Options(
+        store, chosen, StatsBlock(), batch, buffer_bytes, fetches,
+        None if record is None else os.path.abspath(record),
+        None if prefetch is None else os.path.abspath(prefetch),
+    )  # fmt: skip
+    stats = options.stats
     handler_cpu, pinned_thread = _place(cpu)
-    stats = StatsBlock()
     control_read, control_write = os.pipe2(os.O_CLOEXEC)
 
     def body(channel: Channel) -> None:
         os.close(control_write)
-        supervise(channel, control_read, store, chosen, stats, handler_cpu, batch, buffer_bytes)
+        supervise(channel, control_read, options, handler_cpu)
 
     launched: Launched | None = None
     try:

@@ -9,7 +9,7 @@ from .._counters import SharedCounters
 __all__ = ["Stats", "StatsBlock"]
 
 _COUNTERS = ("faults", "pages", "bytes", "errors", "events", "wakes", "poisoned", "copies",
-             "restarts")  # fmt: skip
+             "restarts", "zeros", "prefetched")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,10 @@ class Stats:
     copies: int
     #: Handlers the supervisor had to start again after one died.
     restarts: int
+    #: Pages the store said were zero, mapped without a read.
+    zeros: int
+    #: Pages installed ahead of any fault from a recorded working set (``prefetch=``).
+    prefetched: int
     #: Per-fault service time in microseconds (event read to page filled): percentiles.
     latency_p50_us: float
     latency_p90_us: float
@@ -50,6 +54,5 @@ class StatsBlock(SharedCounters):
         return Stats(*counts, *(self.percentile_us(q) for q in (0.5, 0.9, 0.99)))
 
 
-FAULTS, PAGES, BYTES, ERRORS, EVENTS, WAKES, POISONED, COPIES, RESTARTS, HANDLER_PID = range(
-    len(_COUNTERS) + 1
-)
+(FAULTS, PAGES, BYTES, ERRORS, EVENTS, WAKES, POISONED, COPIES, RESTARTS, ZEROS, PREFETCHED,
+ HANDLER_PID) = range(len(_COUNTERS) + 1)  # fmt: skip

@@ -45,7 +45,7 @@ from ._ranges import RegionMap, RegionState
 from ._reports import Adopted, Changed, Closed
 from ._stats import StatsBlock
 
-__all__ = ["ignore_group_signals", "supervise"]
+__all__ = ["Options", "ignore_group_signals", "supervise"]
 
 #: A handler that cannot open its store exits with this status: restarting will not help.
 STORE_GONE = 3
@@ -69,29 +69,28 @@ class _Held:
     ranges: RegionMap
 
 
-@dataclass(frozen=True, slots=True)
-class _Options:
+@dataclass(slots=True)
+class Options:
+    """How handlers serve: the same for every handler the supervisor starts."""
+
     store: Store
     policy: Policy
     stats: StatsBlock
-    batch: int
-    buffer_bytes: int
+    batch: int = 64
+    buffer_bytes: int = 8 << 20
+    #: Store reads in flight (None: what the store says it serves at once).
+    fetches: int | None = None
+    #: Where to log the working set (appended to by every handler).
+    record: str | None = None
+    #: A working set to prefetch (by the first handler only).
+    prefetch: str | None = None
 
 
-def supervise(
-    channel: Channel,
-    control: int,
-    store: Store,
-    policy: Policy,
-    stats: StatsBlock,
-    cpu: int | None,
-    batch: int,
-    buffer_bytes: int,
-) -> None:
+def supervise(channel: Channel, control: int, options: Options, cpu: int | None) -> None:
     ignore_group_signals()
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})  # handlers inherit it
-    options = _Options(store, policy, stats, batch, buffer_bytes)
+    stats = options.stats
     (features, regions), fds = channel.recv(timeout=30)
     sources = {
         1: _Held(
@@ -104,6 +103,7 @@ def supervise(
     listening = True
     while True:
         pid, commands, reports = _start(sources, options, control, channel)
+        options.prefetch = None  # a restarted handler serves on demand
         stats.set(_stats.HANDLER_PID, pid)
         if command:
             _tell(commands, command)
@@ -132,7 +132,7 @@ def supervise(
 
 
 def _start(
-    sources: dict[int, _Held], options: _Options, control: int, channel: Channel
+    sources: dict[int, _Held], options: Options, control: int, channel: Channel
 ) -> tuple[int, int, Channel]:
     """Fork a handler with descriptors of its own; returns its pid, its command pipe and the
     channel it reports on."""
@@ -150,9 +150,12 @@ def _start(
             except Exception as err:
                 print(f"userfaultfd: the store cannot be opened again: {err}", file=sys.stderr)
                 os._exit(STORE_GONE)
-            handler = Handler(opened, options.policy, options.stats, batch=options.batch,
-                              buffer_bytes=options.buffer_bytes, reports=Channel(theirs),
-                              first_key=max(sources, default=0) + 1)  # fmt: skip
+            handler = Handler(
+                opened, options.policy, options.stats, batch=options.batch,
+                buffer_bytes=options.buffer_bytes, reports=Channel(theirs),
+                first_key=max(sources, default=0) + 1, fetches=options.fetches,
+                record=options.record, prefetch=options.prefetch,
+            )  # fmt: skip
             for key, held in sources.items():
                 own = Userfaultfd.from_fd(os.dup(held.uffd.fileno()), held.uffd.features)
                 held.uffd.close()  # the supervisor's copy, inherited: only the supervisor keeps it
@@ -231,7 +234,7 @@ def _tell(commands: int, command: bytes) -> None:
         os.write(commands, command)
 
 
-def _poison(sources: dict[int, _Held], options: _Options) -> None:
+def _poison(sources: dict[int, _Held], options: Options) -> None:
     """Settle every source by poisoning the pages not filled: SIGBUS on access, not zeros."""
     page = max((r.page_size for h in sources.values() for r in h.ranges.regions), default=4096)
     settler = Handler(None, options.policy, options.stats, buffer_bytes=page)

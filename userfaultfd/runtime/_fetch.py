@@ -1,0 +1,171 @@
+"""Many store reads in flight: worker threads, each reading into a buffer of its own.
+
+Design note
+-----------
+A remote store answers each read after a round trip, so one read at a time caps a handler at
+(read size / RTT), and a fault queued behind another fault's read waits for both. The handler
+keeps up to ``depth`` reads outstanding and never waits on the store itself: it answers each
+fault as soon as the bytes of its page arrive, and it goes on reading events meanwhile, so the
+program's munmap() and madvise() never wait on the network. Reads a thread is blocked on (demand)
+go before read-ahead and prefetch. Buffer memory is bounded: ``depth`` buffers of ``unit`` bytes.
+The store's reads run in these threads (the GIL is released while they wait on the network);
+only a store that says it can serve reads concurrently (``Store.parallel_reads``) is read here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import threading
+import time
+from collections import deque
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from .._buffer import pinned
+from ..stores import Store, StoreError
+
+__all__ = ["Fetch", "Fetcher"]
+
+
+@dataclass(slots=True, eq=False)
+class Fetch:
+    """One store read: bytes [offset, offset + size) for source ``key``."""
+
+    key: int
+    offset: int
+    size: int
+    #: A thread waits on a page of it (else read-ahead or prefetch).
+    demand: bool
+    #: Prefetch: install without waking, then wake the whole run once.
+    prefetch: bool = False
+    #: A store offset whose page is kept back when the bytes arrive: the page a sequential
+    #: reader faults on next, which tells the handler to read further ahead.
+    marker: int = -1
+    #: Faults waiting on it: (source key, address, when asked in perf_counter_ns).
+    waiters: list[tuple[int, int, int]] = field(default_factory=list)
+    # Set by the worker that read it:
+    address: int = 0
+    error: BaseException | None = None
+    failed_quickly: bool = True
+    _slot: int = -1
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+    def covers(self, key: int, offset: int) -> bool:
+        return key == self.key and self.offset <= offset < self.end
+
+
+class Fetcher:
+    """``depth`` worker threads reading ``store`` into buffers of ``unit`` bytes."""
+
+    def __init__(self, store: Store, depth: int, unit: int, wake: int) -> None:
+        self.store = store
+        self.unit = unit
+        self._wake = wake
+        self._lock = threading.Condition()
+        self._demand: deque[Fetch] = deque()
+        self._ahead: deque[Fetch] = deque()
+        self._done: deque[Fetch] = deque()
+        #: Every fetch not yet released: queued, being read, or read and not yet placed.
+        self.pending: list[Fetch] = []
+        self._stopping = False
+        self._resources = ExitStack()
+        self._buffers: list[mmap.mmap] = []
+        self._addresses: list[int] = []
+        self._released: list[threading.Event] = []
+        for _ in range(depth):
+            buffer = mmap.mmap(-1, unit, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._buffers.append(buffer)
+            self._addresses.append(self._resources.enter_context(pinned(buffer))[0])
+            self._released.append(threading.Event())
+        self._threads = [
+            threading.Thread(target=self._work, args=(n,), name=f"uffd-fetch-{n}", daemon=True)
+            for n in range(depth)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fetch: Fetch) -> None:
+        assert 0 < fetch.size <= self.unit
+        with self._lock:
+            self.pending.append(fetch)
+            (self._demand if fetch.demand else self._ahead).append(fetch)
+            self._lock.notify()
+
+    def covering(self, key: int, offset: int) -> Fetch | None:
+        for fetch in self.pending:
+            if fetch.covers(key, offset):
+                return fetch
+        return None
+
+    def promote(self, fetch: Fetch) -> None:
+        """A thread now waits on ``fetch``: read it before any read-ahead still queued."""
+        with self._lock:
+            if not fetch.demand and fetch in self._ahead:
+                self._ahead.remove(fetch)
+                self._demand.append(fetch)
+            fetch.demand = True
+
+    def completed(self) -> list[Fetch]:
+        with self._lock:
+            done = list(self._done)
+            self._done.clear()
+        return done
+
+    def release(self, fetch: Fetch) -> None:
+        """The bytes of ``fetch`` are placed (or given up): its buffer may be read into again."""
+        with self._lock, contextlib.suppress(ValueError):
+            self.pending.remove(fetch)
+        if fetch._slot >= 0:
+            self._released[fetch._slot].set()
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        for released in self._released:
+            released.set()
+        for thread in self._threads:
+            thread.join(timeout=1.0)
+        if not any(thread.is_alive() for thread in self._threads):
+            self._resources.close()
+            for buffer in self._buffers:
+                buffer.close()
+
+    def _work(self, slot: int) -> None:
+        view = memoryview(self._buffers[slot])
+        while True:
+            with self._lock:
+                while not (self._stopping or self._demand or self._ahead):
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                fetch = (self._demand or self._ahead).popleft()
+            fetch._slot = slot
+            fetch.address = self._addresses[slot]
+            self._released[slot].clear()
+            started = time.monotonic()
+            try:
+                self._read(fetch, view)
+            except Exception as err:  # any failure: the pages waited on are poisoned
+                fetch.error = err
+                fetch.failed_quickly = time.monotonic() - started < 0.1
+            with self._lock:
+                self._done.append(fetch)
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake, b"\0")
+            self._released[slot].wait()
+
+    def _read(self, fetch: Fetch, view: memoryview) -> None:
+        inside = max(0, min(fetch.size, self.store.size - fetch.offset))
+        got = self.store.read_into(fetch.offset, view[: fetch.size])
+        if got < inside:
+            raise StoreError(
+                f"short read: {got} of {inside} bytes at offset {fetch.offset}, inside the "
+                f"store's {self.store.size} bytes"
+            )
+        view[got : fetch.size] = bytes(fetch.size - got)  # the last page's tail, past the end
