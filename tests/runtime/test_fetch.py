@@ -168,11 +168,15 @@ def test_a_recorded_working_set_is_prefetched_on_the_next_run(tmp_path: Path) ->
     record = tmp_path / "working-set"
     touched = [(i * 37) % PAGES for i in range(0, 60)]
 
-    def run(option: dict[str, str]) -> tuple[str | None, int, int]:
+    def run(
+        record: Path | None = None, prefetch: Path | None = None
+    ) -> tuple[str | None, int, int]:
         def body() -> tuple[str | None, int, int]:
             mapping = memory.anonymous(len(SOURCE))
-            server = serve([mapping], _Slow(delay=0.002), policy=Single(), **option)
-            if "prefetch" in option:
+            server = serve(
+                [mapping], _Slow(delay=0.002), policy=Single(), record=record, prefetch=prefetch
+            )
+            if prefetch is not None:
                 deadline = time.monotonic() + 10
                 while server.stats().prefetched < len(set(touched)) and time.monotonic() < deadline:
                     time.sleep(0.01)
@@ -187,10 +191,10 @@ def test_a_recorded_working_set_is_prefetched_on_the_next_run(tmp_path: Path) ->
         result: tuple[str | None, int, int] = in_target(body)
         return result
 
-    wrong, faults, _ = run({"record": str(record)})
+    wrong, faults, _ = run(record=record)
     assert wrong is None, wrong
     assert faults == len(set(touched)), f"{faults} faults recording {len(set(touched))} pages"
-    wrong, faults, prefetched = run({"prefetch": str(record)})
+    wrong, faults, prefetched = run(prefetch=record)
     assert wrong is None, wrong
     assert prefetched == len(set(touched)), f"{prefetched} pages prefetched"
     assert faults == 0, f"{faults} faults on pages that were prefetched"
