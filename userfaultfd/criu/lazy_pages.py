@@ -135,8 +135,9 @@ def lazy_pages(
     seconds = time.monotonic() - started
     return Summary(
         tasks=len(servers), zombies=zombies,
-        on_demand=sum(_filled(s) for s in before),
-        background=sum(_filled(a) - _filled(b) for a, b in zip(after, before, strict=True)),
+        on_demand=sum(_filled(s) for s in (before if background else after)),
+        background=sum(_filled(a) - _filled(b) for a, b in zip(after, before, strict=True))
+        if background else 0,
         zero_pages=sum(getattr(a, "zeros", 0) for a in after),
         poisoned=sum(a.poisoned for a in after), restarts=sum(a.restarts for a in after),
         seconds=seconds,
