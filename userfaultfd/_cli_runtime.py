@@ -149,7 +149,7 @@ def _why_unreadable(store: Store, offset: int) -> str:
 def _touch(args: argparse.Namespace, store: Store, policy: Policy, cpu: int | str | None,
            note: mmap.mmap) -> int:  # fmt: skip
     """Map ``store`` lazily and read a byte of each page (``note``: the offset being read)."""
-    data = lazy(store, policy=policy, cpu=cpu)
+    data = lazy(store, policy=policy, cpu=cpu, record=args.record, prefetch=args.prefetch)
     base = server_of(data).regions[0].offset  # a .npy's data starts after its header
     page = memory.page_size()
     pages = -(-len(data) // page)
@@ -182,6 +182,8 @@ def _touch(args: argparse.Namespace, store: Store, policy: Policy, cpu: int | st
         ("pages filled", f"{stats.pages:,}"),
         ("MB filled", f"{stats.bytes / 1e6:,.1f}"),
         ("store errors", f"{stats.errors}"),
+        ("pages prefetched", f"{stats.prefetched:,}"),
+        ("zero pages mapped without a read", f"{stats.zeros:,}"),
         ("fault latency p50 / p90 / p99 (us)",
          f"{stats.latency_p50_us:.0f} / {stats.latency_p90_us:.0f} / {stats.latency_p99_us:.0f}"),
     ]  # fmt: skip
@@ -210,4 +212,8 @@ def add_runtime_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     )
     lazy_cmd.add_argument("--cpu", default="same", help='handler CPU: a number, "same" or "none"')
     lazy_cmd.add_argument("--seed", type=int, default=1, help="seed of the random order")
+    lazy_cmd.add_argument("--record", metavar="PATH", help="log the working set (fills in order)")
+    lazy_cmd.add_argument(
+        "--prefetch", metavar="PATH", help="install a working set --record wrote, ahead of faults"
+    )
     lazy_cmd.set_defaults(func=_lazy)

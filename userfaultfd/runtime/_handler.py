@@ -179,6 +179,8 @@ class Handler:
         self._read_lock = threading.Lock()
         # Many reads in flight, for a store that serves them concurrently (see _fetch).
         depth = fetches if fetches is not None else (store.parallel_reads if store else 1)
+        if prefetch is not None:
+            depth = max(depth, 2)  # a prefetch reads behind the faults, never in their way
         self._fetcher = (
             Fetcher(store, depth, max(_FETCH_UNIT, buffer_bytes // depth), self._wake_write)
             if store is not None and depth > 1 else None
