@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -99,3 +100,45 @@ def test_truncated_pages_image_is_refused(criu: str, target: str, tmp_path: Path
     (tmp_path / "go").touch()
     time.sleep(0.5)
     assert not (tmp_path / "result").exists(), (tmp_path / "result").read_text()
+
+
+def _pack(dumped: Dumped) -> Path:
+    packs = dumped.work / "packs"
+    done = subprocess.run([sys.executable, "-m", "userfaultfd", "pack", "--criu",
+                           str(dumped.images), str(packs), "--chunk-size", "64K"],
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (packs / "pages-1.img").is_file(), done.stdout
+    return packs
+
+
+def test_served_from_a_pack(criu: str, target: str, tmp_path: Path) -> None:
+    """``uffd pack --criu`` packs the dump's pages; ``--pages`` serves the lazy ones from it."""
+    dumped = dump(criu, target, tmp_path)
+    packs = _pack(dumped)
+    restored = restore(dumped, "--pages", str(packs))
+    _assert_passed(restored, dumped)
+
+
+def test_corrupt_pack_poisons_never_wrong(criu: str, target: str, tmp_path: Path) -> None:
+    """Bytes flipped in the middle of the pack: the pages of that chunk are poisoned (the
+    target dies of SIGBUS there), and no page reads wrong."""
+    dumped = dump(criu, target, tmp_path)
+    packs = _pack(dumped)
+    pack = packs / "pages-1.img"
+    with pack.open("r+b") as f:
+        f.seek(pack.stat().st_size // 2)
+        chunk = bytearray(f.read(64))
+        f.seek(pack.stat().st_size // 2)
+        f.write(bytes(b ^ 0x5A for b in chunk))
+    restored = restore(dumped, "--pages", str(packs))
+    assert restored.restore_status == 0, restore_log(dumped)
+    assert "held" not in restored.result + restored.child_result, (
+        f"a wrong page from a corrupt pack: {restored.result} {restored.child_result}"
+    )
+    assert (
+        restored.result.startswith("SIGBUS")
+        or restored.child_result.startswith("SIGBUS")
+        or ("failed" in restored.result)
+    ), f"the corrupt chunk was served: {restored.result!r}\n{restored.daemon_log}"
+    assert _summary(restored)["poisoned"] > 0, restored.summary
