@@ -160,6 +160,9 @@ class CriuPages(Store):
             return False
         return True
 
+    def __enter__(self) -> CriuPages:
+        return self
+
     def reopen(self) -> CriuPages:
         return CriuPages._from(self, self._pages.reopen())
 
