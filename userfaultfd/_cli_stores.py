@@ -8,6 +8,7 @@ import sys
 import time
 
 from .stores import open_store, pack
+from .stores._pack import DEFAULT_CHUNK_SIZE
 
 __all__ = ["add_store_commands", "parse_size"]
 
@@ -15,25 +16,44 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def add_store_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``pack SOURCE DEST [--chunk-size N] [--level N]`` to ``subparsers``."""
+    """Add ``pack SOURCE DEST [--chunk-size N] [--level N] [--layout L] [--dictionary N]`` to
+    ``subparsers``."""
     p = subparsers.add_parser(
         "pack",
         help="compress a file or URL into a seekable zstd pack",
         description=(
             "Compress SOURCE (a path or a URL such as s3://bucket/key) into a pack of"
             " independently compressed chunks that any store can serve page by page."
+            " With --layout chunks, DEST is the index of a content-addressed pack (a path or a"
+            " URL such as s3://bucket/images/vm.index) and every chunk an object in chunks/ next"
+            " to it, uploaded only if no earlier pack there has it."
         ),
     )
     p.add_argument("source", metavar="SOURCE", help="a path or a URL")
-    p.add_argument("dest", metavar="DEST", help="the pack file to write")
+    p.add_argument("dest", metavar="DEST", help="the pack file (or the index) to write")
     p.add_argument(
         "--chunk-size",
         type=parse_size,
-        default=1 << 20,
+        default=DEFAULT_CHUNK_SIZE,
         metavar="N",
-        help="uncompressed bytes per chunk; K, M, G suffixes allowed (default: 1M)",
+        help="uncompressed bytes per chunk; K, M, G suffixes allowed"
+        f" (default: {DEFAULT_CHUNK_SIZE >> 10}K)",
     )
     p.add_argument("--level", type=int, default=3, metavar="N", help="zstd level (default: 3)")
+    p.add_argument(
+        "--layout",
+        choices=("file", "chunks"),
+        default="file",
+        help="one pack file, or content-addressed chunk objects and an index (default: file)",
+    )
+    p.add_argument(
+        "--dictionary",
+        type=parse_size,
+        default=0,
+        metavar="N",
+        help="train a zstd dictionary of N bytes on the source and store it (file layout only;"
+        " default: none)",
+    )
     p.set_defaults(func=_pack)
 
 
@@ -83,13 +103,19 @@ def _pack(args: argparse.Namespace) -> int:
             args.dest,
             chunk_size=args.chunk_size,
             level=args.level,
+            layout=args.layout,
+            dictionary=args.dictionary,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     seconds = time.monotonic() - started
+    extras = [f"{info.zero_chunks} zero"] if info.zero_chunks else []
+    if info.dictionary:
+        extras.append(f"a {_human(info.dictionary)} dictionary")
     print(
         f"{args.source} -> {info.path}: {_human(info.size)} -> {_human(info.packed_size)}"
-        f" (ratio {info.ratio:.2f}x), {info.chunks} chunks of {_human(info.chunk_size)},"
-        f" level {info.level}, {seconds:.2f} s",
+        f" (ratio {info.ratio:.2f}x), {info.chunks} chunks of {_human(info.chunk_size)}"
+        f"{' (' + ', '.join(extras) + ')' if extras else ''}, level {info.level},"
+        f" {_human(info.unique_bytes)} written, {seconds:.2f} s",
         file=sys.stdout,
     )
     return 0

@@ -11,7 +11,7 @@ import pytest
 from tests.stores._checks import assert_range
 from tests.stores.conftest import make_payload
 from userfaultfd._cli_stores import add_store_commands, parse_size
-from userfaultfd.stores import ZstdStore, open_store
+from userfaultfd.stores import ChunkedStore, ZstdStore, open_store
 
 DATA = make_payload(200_000, seed=5)
 
@@ -35,7 +35,7 @@ def test_pack_command_writes_a_pack_and_a_summary(
     out = capsys.readouterr().out
     assert re.fullmatch(
         rf"{tmp_path}/src -> {dest}: 195\.3 KiB -> \d+\.\d KiB \(ratio \d+\.\d\dx\),"
-        r" 4 chunks of 64\.0 KiB, level 5, \d+\.\d\d s\n",
+        r" 4 chunks of 64\.0 KiB, level 5, (\d+\.\d KiB) written, \d+\.\d\d s\n",
         out,
     ), out
     with open_store(dest) as store:
@@ -46,7 +46,40 @@ def test_pack_command_writes_a_pack_and_a_summary(
 def test_pack_command_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "src").write_bytes(b"x" * 10)
     assert _run(["pack", str(tmp_path / "src"), str(tmp_path / "p")]) == 0
-    assert "1 chunks of 1.0 MiB, level 3" in capsys.readouterr().out
+    assert "1 chunks of 256.0 KiB, level 3, 119 B written" in capsys.readouterr().out
+
+
+def test_pack_command_chunks_layout_reports_unique_bytes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = DATA + bytes(65536)  # one zero chunk at the end
+    (tmp_path / "src").write_bytes(data)
+    dest = tmp_path / "packs" / "a.index"
+    argv = ["pack", str(tmp_path / "src"), str(dest), "--layout", "chunks", "--chunk-size", "64K"]
+    assert _run(argv) == 0
+    first = capsys.readouterr().out
+    assert re.search(r"5 chunks of 64\.0 KiB \(1 zero\), level 3, \d+\.\d KiB written", first), (
+        first
+    )
+    assert _run(argv) == 0  # the same source again: only the index (247 bytes) is new
+    second = capsys.readouterr().out
+    assert re.search(r", level 3, 247 B written", second), second
+    with open_store(dest) as store:
+        assert isinstance(store, ChunkedStore) and store.zero_chunks == 1
+        assert_range(store, data, 0, len(data))
+
+
+def test_pack_command_dictionary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "src").write_bytes(DATA)
+    dest = tmp_path / "d.pack"
+    argv = ["pack", str(tmp_path / "src"), str(dest), "--chunk-size", "4K", "--dictionary", "4K"]
+    assert _run(argv) == 0
+    out = capsys.readouterr().out
+    match = re.search(r"\(a (\d+) B dictionary\)", out)  # the trainer may make it smaller
+    assert match is not None, out
+    with open_store(dest) as store:
+        assert isinstance(store, ZstdStore) and store.dictionary == int(match[1]) <= 4096
+        assert_range(store, DATA, 0, len(DATA))
 
 
 def test_pack_command_errors_are_exceptions_for_main(tmp_path: Path) -> None:

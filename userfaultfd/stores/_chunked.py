@@ -33,8 +33,9 @@ import dataclasses
 import os
 import struct
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Self
 
 import fsspec.utils
@@ -95,22 +96,31 @@ def write_chunked(
                                        len(prefix)) + prefix)  # fmt: skip
         used: set[str] = set()
         zero_chunks = unique = total = 0
-        for chunk in read_chunks(store, chunk_size, progress):
-            hashed = digest(chunk, _DIGEST_SIZE)
-            if is_zero(chunk, zeros):
-                index += _ENTRY.pack(0, hashed)
-                zero_chunks += 1
-                continue
-            key = hashed.hex()
-            if key not in existing:
-                frame = compressor.compress(chunk)
-                chunks.put(key, frame)
-                existing[key] = len(frame)
-                unique += len(frame)
-            if key not in used:
-                used.add(key)
-                total += existing[key]
-            index += _ENTRY.pack(existing[key], hashed)
+        # Uploads run parallel_reads at a time (one request each); at most twice that many
+        # frames wait in memory.
+        workers = chunks.parallel_reads
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque[Future[None]] = deque()
+            for chunk in read_chunks(store, chunk_size, progress):
+                hashed = digest(chunk, _DIGEST_SIZE)
+                if is_zero(chunk, zeros):
+                    index += _ENTRY.pack(0, hashed)
+                    zero_chunks += 1
+                    continue
+                key = hashed.hex()
+                if key not in existing:
+                    frame = compressor.compress(chunk)
+                    pending.append(pool.submit(chunks.put, key, frame))
+                    existing[key] = len(frame)
+                    unique += len(frame)
+                    while len(pending) > 2 * workers or (pending and pending[0].done()):
+                        pending.popleft().result()  # the first failure ends the pack
+                if key not in used:
+                    used.add(key)
+                    total += existing[key]
+                index += _ENTRY.pack(existing[key], hashed)
+            while pending:
+                pending.popleft().result()
         index += _TRAILER.pack(digest(index, 16), _END_MAGIC)
         here.put(name, bytes(index))  # last: an index only ever names chunks that are there
     finally:

@@ -1,0 +1,465 @@
+"""Packs for random access: zero chunks, the dictionary, content-addressed packs, the chunk cache,
+and reads from many threads."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from tests.stores._checks import CountingStore, assert_range
+from tests.stores.conftest import S3, Served
+from userfaultfd.stores import (
+    BytesStore,
+    ChunkCache,
+    ChunkedStore,
+    FileStore,
+    FsspecStore,
+    Store,
+    StoreError,
+    ZstdStore,
+    open_store,
+    pack,
+)
+
+PAGE = 4096
+CHUNK = 16 << 10
+HEADER, FOOTER, ENTRY = 32, 40, 28
+
+
+def image(size: int, seed: int, zero_chunks: tuple[int, ...] = (), chunk: int = CHUNK) -> bytes:
+    """Position-dependent bytes with no zero page, like a memory image: records that name their
+    own offset, and text; all zero only in the chunks ``zero_chunks``."""
+    rng = random.Random(seed)
+    words = [rng.randbytes(6).hex() for _ in range(64)]
+    out = bytearray()
+    while len(out) < size:
+        if (len(out) // 8192) % 2:
+            out += " ".join(rng.choice(words) for _ in range(200)).encode()
+        else:
+            for _ in range(256):
+                out += struct.pack("<QI", len(out) + 1, seed | 1)
+    data = bytearray(out[:size])
+    for i in zero_chunks:
+        data[i * chunk : (i + 1) * chunk] = bytes(len(data[i * chunk : (i + 1) * chunk]))
+    for offset in range(0, size, PAGE):  # the point of the helper: zeros only where asked
+        page = data[offset : offset + PAGE]
+        assert any(page) or offset // chunk in zero_chunks, f"an accidental zero page at {offset}"
+    return bytes(data)
+
+
+# --- zero chunks ---------------------------------------------------------------------------------
+
+# 10 chunks and 1000 bytes: chunks 2, 3, 7 and the short last one (10) are zero.
+ZEROED = image(10 * CHUNK + 1000, seed=3, zero_chunks=(2, 3, 7, 10))
+
+
+@pytest.fixture
+def zero_pack(tmp_path: Path) -> Path:
+    info = pack(BytesStore(ZEROED), tmp_path / "z.pack", chunk_size=CHUNK)
+    assert (info.chunks, info.zero_chunks) == (11, 4), "zero chunks were not found"
+    return tmp_path / "z.pack"
+
+
+def test_zero_chunks_have_no_frame_and_mark_the_format(zero_pack: Path) -> None:
+    raw = zero_pack.read_bytes()
+    version, flags = struct.unpack_from("<HH", raw, 8)
+    assert (version, flags) == (2, 1), "a pack with zero chunks must be version 2, flag 1"
+    index, count = struct.unpack_from("<QQ", raw, len(raw) - FOOTER)
+    lengths = [struct.unpack_from("<QI", raw, index + i * ENTRY)[1] for i in range(count)]
+    assert [i for i, n in enumerate(lengths) if n == 0] == [2, 3, 7, 10]
+
+
+def test_zero_chunks_are_served_without_a_read(zero_pack: Path) -> None:
+    raw = CountingStore(FileStore(zero_pack))
+    with ZstdStore(raw) as store:
+        assert store.zero_chunks == 4
+        opened = len(raw.reads)
+        assert_range(store, ZEROED, 2 * CHUNK, 2 * CHUNK)  # chunks 2 and 3
+        assert_range(store, ZEROED, 7 * CHUNK + 5, 100)
+        assert_range(store, ZEROED, 10 * CHUNK, PAGE)  # the short last chunk, and past the end
+        assert raw.reads[opened:] == [], "a zero chunk was read from the raw store"
+        assert_range(store, ZEROED, 0, len(ZEROED))
+        assert len(raw.reads) == opened + 1, "the non-zero chunks come in one raw read"
+
+
+def test_known_zero(zero_pack: Path) -> None:
+    with ZstdStore(FileStore(zero_pack)) as store:
+        assert store.known_zero(2 * CHUNK, 2 * CHUNK)
+        assert store.known_zero(7 * CHUNK + PAGE, PAGE)
+        assert store.known_zero(10 * CHUNK, PAGE), "the last page: its bytes in the store are zero"
+        assert not store.known_zero(2 * CHUNK, 2 * CHUNK + 1), "reaches into chunk 4"
+        assert not store.known_zero(CHUNK, PAGE)
+        assert not store.known_zero(len(ZEROED), PAGE), "past the end nothing is known"
+        assert not store.known_zero(2 * CHUNK, 0)
+        with pytest.raises(StoreError, match="negative"):
+            store.known_zero(-1, PAGE)
+
+
+def test_a_pack_without_zero_chunks_is_still_version_1(tmp_path: Path) -> None:
+    data = image(5 * CHUNK, seed=4)
+    pack(BytesStore(data), tmp_path / "p", chunk_size=CHUNK)
+    assert struct.unpack_from("<HH", (tmp_path / "p").read_bytes(), 8) == (1, 0)
+
+
+def test_an_all_zero_source_is_header_index_and_footer(tmp_path: Path) -> None:
+    info = pack(BytesStore(bytes(3 * CHUNK)), tmp_path / "p", chunk_size=CHUNK)
+    assert info.packed_size == HEADER + 3 * ENTRY + FOOTER
+    with ZstdStore(FileStore(tmp_path / "p")) as store:
+        assert_range(store, bytes(3 * CHUNK), 0, 3 * CHUNK)
+
+
+def _reseal(raw: bytearray) -> None:
+    """Recompute the footer's digest over header + index (version 1 and 2 without dictionary)."""
+    import hashlib
+
+    index, count = struct.unpack_from("<QQ", raw, len(raw) - FOOTER)
+    body = bytes(raw[:HEADER]) + bytes(raw[index : index + count * ENTRY])
+    struct.pack_into("<16s", raw, len(raw) - 24, hashlib.blake2b(body, digest_size=16).digest())
+
+
+def test_a_frameless_chunk_must_carry_the_hash_of_zeros(zero_pack: Path) -> None:
+    raw = bytearray(zero_pack.read_bytes())
+    index, _ = struct.unpack_from("<QQ", raw, len(raw) - FOOTER)
+    raw[index + 2 * ENTRY + 12] ^= 1  # chunk 2's hash
+    _reseal(raw)
+    with pytest.raises(StoreError, match="corrupt pack index: chunk 2 has no frame"):
+        ZstdStore(BytesStore(bytes(raw)))
+
+
+def test_a_frameless_chunk_without_the_flag_is_refused(zero_pack: Path) -> None:
+    raw = bytearray(zero_pack.read_bytes())
+    struct.pack_into("<HH", raw, 8, 1, 0)  # claim version 1, which has no zero chunks
+    _reseal(raw)
+    with pytest.raises(StoreError, match="chunk 2 has no frame"):
+        ZstdStore(BytesStore(bytes(raw)))
+
+
+# --- the dictionary ------------------------------------------------------------------------------
+
+
+def test_a_dictionary_makes_small_chunks_smaller_and_reads_back(tmp_path: Path) -> None:
+    data = image(256 * PAGE, seed=5)
+    plain = pack(BytesStore(data), tmp_path / "plain", chunk_size=PAGE)
+    info = pack(BytesStore(data), tmp_path / "dict", chunk_size=PAGE, dictionary=4096)
+    assert 0 < info.dictionary <= 4096
+    # Measured: 160 KB against 202 KB, the dictionary included.
+    assert info.packed_size < plain.packed_size * 0.85, (
+        f"a dictionary saved too little: {info.packed_size} vs {plain.packed_size}"
+    )
+    raw = (tmp_path / "dict").read_bytes()
+    assert struct.unpack_from("<HH", raw, 8) == (2, 2)
+    with ZstdStore(FileStore(tmp_path / "dict")) as store:
+        assert store.dictionary == info.dictionary
+        assert_range(store, data, 0, len(data))
+        assert_range(store, data, 5 * PAGE + 7, 3 * PAGE)
+
+
+def test_a_corrupted_dictionary_fails_at_open(tmp_path: Path) -> None:
+    data = image(64 * PAGE, seed=6)
+    pack(BytesStore(data), tmp_path / "d", chunk_size=PAGE, dictionary=4096)
+    raw = bytearray((tmp_path / "d").read_bytes())
+    raw[HEADER + 4 + 100] ^= 1
+    with pytest.raises(StoreError, match="does not match the footer's digest"):
+        ZstdStore(BytesStore(bytes(raw)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dictionary": 100}, "dictionary size 100 is out of range"),
+        ({"dictionary": 4096, "layout": "chunks"}, "a dictionary is for layout='file' only"),
+        ({"layout": "tar"}, "layout 'tar' is not one of"),
+    ],
+)
+def test_bad_pack_options(tmp_path: Path, kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        pack(BytesStore(b"abc"), tmp_path / "p", **kwargs)  # type: ignore[arg-type]
+    assert os.listdir(tmp_path) == []
+
+
+# --- content-addressed packs ---------------------------------------------------------------------
+
+SOURCE = image(256 * CHUNK, seed=8, zero_chunks=(10, 11, 200))  # 4 MiB, 1024 pages
+
+
+def changed(data: bytes, seed: int) -> tuple[bytes, set[int]]:
+    """``data`` with 5% of its pages rewritten, in 6 runs of 8 or 9 pages (changes cluster, as
+    a program's writes do); and the chunks that touches."""
+    rng = random.Random(seed)
+    out = bytearray(data)
+    pages = len(data) // PAGE
+    touched: set[int] = set()
+    total = 0
+    for run in range(6):
+        length = 9 if run < 3 else 8  # 51 pages: 5.0% of 1024
+        start = rng.randrange(0, pages - length)
+        for p in range(start, start + length):
+            out[p * PAGE : (p + 1) * PAGE] = image(PAGE, seed=seed * 1000 + p)
+            touched.add(p * PAGE // CHUNK)
+        total += length
+    assert total * 100 // pages == 4  # 4.98%
+    return bytes(out), touched
+
+
+def _chunk_names(directory: Path) -> set[str]:
+    return set(os.listdir(directory / "chunks"))
+
+
+def test_a_changed_source_uploads_only_its_changed_chunks(tmp_path: Path) -> None:
+    a = pack(BytesStore(SOURCE), tmp_path / "out" / "a.index", chunk_size=CHUNK, layout="chunks")
+    assert (a.layout, a.chunks, a.zero_chunks) == ("chunks", 256, 3)
+    assert a.unique_bytes == a.packed_size, "the first pack writes everything"
+    before = _chunk_names(tmp_path / "out")
+    assert len(before) == 253
+    source_b, touched = changed(SOURCE, seed=9)
+    b = pack(BytesStore(source_b), tmp_path / "out" / "b.index", chunk_size=CHUNK, layout="chunks")
+    new = _chunk_names(tmp_path / "out") - before
+    assert len(new) == len(touched - {10, 11, 200}), "new objects are not the changed chunks"
+    assert b.unique_bytes <= 0.10 * b.packed_size, (
+        f"pack B wrote {b.unique_bytes} of {b.packed_size} bytes"
+    )
+    for name, data in (("a", SOURCE), ("b", source_b)):
+        with open_store(tmp_path / "out" / f"{name}.index") as store:
+            assert isinstance(store, ChunkedStore) and store.size == len(data)
+            assert_range(store, data, 0, len(data))
+
+
+def test_the_same_chunk_twice_in_one_pack_is_one_object(tmp_path: Path) -> None:
+    one = image(CHUNK, seed=10)
+    info = pack(BytesStore(one * 5), tmp_path / "x.index", chunk_size=CHUNK, layout="chunks")
+    assert len(_chunk_names(tmp_path)) == 1
+    assert info.packed_size == info.unique_bytes < 2 * CHUNK
+
+
+def test_a_content_addressed_pack_over_s3(s3: S3) -> None:
+    prefix = "s3://test/cas"
+    a = pack(BytesStore(SOURCE), f"{prefix}/a.index", chunk_size=CHUNK, layout="chunks",
+             **s3.options)  # fmt: skip
+    source_b, _ = changed(SOURCE, seed=11)
+    b = pack(BytesStore(source_b), f"{prefix}/b.index", chunk_size=CHUNK, layout="chunks",
+             **s3.options)  # fmt: skip
+    assert a.unique_bytes == a.packed_size
+    assert b.unique_bytes <= 0.10 * b.packed_size
+    with open_store(f"{prefix}/b.index", **s3.options) as store:
+        assert isinstance(store, ChunkedStore)
+        assert store.parallel_reads == 16, "chunks over S3: many requests in flight"
+        assert_range(store, source_b, 0, len(source_b) // 4)
+        assert_range(store, source_b, len(source_b) - 2 * CHUNK - 5, 3 * CHUNK)
+    with ChunkedStore(f"{prefix}/a.index", **s3.options) as store:
+        assert_range(store, SOURCE, 3 * CHUNK - 10, 5 * CHUNK)
+
+
+def test_a_content_addressed_pack_over_memory_and_http(tmp_path: Path, served: Served) -> None:
+    url = f"memory://cas-{os.getpid()}/packs/m.index"
+    try:
+        info = pack(BytesStore(SOURCE), url, chunk_size=CHUNK, layout="chunks")
+        assert info.unique_bytes == info.packed_size
+        with open_store(url) as store:
+            assert isinstance(store, ChunkedStore)
+            assert_range(store, SOURCE, CHUNK * 9, CHUNK * 4)
+    finally:
+        fsspec.filesystem("memory").rm(f"memory://cas-{os.getpid()}", recursive=True)
+    pack(BytesStore(SOURCE), served.root / "cas-http" / "h.index", chunk_size=CHUNK,
+         layout="chunks")  # fmt: skip
+    with open_store(served.url("cas-http/h.index")) as store:
+        assert isinstance(store, ChunkedStore) and store.parallel_reads == 16
+        assert_range(store, SOURCE, 0, len(SOURCE))
+    with pytest.raises(ValueError, match="HTTP is read-only"):
+        pack(BytesStore(SOURCE), served.url("cas-http/new.index"), layout="chunks")
+
+
+@pytest.fixture
+def cas(tmp_path: Path) -> Path:
+    pack(BytesStore(SOURCE), tmp_path / "c.index", chunk_size=CHUNK, layout="chunks")
+    return tmp_path
+
+
+def _object_of(directory: Path, chunk: int) -> Path:
+    raw = (directory / "c.index").read_bytes()
+    prefix = struct.unpack_from("<I", raw, 32)[0]
+    length, hashed = struct.unpack_from("<I32s", raw, 36 + prefix + 36 * chunk)
+    assert length > 0
+    return directory / "chunks" / hashed.hex()
+
+
+def test_a_corrupted_chunk_object_is_an_error_naming_it(cas: Path) -> None:
+    obj = _object_of(cas, 5)
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    obj.write_bytes(data)
+    with open_store(cas / "c.index") as store:
+        assert_range(store, SOURCE, 4 * CHUNK, CHUNK)
+        with pytest.raises(StoreError, match=r"pack chunk 5 \(bytes 81920\.\.\): corrupt"):
+            store.read_into(5 * CHUNK + 100, memoryview(bytearray(PAGE)))
+
+
+def test_a_swapped_chunk_object_is_a_hash_mismatch(cas: Path) -> None:
+    # Same length, another chunk's frame: only the hash can tell.
+    five, six = _object_of(cas, 5), _object_of(cas, 6)
+    six_bytes = six.read_bytes()
+    five.write_bytes(six_bytes[: len(five.read_bytes())].ljust(len(five.read_bytes()), b"\0"))
+    with (
+        open_store(cas / "c.index") as store,
+        pytest.raises(StoreError, match=r"chunk 5 .*corrupt"),
+    ):
+        store.read_into(5 * CHUNK, memoryview(bytearray(PAGE)))
+
+
+def test_a_missing_chunk_object_is_enoent(cas: Path) -> None:
+    _object_of(cas, 7).unlink()
+    with open_store(cas / "c.index") as store:
+        with pytest.raises(StoreError, match="pack chunk 7 ") as caught:
+            store.read_into(7 * CHUNK, memoryview(bytearray(PAGE)))
+        assert caught.value.errno == errno.ENOENT
+
+
+def test_a_corrupted_or_cut_index_fails_at_open(cas: Path) -> None:
+    raw = (cas / "c.index").read_bytes()
+    flipped = bytearray(raw)
+    flipped[200] ^= 1
+    (cas / "bad.index").write_bytes(flipped)
+    with pytest.raises(StoreError, match="does not match its trailer's digest"):
+        open_store(cas / "bad.index")
+    (cas / "cut.index").write_bytes(raw[:-30])
+    with pytest.raises(StoreError, match="not a complete pack index"):
+        open_store(cas / "cut.index")
+
+
+def test_zero_chunks_of_a_content_addressed_pack(cas: Path) -> None:
+    with open_store(cas / "c.index") as store:
+        assert isinstance(store, ChunkedStore) and store.zero_chunks == 3
+        assert store.known_zero(10 * CHUNK, 2 * CHUNK)
+        assert not store.known_zero(9 * CHUNK, 2 * CHUNK)
+        assert_range(store, SOURCE, 10 * CHUNK, 2 * CHUNK)
+        assert store.fetches == 0, "a zero chunk was fetched"
+
+
+# --- the chunk cache -----------------------------------------------------------------------------
+
+
+def _chunk_gets(served: Served, directory: str) -> int:
+    lines = served.server.access_log.read_text().splitlines()
+    return sum(1 for line in lines if line.split(" ")[1].startswith(f"/{directory}/chunks/"))
+
+
+def test_the_cache_spares_requests_across_stores_and_processes(
+    tmp_path: Path, served: Served
+) -> None:
+    name = f"cached-{os.getpid()}"
+    pack(BytesStore(SOURCE), served.root / name / "c.index", chunk_size=CHUNK, layout="chunks")
+    url = served.url(f"{name}/c.index")
+    pages = [3, 100, 101, 500, 777, 1023]  # chunks 0, 25, 125, 194, 255
+    cache = ChunkCache(tmp_path / "cache", 64 << 20)
+    with open_store(url, cache=cache) as store:
+        for p in pages:
+            assert_range(store, SOURCE, p * PAGE, PAGE)
+    assert _chunk_gets(served, name) == 5, "each chunk should be fetched once"
+    # A restarted handler: another process, another cache object over the same directory.
+    program = (
+        "import sys\n"
+        "from userfaultfd.stores import ChunkCache, open_store\n"
+        f"store = open_store({url!r}, cache=ChunkCache({str(tmp_path / 'cache')!r}, 64 << 20))\n"
+        "buf = bytearray(4096)\n"
+        f"for p in {pages!r}:\n"
+        "    store.read_into(p * 4096, memoryview(buf))\n"
+        "    sys.stdout.buffer.write(buf)\n"
+        "assert store.fetches == 0, store.fetches\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60,
+                          cwd=Path(__file__).parents[2])  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == b"".join(SOURCE[p * PAGE : (p + 1) * PAGE] for p in pages)
+    assert _chunk_gets(served, name) == 5, "the second process fetched what the cache had"
+
+
+def test_a_bad_cached_chunk_is_fetched_again(cas: Path, tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "cache", 64 << 20)
+    key = _object_of(cas, 4).name
+    with open_store(cas / "c.index", cache=cache) as store:
+        assert_range(store, SOURCE, 4 * CHUNK, CHUNK)
+        assert store.fetches == 1
+    cached = tmp_path / "cache" / key
+    good = cached.read_bytes()
+    cached.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with open_store(cas / "c.index", cache=cache) as store:
+        assert_range(store, SOURCE, 4 * CHUNK, CHUNK)
+        assert store.fetches == 1, "the bad cached copy should have been replaced by a fetch"
+    assert cached.read_bytes() == good
+
+
+def test_the_cache_honours_its_cap(cas: Path, tmp_path: Path) -> None:
+    chunks = range(20, 80)  # 60 chunks, none of them zero
+    sizes = [_object_of(cas, i).stat().st_size for i in chunks]
+    cap = sum(sizes[:20])  # room for about 20 of the 60 chunks read
+    cache = ChunkCache(tmp_path / "cache", cap)
+    with open_store(cas / "c.index", cache=cache) as store:
+        for i in chunks:
+            assert_range(store, SOURCE, i * CHUNK, PAGE)
+            assert cache.size() <= cap, f"cache at {cache.size()} bytes after chunk {i}, cap {cap}"
+        assert store.fetches == 60
+    kept = set(os.listdir(tmp_path / "cache"))
+    assert _object_of(cas, 79).name in kept, "the newest chunk was evicted"
+    assert _object_of(cas, 20).name not in kept, "the oldest chunk was kept"
+    assert len(kept) >= 10, f"only {len(kept)} chunks kept: eviction went too far"
+
+
+# --- many threads ---------------------------------------------------------------------------------
+
+
+def _hammer(store: Store, data: bytes, threads: int = 8, reads: int = 150) -> None:
+    """``threads`` threads reading random ranges at once; every byte checked."""
+    errors: list[str] = []
+    start = threading.Barrier(threads)
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        start.wait()
+        for _ in range(reads):
+            offset = rng.randrange(0, len(data))
+            length = rng.choice([PAGE, 3 * PAGE, CHUNK + 17, 2 * CHUNK])
+            buffer = bytearray(length)
+            try:
+                got = store.read_into(offset, memoryview(buffer))
+            except Exception as err:
+                errors.append(f"{type(err).__name__}: {err}")
+                return
+            if bytes(buffer[:got]) != data[offset : offset + length]:
+                errors.append(f"wrong bytes at {offset}+{length}")
+
+    workers = [threading.Thread(target=work, args=(s,)) for s in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert not any(w.is_alive() for w in workers), "a reader thread hung"
+    assert errors == [], errors[:5]
+
+
+def test_zstd_store_from_8_threads(tmp_path: Path) -> None:
+    pack(BytesStore(SOURCE), tmp_path / "p", chunk_size=CHUNK, dictionary=4096)
+    with ZstdStore(FileStore(tmp_path / "p"), cache_chunks=2) as store:
+        assert store.parallel_reads == 1, "over a local file: the raw store's 1"
+        _hammer(store, SOURCE)
+
+
+def test_chunked_store_with_a_cache_from_8_threads(cas: Path, tmp_path: Path) -> None:
+    cap = 40 * CHUNK // 3  # small enough that threads evict while others read
+    with open_store(cas / "c.index", cache=ChunkCache(tmp_path / "cache", cap)) as store:
+        _hammer(store, SOURCE)
+
+
+def test_packs_over_http_from_8_threads(served: Served) -> None:
+    raw = FsspecStore(served.url("data.pack"))
+    assert raw.parallel_reads == 16
+    with ZstdStore(raw, cache_chunks=2) as store:
+        assert store.parallel_reads == 16, "a pack over HTTP takes the raw store's value"
+        _hammer(store, served.payload, reads=40)
