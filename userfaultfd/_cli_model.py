@@ -32,6 +32,11 @@ def add_model_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
     p = sub.add_parser("table", help="every preset against every scenario")
     p.add_argument("--fault-around-bytes", type=int, default=65536, metavar="N")
+    p.add_argument(
+        "--protocols",
+        action="store_true",
+        help="the runtime's protocol scenarios instead of the kernel-history ones",
+    )
     _reduction_options(p)
     p.set_defaults(func=_table)
 
@@ -107,7 +112,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _table(args: argparse.Namespace) -> int:
     try:
-        rows = model.table(fault_around_bytes=args.fault_around_bytes, reduction=args.reduction)
+        rows = model.table(
+            fault_around_bytes=args.fault_around_bytes,
+            reduction=args.reduction,
+            protocols=args.protocols,
+        )
     except ValueError as err:
         return _usage_error(err)
     print(report.render_table(rows))

@@ -226,12 +226,14 @@ def replay(
 
 
 def table(
-    *, fault_around_bytes: int = 65536, reduction: str = "persistent"
+    *, fault_around_bytes: int = 65536, reduction: str = "persistent", protocols: bool = False
 ) -> tuple[TableRow, ...]:
-    """Every preset against every scenario, timed."""
+    """Every preset against every kernel-history scenario (or every protocol one), timed."""
     rows = []
     for preset in PRESETS.values():
         for scen in SCENARIOS.values():
+            if scen.protocol != protocols:
+                continue
             t0 = time.perf_counter()
             result = explore(
                 scen, preset, fault_around_bytes=fault_around_bytes, reduction=reduction

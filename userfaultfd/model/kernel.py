@@ -64,10 +64,12 @@ from .state import (
 )
 
 __all__ = [
+    "CopyPages",
     "File",
     "Kernel",
     "Label",
     "Op",
+    "Protect",
     "Punch",
     "Read",
     "Serve",
@@ -144,10 +146,31 @@ class Punch:
 
 @dataclass(frozen=True, slots=True)
 class Serve:
-    """The userfaultfd server: read a message, resolve it, wake; forever."""
+    """The userfaultfd server: read a message, resolve it, wake; forever.
+
+    With ``snapshot``, it is the live snapshot's fault thread: on a WP message it saves the
+    page to the snapshot unless the copier did already, then lifts the protection.
+    """
+
+    snapshot: bool = False
 
 
-Op = Read | Write | Punch | Serve
+@dataclass(frozen=True, slots=True)
+class Protect:
+    """The live snapshot's protect instant: UFFDIO_WRITEPROTECT of the whole VMA, one step."""
+
+    vma: int
+
+
+@dataclass(frozen=True, slots=True)
+class CopyPages:
+    """The live snapshot's background copy: page by page in order, each saved and then
+    unprotected, skipping pages the fault thread saved meanwhile."""
+
+    vma: int
+
+
+Op = Read | Write | Punch | Serve | Protect | CopyPages
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,8 +434,12 @@ class Kernel:
             label = self._access(w, name, state, op)
         elif isinstance(op, Punch):
             label = self._punch(w, name, state, op)
+        elif isinstance(op, Protect):
+            label = self._protect(w, name, state, op)
+        elif isinstance(op, CopyPages):
+            label = self._copy_pages(w, name, state, op)
         else:
-            label = self._serve(w, name, state)
+            label = self._serve(w, name, state, op)
         return None if label is None else (w, label)
 
     def finished(self, world: World) -> bool:
@@ -464,6 +491,21 @@ class Kernel:
                 self._access_future(op, reads, writes)
             elif isinstance(op, Punch):
                 self._punch_future(world, op, ts if op is program[ts.op] else None, writes)
+            elif isinstance(op, Protect):
+                v = self.vmas[op.vma]
+                writes.add(("log", "image"))
+                for i in range(v.pages):
+                    writes.add(("pte", v.id, i))
+                    reads.update((("cache", v.file, v.pgoff + i), ("page", v.pgoff + i)))
+            elif isinstance(op, CopyPages):
+                v = self.vmas[op.vma]
+                first = ts.cursor if op is program[ts.op] else 0
+                for i in range(first, v.pages):
+                    writes.update((("snap", v.id, i), ("pte", v.id, i), ("waiters", v.id, i)))
+                    reads.update((("cache", v.file, v.pgoff + i), ("page", v.pgoff + i)))
+                writes.update(
+                    ("thread", t) for t, s in world.threads.items() if s.pc == "userfault"
+                )
             else:
                 writes.update(
                     (("uffd",), ("log", "notified"), ("log", "resolved"), ("log", "saved"))
@@ -487,6 +529,7 @@ class Kernel:
                             ("page", fi),
                             ("alloc",),
                             ("waiters", vid, i),
+                            ("snap", vid, i),
                         )
                     )
                 writes.update(
@@ -508,8 +551,11 @@ class Kernel:
             return frozenset()
         op = program[ts.op]
         if ts.pc == "userfault":
+            # A message's ioctl wakes it, and so does the snapshot copier's unprotect.
             return frozenset(
-                t for t, p in self.programs.items() if any(isinstance(o, Serve) for o in p)
+                t
+                for t, p in self.programs.items()
+                if any(isinstance(o, Serve | CopyPages) for o in p)
             )
         if ts.pc == "falloc_wait":
             assert isinstance(op, Read | Write)
@@ -912,7 +958,7 @@ class Kernel:
         return Label("shmem_fallocate", f"hole punched, inode->i_private cleared{woke}")
 
     # -- the userfaultfd server ------------------------------------------------------------------
-    def _serve(self, w: World, name: str, ts: ThreadState) -> Label | None:
+    def _serve(self, w: World, name: str, ts: ThreadState, op: Serve) -> Label | None:
         ev = ts.event
         if ev is None:
             ev = w.pop_event()
@@ -920,7 +966,8 @@ class Kernel:
                 return None
             w.log("notified")
             w.notified = w.notified | {(ev.mode, ev.vma, ev.index)}
-            pc = {Mode.MISSING: "copy", Mode.MINOR: "update", Mode.WP: "snapshot"}[ev.mode]
+            wp = "save" if op.snapshot else "snapshot"
+            pc = {Mode.MISSING: "copy", Mode.MINOR: "update", Mode.WP: wp}[ev.mode]
             w.set_thread(name, replace(ts, pc=pc, event=ev))
             assert ev.mode.name is not None
             return Label("read(uffd)", f"{ev.mode.name} message: VMA {ev.vma} page {ev.index}")
@@ -976,16 +1023,71 @@ class Kernel:
             w.saved = w.saved | {ev.frame}
             w.set_thread(name, replace(ts, pc="unprotect"))
             return Label("server", f"saved frame #{ev.frame} ({data!r}) to the snapshot")
+        if ts.pc == "save":
+            # The live snapshot's fault thread: the page as the writer found it, unless the
+            # copier saved it first.
+            assert ev.frame is not None
+            w.set_thread(name, replace(ts, pc="unprotect"))
+            if w.snapped(ev.vma, ev.index) is not None:
+                return Label("snapshot", f"page {ev.index} already saved by the copier")
+            data = w.frame(ev.frame).data
+            w.set_snapped(ev.vma, ev.index, (ev.frame, data))
+            return Label("snapshot", f"saved page {ev.index}: frame #{ev.frame} ({data!r})")
         assert ts.pc == "unprotect", ts.pc
-        pte = w.pte(vma.id, ev.index)
+        result, woken = self._unprotect(w, vma, ev.index)
+        w.set_thread(name, idle)
+        return Label("UFFDIO_WRITEPROTECT", f"page {ev.index}: {result}; woke {_pages(woken)}")
+
+    def _unprotect(self, w: World, vma: Vma, i: int) -> tuple[str, list[str]]:
+        """UFFDIO_WRITEPROTECT(0) of one page, waking the threads blocked on it."""
+        pte = w.pte(vma.id, i)
         if isinstance(pte, Present) and pte.uffd_wp:
-            w.set_pte(vma.id, ev.index, Present(pte.frame, pte.writable, uffd_wp=False))
+            w.set_pte(vma.id, i, Present(pte.frame, pte.writable, uffd_wp=False))
             result = "uffd-wp cleared"
         elif isinstance(pte, Marker):
-            w.set_pte(vma.id, ev.index, None)
+            w.set_pte(vma.id, i, None)
             result = "marker cleared"
         else:
             result = "nothing protected there any more"
-        woken = self._wake(w, ev.vma, ev.index)
-        w.set_thread(name, idle)
-        return Label("UFFDIO_WRITEPROTECT", f"page {ev.index}: {result}; woke {_pages(woken)}")
+        return result, self._wake(w, vma.id, i)
+
+    # -- the live snapshot's protect instant and background copy ----------------------------------
+    def _page_now(self, w: World, vma: Vma, i: int) -> tuple[int | None, str]:
+        """What reading page ``i`` finds: the cached frame and its contents, or zeros."""
+        fid = w.cached(vma.file, vma.pgoff + i)
+        return (None, "0") if fid is None else (fid, w.frame(fid).data)
+
+    def _protect(self, w: World, name: str, ts: ThreadState, op: Protect) -> Label:
+        vma = self.vmas[op.vma]
+        image = dict(w.image)
+        marked = []
+        for i in range(vma.pages):
+            pte = w.pte(vma.id, i)
+            if isinstance(pte, Present):
+                w.set_pte(vma.id, i, Present(pte.frame, writable=False, uffd_wp=True))
+            elif pte is None and self.preset.pte_markers:
+                w.set_pte(vma.id, i, MARKER)
+                marked.append(i)
+            image[(vma.id, i)] = self._page_now(w, vma, i)
+        w.log("image")
+        w.image = image
+        w.set_thread(name, ThreadState(op=ts.op + 1, faults=ts.faults))
+        how = f"; markers on unmapped pages {_pages(marked)}" if marked else ""
+        return Label("UFFDIO_WRITEPROTECT", f"protect instant: pages 0-{vma.pages - 1}{how}")
+
+    def _copy_pages(self, w: World, name: str, ts: ThreadState, op: CopyPages) -> Label:
+        vma = self.vmas[op.vma]
+        if ts.pc == "unprotect":
+            result, woken = self._unprotect(w, vma, ts.cursor)
+            w.set_thread(name, replace(ts, pc="access", cursor=ts.cursor + 1))
+            return Label("UFFDIO_WRITEPROTECT", f"page {ts.cursor}: {result}; woke {_pages(woken)}")
+        for i in range(ts.cursor, vma.pages):
+            if w.snapped(vma.id, i) is not None:
+                continue
+            fid, data = self._page_now(w, vma, i)
+            w.set_snapped(vma.id, i, (fid, data))
+            w.set_thread(name, replace(ts, pc="unprotect", cursor=i))
+            where = "zeros (no page)" if fid is None else f"frame #{fid}"
+            return Label("copy", f"saved page {i}: {where} ({data!r})")
+        w.set_thread(name, ThreadState(op=ts.op + 1, faults=ts.faults))
+        return Label("copy", "every page saved: snapshot complete")

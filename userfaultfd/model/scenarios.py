@@ -9,7 +9,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from .._flags import Mode
-from .kernel import Kernel, Punch, Read, Serve, Write
+from .kernel import CopyPages, Kernel, Protect, Punch, Read, Serve, Write
 from .presets import UnknownNameError
 from .state import Present, World
 
@@ -63,6 +63,9 @@ class Scenario:
     #: persistent sets never postpone one).
     watches: Callable[[Kernel, Hashable], bool]
     defaults: Sizes = field(default_factory=Sizes)
+    #: A protocol of the userfaultfd runtime checked against the kernel (not one of the
+    #: kernel-history scenarios ``table`` shows by default).
+    protocol: bool = False
 
     def sized(self, sizes: Sizes | None = None) -> Sizes:
         """``sizes`` over the defaults, checked: every size this scenario knows, and only those."""
@@ -72,7 +75,7 @@ class Scenario:
             if mine is not None and default is None:
                 raise ValueError(f"scenario {self.name} has no {name} to size")
             value = getattr(got, name)
-            low = 2 if name == "pages" else 0 if name != "readers" else 1
+            low = 2 if name == "pages" else 0
             if value is not None and not low <= value <= _MAX_SIZE:
                 raise ValueError(f"{name} must be between {low} and {_MAX_SIZE}, got {value}")
         if sizes is not None and sizes.punch is not None:
@@ -216,6 +219,48 @@ def _watches_silent(k: Kernel, obj: Hashable) -> bool:
     return obj == ("alloc",)
 
 
+# -- live-snapshot --------------------------------------------------------------------------------
+def _build_live_snapshot(k: Kernel, z: Sizes) -> None:
+    assert z.pages is not None and z.readers is not None
+    assert z.writers is not None and z.punchers is not None
+    pages = z.pages
+    f = k.shmem_file(pages, cached=range(pages))
+    v = k.mmap(f, _BASE, pages, register=Mode.WP)
+    k.write(v, 1, "v1")  # the program wrote page 1 (mapped); the others are only cached
+    # The snapshot: protect at one instant, then the background copy; its fault thread.
+    k.spawn("snap", Protect(v.id), CopyPages(v.id))
+    k.spawn("handler", Serve(snapshot=True))
+    # Writers of page 1 (mapped at the instant), then 3 (only cached), 0, 2, ...; punches of
+    # page 1 and on; readers of page 2 and on (0 with two pages), whose read faults fault
+    # around.
+    order = [1, 3, 0, 2, *range(4, pages)]
+    targets = [order[j % len(order)] % pages for j in range(max(z.writers, 1))]
+    for j, name in enumerate(_names("write", z.writers)):
+        k.spawn(name, Write(v.id, targets[j], "v2"))
+    holes = z.punch or tuple(((1 + 2 * i) % pages, 1) for i in range(z.punchers))
+    for name, (start, n) in zip(_names("punch", len(holes)), holes, strict=True):
+        k.spawn(name, Punch(f.id, start, n))
+    for r, name in enumerate(_names("read", z.readers)):
+        k.spawn(name, Read(v.id, (2 * r + 2) % pages))
+
+
+def _stale_snapshot(k: Kernel, w: World) -> str | None:
+    for key, (fid, data) in sorted(w.snap.items(), key=lambda item: item[0]):
+        then_fid, then = w.image[key]
+        # A frame the program dropped (punched) since the instant may be saved as anything:
+        # "don't drop pages during a snapshot". Any other difference is a lost write.
+        if data != then and (then_fid is None or fid == then_fid):
+            return (
+                f"the snapshot saved page {key[1]} holding {data!r}, but at the protect instant "
+                f"it held {then!r} (and nothing dropped it since)"
+            )
+    return None
+
+
+def _watches_snapshot(k: Kernel, obj: Hashable) -> bool:
+    return isinstance(obj, tuple) and (obj[0] == "snap" or obj == ("log", "image"))
+
+
 #: Every scenario, in a stable order.
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -248,6 +293,17 @@ SCENARIOS: dict[str, Scenario] = {
             _silent_missing,
             _watches_silent,
             Sizes(readers=1, writers=1, pages=8),
+        ),
+        Scenario(
+            "live-snapshot",
+            "the live snapshot protocol (protect at one instant, save-then-unprotect on WP "
+            "faults, a background copy) against writers, a hole punch and a faulting-around read",
+            "stale snapshot",
+            _build_live_snapshot,
+            _stale_snapshot,
+            _watches_snapshot,
+            Sizes(readers=1, writers=1, punchers=1, pages=2),
+            protocol=True,
         ),
     )
 }

@@ -118,6 +118,7 @@ class World:
         "falloc",
         "falloc_waiters",
         "frames",
+        "image",
         "next_frame",
         "notified",
         "protected",
@@ -126,6 +127,7 @@ class World:
         "reads",
         "resolved",
         "saved",
+        "snap",
         "threads",
         "waiters",
         "writes",
@@ -149,6 +151,10 @@ class World:
         self.notified: frozenset[tuple[Mode, int, int]] = frozenset()
         #: (vma, index) the server resolved with UFFDIO_CONTINUE after updating the page.
         self.resolved: frozenset[tuple[int, int]] = frozenset()
+        #: The live snapshot: each page's (frame or None, contents) at the protect instant
+        #: (ground truth, for the invariant), and what the snapshot saved for it.
+        self.image: dict[tuple[int, int], tuple[int | None, str]] = {}
+        self.snap: dict[tuple[int, int], tuple[int | None, str]] = {}
         self.reads: set[Hashable] = set()
         self.writes: set[Hashable] = set()
         self._key: Hashable | None = None
@@ -168,6 +174,8 @@ class World:
         w.saved = self.saved
         w.notified = self.notified
         w.resolved = self.resolved
+        w.image = self.image
+        w.snap = self.snap
         w.reads = set()
         w.writes = set()
         w._key = None
@@ -190,6 +198,8 @@ class World:
                 self.saved,
                 self.notified,
                 self.resolved,
+                frozenset(self.image.items()),
+                frozenset(self.snap.items()),
             )
         return self._key
 
@@ -301,6 +311,14 @@ class World:
     def set_thread(self, name: str, state: ThreadState) -> None:
         self.writes.add(("thread", name))
         self.threads[name] = state
+
+    def snapped(self, vma: int, index: int) -> tuple[int | None, str] | None:
+        self.reads.add(("snap", vma, index))
+        return self.snap.get((vma, index))
+
+    def set_snapped(self, vma: int, index: int, saved: tuple[int | None, str]) -> None:
+        self.writes.add(("snap", vma, index))
+        self.snap = {**self.snap, (vma, index): saved}
 
     def log(self, field: str) -> None:
         """Note a change of one of the server's records (they are shared state too)."""
