@@ -58,7 +58,7 @@ def test_a_bigger_race_is_still_found() -> None:
         ("minor-fault-around", Sizes(punchers=1), "has no punchers to size"),
         ("minor-fault-around", Sizes(punch=((0, 1),)), "has no punchers"),
         ("wp-punch-hole", Sizes(pages=1), "pages must be between 2 and 64"),
-        ("wp-punch-hole", Sizes(readers=0), "readers must be between 1 and 64"),
+        ("wp-punch-hole", Sizes(writers=65), "writers must be between 0 and 64"),
         ("wp-punch-hole", Sizes(punch=((3, 2),)), "punch range 3+2 is outside the file's 4"),
     ],
 )
