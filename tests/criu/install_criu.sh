@@ -66,6 +66,6 @@ WRAP
 chmod +x "$wrapper.tmp"
 mv "$wrapper.tmp" "$wrapper"
 "$wrapper" --version >&2
-rm -rf "$root/debs" "$apt_dir/archives"
+rm -rf "$root/debs" "$apt_dir/archives" "$apt_dir/lists"
 touch "$root/ok"
 echo "$wrapper"
