@@ -288,7 +288,8 @@ def _object_of(directory: Path, chunk: int) -> Path:
     prefix = struct.unpack_from("<I", raw, 32)[0]
     length, hashed = struct.unpack_from("<I32s", raw, 36 + prefix + 36 * chunk)
     assert length > 0
-    return directory / "chunks" / hashed.hex()
+    name: bytes = hashed
+    return directory / "chunks" / name.hex()
 
 
 def test_a_corrupted_chunk_object_is_an_error_naming_it(cas: Path) -> None:
@@ -384,13 +385,13 @@ def test_the_cache_spares_requests_across_stores_and_processes(
 def test_a_bad_cached_chunk_is_fetched_again(cas: Path, tmp_path: Path) -> None:
     cache = ChunkCache(tmp_path / "cache", 64 << 20)
     key = _object_of(cas, 4).name
-    with open_store(cas / "c.index", cache=cache) as store:
+    with ChunkedStore(cas / "c.index", cache=cache) as store:
         assert_range(store, SOURCE, 4 * CHUNK, CHUNK)
         assert store.fetches == 1
     cached = tmp_path / "cache" / key
     good = cached.read_bytes()
     cached.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
-    with open_store(cas / "c.index", cache=cache) as store:
+    with ChunkedStore(cas / "c.index", cache=cache) as store:
         assert_range(store, SOURCE, 4 * CHUNK, CHUNK)
         assert store.fetches == 1, "the bad cached copy should have been replaced by a fetch"
     assert cached.read_bytes() == good
@@ -401,7 +402,7 @@ def test_the_cache_honours_its_cap(cas: Path, tmp_path: Path) -> None:
     sizes = [_object_of(cas, i).stat().st_size for i in chunks]
     cap = sum(sizes[:20])  # room for about 20 of the 60 chunks read
     cache = ChunkCache(tmp_path / "cache", cap)
-    with open_store(cas / "c.index", cache=cache) as store:
+    with ChunkedStore(cas / "c.index", cache=cache) as store:
         for i in chunks:
             assert_range(store, SOURCE, i * CHUNK, PAGE)
             assert cache.size() <= cap, f"cache at {cache.size()} bytes after chunk {i}, cap {cap}"
