@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 import sys
 
 from . import model
-from .model import report
+from .model import diagram, report
 
 
 def add_model_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,6 +29,12 @@ def add_model_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     _reduction_options(p)
     p.add_argument(
         "--no-reduction", action="store_true", help="plain DFS (same as --reduction none)"
+    )
+    p.add_argument(
+        "--svg", metavar="FILE", help="draw the counterexample as a sequence diagram (SVG)"
+    )
+    p.add_argument(
+        "--png", metavar="FILE", help="the same diagram as PNG (needs rsvg-convert, librsvg2-bin)"
     )
     p.set_defaults(func=_run)
 
@@ -107,6 +115,25 @@ def _run(args: argparse.Namespace) -> int:
     except (model.UnknownNameError, ValueError) as err:
         return _usage_error(err)
     print(report.render_result(result))
+    if args.svg or args.png:
+        drawing = diagram.violation_svg(result)
+        if drawing is None:
+            print("no counterexample: nothing to draw")
+            return 0
+        if args.svg:
+            with open(args.svg, "w", encoding="utf-8") as out:
+                out.write(drawing)
+            print(f"diagram: {args.svg}")
+        if args.png:
+            converter = shutil.which("rsvg-convert")
+            if converter is None:
+                return _usage_error(
+                    ValueError("--png needs rsvg-convert (apt-get install librsvg2-bin)")
+                )
+            subprocess.run(
+                [converter, "-o", args.png], input=drawing.encode(), check=True, timeout=60
+            )
+            print(f"diagram: {args.png}")
     return 0
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
+import shutil
+from xml.etree import ElementTree
 
 import pytest
 
@@ -109,3 +112,34 @@ def test_run_at_other_sizes(capsys: pytest.CaptureFixture[str]) -> None:
     replay = ["model", "replay", "wp-punch-hole", "--kernel", "pre-patch", schedule]
     assert _main([*replay, "--readers", "2", "--pages", "8", "--punch", "1+2"]) == 0
     assert "VIOLATION (untracked write)" in capsys.readouterr().out
+
+
+def test_run_draws_the_counterexample(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    svg = tmp_path / "race.svg"
+    assert _main(["model", "run", "wp-punch-hole", "--kernel", "pre-patch", "--svg", str(svg)]) == 0
+    assert f"diagram: {svg}" in capsys.readouterr().out
+    root = ElementTree.fromstring(svg.read_text())  # well-formed XML
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    text = svg.read_text()
+    for lane in ("punch", "read", "write", "server"):
+        assert f">{lane}</text>" in text
+    assert "7. store" in text and "12. load" in text
+    assert text.count("stroke='#c92a2a' stroke-width='2'") == 1  # one violating step
+
+
+def test_run_without_a_violation_draws_nothing(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    svg = tmp_path / "none.svg"
+    assert _main(["model", "run", "wp-punch-hole", "--svg", str(svg)]) == 0
+    assert "no counterexample: nothing to draw" in capsys.readouterr().out
+    assert not svg.exists()
+
+
+@pytest.mark.skipif(shutil.which("rsvg-convert") is None, reason="rsvg-convert not installed")
+def test_run_draws_a_png(tmp_path: pathlib.Path) -> None:
+    png = tmp_path / "race.png"
+    assert _main(["model", "run", "wp-punch-hole", "--kernel", "pre-patch", "--png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

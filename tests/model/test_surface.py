@@ -19,6 +19,7 @@ def test_all_is_exactly_what_init_exports() -> None:
         "scenarios",
         "state",
         "report",
+        "diagram",
     }
     assert set(model.__all__) == public
     for name in ("PRESETS", "SCENARIOS", "explore", "replay", "Kernel", "WouldBlock", "Result"):
