@@ -23,7 +23,6 @@ Other kernel facts that shape this module:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import operator
@@ -32,7 +31,7 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
-from . import _abi
+from . import _abi, _libc
 from ._buffer import pinned
 from ._closing import Closing
 from ._errors import (
@@ -48,7 +47,6 @@ from ._flags import FEATURE_SINCE, Feature, Ioctl, Mode
 __all__ = ["Userfaultfd", "supported_features"]
 
 _ADDRESS_LIMIT: Final = 1 << 64
-_BaseIoctls: Final = Ioctl.REGISTER | Ioctl.UNREGISTER | Ioctl.API
 
 _PERMISSION_HINT: Final = (
     "run as root (or with CAP_SYS_PTRACE), set vm.unprivileged_userfaultfd=1, pass "
@@ -57,29 +55,15 @@ _PERMISSION_HINT: Final = (
 )
 
 
-def _libc_syscall() -> Callable[..., int]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    syscall: Callable[..., int] = libc.syscall
-    syscall.restype = ctypes.c_long  # type: ignore[attr-defined]
-    return syscall
-
-
 def _open_by_syscall(flags: int) -> int:
     number = _abi.SYS_userfaultfd
     if number is None:
         raise FeatureUnavailableError(
             errno.ENOSYS, f"no userfaultfd syscall number known for {os.uname().machine}"
         )
-    syscall = _libc_syscall()
-
-    def attempt() -> int:
-        fd = syscall(ctypes.c_long(number), ctypes.c_int(flags))
-        if fd < 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-        return fd
-
-    return call(attempt, lambda code: _describe_open(code, "the userfaultfd syscall"))
+    return _libc.syscall(
+        number, flags, describe=lambda code: _describe_open(code, "the userfaultfd syscall")
+    )
 
 
 def _open_by_device(flags: int) -> int:
@@ -156,6 +140,11 @@ def supported_features(*, device: bool | None = None) -> Feature:
     return Feature(available)
 
 
+def _mode(wake: bool, dontwake: int, flag: int = 0, with_flag: bool = False) -> int:
+    """An ioctl's mode field: its DONTWAKE bit unless ``wake``, and ``flag`` if ``with_flag``."""
+    return (0 if wake else dontwake) | (flag if with_flag else 0)
+
+
 def _index(value: int, what: str) -> int:
     try:
         return operator.index(value)
@@ -195,7 +184,7 @@ class Userfaultfd(Closing):
         )
         fd = _open(flags, device)
         try:
-            _available, ioctls = _handshake(fd, requested)
+            _handshake(fd, requested)
         except UserfaultfdError as err:
             os.close(fd)
             missing = requested & ~int(supported_features(device=device))
@@ -209,9 +198,6 @@ class Userfaultfd(Closing):
         self._page_size = os.sysconf("SC_PAGE_SIZE")
         #: The features enabled on this descriptor (UFFDIO_API grants all requested or none).
         self.features = Feature(requested)
-        #: The ioctls UFFDIO_API says this descriptor accepts.
-        self.ioctls = Ioctl(ioctls)
-        self.nonblocking = nonblocking
 
     @classmethod
     def from_fd(cls, fd: int, features: Feature = Feature(0)) -> Userfaultfd:
@@ -225,8 +211,6 @@ class Userfaultfd(Closing):
         self._fd = _index(fd, "fd")
         self._page_size = os.sysconf("SC_PAGE_SIZE")
         self.features = Feature(features)
-        self.ioctls = _BaseIoctls
-        self.nonblocking = bool(fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_NONBLOCK)
         return self
 
     # -- file behaviour ----------------------------------------------------------------------------
@@ -236,6 +220,11 @@ class Userfaultfd(Closing):
     @property
     def closed(self) -> bool:
         return self._fd < 0
+
+    @property
+    def nonblocking(self) -> bool:
+        """Whether read_events() returns at once when nothing is pending (O_NONBLOCK, as now)."""
+        return bool(fcntl.fcntl(self._require_open(), fcntl.F_GETFL) & os.O_NONBLOCK)
 
     def close(self) -> None:
         """Close the descriptor. Idempotent.
@@ -297,9 +286,7 @@ class Userfaultfd(Closing):
         is taken and held for the call); ``length`` defaults to the object's size. ``wp=True``
         installs the pages write-protected.
         """
-        mode = (0 if wake else _abi.UFFDIO_COPY_MODE_DONTWAKE) | (
-            _abi.UFFDIO_COPY_MODE_WP if wp else 0
-        )
+        mode = _mode(wake, _abi.UFFDIO_COPY_MODE_DONTWAKE, _abi.UFFDIO_COPY_MODE_WP, wp)
         if isinstance(src, int):
             if length is None:
                 raise TypeError("copy() from an address needs a length")
@@ -325,7 +312,7 @@ class Userfaultfd(Closing):
     def zeropage(self, addr: int, length: int, *, wake: bool = True) -> int:
         """Map zero pages at the missing pages of [addr, addr+length); returns bytes mapped."""
         start, size = self._range(addr, length)
-        mode = 0 if wake else _abi.UFFDIO_ZEROPAGE_MODE_DONTWAKE
+        mode = _mode(wake, _abi.UFFDIO_ZEROPAGE_MODE_DONTWAKE)
         return self._fill(
             _abi.UFFDIO_ZEROPAGE,
             _abi.UFFDIO_ZEROPAGE_STRUCT,
@@ -336,9 +323,7 @@ class Userfaultfd(Closing):
     def continue_(self, addr: int, length: int, *, wp: bool = False, wake: bool = True) -> int:
         """Map the page-cache pages behind a MINOR fault; returns bytes mapped."""
         start, size = self._range(addr, length)
-        mode = (0 if wake else _abi.UFFDIO_CONTINUE_MODE_DONTWAKE) | (
-            _abi.UFFDIO_CONTINUE_MODE_WP if wp else 0
-        )
+        mode = _mode(wake, _abi.UFFDIO_CONTINUE_MODE_DONTWAKE, _abi.UFFDIO_CONTINUE_MODE_WP, wp)
         return self._fill(
             _abi.UFFDIO_CONTINUE,
             _abi.UFFDIO_CONTINUE_STRUCT,
@@ -351,8 +336,8 @@ class Userfaultfd(Closing):
     ) -> None:
         """Write-protect [addr, addr+length), or with ``protect=False`` lift it (waking writers)."""
         start, size = self._range(addr, length)
-        mode = (_abi.UFFDIO_WRITEPROTECT_MODE_WP if protect else 0) | (
-            0 if wake else _abi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+        mode = _mode(
+            wake, _abi.UFFDIO_WRITEPROTECT_MODE_DONTWAKE, _abi.UFFDIO_WRITEPROTECT_MODE_WP, protect
         )
         buf = bytearray(_abi.UFFDIO_WRITEPROTECT_STRUCT.pack(start, size, mode))
         self._ioctl(_abi.UFFDIO_WRITEPROTECT, buf, _describer("UFFDIO_WRITEPROTECT", start, size))
@@ -360,7 +345,7 @@ class Userfaultfd(Closing):
     def poison(self, addr: int, length: int, *, wake: bool = True) -> int:
         """Mark [addr, addr+length) poisoned: any access gets SIGBUS. Returns bytes poisoned."""
         start, size = self._range(addr, length)
-        mode = 0 if wake else _abi.UFFDIO_POISON_MODE_DONTWAKE
+        mode = _mode(wake, _abi.UFFDIO_POISON_MODE_DONTWAKE)
         return self._fill(
             _abi.UFFDIO_POISON,
             _abi.UFFDIO_POISON_STRUCT,
@@ -384,9 +369,10 @@ class Userfaultfd(Closing):
         """
         start, size = self._range(dst, length)
         source, _ = self._range(src, length)
-        mode = (0 if wake else _abi.UFFDIO_MOVE_MODE_DONTWAKE) | (
-            _abi.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES if allow_src_holes else 0
-        )
+        mode = _mode(
+            wake, _abi.UFFDIO_MOVE_MODE_DONTWAKE, _abi.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES,
+            allow_src_holes,
+        )  # fmt: skip
         return self._fill(
             _abi.UFFDIO_MOVE,
             _abi.UFFDIO_MOVE_STRUCT,

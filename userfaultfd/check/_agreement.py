@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
-from .. import memory, model
+from .. import _libc, memory, model
 from .._buffer import pinned
 from .._core import Userfaultfd
 from .._flags import Feature, Mode
@@ -85,20 +85,13 @@ def model_prediction(layout: Layout, fault_around_bytes: int) -> list[int]:
     return sorted(kernel.mapped(vma))
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_long]  # fmt: skip
 _MAP_FIXED = 0x10
 _PROT_NONE = 0  # not in the mmap module
-_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def _map_at(address: int, length: int, prot: int, flags: int, fd: int, offset: int) -> None:
-    got = _libc.mmap(address, length, prot, flags | _MAP_FIXED, fd, offset)
-    if got == _MAP_FAILED or got != address:
-        code = ctypes.get_errno()
-        raise OSError(code, f"mmap at 0x{address:x}: {os.strerror(code)}")
+    _libc.mmap(address, length, prot, flags | _MAP_FIXED, fd, offset,
+               describe=lambda code: f"mmap at 0x{address:x}: {os.strerror(code)}")  # fmt: skip
 
 
 def _live_child(layouts: list[Layout], channel: Channel) -> None:

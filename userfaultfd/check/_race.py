@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
-from .. import memory
+from .. import _libc, memory
 from .._core import Userfaultfd
 from .._errors import PageExistsError
 from .._events import PageFault
@@ -67,11 +67,6 @@ def judge_race(tally: RaceTally) -> tuple[Status, str]:
         f"0 untracked writes in {tally.iterations} iterations; {tally.tracked} writes raised a "
         f"WP event first ({tally.punched_after} then dropped by the punch, {survived} kept)"
     )
-
-
-_libc = ctypes.CDLL(None)
-#: usleep through ctypes: the GIL is released while a thread waits out its head start.
-_usleep = _libc.usleep
 
 
 def _tracking_server(uffd_fd: int, log: mmap.mmap, base: int, channel: Channel) -> None:
@@ -144,17 +139,17 @@ def _race_once(mapping: memory.Mapping, marker: bytes, delays: list[int], timeou
 
     def punch() -> None:
         start.wait()
-        _usleep(delays[0])
+        _libc.usleep(delays[0])
         mapping.punch_hole(TRACKED * page, page)
 
     def read() -> None:
         start.wait()
-        _usleep(delays[1])
+        _libc.usleep(delays[1])
         ctypes.memmove(scratch, mapping.address + NEIGHBOUR * page, 8)
 
     def write() -> None:
         start.wait()
-        _usleep(delays[2])
+        _libc.usleep(delays[2])
         ctypes.memmove(mapping.address + TRACKED * page, marker, 8)
         wrote.set()
 
