@@ -11,24 +11,23 @@ finds in the same walk, the basis of dirty tracking with WP_ASYNC.
 
 from __future__ import annotations
 
-import ctypes
+import enum
 import errno
-import fcntl
 import mmap
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
-from . import _abi
+from . import _abi, _libc
 from ._buffer import pinned
 from ._closing import Closing
-from ._errors import call
 from ._flags import PageCategory, ScanFlag
+from ._scan import ALL_CATEGORIES, PageRegion, PageScanner, ScanResult
 
 __all__ = [
     "Mapping",
+    "MappingKind",
     "PageRegion",
     "ScanResult",
     "anonymous",
@@ -53,18 +52,51 @@ def page_size() -> int:
 
 def huge_page_size(*, proc: str = "/proc") -> int:
     """The default huge page size (hugetlbfs), from /proc/meminfo."""
+    kib = _meminfo("Hugepagesize", proc)
+    if kib is None:
+        raise OSError(errno.ENOENT, "this kernel reports no Hugepagesize in /proc/meminfo")
+    return kib * 1024
+
+
+def free_huge_pages(*, proc: str = "/proc") -> int:
+    """How many default-size huge pages are free in the pool right now."""
+    return _meminfo("HugePages_Free", proc) or 0
+
+
+def _meminfo(field: str, proc: str) -> int | None:
+    """The number on the ``field:`` line of /proc/meminfo (sizes are in KiB), or None."""
+    prefix = f"{field}:"
     with open(f"{proc}/meminfo") as meminfo:
         for line in meminfo:
-            if line.startswith("Hugepagesize:"):
-                return int(line.split()[1]) * 1024
-    raise OSError(errno.ENOENT, "this kernel reports no Hugepagesize in /proc/meminfo")
+            if line.startswith(prefix):
+                return int(line.split()[1])
+    return None
+
+
+class MappingKind(enum.StrEnum):
+    """What backs a :class:`Mapping`. A ``str``: it compares equal to its value."""
+
+    #: Private anonymous memory (MAP_ANONYMOUS).
+    ANONYMOUS = "anonymous"
+    #: shmem: a memfd (or tmpfs file), mapped shared or private.
+    SHMEM = "shmem"
+    #: hugetlbfs: anonymous MAP_HUGETLB memory or a MFD_HUGETLB memfd, in huge pages.
+    HUGETLBFS = "hugetlbfs"
+    #: A regular file on a disk file system (userfaultfd cannot register it).
+    FILE = "file"
+
+    @classmethod
+    def _missing_(cls, value: object) -> MappingKind | None:
+        # memory.hugetlb() used to say "hugetlb"; the old spelling still names the same kind.
+        return cls.HUGETLBFS if value == "hugetlb" else None
 
 
 class Mapping(Closing):
     """A mapping this process owns: ``address``, ``length``, a writable ``view`` of its bytes.
 
-    ``fd`` is the memfd behind a memfd mapping (None for anonymous memory). Close it, or use it
-    as a context manager; close fails with BufferError while a view of it (a NumPy array from
+    ``kind`` says what backs it, ``page_size`` is its unit (a huge page for hugetlbfs), ``fd`` is
+    the memfd behind a memfd mapping (None for anonymous memory). Close it, or use it as a
+    context manager; close fails with BufferError while a view of it (a NumPy array from
     :meth:`numpy`, a memoryview taken from :attr:`view`) is still alive.
     """
 
@@ -73,7 +105,7 @@ class Mapping(Closing):
         mm: mmap.mmap,
         length: int,
         *,
-        kind: str,
+        kind: MappingKind | str,
         fd: int | None = None,
         owns_fd: bool = False,
         shared: bool,
@@ -82,11 +114,16 @@ class Mapping(Closing):
         with pinned(mm, writable=True) as (address, _size):
             self.address: int = address
         self.length = length
-        self.kind = kind
+        self.kind = MappingKind(kind)
         self.fd = fd
         self.shared = shared
         self._owns_fd = owns_fd
         self.view: memoryview = memoryview(mm)
+
+    @property
+    def page_size(self) -> int:
+        """The page size of this memory: the huge page size for hugetlbfs, else the base page."""
+        return huge_page_size() if self.kind is MappingKind.HUGETLBFS else page_size()
 
     def alias(self, *, shared: bool = True) -> Mapping:
         """A second mapping of the same memfd: writes through it reach the same page cache.
@@ -115,17 +152,10 @@ class Mapping(Closing):
         """Drop [offset, offset+length) of the memfd from the page cache (fallocate PUNCH_HOLE)."""
         if self.fd is None:
             raise ValueError("punch_hole() needs a memfd-backed mapping; this one is anonymous")
-        fd = self.fd
         mode = _abi.FALLOC_FL_PUNCH_HOLE | _abi.FALLOC_FL_KEEP_SIZE
-
-        def attempt() -> None:
-            if _fallocate(fd, mode, offset, length) != 0:
-                code = ctypes.get_errno()
-                raise OSError(code, os.strerror(code))
-
-        call(
-            attempt, lambda code: f"fallocate(PUNCH_HOLE) at {offset}+{length}: {os.strerror(code)}"
-        )
+        where = f"fallocate(PUNCH_HOLE) at {offset}+{length}"
+        describe = lambda code: f"{where}: {os.strerror(code)}"  # noqa: E731
+        _libc.fallocate(self.fd, mode, offset, length, describe=describe)
 
     @property
     def closed(self) -> bool:
@@ -142,12 +172,6 @@ class Mapping(Closing):
 
     def __repr__(self) -> str:
         return f"<Mapping {self.kind} 0x{self.address:x}+{self.length:#x}>"
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
 
 
 def _check_length(length: int, unit: int, what: str) -> None:
@@ -178,7 +202,7 @@ def anonymous(length: int, *, noreserve: bool = False) -> Mapping:
     _check_length(length, page_size(), "anonymous mapping")
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_abi.MAP_NORESERVE if noreserve else 0)
     mm = _map(lambda: mmap.mmap(-1, length, flags=flags, prot=_PROT_RW), "anonymous mapping")
-    return Mapping(mm, length, kind="anonymous", shared=False)
+    return Mapping(mm, length, kind=MappingKind.ANONYMOUS, shared=False)
 
 
 def hugetlb(length: int) -> Mapping:
@@ -186,7 +210,7 @@ def hugetlb(length: int) -> Mapping:
     _check_length(length, huge_page_size(), "hugetlb mapping")
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _abi.MAP_HUGETLB
     mm = _map(lambda: mmap.mmap(-1, length, flags=flags, prot=_PROT_RW), "huge page mapping")
-    return Mapping(mm, length, kind="hugetlb", shared=False)
+    return Mapping(mm, length, kind=MappingKind.HUGETLBFS, shared=False)
 
 
 def memfd(
@@ -208,7 +232,7 @@ def memfd(
     except BaseException:
         os.close(fd)
         raise
-    kind = "hugetlbfs" if hugetlb else "shmem"
+    kind = MappingKind.HUGETLBFS if hugetlb else MappingKind.SHMEM
     return Mapping(mm, length, kind=kind, fd=fd, owns_fd=True, shared=shared)
 
 
@@ -238,15 +262,6 @@ def huge_pages(count: int, *, proc: str = "/proc") -> Iterator[int]:
             f.write(str(before))
 
 
-def free_huge_pages(*, proc: str = "/proc") -> int:
-    """How many default-size huge pages are free in the pool right now."""
-    with open(f"{proc}/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("HugePages_Free:"):
-                return int(line.split()[1])
-    return 0
-
-
 def _pagemap_entries(addr: int, length: int, pid: int | str, proc: str) -> list[int]:
     unit = page_size()
     first, last = addr // unit, (addr + length - 1) // unit
@@ -272,26 +287,6 @@ def write_protected(
     return [bool(e & _abi.PM_UFFD_WP) for e in _pagemap_entries(addr, length, pid, proc)]
 
 
-@dataclass(frozen=True, slots=True)
-class PageRegion:
-    """A run of pages [start, end) sharing ``categories``."""
-
-    start: int
-    end: int
-    categories: PageCategory
-
-
-@dataclass(frozen=True, slots=True)
-class ScanResult:
-    """What PAGEMAP_SCAN found, and where its walk stopped (``walk_end`` < end: stopped early)."""
-
-    regions: tuple[PageRegion, ...]
-    walk_end: int
-
-
-_ALL_CATEGORIES = PageCategory(0xFF)
-
-
 def pagemap_scan(
     addr: int,
     length: int,
@@ -299,7 +294,7 @@ def pagemap_scan(
     category_mask: PageCategory = PageCategory(0),
     category_inverted: PageCategory = PageCategory(0),
     category_anyof_mask: PageCategory = PageCategory(0),
-    return_mask: PageCategory = _ALL_CATEGORIES,
+    return_mask: PageCategory = ALL_CATEGORIES,
     flags: ScanFlag = ScanFlag(0),
     max_pages: int = 0,
     max_regions: int = 1024,
@@ -319,54 +314,13 @@ def pagemap_scan(
         raise ValueError(f"address 0x{addr:x} and length {length} must be positive page multiples")
     if max_regions < 1:
         raise ValueError(f"max_regions must be at least 1, not {max_regions}")
-    end = addr + length
-    vec = bytearray(max_regions * _abi.PAGE_REGION.size)
     regions: list[PageRegion] = []
-    fd = os.open(f"{proc}/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        start = addr
-        while True:
-            filled, walk_end = _scan_once(
-                fd, vec, start, end, int(flags), max_pages,
-                (int(category_inverted), int(category_mask), int(category_anyof_mask),
-                 int(return_mask)),
-            )  # fmt: skip
-            for i in range(filled):
-                s, e, cats = _abi.PAGE_REGION.unpack_from(vec, i * _abi.PAGE_REGION.size)
-                regions.append(PageRegion(s, e, PageCategory(cats)))
-            if walk_end >= end or max_pages or filled < max_regions:
-                return ScanResult(tuple(regions), walk_end)
-            start = walk_end  # the vector filled up: go on where the walk stopped
-    finally:
-        os.close(fd)
-
-
-def _scan_once(
-    fd: int,
-    vec: bytearray,
-    start: int,
-    end: int,
-    flags: int,
-    max_pages: int,
-    categories: tuple[int, int, int, int],
-    describe: Callable[[int], str] | None = None,
-) -> tuple[int, int]:
-    """One PAGEMAP_SCAN ioctl on pagemap ``fd``; returns (regions filled, walk_end).
-
-    ``categories``: (inverted, mask, anyof, return mask). Shared with the dirty tracker, which
-    decodes ``vec`` itself and words its own errors through ``describe``.
-    """
-    vec_len = len(vec) // _abi.PAGE_REGION.size
-    with pinned(vec, writable=True) as (vec_address, _):
-        arg = bytearray(
-            _abi.PM_SCAN_ARG.pack(
-                _abi.PM_SCAN_ARG.size, flags, start, end, 0, vec_address, vec_len, max_pages,
-                *categories,
-            )
+    with PageScanner(max_regions, pid=pid, proc=proc) as scanner:
+        steps = scanner.walk(
+            addr, addr + length, flags=flags, category_mask=category_mask,
+            category_inverted=category_inverted, category_anyof_mask=category_anyof_mask,
+            return_mask=return_mask, max_pages=max_pages,
         )  # fmt: skip
-        filled: int = call(
-            lambda: fcntl.ioctl(fd, _abi.PAGEMAP_SCAN, arg, True),
-            describe
-            or (lambda code: f"PAGEMAP_SCAN on [0x{start:x}, 0x{end:x}): {os.strerror(code)}"),
-        )
-    return filled, _abi.PM_SCAN_ARG.unpack(arg)[4]
+        for filled in steps:
+            regions += scanner.regions(filled)
+        return ScanResult(tuple(regions), scanner.walk_end)

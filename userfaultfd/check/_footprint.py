@@ -78,7 +78,8 @@ def _footprint_child(kind: str, mode: Mode | None, scratch: str, channel: Channe
         fd = os.memfd_create("uffd-check", os.MFD_CLOEXEC)
     os.pwrite(fd, b"\x5a" * length, 0)  # every page in the page cache, uptodate
     flags = mmap.MAP_PRIVATE if kind == "shmem-private" else mmap.MAP_SHARED
-    mapping = memory.Mapping(mmap.mmap(fd, length, flags=flags), length, kind=kind, shared=True)
+    what = memory.MappingKind.FILE if kind == "file" else memory.MappingKind.SHMEM
+    mapping = memory.Mapping(mmap.mmap(fd, length, flags=flags), length, kind=what, shared=True)
     if mode is None:
         channel.send("ready")
     else:
