@@ -21,7 +21,8 @@ import pytest
 from tests._target import PAGE, Channel, Target
 from userfaultfd import FeatureUnavailableError, memory
 from userfaultfd.tools import dirty
-from userfaultfd.tools.dirty import DeltaInfo, DirtyStats, restore, snapshot_delta, snapshot_full
+from userfaultfd.tools.delta import DeltaInfo, restore, snapshot_delta, snapshot_full
+from userfaultfd.tools.dirty import DirtyStats
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,8 +1,8 @@
-"""Dirty-page tracking of this process's memory, and incremental snapshots built on it.
+"""Dirty-page tracking of this process's memory: which pages were written since the last look.
 
 ``track(region)`` returns a :class:`DirtyTracker`; ``tracker.dirty()`` lists the pages written
-since the last call. ``snapshot_full``, ``snapshot_delta`` and ``restore`` turn that into a base
-image plus small deltas.
+since the last call. :mod:`userfaultfd.tools.delta` turns that into a base image plus small
+deltas.
 
 Design note: WP_ASYNC + PAGEMAP_SCAN
 ------------------------------------
@@ -42,50 +42,28 @@ the tracking (no EVENT_FORK: the kernel drops the registration in the child); th
 
 from __future__ import annotations
 
-import array
 import ctypes
 import errno
-import hashlib
-import io
 import itertools
 import os
-import struct
-import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Final
+from typing import Final
 
-from .. import _abi, memory
+from .. import memory
 from .._closing import Closing
 from .._core import Userfaultfd
 from .._errors import FeatureUnavailableError
-from .._flags import Feature, Mode
+from .._flags import Feature, Mode, PageCategory, ScanFlag
+from .._scan import PageScanner
 
-__all__ = [
-    "DeltaInfo",
-    "DirtyStats",
-    "DirtyTracker",
-    "restore",
-    "snapshot_delta",
-    "snapshot_full",
-    "track",
-]
+__all__ = ["DirtyStats", "DirtyTracker", "track"]
 
 _FEATURES: Final = Feature.WP_ASYNC | Feature.WP_UNPOPULATED | Feature.PAGEFAULT_FLAG_WP
-_SCAN_RESET: Final = _abi.PM_SCAN_WP_MATCHING | _abi.PM_SCAN_CHECK_WPASYNC
+_SCAN_RESET: Final = ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC
 # Most runs a vector holds (24 bytes each): the worst case of alternate pages up to 1 GiB of 4 KiB
 # pages; a bigger, more scattered set takes one more ioctl per vector-full, nothing is lost.
 _MAX_VECTOR_REGIONS: Final = 1 << 17
-_CHUNK: Final = 64 << 20  # bytes per read/write syscall when copying whole images
-
-#: Delta file layout, little-endian: magic, page size, region length, page count (the header),
-#: then ``count`` u64 page indexes in increasing order, then ``count`` pages, then a 16-byte
-#: BLAKE2b digest of everything before it.
-_DELTA_MAGIC: Final = b"UFFDDLT1"
-_DELTA_HEADER: Final = struct.Struct("<8sQQQ")
-_DIGEST_SIZE: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,19 +75,10 @@ class DirtyStats:
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
-class DeltaInfo:
-    """One delta written: pages in it, bytes of the file, seconds it took (scan and copy)."""
-
-    pages: int
-    bytes: int
-    seconds: float
-
-
 class DirtyTracker(Closing):
     """Pages of one range of this process written since the last reset. Make it with :func:`track`.
 
-    ``page_size`` is the unit of the page indexes (the huge page size for hugetlb mappings).
+    ``page_size`` is the unit of the page indexes (the huge page size for hugetlbfs mappings).
     Closing the tracker (idempotent; also a context manager) lifts the protection.
     """
 
@@ -127,9 +96,8 @@ class DirtyTracker(Closing):
         self.page_size = page_size
         self._shift = page_size.bit_length() - 1  # page sizes are powers of two
         self._mapping = mapping
-        self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         regions = min((length // page_size + 1) // 2 + 1, _MAX_VECTOR_REGIONS)
-        self._vector = bytearray(regions * _abi.PAGE_REGION.size)
+        self._scanner = PageScanner(regions)
         self._scans = 0
         self._pages = 0
         self._seconds = 0.0
@@ -158,49 +126,33 @@ class DirtyTracker(Closing):
 
     def _timed_scan(self, reset: bool) -> tuple[list[int], list[int], int]:
         started = time.perf_counter()
-        starts, ends = self._scan(_SCAN_RESET if reset else _abi.PM_SCAN_CHECK_WPASYNC)
+        starts, ends = self._scan(_SCAN_RESET if reset else ScanFlag.CHECK_WPASYNC)
         pages = (sum(ends) - sum(starts)) >> self._shift
         self._scans += 1
         self._pages += pages
         self._seconds += time.perf_counter() - started
         return starts, ends, pages
 
-    def _scan(self, flags: int) -> tuple[list[int], list[int]]:
+    def _scan(self, flags: ScanFlag) -> tuple[list[int], list[int]]:
         """The addresses where written runs start and end."""
         if self._uffd.closed:
             raise ValueError("this DirtyTracker is closed")
-        written = _abi.PAGE_IS_WRITTEN
-        end = self.address + self.length
-        vector = self._vector
-        capacity = len(vector) // _abi.PAGE_REGION.size
+        scanner = self._scanner
         starts: list[int] = []
         ends: list[int] = []
-        start = self.address
-        while start < end:
-            filled, walk_end = self._scan_once(vector, capacity, start, end, flags, written)
-            # Decode in bulk: a page_region is (start, end, categories), native u64s; tolist()
-            # runs in C, where a per-run Python loop would cost several times the ioctl.
-            with memoryview(vector).cast("Q") as fields:
-                more_starts = fields[0 : 3 * filled : 3].tolist()
-                more_ends = fields[1 : 3 * filled : 3].tolist()
+        steps = scanner.walk(
+            self.address, self.address + self.length, flags=flags,
+            category_mask=PageCategory.WRITTEN, return_mask=PageCategory.WRITTEN,
+            describe=_describe_scan,
+        )  # fmt: skip
+        for filled in steps:
+            more_starts, more_ends = scanner.bounds(filled)
             if ends and more_starts and ends[-1] == more_starts[0]:  # split by a full vector
                 ends[-1] = more_ends[0]
                 del more_starts[0], more_ends[0]
             starts += more_starts
             ends += more_ends
-            if filled < capacity:
-                break
-            start = walk_end  # the vector filled up: the kernel stopped (and protected) there
         return starts, ends
-
-    def _scan_once(
-        self, vector: bytearray, capacity: int, start: int, end: int, flags: int, written: int
-    ) -> tuple[int, int]:
-        assert capacity == len(vector) // _abi.PAGE_REGION.size
-        return memory._scan_once(
-            self._pagemap, vector, start, end, flags, 0, (0, written, 0, written),
-            lambda code: _describe_scan(code, start, end),
-        )  # fmt: skip
 
     # -- state -------------------------------------------------------------------------------------
     def stats(self) -> DirtyStats:
@@ -224,7 +176,7 @@ class DirtyTracker(Closing):
         if self._uffd.closed:
             return
         self._uffd.close()
-        os.close(self._pagemap)
+        self._scanner.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self._scans} scans"
@@ -248,18 +200,16 @@ def track(region: memory.Mapping | tuple[int, int]) -> DirtyTracker:
     PAGEMAP_SCAN (Linux 6.7), UserfaultfdError when the range cannot be registered.
     """
     if isinstance(region, memory.Mapping):
-        address, length, kind = region.address, region.length, region.kind
+        address, length, unit = region.address, region.length, region.page_size
         mapping: memory.Mapping | None = region
     else:
-        (address, length), kind, mapping = region, None, None
-    huge = kind in ("hugetlb", "hugetlbfs")
-    unit = memory.huge_page_size() if huge else memory.page_size()
+        (address, length), unit, mapping = region, memory.page_size(), None
     if length <= 0 or address % unit or length % unit:
         raise ValueError(
             f"address 0x{address:x} and length {length} must be positive multiples of {unit}"
         )
     features = _FEATURES
-    if kind != "anonymous":
+    if mapping is None or mapping.kind is not memory.MappingKind.ANONYMOUS:
         # WP on shmem and hugetlbfs; for a bare range we do not know the backing, and the bit
         # costs nothing on anonymous memory (every kernel with WP_ASYNC and markers has it).
         features |= Feature.WP_HUGETLBFS_SHMEM
@@ -278,184 +228,3 @@ def track(region: memory.Mapping | tuple[int, int]) -> DirtyTracker:
     except BaseException:
         uffd.close()
         raise
-
-
-# -- snapshots -------------------------------------------------------------------------------------
-def snapshot_full(source: DirtyTracker | memory.Mapping, path: str | os.PathLike[str]) -> None:
-    """Write the whole region to ``path``: a raw image of exactly ``length`` bytes.
-
-    Given a tracker, its dirty set is cleared first, then the memory is copied: a write during the
-    copy may be in the image and is also reported next time, so deltas on top stay right. The file
-    appears under its name only once complete.
-    """
-    if isinstance(source, DirtyTracker):
-        source.dirty_ranges(reset=True)
-    view = source.view
-    with _atomic(path) as out:
-        for offset in range(0, len(view), _CHUNK):
-            with view[offset : offset + _CHUNK] as chunk:
-                out.write(chunk)
-
-
-def snapshot_delta(tracker: DirtyTracker, path: str | os.PathLike[str]) -> DeltaInfo:
-    """Write the pages written since the last snapshot (or reset) to ``path`` as a delta file.
-
-    The pages are copied after the scan that re-protects them, so a page written during the
-    copy is reported again by the next delta. Format: see ``_DELTA_MAGIC``.
-    """
-    started = time.perf_counter()
-    runs = tracker.dirty_ranges(reset=True)
-    count = sum(end - first for first, end in runs)
-    unit = tracker.page_size
-    indexes = array.array("Q", (page for first, end in runs for page in range(first, end)))
-    if sys.byteorder == "big":
-        indexes.byteswap()  # the file is little-endian
-    digest = hashlib.blake2b(digest_size=_DIGEST_SIZE)
-    size = 0
-    view = tracker.view
-    with _atomic(path) as out:
-
-        def emit(data: bytes | memoryview) -> None:
-            nonlocal size
-            out.write(data)
-            digest.update(data)
-            size += len(data)
-
-        emit(_DELTA_HEADER.pack(_DELTA_MAGIC, unit, tracker.length, count))
-        emit(indexes.tobytes())
-        for first, end in runs:
-            with view[first * unit : end * unit] as pages:
-                emit(pages)
-        out.write(digest.digest())
-    return DeltaInfo(count, size + _DIGEST_SIZE, time.perf_counter() - started)
-
-
-@dataclass(frozen=True, slots=True)
-class _Delta:
-    path: str
-    page_size: int
-    runs: list[tuple[int, int]]
-    data_offset: int
-
-
-def restore(
-    base_path: str | os.PathLike[str],
-    delta_paths: Sequence[str | os.PathLike[str]] = (),
-    *,
-    into: memory.Mapping | None = None,
-) -> memory.Mapping:
-    """The memory a base image and deltas describe: the base, then each delta in order.
-
-    Returns ``into`` (which must be as long as the base) or a fresh anonymous mapping. Every delta
-    is checked before any is applied: a wrong magic, checksum, region length or page size (all
-    deltas of a chain share one) raises ValueError naming the file.
-    """
-    length = os.path.getsize(base_path)
-    unit = memory.page_size()
-    if length <= 0 or length % unit:
-        raise ValueError(
-            f"{os.fspath(base_path)}: a base image of {length} bytes is not whole pages"
-        )
-    if into is not None and into.length != length:
-        raise ValueError(f"into is {into.length} bytes long, the base image {length}")
-    deltas: list[_Delta] = []
-    for delta_path in delta_paths:
-        delta = _check_delta(os.fspath(delta_path), length)
-        if deltas and delta.page_size != deltas[0].page_size:
-            raise ValueError(
-                f"{delta.path}: page size {delta.page_size} differs from the chain's "
-                f"{deltas[0].page_size} ({deltas[0].path}); it belongs to another region"
-            )
-        deltas.append(delta)
-    target = memory.anonymous(length) if into is None else into
-    try:
-        view = target.view
-        with open(base_path, "rb", buffering=0) as base:
-            _read_exactly(base, view, 0, length, os.fspath(base_path))
-        for delta in deltas:
-            with open(delta.path, "rb", buffering=0) as f:
-                f.seek(delta.data_offset)
-                for first, end in delta.runs:
-                    _read_exactly(
-                        f, view, first * delta.page_size, end * delta.page_size, delta.path
-                    )
-    except BaseException:
-        if into is None:
-            target.close()
-        raise
-    return target
-
-
-def _check_delta(path: str, length: int) -> _Delta:
-    """Validate one delta file (checksum first, then header and indexes); its page runs."""
-    size = os.path.getsize(path)
-    if size < _DELTA_HEADER.size + _DIGEST_SIZE:
-        raise ValueError(f"{path}: {size} bytes is too short for a delta")
-    digest = hashlib.blake2b(digest_size=_DIGEST_SIZE)
-    with open(path, "rb") as f:
-        remaining = size - _DIGEST_SIZE
-        while remaining:
-            block = f.read(min(remaining, 1 << 20))
-            if not block:
-                raise ValueError(f"{path}: truncated while reading")
-            digest.update(block)
-            remaining -= len(block)
-        if f.read() != digest.digest():
-            raise ValueError(f"{path}: checksum mismatch: the delta is corrupt or truncated")
-        f.seek(0)
-        magic, unit, region, count = _DELTA_HEADER.unpack(f.read(_DELTA_HEADER.size))
-        if magic != _DELTA_MAGIC:
-            raise ValueError(f"{path}: not a delta file (magic {magic!r}, want {_DELTA_MAGIC!r})")
-        if region != length:
-            raise ValueError(
-                f"{path}: a delta of a {region}-byte region cannot apply to a {length}-byte base"
-            )
-        if unit <= 0 or length % unit:
-            raise ValueError(f"{path}: page size {unit} does not divide the region ({length})")
-        if size != _DELTA_HEADER.size + count * (8 + unit) + _DIGEST_SIZE:
-            raise ValueError(f"{path}: {size} bytes does not match {count} pages of {unit}")
-        indexes = array.array("Q")
-        indexes.frombytes(f.read(count * 8))
-    if sys.byteorder == "big":
-        indexes.byteswap()
-    runs = _runs(indexes, length // unit, path)
-    return _Delta(path, unit, runs, _DELTA_HEADER.size + count * 8)
-
-
-def _runs(indexes: Iterable[int], pages: int, path: str) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    previous = -1
-    for index in indexes:
-        if not previous < index < pages:
-            raise ValueError(f"{path}: page index {index} out of order or past {pages} pages")
-        if runs and runs[-1][1] == index:
-            runs[-1] = (runs[-1][0], index + 1)
-        else:
-            runs.append((index, index + 1))
-        previous = index
-    return runs
-
-
-def _read_exactly(
-    f: io.RawIOBase | io.BufferedReader, view: memoryview, start: int, end: int, path: str
-) -> None:
-    while start < end:
-        with view[start : min(end, start + _CHUNK)] as chunk:
-            got = f.readinto(chunk)
-        if not got:
-            raise ValueError(f"{path}: ended early, {end - start} bytes short")
-        start += got
-
-
-@contextmanager
-def _atomic(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """Write to a temporary name beside ``path``; rename over ``path`` only on success."""
-    final = os.fspath(path)
-    temporary = f"{final}.tmp{os.getpid()}"
-    try:
-        with open(temporary, "wb") as out:
-            yield out
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    os.replace(temporary, final)

@@ -27,7 +27,6 @@ This is QEMU's background snapshot, the use the seed's WP mode exists for:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import select
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from .. import memory
+from .. import _libc, memory
 from .._core import Userfaultfd, supported_features
 from .._counters import SharedCounters
 from .._errors import ProcessGoneError
@@ -54,7 +53,6 @@ __all__ = ["Snapshot", "SnapshotStats", "check_destination", "snapshot"]
 _SAVED, _EARLY, _FAULTS, _BYTES = range(4)
 _PR_SET_PTRACER = 0x59616D61
 _CHUNK_BYTES = 1 << 20
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,9 +250,7 @@ def snapshot(
     Anonymous, shmem and hugetlbfs memory; the region must be writable.
     """
     if isinstance(region, memory.Mapping):
-        address, length = region.address, region.length
-        huge = region.kind in ("hugetlb", "hugetlbfs")
-        page = memory.huge_page_size() if huge else memory.page_size()
+        address, length, page = region.address, region.length, region.page_size
     else:
         address, length = region
         page = memory.page_size()
@@ -288,7 +284,7 @@ def snapshot(
     channel = Channel(ours)
     wanted = Feature.PAGEFAULT_FLAG_WP | Feature.WP_UNPOPULATED | Feature.WP_HUGETLBFS_SHMEM
     try:
-        _libc.prctl(_PR_SET_PTRACER, pid, 0, 0, 0)  # let the handler read our memory
+        _allow_tracer(pid)
         with Userfaultfd(wanted & supported_features()) as uffd:
             uffd.register(address, length, Mode.WP)
             uffd.writeprotect(address, length)  # the protect instant
@@ -304,6 +300,15 @@ def snapshot(
         destination.discard()
         raise
     return Snapshot(pid, counters, length // page, started, destination, channel)
+
+
+def _allow_tracer(pid: int) -> None:
+    """Let process ``pid`` read our memory: Yama (ptrace_scope 1) wants us to name it."""
+    try:
+        _libc.prctl(_PR_SET_PTRACER, pid)
+    except OSError as err:
+        if err.errno != errno.EINVAL:  # EINVAL: no Yama here, and nothing stands in the way
+            raise
 
 
 def _handler(channel: Channel, owner: int, path: str, counters: SharedCounters,
