@@ -188,3 +188,29 @@ def test_lazy_works_for_an_unprivileged_user(tmp_path_factory: pytest.TempPathFa
     assert done.stdout.split() == ["[]", str(int(signal.SIGSEGV))], (
         f"wrong pages / the child's end: {done.stdout!r} (stderr {done.stderr[-500:]!r})"
     )
+
+
+@pytest.mark.parametrize("fetches", [None, 4], ids=["one-read", "reads-in-flight"])
+def test_a_background_fill_brings_every_page_in_and_ends(fetches: int | None) -> None:
+    """fill_in_background(): faults are still answered; the handler ends once every page is
+    in, and the memory then reads right with nobody serving it."""
+
+    def body(channel: Channel) -> None:
+        mapping = memory.anonymous(len(SOURCE))
+        server = serve([mapping], _Flaky(), policy=Single(), fetches=fetches)
+        wrong = _first_wrong(mapping.view, range(3))
+        server.fill_in_background()
+        wrong = wrong or _first_wrong(mapping.view, range(PAGES - 3, PAGES))
+        deadline = time.monotonic() + 10
+        while server.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = server.stats()
+        if server.alive:
+            wrong = wrong or "the handler did not end after the background fill"
+        elif stats.pages != PAGES:
+            wrong = wrong or f"{stats.pages} pages filled, not {PAGES}"
+        channel.send((wrong or _first_wrong(mapping.view, range(PAGES)), None))
+
+    with Target(body) as target:
+        (wrong, _), _ = target.recv()
+        assert wrong is None, wrong

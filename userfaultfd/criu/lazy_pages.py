@@ -126,11 +126,10 @@ def lazy_pages(
                 on_task(task.pid, server)
         handoff.finished(timeout=None)
     before = [s.stats() for s in servers]
-    if background:
+    if background:  # like criu lazy-pages: everything else, between the tasks' own faults
         for server in servers:
-            server.stop(drain=True)
-    else:
-        _wait_gone(servers)
+            server.fill_in_background()
+    _wait_gone(servers)
     after = [s.stats() for s in servers]
     seconds = time.monotonic() - started
     return Summary(
@@ -138,7 +137,7 @@ def lazy_pages(
         on_demand=sum(_filled(s) for s in (before if background else after)),
         background=sum(_filled(a) - _filled(b) for a, b in zip(after, before, strict=True))
         if background else 0,
-        zero_pages=sum(getattr(a, "zeros", 0) for a in after),
+        zero_pages=sum(a.zeros for a in after),
         poisoned=sum(a.poisoned for a in after), restarts=sum(a.restarts for a in after),
         seconds=seconds,
     )  # fmt: skip

@@ -82,6 +82,7 @@ class Fetcher:
             self._buffers.append(buffer)
             self._addresses.append(self._resources.enter_context(pinned(buffer))[0])
             self._released.append(threading.Event())
+        self.workers = depth
         self._threads = [
             threading.Thread(target=self._work, args=(n,), name=f"uffd-fetch-{n}", daemon=True)
             for n in range(depth)

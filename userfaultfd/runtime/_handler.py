@@ -189,6 +189,10 @@ class Handler:
         self._held: dict[tuple[int, int], bytes] = {}  # marker pages kept back, by store offset
         self._record = open(record, "ab") if record is not None else None  # noqa: SIM115
         self._prefetch = prefetch
+        # Only a store that overrides known_zero is asked page by page.
+        self._background = False  # b"b": fill every page between faults
+        self._cursors: dict[tuple[int, int], int] = {}  # where the background fill got to
+        self._knows_zeros = store is not None and type(store).known_zero is not Store.known_zero
         self._busy_since = 0.0
         self._failed_quickly = True
         self._stopping = threading.Event()
@@ -232,7 +236,8 @@ class Handler:
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, commands: int | None = None, control: int | None = None) -> None:
         """Serve until every served process is gone or has unmapped its ranges, or until a
-        command: b"d" fills every page not filled yet, b"p" poisons them, then the handler exits.
+        command: b"d" fills every page not filled yet, b"p" poisons them, then the handler exits;
+        b"b" fills them in the background, between faults, and exits when all are in.
 
         ``commands`` comes from the supervisor. When it closes (the supervisor died), the
         handler goes on alone and takes its commands from the program's ``control`` pipe."""
@@ -245,7 +250,11 @@ class Handler:
         try:
             probed = time.monotonic()
             while self._sources:
-                for fd, _mask in self._poller.poll(_PROBE_PERIOD * 1000):
+                if self._background and not self._background_step():
+                    self.finish(fill=True)  # every page is in
+                    return
+                idle = 0 if self._background else _PROBE_PERIOD * 1000
+                for fd, _mask in self._poller.poll(idle):
                     if fd == self._wake_read:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._wake_read, 4096)
@@ -255,6 +264,9 @@ class Handler:
                         if command in (b"d", b"p"):
                             self.finish(fill=command == b"d")
                             return
+                        if command == b"b":
+                            self._background = True
+                            continue
                         self._poller.unregister(fd)  # EOF
                         listening = None
                         if fd == commands:  # the supervisor is gone: go on alone
@@ -483,9 +495,9 @@ class Handler:
                 if covering is not None:
                     index = max(index + 1, -(-(covering.end - region.offset) // page))
                     continue
-                stop = min(b, index + unit_pages)
+                stop, zero = self._run_of_kind(region, index, min(b, index + unit_pages))
                 size = (stop - index) * page
-                if self.store.known_zero(offset, size):
+                if zero:
                     self._place(source, region, index, stop, _Fill.ZERO)
                     self.stats.add(_stats.ZEROS, stop - index)
                 else:
@@ -568,7 +580,52 @@ class Handler:
             outcome = self._place(source, region, index, index + 1, _Fill.POISON)
             if outcome is not Outcome.DONE:
                 return outcome
+        if self._background:  # the fill must end: what the store cannot give is poisoned
+            for region in list(source.regions):
+                page = region.page_size
+                lo = max(fetch.offset, region.offset)
+                hi = min(fetch.end, region.offset + region.length)
+                if lo < hi:
+                    first, last = (lo - region.offset) // page, -(-(hi - region.offset) // page)
+                    for a, b in list(unsettled_runs(region, first, last)):
+                        outcome = self._place(source, region, a, b, _Fill.POISON)
+                        if outcome is not Outcome.DONE:
+                            return outcome
         return Outcome.DONE
+
+    def _background_step(self) -> bool:
+        """Fill the next run of pages not filled yet, answering faults first (the loop polls
+        between steps); False once every page is in."""
+        for source in list(self._sources.values()):
+            for region in list(source.regions):
+                cursor = (source.key, region.offset)
+                start = self._cursors.get(cursor, 0)
+                for first, last in unsettled_runs(region, start, region.pages):
+                    page = region.page_size
+                    if self._fetcher is None:
+                        last = min(last, first + max(1, len(self._view) // page))
+                        outcome = self._fill(source, region, first, last, must=(first, last))
+                        if outcome is Outcome.CHANGED:
+                            self._catch_up()
+                        return True
+                    if len(self._fetcher.pending) >= self._fetcher.workers:
+                        return True  # enough in flight: wait for them
+                    covering = self._fetcher.covering(source.key, region.offset + first * page)
+                    if covering is None:
+                        last = min(last, first + max(1, self._fetcher.unit // page))
+                        self._ask(source, region, first, last, demand=False)
+                    else:
+                        last = -(-(covering.end - region.offset) // page)
+                    self._cursors[cursor] = last
+                    return True
+                self._cursors[cursor] = region.pages
+        if self._fetcher is not None and self._fetcher.pending:
+            return True
+        regions = [r for source in self._sources.values() for r in source.regions]
+        if any(next(unsettled_runs(r, 0, r.pages), None) for r in regions):
+            self._cursors.clear()  # pages the store failed on, or ranges that moved: go again
+            return True
+        return False
 
     def _drain_in_flight(self) -> None:
         """Fill every page not filled yet with many reads in flight (before finish's own pass,
@@ -660,12 +717,13 @@ class Handler:
         chunk = max(1, len(self._view) // page)
         index = first
         while index < last:
-            stop = min(last, index + chunk)
+            stop, zero = self._run_of_kind(region, index, min(last, index + chunk))
             offset, size = region.offset + index * page, (stop - index) * page
-            if self.store.known_zero(offset, size):
+            if zero:
                 outcome = self._place(source, region, index, stop, _Fill.ZERO)
                 if outcome is not Outcome.DONE:
                     return outcome
+                self.stats.add(_stats.ZEROS, stop - index)
                 index = stop
                 continue
             src = self._read(offset, size)
@@ -682,6 +740,21 @@ class Handler:
                 return outcome
             index = stop
         return Outcome.DONE
+
+    def _run_of_kind(self, region: RegionState, first: int, last: int) -> tuple[int, bool]:
+        """The longest run [first, end) of pages in [first, last) that the store knows are all
+        zero, or that it does not: (end, whether they are zero)."""
+        assert self.store is not None
+        page = region.page_size
+        if not self._knows_zeros:
+            return last, False
+        if self.store.known_zero(region.offset + first * page, (last - first) * page):
+            return last, True
+        zero = self.store.known_zero(region.offset + first * page, page)
+        end = first + 1
+        while end < last and self.store.known_zero(region.offset + end * page, page) == zero:
+            end += 1
+        return end, zero
 
     def _fill_or_poison(
         self, source: _Source, region: RegionState, first: int, last: int, tried: tuple[int, int]

@@ -139,6 +139,12 @@ class Server(Closing):
             _let_go(self._owner, self._control, self._launched.pidfd, self._pinned_thread)
         return self.stats()
 
+    def fill_in_background(self) -> None:
+        """Fill every page not filled yet, between faults (which are answered first); the
+        handler ends once every page is in. Only in the process that created the server."""
+        if not self._stopped and os.getpid() == self._owner:
+            self._tell(b"b")
+
     def _tell(self, command: bytes) -> None:
         with contextlib.suppress(BrokenPipeError):  # supervisor and handler are both gone
             os.write(self._control, command)
