@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeRemaining
 
 from . import memory
 from ._cli_stores import parse_size
-from .tools.live import check_destination, snapshot
+from .tools import check_destination, snapshot
 
 __all__ = ["add_tool_commands"]
 

@@ -20,10 +20,13 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import _abi, _libc
-from ._buffer import pinned
-from ._closing import Closing
-from ._flags import PageCategory, ScanFlag
-from ._scan import ALL_CATEGORIES, PageRegion, PageScanner, ScanResult
+from ._buffer import pinned as _pinned
+from ._closing import Closing as _Closing
+from ._flags import PageCategory as _PageCategory
+from ._flags import ScanFlag as _ScanFlag
+from ._scan import ALL_CATEGORIES as _ALL_CATEGORIES
+from ._scan import PageRegion, ScanResult
+from ._scan import PageScanner as _PageScanner
 
 __all__ = [
     "Mapping",
@@ -91,7 +94,7 @@ class MappingKind(enum.StrEnum):
         return cls.HUGETLBFS if value == "hugetlb" else None
 
 
-class Mapping(Closing):
+class Mapping(_Closing):
     """A mapping this process owns: ``address``, ``length``, a writable ``view`` of its bytes.
 
     ``kind`` says what backs it, ``page_size`` is its unit (a huge page for hugetlbfs), ``fd`` is
@@ -111,7 +114,7 @@ class Mapping(Closing):
         shared: bool,
     ) -> None:
         self._mmap = mm
-        with pinned(mm, writable=True) as (address, _size):
+        with _pinned(mm, writable=True) as (address, _size):
             self.address: int = address
         self.length = length
         self.kind = MappingKind(kind)
@@ -291,11 +294,11 @@ def pagemap_scan(
     addr: int,
     length: int,
     *,
-    category_mask: PageCategory = PageCategory(0),
-    category_inverted: PageCategory = PageCategory(0),
-    category_anyof_mask: PageCategory = PageCategory(0),
-    return_mask: PageCategory = ALL_CATEGORIES,
-    flags: ScanFlag = ScanFlag(0),
+    category_mask: _PageCategory = _PageCategory(0),
+    category_inverted: _PageCategory = _PageCategory(0),
+    category_anyof_mask: _PageCategory = _PageCategory(0),
+    return_mask: _PageCategory = _ALL_CATEGORIES,
+    flags: _ScanFlag = _ScanFlag(0),
     max_pages: int = 0,
     max_regions: int = 1024,
     pid: int | str = "self",
@@ -315,7 +318,7 @@ def pagemap_scan(
     if max_regions < 1:
         raise ValueError(f"max_regions must be at least 1, not {max_regions}")
     regions: list[PageRegion] = []
-    with PageScanner(max_regions, pid=pid, proc=proc) as scanner:
+    with _PageScanner(max_regions, pid=pid, proc=proc) as scanner:
         steps = scanner.walk(
             addr, addr + length, flags=flags, category_mask=category_mask,
             category_inverted=category_inverted, category_anyof_mask=category_anyof_mask,

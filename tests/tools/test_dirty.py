@@ -20,9 +20,15 @@ import pytest
 
 from tests._target import PAGE, Channel, Target
 from userfaultfd import FeatureUnavailableError, memory
-from userfaultfd.tools import dirty
-from userfaultfd.tools.delta import DeltaInfo, restore, snapshot_delta, snapshot_full
-from userfaultfd.tools.dirty import DirtyStats
+from userfaultfd.tools import (
+    DeltaInfo,
+    DirtyStats,
+    _dirty,
+    restore,
+    snapshot_delta,
+    snapshot_full,
+    track,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,7 +66,7 @@ def test_python_writes_are_reported_exactly(make: Maker) -> None:
     m = make(512 * PAGE)
     m.view[: 100 * PAGE] = b"\1" * (100 * PAGE)  # some pages present before tracking starts
     pages = sorted(random.Random(1).sample(range(512), 60))
-    with dirty.track(m) as tracker:
+    with track(m) as tracker:
         assert tracker.dirty() == []
         for page in pages:
             m.view[page * PAGE + 17] = 0xAB
@@ -73,7 +79,7 @@ def test_native_writes_are_reported_exactly(make: Maker) -> None:
     arr = m.numpy()
     arr[: 1000 * PAGE] = 1
     pages = np.sort(np.random.default_rng(2).choice(4096, size=700, replace=False))
-    with dirty.track(m) as tracker:
+    with track(m) as tracker:
         _native_write(arr, pages, 9)
         expected = pages.tolist()
         # Looking does not reset: the same set twice.
@@ -88,7 +94,7 @@ def test_native_writes_are_reported_exactly(make: Maker) -> None:
 def test_never_touched_page_is_reported(make: Maker) -> None:
     """WP_UNPOPULATED: a page with no page-table entry at all is protected, so its write counts."""
     m = make(64 * PAGE)
-    with dirty.track(m) as tracker:
+    with track(m) as tracker:
         assert m.view[40 * PAGE] == 0  # a read of a never-touched page is not a write
         m.view[41 * PAGE] = 1
         assert tracker.dirty() == [41]
@@ -96,7 +102,7 @@ def test_never_touched_page_is_reported(make: Maker) -> None:
 
 def test_runs_and_a_page_written_twice(make: Maker) -> None:
     m = make(64 * PAGE)
-    with dirty.track(m) as tracker:
+    with track(m) as tracker:
         for page in (2, 3, 4, 10, 63, 3):
             m.view[page * PAGE] = page
         assert tracker.dirty_ranges(reset=False) == [(2, 5), (10, 11), (63, 64)]
@@ -106,7 +112,7 @@ def test_runs_and_a_page_written_twice(make: Maker) -> None:
 def test_kernel_writes_are_tracked(make: Maker) -> None:
     """read(2) into tracked memory: the kernel's own write takes the same async path."""
     m = make(16 * PAGE)
-    with dirty.track(m) as tracker:
+    with track(m) as tracker:
         reader, writer = os.pipe()
         try:
             os.write(writer, b"from the kernel")
@@ -122,7 +128,7 @@ def test_a_bare_range_is_tracked_alone() -> None:
     """(address, length): only that range is tracked, and ``view`` reaches its bytes."""
     with (
         memory.anonymous(32 * PAGE) as m,
-        dirty.track((m.address + 8 * PAGE, 8 * PAGE)) as tracker,
+        track((m.address + 8 * PAGE, 8 * PAGE)) as tracker,
     ):
         m.view[0] = 1  # outside the tracked range
         m.view[9 * PAGE] = 2  # page 1 of the range
@@ -132,7 +138,7 @@ def test_a_bare_range_is_tracked_alone() -> None:
 
 
 def test_stats_count_scans_pages_and_time() -> None:
-    with memory.anonymous(32 * PAGE) as m, dirty.track(m) as tracker:
+    with memory.anonymous(32 * PAGE) as m, track(m) as tracker:
         assert tracker.stats() == DirtyStats(0, 0, 0.0)
         m.view[0] = m.view[PAGE] = m.view[9 * PAGE] = 1
         tracker.dirty()
@@ -146,7 +152,7 @@ def test_stats_count_scans_pages_and_time() -> None:
 
 def test_close_is_idempotent_and_stops_tracking() -> None:
     with memory.anonymous(8 * PAGE) as m:
-        tracker = dirty.track(m)
+        tracker = track(m)
         tracker.close()
         tracker.close()
         assert tracker.closed
@@ -157,17 +163,17 @@ def test_close_is_idempotent_and_stops_tracking() -> None:
 
 def test_a_misaligned_range_is_refused() -> None:
     with memory.anonymous(8 * PAGE) as m, pytest.raises(ValueError, match="multiples of"):
-        dirty.track((m.address + 1, PAGE))
+        track((m.address + 1, PAGE))
 
 
 def test_a_kernel_without_wp_async_gets_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise FeatureUnavailableError(22, "this kernel (6.6) lacks WP_ASYNC (Linux 6.7)")
 
-    monkeypatch.setattr(dirty, "Userfaultfd", refuse)
+    monkeypatch.setattr(_dirty, "Userfaultfd", refuse)
     needs = r"dirty tracking needs .*WP_ASYNC.*lacks WP_ASYNC"
     with memory.anonymous(PAGE) as m, pytest.raises(FeatureUnavailableError, match=needs):
-        dirty.track(m)
+        track(m)
 
 
 # -- a concurrent writer ---------------------------------------------------------------------------
@@ -192,7 +198,7 @@ def test_a_concurrent_writer_loses_no_page(make: Maker) -> None:
 
     reported: set[int] = set()
     busy_scans = 0
-    with dirty.track(m) as tracker:
+    with track(m) as tracker:
         thread = threading.Thread(target=writer)
         thread.start()
         while not finished.is_set():
@@ -222,7 +228,7 @@ def test_madv_dontneed_on_anonymous_memory_is_reported_once() -> None:
     zeros, so for a delta that report is the right one. A whole dropped page table (PT_RECLAIM may
     free it) is reported the same way.
     """
-    with memory.anonymous(1536 * PAGE) as m, dirty.track(m) as tracker:
+    with memory.anonymous(1536 * PAGE) as m, track(m) as tracker:
         m.view[3 * PAGE] = 1
         m.view[5 * PAGE] = 1
         assert tracker.dirty() == [3, 5]
@@ -252,7 +258,7 @@ def test_madvise_that_keeps_anonymous_contents_is_not_reported() -> None:
     madv_pageout = getattr(mmap, "MADV_PAGEOUT", 21)
     with memory.anonymous(16 * PAGE) as m:
         m.view[:] = b"\7" * m.length
-        with dirty.track(m) as tracker:
+        with track(m) as tracker:
             m.madvise(mmap.MADV_FREE, 2 * PAGE, 2 * PAGE)
             m.madvise(madv_pageout, 6 * PAGE, 2 * PAGE)
             assert tracker.dirty() == []
@@ -267,7 +273,7 @@ def test_shmem_drops_that_keep_or_lose_data_are_not_reported() -> None:
     """
     with memory.memfd(32 * PAGE) as m:
         m.view[:] = b"\7" * m.length
-        with dirty.track(m) as tracker, m.alias() as alias:
+        with track(m) as tracker, m.alias() as alias:
             m.madvise(mmap.MADV_DONTNEED, 2 * PAGE, PAGE)
             assert tracker.dirty() == []
             assert m.view[2 * PAGE] == 7
@@ -281,7 +287,7 @@ def test_shmem_drops_that_keep_or_lose_data_are_not_reported() -> None:
 
 
 def test_hugetlb_pages_are_tracked_in_huge_page_units(hugepages: int, huge_page: int) -> None:
-    with memory.hugetlb(4 * huge_page) as m, dirty.track(m) as tracker:
+    with memory.hugetlb(4 * huge_page) as m, track(m) as tracker:
         assert tracker.page_size == huge_page
         m.view[huge_page + 5] = 1
         m.view[3 * huge_page] = 1
@@ -292,7 +298,7 @@ def test_hugetlb_pages_are_tracked_in_huge_page_units(hugepages: int, huge_page:
 # -- other processes -------------------------------------------------------------------------------
 def test_a_forked_child_tracks_its_own_memory() -> None:
     def body(channel: Channel) -> None:
-        with memory.anonymous(64 * PAGE) as m, dirty.track(m) as tracker:
+        with memory.anonymous(64 * PAGE) as m, track(m) as tracker:
             m.numpy()[np.array([3, 40]) * PAGE] = 1
             m.view[7 * PAGE] = 1
             channel.send((tracker.dirty(), tracker.dirty()))
@@ -306,7 +312,7 @@ def test_a_forked_child_tracks_its_own_memory() -> None:
 
 def test_fork_leaves_the_parents_tracking_in_place() -> None:
     """Without EVENT_FORK the child loses the registration; the parent keeps tracking."""
-    with memory.anonymous(16 * PAGE) as m, dirty.track(m) as tracker:
+    with memory.anonymous(16 * PAGE) as m, track(m) as tracker:
         m.view[2 * PAGE] = 1
         tracker.dirty()
 
@@ -329,7 +335,7 @@ def test_base_and_deltas_restore_the_final_memory(make: Maker, tmp_path: Path) -
     rng = np.random.default_rng(4)
     arr[: 300 * PAGE] = rng.integers(0, 256, 300 * PAGE, dtype=np.uint8)
     deltas: list[Path] = []
-    with dirty.track(m) as tracker:
+    with track(m) as tracker:
         arr[5 * PAGE] = 1  # before the base: in the base, not in any delta
         snapshot_full(tracker, tmp_path / "base")
         assert (tmp_path / "base").stat().st_size == m.length
@@ -364,7 +370,7 @@ def test_a_snapshot_of_a_bare_mapping_is_its_bytes(tmp_path: Path) -> None:
 
 def test_delta_file_format(tmp_path: Path) -> None:
     """The documented layout, read back by hand."""
-    with memory.anonymous(16 * PAGE) as m, dirty.track(m) as tracker:
+    with memory.anonymous(16 * PAGE) as m, track(m) as tracker:
         m.view[9 * PAGE : 10 * PAGE] = b"\x09" * PAGE
         m.view[2 * PAGE : 3 * PAGE] = b"\x02" * PAGE
         snapshot_delta(tracker, tmp_path / "d")
@@ -378,7 +384,7 @@ def test_delta_file_format(tmp_path: Path) -> None:
 
 def _chain(tmp_path: Path, pages: int, name: str) -> tuple[Path, Path]:
     """A base image and one delta of a ``pages``-page region."""
-    with memory.anonymous(pages * PAGE) as m, dirty.track(m) as tracker:
+    with memory.anonymous(pages * PAGE) as m, track(m) as tracker:
         snapshot_full(tracker, tmp_path / f"{name}.base")
         m.view[PAGE] = 1
         snapshot_delta(tracker, tmp_path / f"{name}.delta")

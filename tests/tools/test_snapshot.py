@@ -19,7 +19,7 @@ import pytest
 
 from tests._target import PAGE, Channel, Target
 from userfaultfd import memory
-from userfaultfd.tools.live import SnapshotStats, snapshot
+from userfaultfd.tools import SnapshotStats, snapshot
 
 Log = list[tuple[int, bytes]]
 

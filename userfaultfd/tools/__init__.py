@@ -1,20 +1,21 @@
 """Write-protect tools: live snapshots and dirty-page tracking of a running program's memory.
 
-Three modules: :mod:`.live` (``snapshot``: a live snapshot of a region while the program writes),
-:mod:`.dirty` (``track``: the pages written since the last look, through WP_ASYNC and
-PAGEMAP_SCAN) and :mod:`.delta` (a base image plus deltas from a tracker, and ``restore``).
+Everything public is here. Behind it: ``_live`` (``snapshot``: a live snapshot of a region while
+the program writes), ``_dirty`` (``track``: the pages written since the last look, through
+WP_ASYNC and PAGEMAP_SCAN) and ``_delta`` (a base image plus deltas from a tracker, ``restore``).
 """
 
-from .delta import DeltaInfo as DeltaInfo
-from .delta import restore as restore
-from .delta import snapshot_delta as snapshot_delta
-from .delta import snapshot_full as snapshot_full
-from .dirty import DirtyStats as DirtyStats
-from .dirty import DirtyTracker as DirtyTracker
-from .dirty import track as track
-from .live import Snapshot as Snapshot
-from .live import SnapshotStats as SnapshotStats
-from .live import snapshot as snapshot
+from ._delta import DeltaInfo as DeltaInfo
+from ._delta import restore as restore
+from ._delta import snapshot_delta as snapshot_delta
+from ._delta import snapshot_full as snapshot_full
+from ._dirty import DirtyStats as DirtyStats
+from ._dirty import DirtyTracker as DirtyTracker
+from ._dirty import track as track
+from ._live import Snapshot as Snapshot
+from ._live import SnapshotStats as SnapshotStats
+from ._live import check_destination as check_destination
+from ._live import snapshot as snapshot
 
 __all__ = [
     "DeltaInfo",
@@ -22,6 +23,7 @@ __all__ = [
     "DirtyTracker",
     "Snapshot",
     "SnapshotStats",
+    "check_destination",
     "restore",
     "snapshot",
     "snapshot_delta",

@@ -1,7 +1,7 @@
 """Incremental snapshots of tracked memory: a raw base image, delta files, and restore.
 
 ``snapshot_full(tracker, path)`` writes the whole region, ``snapshot_delta(tracker, path)`` the
-pages written since the last snapshot (from :class:`~userfaultfd.tools.dirty.DirtyTracker`), and
+pages written since the last snapshot (from :class:`~userfaultfd.tools.DirtyTracker`), and
 ``restore(base, deltas)`` rebuilds the memory: the base, then each delta in order. Every file is
 written under a temporary name and renamed once complete; every delta is checked (magic, length,
 page size, checksum) before any is applied.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Final
 
 from .. import memory
-from .dirty import DirtyTracker
+from ._dirty import DirtyTracker
 
 __all__ = ["DeltaInfo", "restore", "snapshot_delta", "snapshot_full"]
 
