@@ -46,7 +46,7 @@ def test_pack_command_writes_a_pack_and_a_summary(
 def test_pack_command_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "src").write_bytes(b"x" * 10)
     assert _run(["pack", str(tmp_path / "src"), str(tmp_path / "p")]) == 0
-    assert "1 chunks of 256.0 KiB, level 3, 119 B written" in capsys.readouterr().out
+    assert "1 chunks of 64.0 KiB, level 3, 119 B written" in capsys.readouterr().out
 
 
 def test_pack_command_chunks_layout_reports_unique_bytes(

@@ -13,7 +13,7 @@ from ._simple import FileStore
 __all__ = ["DEFAULT_CHUNK_SIZE", "pack"]
 
 #: The default chunk size, chosen for random access by benchmarks/pack_chunks.py (see the README).
-DEFAULT_CHUNK_SIZE = 256 << 10
+DEFAULT_CHUNK_SIZE = 64 << 10
 
 
 def pack(
