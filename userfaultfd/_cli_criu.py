@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ._cli_runtime import parse_policy
 
@@ -43,6 +45,19 @@ def add_criu_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         help=(
             "where the pages images are: a directory or URL prefix holding pages-ID.img (raw, or"
             " written by uffd pack --criu), or a template with {id}"
+        ),
+    )
+    p.add_argument(
+        "--storage-option",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        type=_storage_option,
+        help=(
+            "a storage option for the --pages URL, repeatable; a dotted KEY nests (for S3:"
+            " key=..., secret=..., client_kwargs.endpoint_url=http://HOST:PORT,"
+            " client_kwargs.region_name=...); a VALUE that is a JSON number, true, false or null"
+            " is that, anything else a string"
         ),
     )
     p.add_argument("--socket", metavar="PATH", help="default: IMAGES_DIR/lazy-pages.socket")
@@ -86,6 +101,32 @@ def _pack_criu(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_option(text: str) -> tuple[list[str], Any]:
+    key, equals, value = text.partition("=")
+    path = key.split(".")
+    if not equals or not all(path):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE (KEY may be dotted: a.b)")
+    try:
+        parsed: Any = json.loads(value)
+    except ValueError:
+        parsed = value
+    return path, parsed if parsed is None or isinstance(parsed, bool | int | float) else value
+
+
+def _nested_options(pairs: list[tuple[list[str], Any]]) -> dict[str, Any]:
+    """``--storage-option`` pairs as the nested dict fsspec takes (``a.b=1`` -> {"a": {"b": 1}})."""
+    options: dict[str, Any] = {}
+    for path, value in pairs:
+        into = options
+        for part in path[:-1]:
+            nested = into.setdefault(part, {})
+            if not isinstance(nested, dict):
+                raise SystemExit(f"--storage-option {'.'.join(path)}: {part} is already a value")
+            into = nested
+        into[path[-1]] = value
+    return options
+
+
 def _lazy_pages(args: argparse.Namespace) -> int:
     from .criu.lazy_pages import lazy_pages
     from .runtime import Server
@@ -100,8 +141,11 @@ def _lazy_pages(args: argparse.Namespace) -> int:
               f"{server.handler_pid}, supervisor {server.pid}", file=sys.stderr,
               flush=True)  # fmt: skip
 
-    summary = lazy_pages(args.images, pages=args.pages, policy=policy, background=args.background,
-                         socket_path=args.socket, cpu=args.cpu, on_listening=listening,
-                         on_task=task)  # fmt: skip
+    options = _nested_options(args.storage_option)
+    if options and args.pages is None:
+        raise SystemExit("uffd lazy-pages: --storage-option applies only with --pages URL")
+    summary = lazy_pages(args.images, pages=args.pages, storage_options=options, policy=policy,
+                         background=args.background, socket_path=args.socket, cpu=args.cpu,
+                         on_listening=listening, on_task=task)  # fmt: skip
     print(summary.line(), flush=True)
     return 1 if summary.poisoned else 0

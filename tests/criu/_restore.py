@@ -14,7 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def _wait_for(what: str, ready: Callable[[], bool], timeout: float) -> None:
+def wait_for(what: str, ready: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if time.monotonic() > deadline:
@@ -47,7 +47,7 @@ def dump(criu: str, target: str, work: Path, *extra: str) -> Dumped:
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        _wait_for("the target's ready file", (work / "ready").exists, 20)
+        wait_for("the target's ready file", (work / "ready").exists, 20)
         done = subprocess.run([criu, "dump", "-t", str(program.pid), "-D", str(images),
                                "-o", "dump.log"], capture_output=True, text=True, timeout=60,
                               check=False)  # fmt: skip
@@ -85,13 +85,17 @@ def daemon(dumped: Dumped, *options: str) -> tuple[subprocess.Popen[str], Path]:
     def up() -> bool:
         return "listening on" in log.read_text() or process.poll() is not None
 
-    _wait_for("uffd lazy-pages listening", up, 30)
+    wait_for("uffd lazy-pages listening", up, 30)
     return process, log
 
 
-def restore(dumped: Dumped, *options: str, kill_handler_after: float | None = None) -> Restored:
+def restore(
+    dumped: Dumped, *options: str, kill_handler_after: float | None = None,
+    after_go: Callable[[], None] | None = None,
+) -> Restored:  # fmt: skip
     """Serve a lazy restore of ``dumped`` with ``uffd lazy-pages OPTIONS``; let the restored
-    target check its memory; collect every outcome (with a deadline on each)."""
+    target check its memory; collect every outcome (with a deadline on each). ``after_go`` is
+    called once the restored target was told to start checking (e.g. to kill a server)."""
     process, log = daemon(dumped, *options)
     try:
         assert process.poll() is None, f"uffd lazy-pages did not start:\n{log.read_text()}"
@@ -109,6 +113,8 @@ def restore(dumped: Dumped, *options: str, kill_handler_after: float | None = No
             if kill_handler_after is not None:
                 time.sleep(kill_handler_after)
                 _kill_handler(log)
+            if after_go is not None:
+                after_go()
         ending = reaper.stdout.readline().strip()
         reaper.wait(timeout=100)
         out, _ = process.communicate(timeout=90)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import bisect
 import errno
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ..stores import Store, StoreError, open_store
 from ._images import CriuImageError, Images, PagemapEntry, Vma
@@ -39,7 +41,8 @@ class CriuPages(Store):
     """Task ``pid`` of the dump in ``images``: reading [offset, offset + n) reads the task's
     memory at those addresses as dumped. PRESENT pagemap runs come from the pages image
     (``pages``: a Store over its bytes, default ``pages-ID.img`` in ``images``; a URL or path
-    template with ``{id}`` is opened with open_store); addresses inside a lazy VMA but outside
+    template with ``{id}`` is opened with open_store, given ``storage_options``, e.g. S3's
+    endpoint and keys); addresses inside a lazy VMA but outside
     the pagemap read zeros (:meth:`known_zero`); anything else is a StoreError, never zeros.
 
     An incremental dump (IN_PARENT runs in a lazy VMA) and a pages image shorter than the
@@ -48,7 +51,7 @@ class CriuPages(Store):
 
     def __init__(
         self, images: Images | str | os.PathLike[str], pid: int, *,
-        pages: Store | str | None = None,
+        pages: Store | str | None = None, storage_options: Mapping[str, Any] | None = None,
     ) -> None:  # fmt: skip
         self.images = images if isinstance(images, Images) else Images(images)
         self.pid = pid
@@ -64,7 +67,7 @@ class CriuPages(Store):
             where = self.images.pages_path(self.pages_id) if pages is None else pages
             where = where.replace("{id}", str(self.pages_id))
             try:
-                self._pages = open_store(where)
+                self._pages = open_store(where, **dict(storage_options or {}))
             except FileNotFoundError:
                 raise CriuImageError(f"{where}: missing (the pages of task {pid})") from None
         self._pages_name = getattr(self._pages, "path", None) or repr(self._pages)

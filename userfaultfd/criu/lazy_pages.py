@@ -24,8 +24,9 @@ from __future__ import annotations
 import os
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .._core import Userfaultfd
 from ..runtime import Policy, Region, Server, Stats
@@ -74,6 +75,7 @@ def lazy_pages(
     images_dir: str | os.PathLike[str],
     *,
     pages: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
     policy: Policy | None = None,
     background: bool = True,
     socket_path: str | None = None,
@@ -86,12 +88,19 @@ def lazy_pages(
     every task is gone, or every page is in (``background``). ``pages``: where the pages images
     come from instead of ``images_dir`` (a path or URL with ``{id}`` for the pages image id,
     or a directory / URL prefix holding ``pages-ID.img``, raw or packed by ``uffd pack
-    --criu``). ``socket_path``: default ``images_dir/lazy-pages.socket``. ``on_listening`` is
-    called once the restore may start, ``on_task`` as each task's server starts."""
+    --criu``); ``storage_options`` go to the store of such a URL (e.g. ``key``, ``secret`` and
+    ``client_kwargs={"endpoint_url": ...}`` for s3://). ``socket_path``: default
+    ``images_dir/lazy-pages.socket``. ``on_listening`` is called once the restore may start,
+    ``on_task`` as each task's server starts."""
     images = Images(images_dir)
     images.inventory()
     tree = images.pstree()
-    stores = {task.pid: CriuPages(images, task.pid, pages=_pages_for(pages)) for task in tree}
+    stores = {
+        task.pid: CriuPages(
+            images, task.pid, pages=_pages_for(pages), storage_options=storage_options
+        )
+        for task in tree
+    }
     path = socket_path or images.file(SOCKET_NAME)
     servers: list[Server] = []
     zombies = 0
