@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import mmap
@@ -23,20 +22,12 @@ from userfaultfd import (
     Unmap,
     Userfaultfd,
     UserfaultfdError,
+    _libc,
     memory,
 )
 
 from ._target import PAGE, Channel, Target, next_event, pattern
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mremap.restype = ctypes.c_void_p
-_libc.mremap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_void_p,
-]
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 
 
@@ -138,13 +129,11 @@ def test_remap_event_reports_old_and_new_address() -> None:
     def remap(mapping: memory.Mapping) -> object:
         # Reserve a destination, then move the registered range on top of it.
         destination = mmap.mmap(-1, 4 * PAGE)
-        with memory.Mapping(destination, 4 * PAGE, kind="anonymous", shared=False) as spot:
+        anonymous = memory.MappingKind.ANONYMOUS
+        with memory.Mapping(destination, 4 * PAGE, kind=anonymous, shared=False) as spot:
             new = spot.address
         # The reservation is unmapped again; MREMAP_FIXED takes the address regardless.
-        moved = _libc.mremap(
-            mapping.address, 4 * PAGE, 4 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, new
-        )
-        return moved
+        return _libc.mremap(mapping.address, 4 * PAGE, 4 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, new)
 
     with Target(registered_target(Feature.EVENT_REMAP, remap)) as target:
         base, uffd = target.recv_uffd()
