@@ -324,9 +324,12 @@ def reseal_pack(blob: bytes) -> bytes:
 
 
 def _source(seed: int, size: int) -> bytes:
-    """Half compressible, half not: frames of both kinds."""
+    """Half compressible, half not: frames of both kinds. The compressible half is a repeated
+    non-zero byte: a chunk of zeros is stored without a frame (format version 2), which
+    assemble_pack does not write."""
     noise = hashlib.shake_256(seed.to_bytes(8, "little")).digest(size // 2)
-    return (noise + bytes(size))[:size] if seed % 2 else (bytes(size) + noise)[-size:]
+    flat = b"\x5a" * size
+    return (noise + flat)[:size] if seed % 2 else (flat + noise)[-size:]
 
 
 #: (original bytes, chunk size, a valid pack of them).
