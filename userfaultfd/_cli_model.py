@@ -41,9 +41,10 @@ def add_model_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p = sub.add_parser("table", help="every preset against every scenario")
     p.add_argument("--fault-around-bytes", type=int, default=65536, metavar="N")
     p.add_argument(
-        "--protocols",
-        action="store_true",
-        help="the runtime's protocol scenarios instead of the kernel-history ones",
+        "--group",
+        choices=("history", "kernel", "protocol"),
+        default="history",
+        help="the seed's history (default), more kernel scenarios, or the runtime's protocols",
     )
     _reduction_options(p)
     p.set_defaults(func=_table)
@@ -142,7 +143,7 @@ def _table(args: argparse.Namespace) -> int:
         rows = model.table(
             fault_around_bytes=args.fault_around_bytes,
             reduction=args.reduction,
-            protocols=args.protocols,
+            group=args.group,
         )
     except ValueError as err:
         return _usage_error(err)

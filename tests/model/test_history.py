@@ -26,7 +26,7 @@ HISTORY = {
 }
 
 
-KERNEL_SCENARIOS = [name for name, s in SCENARIOS.items() if not s.protocol]
+KERNEL_SCENARIOS = [name for name, s in SCENARIOS.items() if s.group == "history"]
 
 
 def test_every_preset_and_scenario_is_in_the_history() -> None:

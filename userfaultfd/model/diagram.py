@@ -204,7 +204,7 @@ def render_svg(
         )
         x += _CELL + 24 + 8 * len(words)
     out.append(
-        f"<text x='{x}' y='{y + 12}' font-size='10' {_FONT}>#n: frame in the page cache; "
+        f"<text x='{_PAD}' y='{y + 32}' font-size='10' {_FONT}>#n: frame in the page cache; "
         "red bar: inside the hole being punched; red step: the violation; grey: after it</text>"
     )
     out.append("</svg>")

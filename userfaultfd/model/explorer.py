@@ -226,13 +226,13 @@ def replay(
 
 
 def table(
-    *, fault_around_bytes: int = 65536, reduction: str = "persistent", protocols: bool = False
+    *, fault_around_bytes: int = 65536, reduction: str = "persistent", group: str = "history"
 ) -> tuple[TableRow, ...]:
-    """Every preset against every kernel-history scenario (or every protocol one), timed."""
+    """Every preset against every scenario of ``group`` (scenarios.Scenario.group), timed."""
     rows = []
     for preset in PRESETS.values():
         for scen in SCENARIOS.values():
-            if scen.protocol != protocols:
+            if scen.group != group:
                 continue
             t0 = time.perf_counter()
             result = explore(

@@ -127,8 +127,15 @@ def render_list() -> str:
     lines = ["kernel presets:"]
     width = max(len(n) for n in (*PRESETS, *SCENARIOS))
     lines += [f"  {p.name:<{width}}  {p.summary}" for p in PRESETS.values()]
-    lines.append("scenarios:")
-    lines += [
-        f"  {s.name:<{width}}  {s.summary} [invariant: {s.invariant}]" for s in SCENARIOS.values()
-    ]
+    for group, title in (
+        ("history", "scenarios (the seed's history):"),
+        ("kernel", "more kernel scenarios:"),
+        ("protocol", "the runtime's protocols:"),
+    ):
+        lines.append(title)
+        lines += [
+            f"  {s.name:<{width}}  {s.summary} [invariant: {s.invariant}]"
+            for s in SCENARIOS.values()
+            if s.group == group
+        ]
     return "\n".join(lines)

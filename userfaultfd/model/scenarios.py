@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .._flags import Mode
 from .kernel import CopyPages, Kernel, Protect, Punch, Read, Serve, Write
 from .presets import UnknownNameError
-from .state import Present, World
+from .state import PAGE_SIZE, Present, World
 
 __all__ = ["SCENARIOS", "Scenario", "Sizes", "get_scenario"]
 
@@ -63,9 +63,14 @@ class Scenario:
     #: persistent sets never postpone one).
     watches: Callable[[Kernel, Hashable], bool]
     defaults: Sizes = field(default_factory=Sizes)
-    #: A protocol of the userfaultfd runtime checked against the kernel (not one of the
-    #: kernel-history scenarios ``table`` shows by default).
-    protocol: bool = False
+    #: "history" (the seed's story: what ``table`` shows by default), "kernel" (more of the
+    #: kernel a reader would ask about) or "protocol" (a protocol of the userfaultfd runtime,
+    #: checked against the kernel).
+    group: str = "history"
+
+    @property
+    def protocol(self) -> bool:
+        return self.group == "protocol"
 
     def sized(self, sizes: Sizes | None = None) -> Sizes:
         """``sizes`` over the defaults, checked: every size this scenario knows, and only those."""
@@ -261,6 +266,101 @@ def _watches_snapshot(k: Kernel, obj: Hashable) -> bool:
     return isinstance(obj, tuple) and (obj[0] == "snap" or obj == ("log", "image"))
 
 
+# -- overlapping-punches, wp-punch-pmd-edge: the seed's layout, moved ---------------------------
+def _build_pmd_edge(k: Kernel, z: Sizes) -> None:
+    assert z.readers is not None and z.writers is not None and z.punchers is not None
+    f = k.shmem_file(4, cached=range(4))
+    # Pages 0-1 end one page table, pages 2-3 start the next.
+    v = k.mmap(f, _BASE - 2 * PAGE_SIZE, 4, register=Mode.WP)
+    k.write(v, 2, "v1")
+    k.writeprotect(v, 2)
+    for name in _names("punch", z.punchers):
+        k.spawn(name, Punch(f.id, 2, 1))
+    # read faults on page 1 (the other page table) first, then on page 3 (the same one)
+    for r, name in enumerate(_names("read", z.readers)):
+        k.spawn(name, Read(v.id, (1, 3, 0)[r % 3]))
+    for name in _names("write", z.writers):
+        k.spawn(name, Write(v.id, 2, "v2"))
+    k.spawn("server", Serve())
+
+
+# -- minor-continue-punch -------------------------------------------------------------------------
+def _build_minor_continue_punch(k: Kernel, z: Sizes) -> None:
+    assert z.pages is not None and z.readers is not None and z.punchers is not None
+    f = k.shmem_file(z.pages, cached=range(z.pages))
+    v = k.mmap(f, _BASE, z.pages, register=Mode.MINOR)
+    for r, name in enumerate(_names("read", z.readers)):
+        k.spawn(name, Read(v.id, (1 + 2 * r) % z.pages))
+    holes = z.punch or tuple(((1 + 2 * i) % z.pages, 1) for i in range(z.punchers))
+    for name, (start, n) in zip(_names("punch", len(holes)), holes, strict=True):
+        k.spawn(name, Punch(f.id, start, n))
+    k.spawn("server", Serve())
+
+
+def _stale_mapping(k: Kernel, w: World) -> str | None:
+    # After truncation no PTE of a shared mapping may map a frame the page cache dropped.
+    for (vid, i), pte in sorted(w.ptes.items(), key=lambda item: item[0]):
+        v = k.vmas[vid]
+        if not (v.shared and isinstance(pte, Present)):
+            continue
+        if w.cache.get((v.file, v.pgoff + i)) != pte.frame:
+            return (
+                f"page {i} of VMA {vid} maps frame #{pte.frame}, which is no longer the page "
+                f"cache's file page {v.pgoff + i}"
+            )
+    return None
+
+
+def _watches_mappings(k: Kernel, obj: Hashable) -> bool:
+    return isinstance(obj, tuple) and obj[0] in ("pte", "cache")
+
+
+# -- private-cow-punch ----------------------------------------------------------------------------
+def _build_private_cow_punch(k: Kernel, z: Sizes) -> None:
+    assert z.pages is not None and z.readers is not None
+    assert z.writers is not None and z.punchers is not None
+    f = k.shmem_file(z.pages, cached=range(z.pages))
+    private = k.mmap(f, _BASE, z.pages, shared=False)
+    shared = k.mmap(f, _BASE + z.pages * PAGE_SIZE, z.pages)
+    k.write(private, 1, "c1")  # a private copy of page 1 before the punch
+    k.read(shared, 2)  # the shared mapping has faulted pages in around page 2
+    holes = z.punch or ((0, z.pages),) * z.punchers
+    for name, (start, n) in zip(_names("punch", len(holes)), holes, strict=True):
+        k.spawn(name, Punch(f.id, start, n))
+    for r, name in enumerate(_names("read", z.readers)):
+        k.spawn(name, Read(private.id, (1 + 2 * r) % z.pages))
+    for j, name in enumerate(_names("write", z.writers)):
+        page = (3 + 2 * j) % z.pages
+        k.spawn(name, Write(private.id, page, f"c{page}"))
+
+
+def _lost_private_write(k: Kernel, w: World) -> str | None:
+    # A private (COW) page keeps what was written to it: unmap_mapping_range(even_cows=0) and
+    # truncation leave anonymous copies mapped.
+    written = {(1, "c1")}  # the setup's write
+    for name, program in k.programs.items():
+        ts = w.threads[name]
+        for op in program[: ts.op]:
+            if isinstance(op, Write):
+                written.add((op.index, op.data))
+    private = next(v for v in k.vmas if not v.shared)
+    for i, data in sorted(written):
+        pte = w.ptes.get((private.id, i))
+        got = w.frames[pte.frame].data if isinstance(pte, Present) else None
+        if got != data:
+            return f"private page {i} was written {data!r} but now reads as {got!r}"
+    for name, program in k.programs.items():
+        ts = w.threads[name]
+        for op in program[: ts.op]:
+            if isinstance(op, Read) and (op.index, ts.value) not in written and op.index == 1:
+                return f"{name} read {ts.value!r} from private page 1, written 'c1'"
+    return None
+
+
+def _watches_private(k: Kernel, obj: Hashable) -> bool:
+    return isinstance(obj, tuple) and obj[0] in ("pte", "data", "thread")
+
+
 #: Every scenario, in a stable order.
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -295,6 +395,48 @@ SCENARIOS: dict[str, Scenario] = {
             Sizes(readers=1, writers=1, pages=8),
         ),
         Scenario(
+            "overlapping-punches",
+            "the seed's layout with two hole punches over overlapping ranges [0, 2) and "
+            "[1, 3), which inode_lock serializes",
+            "untracked write",
+            _build_wp_punch_hole,
+            _untracked_write,
+            _watches_untracked,
+            Sizes(readers=1, writers=1, punchers=2, pages=4, punch=((0, 2), (1, 2))),
+            group="kernel",
+        ),
+        Scenario(
+            "wp-punch-pmd-edge",
+            "the seed's race across a page-table boundary: the read faults in the page table "
+            "before the punched, protected page (a second reader faults in the same one)",
+            "untracked write",
+            _build_pmd_edge,
+            _untracked_write,
+            _watches_untracked,
+            Sizes(readers=1, writers=1, punchers=1),
+            group="kernel",
+        ),
+        Scenario(
+            "minor-continue-punch",
+            "a hole punch racing a MINOR server between its update and its UFFDIO_CONTINUE",
+            "stale mapping",
+            _build_minor_continue_punch,
+            _stale_mapping,
+            _watches_mappings,
+            Sizes(readers=1, punchers=1, pages=4),
+            group="kernel",
+        ),
+        Scenario(
+            "private-cow-punch",
+            "a private (COW) mapping of a file punched whole while it is read and written",
+            "lost private write",
+            _build_private_cow_punch,
+            _lost_private_write,
+            _watches_private,
+            Sizes(readers=1, writers=1, punchers=1, pages=4),
+            group="kernel",
+        ),
+        Scenario(
             "live-snapshot",
             "the live snapshot protocol (protect at one instant, save-then-unprotect on WP "
             "faults, a background copy) against writers, a hole punch and a faulting-around read",
@@ -303,7 +445,7 @@ SCENARIOS: dict[str, Scenario] = {
             _stale_snapshot,
             _watches_snapshot,
             Sizes(readers=1, writers=1, punchers=1, pages=2),
-            protocol=True,
+            group="protocol",
         ),
     )
 }
