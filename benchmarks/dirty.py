@@ -4,7 +4,7 @@
 
 On one populated anonymous region, each round writes one byte to each of N random pages (NumPy,
 native code) and then asks which pages were written, resetting the tracking:
-  wp_async    userfaultfd.tools.dirty: tracker.dirty(reset=True), one PAGEMAP_SCAN that reports
+  wp_async    userfaultfd.tools.track: tracker.dirty(reset=True), one PAGEMAP_SCAN that reports
               and re-protects the written pages in the same walk
   soft-dirty  the classic method: "4" to /proc/self/clear_refs to reset (it resets the whole
               process, not just the region), then /proc/self/pagemap for the region, bit 55
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from userfaultfd import Feature, Mode, Userfaultfd, memory
 from userfaultfd._cli_stores import parse_size
-from userfaultfd.tools.dirty import track
+from userfaultfd.tools import track
 
 PAGE = memory.page_size()
 SOFT_DIRTY = np.uint64(1 << 55)

@@ -4,7 +4,7 @@
 
 A region of --size bytes is filled, then one writer thread stamps random pages (native writes:
 ctypes.memmove releases the GIL) while the region is saved to a file on disk three ways:
-  uffd live       userfaultfd.tools.snapshot: write-protect, save-then-unprotect on faults,
+  uffd live       userfaultfd.tools.snapshot(): write-protect, save-then-unprotect on faults,
                   background copy in another process
   fork            fork(); the child writes the region (its copy-on-write view) and exits; the
                   parent's writes take copy-on-write faults meanwhile
@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from userfaultfd import memory
-from userfaultfd.tools.snapshot import snapshot
+from userfaultfd.tools import snapshot
 
 PAGE = memory.page_size()
 

@@ -490,7 +490,7 @@ BASE_PAGES: Final = 4
 
 
 def encode_delta(unit: int, length: int, pages: dict[int, bytes]) -> bytes:
-    """A delta file as snapshot_delta writes it (the format of userfaultfd/tools/dirty.py)."""
+    """A delta file as snapshot_delta writes it (the format of userfaultfd/tools/_delta.py)."""
     indexes = sorted(pages)
     body = _DELTA.pack(b"UFFDDLT1", unit, length, len(indexes))
     body += b"".join(i.to_bytes(8, "little") for i in indexes)

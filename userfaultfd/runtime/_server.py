@@ -20,7 +20,6 @@ Why another process, and why this order:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import itertools
 import os
@@ -31,7 +30,7 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .. import _abi, memory
+from .. import _abi, _libc, memory
 from .._closing import Closing
 from .._core import Userfaultfd, supported_features
 from .._errors import UserfaultfdPermissionError
@@ -55,8 +54,6 @@ _WANTED = (
     | Feature.MISSING_SHMEM | Feature.MISSING_HUGETLBFS | Feature.POISON
 )  # fmt: skip
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 @dataclass(frozen=True, slots=True)
 class Region:
@@ -70,9 +67,7 @@ class Region:
 
     @classmethod
     def of(cls, mapping: memory.Mapping, offset: int = 0) -> Region:
-        huge = mapping.kind in ("hugetlb", "hugetlbfs")
-        page = memory.huge_page_size() if huge else memory.page_size()
-        return cls(mapping.address, mapping.length, offset, page)
+        return cls(mapping.address, mapping.length, offset, mapping.page_size)
 
 
 class Server(Closing):
@@ -313,10 +308,7 @@ def _open(user_mode_only: bool) -> tuple[Userfaultfd, Feature]:
 
 
 def _dont_fork(region: Region) -> None:
-    if _libc.madvise(ctypes.c_void_p(region.address), ctypes.c_size_t(region.length),
-                     _abi.MADV_DONTFORK) != 0:  # fmt: skip
-        code = ctypes.get_errno()
-        raise OSError(code, f"madvise(MADV_DONTFORK) on 0x{region.address:x}: {os.strerror(code)}")
+    _libc.madvise(region.address, region.length, _abi.MADV_DONTFORK)
 
 
 def _refuse_overlaps(regions: list[Region]) -> None:
@@ -365,9 +357,7 @@ def _place(cpu: int | str | None) -> tuple[int | None, int | None]:
         return None, None
     if cpu != "same":
         raise ValueError(f'cpu must be an int, "same" or None, not {cpu!r}')
-    here = int(_libc.sched_getcpu())
-    if here < 0:
-        raise OSError(ctypes.get_errno(), "sched_getcpu failed")
+    here = _libc.sched_getcpu()
     thread = threading.get_native_id()
     with _pins_lock:
         before, count = _pins.get(thread, (os.sched_getaffinity(thread), 0))
