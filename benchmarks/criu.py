@@ -11,12 +11,21 @@ daemon, and the restored program reads every page in order and checks it. Column
   total     from the restore's start until the daemon exits (every page in)
 Rows: criu lazy-pages (CRIU 4.1.1, which fills in the background after the restore), uffd
 lazy-pages with its default background fill, and with --no-background (on demand only; the
-program's reads are then all faults). CRIU comes from tests/criu/install_criu.sh. Needs root.
+program's reads are then all faults), all from the local images. Then over a link: each row at
+0 ms and at ``--rtt-ms`` (default 10) round-trip time, made by benchmarks/_delay_proxy.py on
+loopback (half the RTT each way, no bandwidth cap):
+  uffd, pack on nginx   uffd lazy-pages --pages http://PROXY/packs (uffd pack --criu, 64 KiB
+                        chunks), nginx behind the proxy
+  criu page-server      criu page-server --lazy-pages -D IMAGES on the far side of the proxy,
+                        criu lazy-pages --page-server --address PROXY; needs fs.pipe-max-size
+                        >= 4194304 (criu.md), raised for the run and restored after
+CRIU comes from tests/criu/install_criu.sh. Needs root; the remote rows need nginx.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -24,12 +33,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 REAPER = ROOT / "tests" / "criu" / "_reaper.py"
+PROXY = ROOT / "benchmarks" / "_delay_proxy.py"
+PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")
+
+from tests.stores import _servers  # noqa: E402
+
+#: Given the images dir, start what a row needs besides the daemon (a server, a proxy) and
+#: yield the daemon's command line (IMAGES stands for the images dir).
+Setup = Callable[[Path], contextlib.AbstractContextManager[list[str]]]
 
 PROGRAM = r"""
 #define _GNU_SOURCE
@@ -82,7 +100,7 @@ def _wait(what: str, done: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.002)
 
 
-def _run(criu: str, program: str, work: Path, size_mib: int, daemon: list[str]) -> Row:
+def _run(criu: str, program: str, work: Path, size_mib: int, setup: Setup) -> Row:
     shutil.rmtree(work, ignore_errors=True)
     images = work / "img"
     images.mkdir(parents=True)
@@ -93,6 +111,11 @@ def _run(criu: str, program: str, work: Path, size_mib: int, daemon: list[str]) 
     subprocess.run([criu, "dump", "-t", str(target.pid), "-D", str(images), "-o", "dump.log"],
                    check=True, timeout=300, capture_output=True)  # fmt: skip
     target.wait(timeout=30)
+    with setup(images) as daemon:
+        return _serve(criu, work, images, target.pid, daemon)
+
+
+def _serve(criu: str, work: Path, images: Path, pid: int, daemon: list[str]) -> Row:
     command = [part.replace("IMAGES", str(images)) for part in daemon]
     served = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)  # fmt: skip
@@ -100,7 +123,7 @@ def _run(criu: str, program: str, work: Path, size_mib: int, daemon: list[str]) 
         _wait("the daemon's socket", (images / "lazy-pages.socket").exists, 60)
         started = time.monotonic()
         restore = [criu, "restore", "-D", str(images), "--lazy-pages", "-d", "-o", "restore.log"]
-        reaper = subprocess.Popen([sys.executable, str(REAPER), str(target.pid), "300", "--",
+        reaper = subprocess.Popen([sys.executable, str(REAPER), str(pid), "300", "--",
                                    *restore], stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert reaper.stdout is not None
         line = reaper.stdout.readline().split()
@@ -110,7 +133,7 @@ def _run(criu: str, program: str, work: Path, size_mib: int, daemon: list[str]) 
         (work / "go").touch()
         ending = reaper.stdout.readline().strip()
         reaper.wait(timeout=60)
-        served.wait(timeout=300)
+        served.wait(timeout=600)
         total = time.monotonic() - started
     finally:
         if served.poll() is None:
@@ -122,15 +145,122 @@ def _run(criu: str, program: str, work: Path, size_mib: int, daemon: list[str]) 
     return Row(restored, float(touch), total)
 
 
+def _local(command: list[str]) -> Setup:
+    @contextlib.contextmanager
+    def setup(images: Path) -> Iterator[list[str]]:
+        yield command
+
+    return setup
+
+
+@contextlib.contextmanager
+def _proxy(port: int, delay: float) -> Iterator[int]:
+    """benchmarks/_delay_proxy.py from a free port to ``port``; yields the proxy's port."""
+    listen = _servers.free_port()
+    proc = subprocess.Popen([sys.executable, str(PROXY), "--listen", f"127.0.0.1:{listen}",
+                             "--to", f"127.0.0.1:{port}", "--delay", str(delay)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the delay proxy did not start")
+        yield listen
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _listening(port: int) -> bool:
+    """Whether something listens on TCP ``port`` (read from /proc: a probe connection would
+    be taken by the page server as its one client)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "0A" and int(local.split(":")[1], 16) == port:
+            return True
+    return False
+
+
+def _uffd_nginx(uffd: list[str], delay: float) -> Setup:
+    @contextlib.contextmanager
+    def setup(images: Path) -> Iterator[list[str]]:
+        work = images.parent
+        root = work / "www"
+        subprocess.run([*uffd[:-1], "pack", "--criu", str(images), str(root / "packs"),
+                        "--chunk-size", "64K"], check=True, capture_output=True,
+                       timeout=600)  # fmt: skip
+        with (
+            _servers.nginx(root, work / "nginx") as server,
+            _proxy(server.port, delay) as port,
+        ):
+            yield [*uffd, "--pages", f"http://127.0.0.1:{port}/packs", "IMAGES"]
+
+    return setup
+
+
+def _criu_page_server(criu: str, delay: float) -> Setup:
+    @contextlib.contextmanager
+    def setup(images: Path) -> Iterator[list[str]]:
+        port = _servers.free_port()
+        server = subprocess.Popen([criu, "page-server", "--lazy-pages", "-D", str(images),
+                                   "--address", "127.0.0.1", "--port", str(port),
+                                   "-o", "page-server.log"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            _wait("criu page-server listening", lambda: _listening(port), 30)
+            with _proxy(port, delay) as through:
+                yield [criu, "lazy-pages", "--page-server", "--address", "127.0.0.1",
+                       "--port", str(through), "-D", "IMAGES", "-o", "lazy.log"]  # fmt: skip
+        finally:
+            if server.poll() is None:
+                server.kill()
+            server.wait(timeout=10)
+
+    return setup
+
+
+@contextlib.contextmanager
+def _pipe_max(size: int) -> Iterator[str | None]:
+    """fs.pipe-max-size at least ``size`` while inside, restored after; yields why not, if
+    it could not be raised."""
+    try:
+        before = PIPE_MAX.read_text().strip()
+    except OSError as err:
+        yield f"cannot read {PIPE_MAX}: {err}"
+        return
+    if int(before) >= size:
+        yield None
+        return
+    try:
+        PIPE_MAX.write_text(str(size))
+    except OSError as err:
+        yield f"cannot raise fs.pipe-max-size to {size}: {err}"
+        return
+    try:
+        yield None
+    finally:
+        PIPE_MAX.write_text(before)
+
+
+def _print(name: str, rows: list[Row], size_mib: int) -> None:
+    best = Row(*(min(getattr(r, f) for r in rows) for f in ("restore", "touch", "total")))
+    rate = size_mib / best.touch if best.touch else float("inf")
+    print(f"{name:<30} {best.restore:>8.3f}s {best.touch:>8.3f}s {best.total:>8.3f}s"
+          f"  {rate:8.0f} MiB/s", flush=True)  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rtt-ms", type=float, default=10.0, help="the remote rows' slow link")
+    parser.add_argument("--remote-repeat", type=int, default=1, help="runs of each remote row")
+    parser.add_argument("--no-local", dest="local", action="store_false")
+    parser.add_argument("--no-remote", dest="remote", action="store_false")
     args = parser.parse_args()
     criu = subprocess.run([str(ROOT / "tests" / "criu" / "install_criu.sh")], check=True,
                           capture_output=True, text=True).stdout.split()[-1]  # fmt: skip
     uffd = [sys.executable, "-m", "userfaultfd", "lazy-pages"]
-    daemons = {
+    local = {
         "criu lazy-pages": [criu, "lazy-pages", "-D", "IMAGES", "-o", "lazy.log"],
         "uffd lazy-pages": [*uffd, "IMAGES"],
         "uffd --no-background": [*uffd, "--no-background", "IMAGES"],
@@ -140,15 +270,38 @@ def main() -> int:
         source = Path(f"{tmp}/program.c")
         source.write_text(PROGRAM)
         subprocess.run(["gcc", "-O2", "-o", program, str(source)], check=True)
-        print(f"{args.size_mib} MiB of private anonymous memory, best of {args.repeat}")
-        print(f"{'daemon':<22} {'restore':>9} {'touch':>9} {'total':>9}  touch rate")
-        for name, command in daemons.items():
-            rows = [_run(criu, program, Path(tmp) / "work", args.size_mib, command)
-                    for _ in range(args.repeat)]  # fmt: skip
-            best = Row(*(min(getattr(r, f) for r in rows) for f in ("restore", "touch", "total")))
-            rate = args.size_mib / best.touch if best.touch else float("inf")
-            print(f"{name:<22} {best.restore:>8.3f}s {best.touch:>8.3f}s {best.total:>8.3f}s"
-                  f"  {rate:8.0f} MiB/s", flush=True)  # fmt: skip
+        work = Path(tmp) / "work"
+        print(f"{args.size_mib} MiB of private anonymous memory; local rows best of "
+              f"{args.repeat}, remote rows best of {args.remote_repeat}")  # fmt: skip
+        print(f"{'daemon':<30} {'restore':>9} {'touch':>9} {'total':>9}  touch rate")
+        if args.local:
+            for name, command in local.items():
+                rows = [_run(criu, program, work, args.size_mib, _local(command))
+                        for _ in range(args.repeat)]  # fmt: skip
+                _print(name, rows, args.size_mib)
+        if not args.remote:
+            return 0
+        if not os.path.exists(_servers.NGINX):
+            print(f"uffd, pack on nginx: not run: {_servers.NGINX} is missing")
+        for rtt in (0.0, args.rtt_ms):
+            delay = rtt / 2000
+            if os.path.exists(_servers.NGINX):
+                rows = [_run(criu, program, work, args.size_mib,
+                             _uffd_nginx(uffd, delay))
+                        for _ in range(args.remote_repeat)]  # fmt: skip
+                _print(f"uffd, pack on nginx, {rtt:g} ms", rows, args.size_mib)
+            with _pipe_max(4194304) as why_not:
+                if why_not is not None:
+                    print(f"criu page-server, {rtt:g} ms: not run: {why_not}", flush=True)
+                    continue
+                try:
+                    rows = [_run(criu, program, work, args.size_mib,
+                                 _criu_page_server(criu, delay))
+                            for _ in range(args.remote_repeat)]  # fmt: skip
+                except (RuntimeError, subprocess.SubprocessError, TimeoutError) as err:
+                    print(f"criu page-server, {rtt:g} ms: failed: {err}", flush=True)
+                    continue
+                _print(f"criu page-server, {rtt:g} ms", rows, args.size_mib)
     return 0
 
 
