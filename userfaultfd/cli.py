@@ -8,21 +8,21 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ._cli_criu import add_criu_commands
-from ._cli_model import add_model_commands
-from ._cli_runtime import add_runtime_commands
-from ._cli_stores import add_store_commands
-from ._cli_tools import add_tool_commands
-from ._features import feature_table
-from .check import CHECKS, CheckOptions, CheckResult, Status, run_checks
+from . import check as _checks
+from ._cli_criu import add_criu_commands as _add_criu_commands
+from ._cli_model import add_model_commands as _add_model_commands
+from ._cli_runtime import add_runtime_commands as _add_runtime_commands
+from ._cli_stores import add_store_commands as _add_store_commands
+from ._cli_tools import add_tool_commands as _add_tool_commands
+from ._features import feature_table as _feature_table
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
-_DEFAULTS = CheckOptions()
+_DEFAULTS = _checks.CheckOptions()
 
 
 def _features(args: argparse.Namespace) -> int:
-    rows = feature_table()
+    rows = _feature_table()
     if args.json:
         print(
             json.dumps(
@@ -55,23 +55,23 @@ def _check(args: argparse.Namespace) -> int:
 
     from .check._report import render_json, render_table
 
-    options = CheckOptions(
+    options = _checks.CheckOptions(
         race_iterations=args.race_iterations,
         race_seconds=args.race_seconds,
         layouts=args.layouts,
         seed=args.seed,
     )
     console = Console(stderr=True)
-    results: list[CheckResult] = []
-    for name in args.only or list(CHECKS):
+    results: list[_checks.CheckResult] = []
+    for name in args.only or list(_checks.CHECKS):
         with console.status(f"uffd check: {name}", spinner="dots"):
-            results.extend(run_checks([name], options))
+            results.extend(_checks.run_checks([name], options))
     if args.json:
         print(render_json(results))
     else:
         # A pipe gets a wide table rather than rich's 80 columns.
         render_table(results, Console(width=None if sys.stdout.isatty() else 160))
-    return 1 if any(r.status is Status.FAIL for r in results) else 0
+    return 1 if any(r.status is _checks.Status.FAIL for r in results) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--only",
         action="append",
-        choices=list(CHECKS),
+        choices=list(_checks.CHECKS),
         metavar="NAME",
-        help=f"run only this check (repeatable): {', '.join(CHECKS)}",
+        help=f"run only this check (repeatable): {', '.join(_checks.CHECKS)}",
     )
     check.add_argument("--json", action="store_true", help="print JSON instead of a table")
     check.add_argument(
@@ -118,11 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(func=_check)
 
-    add_model_commands(commands)
-    add_runtime_commands(commands)
-    add_store_commands(commands)
-    add_tool_commands(commands)
-    add_criu_commands(commands)
+    _add_model_commands(commands)
+    _add_runtime_commands(commands)
+    _add_store_commands(commands)
+    _add_tool_commands(commands)
+    _add_criu_commands(commands)
     return parser
 
 

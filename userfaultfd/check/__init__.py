@@ -12,24 +12,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from ._agreement import agreement
-from ._footprint import footprint
-from ._matrix import matrix
-from ._race import race
+from ._agreement import agreement as _agreement
+from ._footprint import footprint as _footprint
+from ._matrix import matrix as _matrix
+from ._race import race as _race
 from ._result import CheckOptions as CheckOptions
 from ._result import CheckResult as CheckResult
 from ._result import Status as Status
-from ._semantics import semantics
+from ._semantics import semantics as _semantics
 
 __all__ = ["CHECKS", "CheckOptions", "CheckResult", "Status", "run_checks"]
 
 #: The checks by name, in the order they run.
 CHECKS: dict[str, Callable[[CheckOptions], Iterator[CheckResult]]] = {
-    "footprint": footprint,
-    "race": race,
-    "matrix": matrix,
-    "semantics": semantics,
-    "model": agreement,
+    "footprint": _footprint,
+    "race": _race,
+    "matrix": _matrix,
+    "semantics": _semantics,
+    "model": _agreement,
 }
 
 
