@@ -7,7 +7,7 @@ import io
 from typing import Any
 
 from .. import memory
-from ..stores import Store, open_store
+from ..stores import ChunkCache, Store, open_store
 from ._policy import Policy
 from ._server import Region, Server, serve
 
@@ -23,6 +23,7 @@ def lazy(
     shape: int | tuple[int, ...] | None = None,
     dtype: Any = None,
     policy: Policy | None = None,
+    cache: ChunkCache | None = None,
     **serve_options: Any,
 ) -> Any:
     """Memory whose pages fill from ``source`` when first touched.
@@ -30,10 +31,13 @@ def lazy(
     ``source``: a path, an fsspec URL, a bytes-like object or a :class:`Store`; a ``.npy``
     file's header gives the shape and dtype. Returns a NumPy array of ``shape`` and ``dtype``
     (flat, when only a dtype is given), or a writable memoryview of the bytes when neither a
-    dtype nor a .npy header says what they are. The handler process lives as long as the
-    returned object (and any view of it) does, and is stopped cleanly after.
+    dtype nor a .npy header says what they are. The handler serves the memory as long as it
+    is mapped in this process or in a child forked from it; dropping the last view of it
+    unmaps it here, and the handler ends once no process has it any more. ``cache``: a
+    :class:`~userfaultfd.stores.ChunkCache` in front of a content-addressed pack. Other options
+    go to :func:`serve` (``fetches``, ``record``, ``prefetch``, ``cpu``, ...).
     """
-    store = open_store(source)
+    store = open_store(source) if cache is None else open_store(source, cache=cache)
     try:
         return _map(store, shape, dtype, policy, serve_options)
     finally:
