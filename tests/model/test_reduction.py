@@ -20,6 +20,10 @@ SIZED = [
     ("minor-fault-around", Sizes(readers=3)),
     ("minor-fault-around", Sizes(readers=2, pages=8)),
     ("missing-shared-cache", Sizes(writers=2, pages=6)),
+    ("overlapping-punches", Sizes(readers=0)),
+    ("live-snapshot", Sizes(readers=0)),
+    ("live-snapshot", Sizes(punchers=0)),
+    ("wp-punch-pmd-edge", Sizes(readers=2)),
 ]
 
 
