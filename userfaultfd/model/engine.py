@@ -4,14 +4,23 @@ A *system* offers named threads and a ``move(state, thread)`` function returning
 a label saying what changed, and the step's footprint (objects read and written), or None when
 the thread cannot move. States are immutable values with a canonical hashable ``key``.
 
-The search is a depth-first walk over interleavings with
+The search is a depth-first walk (an explicit stack, no recursion) with a visited-state table
+(two schedules that reach the same state are explored once) and one of three reductions:
 
-- a visited-state table (two schedules that reach the same state are explored once), and
-- sleep sets (Godefroid 1996): after exploring thread ``t`` from a state, its sibling branches
-  need not try ``t`` first again until some step that conflicts with ``t``'s footprint has run,
-  since swapping two independent steps reaches the same state. Combined with the state table,
-  a state revisited with a smaller sleep set re-explores just the threads it had slept on, which
-  keeps every reachable state visited (only transitions are saved, never states).
+- ``none``: every enabled thread from every state.
+- ``sleep``: sleep sets (Godefroid 1996). After exploring thread ``t`` from a state, its sibling
+  branches need not try ``t`` first again until some step that conflicts with ``t``'s footprint
+  has run, since swapping two independent steps reaches the same state. A state revisited with
+  a smaller sleep set re-explores just the threads it had slept on, which keeps every reachable
+  state visited (only transitions are saved, never states).
+- ``persistent``: persistent sets (Godefroid 1996, ch. 4) for a ``Reducible`` system, which
+  can say what each thread may still touch (``future``). From a state only the next steps of a
+  set P of threads are taken, where nothing the other threads can do while P's threads stay
+  put conflicts with those steps: every path that avoids them commutes with them, so no
+  terminal state is lost. Two provisos keep it exact for the invariant: a step that may change
+  the invariant (``visible``) is never postponed, and a step that closes a cycle on the search
+  stack forces every enabled step (the stack proviso, against the ignoring problem that makes
+  naive reduction with a state table unsound). This one cuts states.
 
 Threads are state machines whose position is part of the state, so nothing is re-executed to
 backtrack. The search stops at the first state that breaks the invariant; its schedule (which
