@@ -36,6 +36,15 @@ server steps       read(2) of the uffd; UFFDIO_COPY (shmem_mfill_atomic_pte); on
                    update + UFFDIO_CONTINUE; save + UFFDIO_WRITEPROTECT(0)
 =================  =========================================================  ==================
 
+The live snapshot (the runtime's protocol, as threads): ``Protect`` is one step, the protect
+instant over the whole range; ``CopyPages`` takes two steps a page (save it unless saved, then
+UFFDIO_WRITEPROTECT(0)); ``Serve(snapshot=True)`` saves a WP-faulting page unless the copier did,
+then unprotects it.
+
+For the explorer's persistent sets, ``future()`` says what a thread may still touch, from its
+remaining program (and, from the World, only who is asleep and what is queued), and
+``enablers()`` who could let a thread move that cannot.
+
 A userfault queues a message and puts the thread to sleep; the ioctl that resolves it wakes it
 and the access starts again from the top, as the kernel's VM_FAULT_RETRY does. Simplifications
 (each noted where it is made): one 4 KiB page per folio, no swap, no THP, the whole PMD is one
