@@ -17,6 +17,24 @@ from userfaultfd.model import SCENARIOS, Sizes, explore, replay
 UNMAPPED = Sizes(readers=0, writers=2, punchers=0, pages=4)
 
 
+@pytest.mark.parametrize("preset", ["pre-patch", "seed", "markers-only", "upstream"])
+def test_the_fill_path_holds_on_every_preset(preset: str) -> None:
+    # Copy the faulting page first (EEXIST: filled by someone else), then prefetch, stopping
+    # at a page already there: no read ever sees zeros, whatever fault-around does.
+    on = explore("missing-fill", preset)
+    off = explore("missing-fill", preset, reduction="none")
+    assert on.violation is None and off.violation is None
+    assert (on.runs, on.faults, on.stuck) == (off.runs, off.faults, off.stuck) and on.stuck == 0
+
+
+def test_the_fill_path_meets_eexist_and_a_stopped_prefetch() -> None:
+    run = replay("missing-fill", "read*4 handler*4", "upstream")
+    changes = [s.change for s in run.trace if s.function == "UFFDIO_COPY"]
+    assert changes[0].startswith("page 0: new frame")
+    assert changes[1].startswith("prefetch page 1: already there: the copy stops")
+    assert changes[2].startswith("prefetch page 2: new frame")
+
+
 def test_live_snapshot_is_a_protocol_scenario_outside_the_history_table() -> None:
     assert SCENARIOS["live-snapshot"].protocol
     assert SCENARIOS["live-snapshot"].invariant == "stale snapshot"

@@ -16,7 +16,8 @@ def test_the_groups() -> None:
         "minor-continue-punch",
         "private-cow-punch",
     ]
-    assert [n for n, s in SCENARIOS.items() if s.group == "protocol"] == ["live-snapshot"]
+    protocols = [n for n, s in SCENARIOS.items() if s.group == "protocol"]
+    assert protocols == ["missing-fill", "live-snapshot"]
     rows = table(group="kernel", reduction="persistent")
     assert {r.result.scenario for r in rows} == set(KERNEL)
 

@@ -158,10 +158,15 @@ class Serve:
     """The userfaultfd server: read a message, resolve it, wake; forever.
 
     With ``snapshot``, it is the live snapshot's fault thread: on a WP message it saves the
-    page to the snapshot unless the copier did already, then lifts the protection.
+    page to the snapshot unless the copier did already, then lifts the protection. With
+    ``prefetch``, a MISSING message is the runtime handler's fill path: UFFDIO_COPY of the
+    faulting page first (EEXIST: someone else filled it), then of the ``prefetch`` pages after
+    it, one page a step as the kernel's copy loop goes; the copy stops at a page already there
+    and the handler resumes after it (the runtime's EAGAIN with ``done``).
     """
 
     snapshot: bool = False
+    prefetch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,6 +533,12 @@ class Kernel:
                     for later in prog[world.threads[t].op :]:
                         if isinstance(later, Read | Write) and self._may_userfault(later):
                             pages.add((later.vma, later.index))
+                if op.prefetch:
+                    pages |= {
+                        (vid, j)
+                        for vid, i in pages
+                        for j in range(i + 1, min(i + 1 + op.prefetch, self.vmas[vid].pages))
+                    }
                 for vid, i in pages:
                     v = self.vmas[vid]
                     fi = v.pgoff + i
@@ -698,6 +709,7 @@ class Kernel:
             frame = w.frame(pte.frame)
             if isinstance(op, Read):
                 w.set_thread(name, ThreadState(op=ts.op + 1, faults=ts.faults, value=frame.data))
+                w.writes.add(("value", name))  # read by no step: marks what a load returned
                 return Label("load", f"page {i} reads {frame.data!r} (frame #{pte.frame})")
             if pte.writable:
                 w.set_frame(pte.frame, replace(frame, data=op.data))
@@ -984,21 +996,21 @@ class Kernel:
         fi = vma.pgoff + ev.index
         idle = ThreadState(op=ts.op, pc="wait", faults=ts.faults)
         if ts.pc == "copy":
-            # UFFDIO_COPY -> shmem_mfill_atomic_pte(): fails with EEXIST if the page is there.
-            fid = w.cached(vma.file, fi) if vma.shared else None
-            pte = w.pte(vma.id, ev.index)
-            if fid is not None or isinstance(pte, Present):
-                result = "EEXIST"
-            else:
-                origin = "copy" if vma.shared else "cow"
-                fid = w.new_frame(Frame(f"s{fi}", None, True, fi, origin, vma.id))
-                if vma.shared:
-                    w.set_cached(vma.file, fi, fid)
-                w.set_pte(vma.id, ev.index, Present(fid, writable=True, uffd_wp=False))
-                result = f"new frame #{fid} ({'s' + str(fi)!r}) cached and mapped"
+            result = self._copy_page(w, vma, ev.index)
             woken = self._wake(w, ev.vma, ev.index)
-            w.set_thread(name, idle)
+            last = min(ev.index + 1 + op.prefetch, vma.pages)
+            more = ev.index + 1 < last
+            w.set_thread(name, replace(ts, pc="prefetch", cursor=ev.index + 1) if more else idle)
             return Label("UFFDIO_COPY", f"page {ev.index}: {result}; woke {_pages(woken)}")
+        if ts.pc == "prefetch":
+            i = ts.cursor
+            result = self._copy_page(w, vma, i)
+            if result == "EEXIST":
+                result = "already there: the copy stops (done), resume after it"
+            woken = self._wake(w, ev.vma, i)
+            last = min(ev.index + 1 + op.prefetch, vma.pages)
+            w.set_thread(name, replace(ts, cursor=i + 1) if i + 1 < last else idle)
+            return Label("UFFDIO_COPY", f"prefetch page {i}: {result}; woke {_pages(woken)}")
         if ts.pc == "update":
             fid = w.cached(vma.file, fi)
             if fid is not None:
@@ -1046,6 +1058,20 @@ class Kernel:
         result, woken = self._unprotect(w, vma, ev.index)
         w.set_thread(name, idle)
         return Label("UFFDIO_WRITEPROTECT", f"page {ev.index}: {result}; woke {_pages(woken)}")
+
+    def _copy_page(self, w: World, vma: Vma, i: int) -> str:
+        # UFFDIO_COPY -> shmem_mfill_atomic_pte(): fails with EEXIST if the page is there.
+        fi = vma.pgoff + i
+        fid = w.cached(vma.file, fi) if vma.shared else None
+        pte = w.pte(vma.id, i)
+        if fid is not None or isinstance(pte, Present):
+            return "EEXIST"
+        origin = "copy" if vma.shared else "cow"
+        fid = w.new_frame(Frame(f"s{fi}", None, True, fi, origin, vma.id))
+        if vma.shared:
+            w.set_cached(vma.file, fi, fid)
+        w.set_pte(vma.id, i, Present(fid, writable=True, uffd_wp=False))
+        return f"new frame #{fid} ({'s' + str(fi)!r}) cached and mapped"
 
     def _unprotect(self, w: World, vma: Vma, i: int) -> tuple[str, list[str]]:
         """UFFDIO_WRITEPROTECT(0) of one page, waking the threads blocked on it."""

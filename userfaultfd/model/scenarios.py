@@ -361,6 +361,50 @@ def _watches_private(k: Kernel, obj: Hashable) -> bool:
     return isinstance(obj, tuple) and obj[0] in ("pte", "data", "thread")
 
 
+# -- missing-fill ---------------------------------------------------------------------------------
+def _build_missing_fill(k: Kernel, z: Sizes) -> None:
+    assert z.pages is not None and z.readers is not None and z.writers is not None
+    pages = z.pages
+    f = k.shmem_file(pages)
+    other = k.mmap(f, _BASE, pages, mm=0)
+    lazy = k.mmap(f, _BASE, pages, mm=1, register=Mode.MISSING)
+    k.write(other, 1, "a1")  # another process filled page 1 before
+    k.spawn("handler", Serve(prefetch=2))
+    k.spawn("other", Write(other.id, 1, "b1"))  # ... and writes it again during the run
+    for r, name in enumerate(_names("read", z.readers)):
+        k.spawn(name, Read(lazy.id, (2 * r) % pages))
+    for j, name in enumerate(_names("write", z.writers)):
+        page = (1 + 2 * j) % pages
+        k.spawn(name, Write(lazy.id, page, f"w{page}"))
+
+
+def _unfilled_read(k: Kernel, w: World) -> str | None:
+    # A load returns the store's contents (the handler's copy), or what someone wrote there:
+    # never zeros (a page the kernel allocated behind the handler's back).
+    for name, program in k.programs.items():
+        ts = w.threads[name]
+        for op in program[: ts.op]:
+            if not isinstance(op, Read):
+                continue
+            v = k.vmas[op.vma]
+            fi = v.pgoff + op.index
+            legit = {f"s{fi}"} | ({"a1"} if fi == 1 else set())  # the setup's write
+            legit |= {
+                o.data
+                for p in k.programs.values()
+                for o in p
+                if isinstance(o, Write) and k.vmas[o.vma].pgoff + o.index == fi
+            }
+            if ts.value not in legit:
+                what = "zeros" if ts.value == "0" else repr(ts.value)
+                return f"{name} read {what} from page {op.index}, which nobody put there"
+    return None
+
+
+def _watches_values(k: Kernel, obj: Hashable) -> bool:
+    return isinstance(obj, tuple) and obj[0] == "value"
+
+
 #: Every scenario, in a stable order.
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -435,6 +479,18 @@ SCENARIOS: dict[str, Scenario] = {
             _watches_private,
             Sizes(readers=1, writers=1, punchers=1, pages=4),
             group="kernel",
+        ),
+        Scenario(
+            "missing-fill",
+            "the runtime handler's fill path (copy the faulting page first, EEXIST: someone "
+            "else filled it; prefetch the next pages, stopping at one already there) against "
+            "readers, a writer and another process writing the file",
+            "unfilled read",
+            _build_missing_fill,
+            _unfilled_read,
+            _watches_values,
+            Sizes(readers=2, writers=1, pages=4),
+            group="protocol",
         ),
         Scenario(
             "live-snapshot",
