@@ -64,7 +64,7 @@ from . import _stats
 from ._fetch import Fetch, Fetcher
 from ._policy import Policy
 from ._ranges import RegionMap, RegionState, unsettled_runs
-from ._reports import Adopted, Changed, Closed, Reporter
+from ._reports import Adopted, Changed, Closed, Reporter, pack_ranges
 from ._stats import StatsBlock
 
 __all__ = ["Handler"]
@@ -160,7 +160,8 @@ class Handler:
         self._reports = Reporter(reports)
         self._next_key = first_key
         self._sources: dict[int, _Source] = {}
-        self._fork_keys: dict[int, int] = {}  # a FORK event's uffd -> the key it was reported as
+        # A FORK event's uffd -> the key it was reported as, and the child's ranges at the fork.
+        self._fork_keys: dict[int, tuple[int, list[RegionState]]] = {}
         self._by_key: dict[int, _Source] = {}
         self._faults: deque[tuple[_Source, int]] = deque()
         self._streams = 0
@@ -322,19 +323,34 @@ class Handler:
                 if not source.uffd.closed:
                     events = source.uffd.read_events(self.batch)
                     if events:
-                        self._forward_forks(source, events)
+                        earlier = [batch for owner, batch in batches if owner is source]
+                        self._forward_forks(source, events, earlier)
                         batches.append((source, events))
         return batches
 
-    def _forward_forks(self, source: _Source, events: list[Event]) -> None:
-        """Send each child's uffd to the supervisor the moment its FORK event is read: until
-        then this process holds the child's only descriptor, and dying would close it."""
-        for event in events:
-            if isinstance(event, Fork):
+    def _forward_forks(
+        self, source: _Source, events: list[Event], earlier: list[list[Event]]
+    ) -> None:
+        """For each FORK event, the moment it is read: the child's ranges as they were at the
+        fork, and its uffd sent to the supervisor (until then this process holds the child's
+        only descriptor, and dying would close it).
+
+        The child is a copy of the parent at the fork, which the reading of the event ends: no
+        COPY into the parent can land in between (the kernel answers EAGAIN while a FORK event
+        is unread). So the child's map is the parent's as it is now, with the events read
+        before the FORK but not applied yet (``earlier`` batches, and this one's) applied."""
+        if not any(isinstance(event, Fork) for event in events):
+            return
+        at_fork = RegionMap([r.piece(r.address, r.end) for r in source.regions])
+        for event in [e for batch in earlier for e in batch if not isinstance(e, Fork)] + events:
+            if isinstance(event, Remove | Unmap | Remap):
+                at_fork.change(event)
+            elif isinstance(event, Fork):
                 key = self._next_key
                 self._next_key += 1
-                self._fork_keys[event.uffd] = key
-                self._reports.send(Adopted(source.key, key), [event.uffd])
+                copies = [r.piece(r.address, r.end) for r in at_fork.regions]
+                self._fork_keys[event.uffd] = (key, copies)
+                self._reports.send(Adopted(source.key, key, pack_ranges(copies)), [event.uffd])
 
     def _catch_up(self) -> None:
         """Read and apply every pending event of every source (after an EAGAIN)."""
@@ -359,7 +375,8 @@ class Handler:
                     with contextlib.suppress(OSError, ValueError):  # closed meanwhile
                         events = source.uffd.read_events(self.batch)
                         if events:
-                            self._forward_forks(source, events)
+                            earlier = [batch for owner, batch in self._stash if owner is source]
+                            self._forward_forks(source, events, earlier)
                             self._stash.append((source, events))
                             stashed = True
                 if stashed:
@@ -380,8 +397,8 @@ class Handler:
         self.stats.add(_stats.EVENTS)
         if isinstance(event, Fork):
             child = Userfaultfd.from_fd(event.uffd, source.uffd.features)
-            copies = [r.piece(r.address, r.end) for r in source.regions]
-            self.add(child, copies, key=self._fork_keys.pop(event.uffd))
+            key, copies = self._fork_keys.pop(event.uffd)
+            self.add(child, copies, key=key)
             return
         if isinstance(event, Remove | Unmap | Remap):
             source.change(event)

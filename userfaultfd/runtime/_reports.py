@@ -9,12 +9,15 @@ handler's death would close the child's last one), and each source it has closed
 from __future__ import annotations
 
 import contextlib
+import pickle
+import zlib
 from dataclasses import dataclass
 
 from .._events import Remap, Remove, Unmap
 from .._forked import Channel
+from ._ranges import RegionState
 
-__all__ = ["Adopted", "Changed", "Closed", "Report", "Reporter"]
+__all__ = ["Adopted", "Changed", "Closed", "Report", "Reporter", "pack_ranges", "unpack_ranges"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,10 +30,23 @@ class Changed:
 
 @dataclass(frozen=True, slots=True)
 class Adopted:
-    """A FORK event of source ``parent``: the child's uffd (sent with the report) is ``key``."""
+    """A FORK event of source ``parent``: the child's uffd (sent with the report) is ``key``,
+    and ``ranges`` (see :func:`pack_ranges`) are its ranges as they were at the fork."""
 
     parent: int
     key: int
+    ranges: bytes
+
+
+def pack_ranges(regions: list[RegionState]) -> bytes:
+    """Ranges in a few bytes: what a restart needs (no page known filled), compressed (the
+    per-page maps are mostly zeros, and a report must fit one message)."""
+    return zlib.compress(pickle.dumps([r.forgotten() for r in regions]))
+
+
+def unpack_ranges(data: bytes) -> list[RegionState]:
+    regions: list[RegionState] = pickle.loads(zlib.decompress(data))
+    return regions
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ from . import _stats
 from ._handler import Handler
 from ._policy import Policy
 from ._ranges import RegionMap, RegionState
-from ._reports import Adopted, Changed, Closed
+from ._reports import Adopted, Changed, Closed, unpack_ranges
 from ._stats import StatsBlock
 
 __all__ = ["Options", "ignore_group_signals", "supervise"]
@@ -219,9 +219,9 @@ def _follow(reports: Channel, sources: dict[int, _Held]) -> None:
             sources[report.key].ranges.change(report.event)
         elif isinstance(report, Adopted) and fds and report.parent in sources:
             parent = sources[report.parent]
-            copies = [r.piece(r.address, r.end) for r in parent.ranges.regions]
             sources[report.key] = _Held(
-                Userfaultfd.from_fd(fds[0], parent.uffd.features), RegionMap(copies)
+                Userfaultfd.from_fd(fds[0], parent.uffd.features),
+                RegionMap(unpack_ranges(report.ranges)),
             )
         elif isinstance(report, Closed) and report.key in sources:
             sources.pop(report.key).uffd.close()
