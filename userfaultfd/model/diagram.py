@@ -15,11 +15,17 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 from . import engine
-from .explorer import Result, build
-from .kernel import Kernel, Label
-from .presets import Preset
-from .scenarios import Scenario, Sizes, get_scenario
-from .state import Marker, Present, World
+from .explorer import Result as _Result
+from .explorer import build as _build
+from .kernel import Kernel as _Kernel
+from .kernel import Label as _Label
+from .presets import Preset as _Preset
+from .scenarios import Scenario as _Scenario
+from .scenarios import Sizes as _Sizes
+from .scenarios import get_scenario as _get_scenario
+from .state import Marker as _Marker
+from .state import Present as _Present
+from .state import World as _World
 
 __all__ = ["Drawn", "frames", "render_svg", "violation_svg"]
 
@@ -43,21 +49,21 @@ class Drawn:
     """One drawn step: who moved, what it did, and the World after it."""
 
     thread: str
-    label: Label
-    world: World
+    label: _Label
+    world: _World
 
 
 def frames(
-    scenario: Scenario | str,
+    scenario: _Scenario | str,
     threads: Sequence[str],
-    kernel: Preset | str = "upstream",
+    kernel: _Preset | str = "upstream",
     *,
     fault_around_bytes: int = 65536,
-    sizes: Sizes | None = None,
-) -> tuple[Kernel, World, list[Drawn]]:
+    sizes: _Sizes | None = None,
+) -> tuple[_Kernel, _World, list[Drawn]]:
     """Run ``threads`` (one name per step) from the scenario's start: the kernel, the initial
     World and each step with the World after it."""
-    k = build(get_scenario(scenario), kernel, fault_around_bytes=fault_around_bytes, sizes=sizes)
+    k = _build(_get_scenario(scenario), kernel, fault_around_bytes=fault_around_bytes, sizes=sizes)
     start = world = k.world
     out = []
     for n, t in enumerate(threads, 1):
@@ -69,11 +75,11 @@ def frames(
     return k, start, out
 
 
-def _pte_kind(world: World, vma: int, index: int) -> str:
+def _pte_kind(world: _World, vma: int, index: int) -> str:
     pte = world.ptes.get((vma, index))
-    if isinstance(pte, Present):
+    if isinstance(pte, _Present):
         return "wp" if pte.uffd_wp else "rw" if pte.writable else "ro"
-    return "marker" if isinstance(pte, Marker) else "none"
+    return "marker" if isinstance(pte, _Marker) else "none"
 
 
 def _cut(text: str, width: int) -> list[str]:
@@ -86,7 +92,7 @@ def _cut(text: str, width: int) -> list[str]:
     return [text[:cut], rest if len(rest) <= width else rest[: width - 1] + "…"]
 
 
-def _state(k: Kernel, world: World, x: int, y: int) -> list[str]:
+def _state(k: _Kernel, world: _World, x: int, y: int) -> list[str]:
     out = []
     for v in k.vmas:
         for i in range(v.pages):
@@ -121,8 +127,8 @@ def _state(k: Kernel, world: World, x: int, y: int) -> list[str]:
 
 
 def render_svg(
-    k: Kernel,
-    start: World,
+    k: _Kernel,
+    start: _World,
     steps: Sequence[Drawn],
     *,
     breach: int | None = None,
@@ -211,7 +217,7 @@ def render_svg(
     return "\n".join(out) + "\n"
 
 
-def violation_svg(result: Result) -> str | None:
+def violation_svg(result: _Result) -> str | None:
     """The diagram of a result's counterexample (None if it has none)."""
     v = result.violation
     if v is None:

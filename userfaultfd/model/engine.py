@@ -50,9 +50,9 @@ __all__ = [
     "replay",
 ]
 
-S = TypeVar("S")
-L = TypeVar("L")
-L_co = TypeVar("L_co", covariant=True)
+_S = TypeVar("_S")
+_L = TypeVar("_L")
+_L_co = TypeVar("_L_co", covariant=True)
 
 
 class ScheduleError(ValueError):
@@ -60,11 +60,11 @@ class ScheduleError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Move(Generic[S, L]):
+class Move(Generic[_S, _L]):
     """One step: the state after it, what changed, and the objects it read and wrote."""
 
-    state: S
-    label: L
+    state: _S
+    label: _L
     reads: frozenset[Hashable]
     writes: frozenset[Hashable]
 
@@ -77,23 +77,23 @@ class Breach:
     message: str
 
 
-class System(Protocol[S, L]):
+class System(Protocol[_S, _L]):
     """What the explorer needs from a model."""
 
     @property
     def threads(self) -> Sequence[str]: ...
 
-    def initial(self) -> S: ...
+    def initial(self) -> _S: ...
 
-    def move(self, state: S, thread: str) -> Move[S, L] | None: ...
+    def move(self, state: _S, thread: str) -> Move[_S, _L] | None: ...
 
-    def key(self, state: S) -> Hashable: ...
+    def key(self, state: _S) -> Hashable: ...
 
-    def check(self, state: S) -> Breach | None: ...
+    def check(self, state: _S) -> Breach | None: ...
 
-    def finished(self, state: S) -> bool: ...
+    def finished(self, state: _S) -> bool: ...
 
-    def measure(self, state: S) -> int: ...
+    def measure(self, state: _S) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +105,7 @@ class Footprint:
 
 
 @runtime_checkable
-class Reducible(System[S, L], Protocol[S, L]):
+class Reducible(System[_S, _L], Protocol[_S, _L]):
     """What persistent-set reduction needs on top of a System.
 
     ``future(state, thread, frozen)`` over-approximates what ``thread`` may touch in any number
@@ -116,22 +116,22 @@ class Reducible(System[S, L], Protocol[S, L]):
     must then be empty while those are frozen), None if it can move.
     """
 
-    def abstract(self, move: Move[S, L]) -> Footprint: ...
+    def abstract(self, move: Move[_S, _L]) -> Footprint: ...
 
-    def future(self, state: S, thread: str, frozen: frozenset[str]) -> Footprint | None: ...
+    def future(self, state: _S, thread: str, frozen: frozenset[str]) -> Footprint | None: ...
 
-    def visible(self, move: Move[S, L]) -> bool: ...
+    def visible(self, move: Move[_S, _L]) -> bool: ...
 
-    def enablers(self, state: S, thread: str) -> frozenset[str] | None: ...
+    def enablers(self, state: _S, thread: str) -> frozenset[str] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
-class Counterexample(Generic[L_co]):
+class Counterexample(Generic[_L_co]):
     """A schedule that breaks the invariant; ``aftermath`` runs on from there, for the story."""
 
     breach: Breach
-    steps: tuple[tuple[str, L_co], ...]
-    aftermath: tuple[tuple[str, L_co], ...]
+    steps: tuple[tuple[str, _L_co], ...]
+    aftermath: tuple[tuple[str, _L_co], ...]
     measure: int
 
     @property
@@ -140,10 +140,10 @@ class Counterexample(Generic[L_co]):
 
 
 @dataclass(frozen=True, slots=True)
-class Exploration(Generic[L_co]):
+class Exploration(Generic[_L_co]):
     """What a search found: a counterexample or none, and how much it explored."""
 
-    counterexample: Counterexample[L_co] | None
+    counterexample: Counterexample[_L_co] | None
     states: int
     transitions: int
     #: Terminal states (no thread can move) reached.
@@ -155,16 +155,16 @@ class Exploration(Generic[L_co]):
 
 
 @dataclass(frozen=True, slots=True)
-class Replayed(Generic[L_co]):
+class Replayed(Generic[_L_co]):
     """The steps a schedule took, the first breach on the way, whether it ended the run."""
 
-    steps: tuple[tuple[str, L_co], ...]
+    steps: tuple[tuple[str, _L_co], ...]
     breach: Breach | None
     terminal: bool
     measure: int
 
 
-def _independent(a: Move[S, L], b: Move[S, L]) -> bool:
+def _independent(a: Move[_S, _L], b: Move[_S, _L]) -> bool:
     return (
         a.writes.isdisjoint(b.reads)
         and a.writes.isdisjoint(b.writes)
@@ -181,12 +181,12 @@ def _conflicts(step: Footprint, future: Footprint) -> bool:
 
 
 def _persistent(
-    system: Reducible[S, L],
-    state: S,
-    moves: list[tuple[str, Move[S, L]]],
+    system: Reducible[_S, _L],
+    state: _S,
+    moves: list[tuple[str, Move[_S, _L]]],
     threads: Sequence[str],
     on_stack: set[Hashable],
-) -> list[tuple[str, Move[S, L]]]:
+) -> list[tuple[str, Move[_S, _L]]]:
     """The smallest persistent subset of ``moves`` (all of them if none is smaller).
 
     A set P of enabled threads is persistent when no thread outside P can, in any number of
@@ -243,15 +243,15 @@ def _persistent(
 
 
 @dataclass(slots=True)
-class _Frame(Generic[S, L]):
+class _Frame(Generic[_S, _L]):
     """One state on the explicit search stack: what is left to try from it."""
 
     key: Hashable
-    todo: list[tuple[str, Move[S, L]]]
-    sleep: dict[str, Move[S, L]]
-    done: dict[str, Move[S, L]]
+    todo: list[tuple[str, Move[_S, _L]]]
+    sleep: dict[str, Move[_S, _L]]
+    done: dict[str, Move[_S, _L]]
     #: The move that led here (None at the initial state).
-    entry: tuple[str, Move[S, L]] | None
+    entry: tuple[str, Move[_S, _L]] | None
     next: int = 0
 
 
@@ -259,7 +259,7 @@ class _Frame(Generic[S, L]):
 REDUCTIONS = ("none", "sleep", "persistent")
 
 
-def explore(system: System[S, L], *, reduction: str = "sleep") -> Exploration[L]:
+def explore(system: System[_S, _L], *, reduction: str = "sleep") -> Exploration[_L]:
     """Visit every reachable state (in a fixed order) until one breaks the invariant.
 
     ``reduction`` is ``"none"`` (every enabled thread from every state), ``"sleep"`` (sleep
@@ -268,7 +268,7 @@ def explore(system: System[S, L], *, reduction: str = "sleep") -> Exploration[L]
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r} (choose from {', '.join(REDUCTIONS)})")
-    reducible: Reducible[S, L] | None = None
+    reducible: Reducible[_S, _L] | None = None
     if reduction == "persistent":
         if not isinstance(system, Reducible):
             raise TypeError("persistent-set reduction needs abstract(), future() and visible()")
@@ -278,11 +278,13 @@ def explore(system: System[S, L], *, reduction: str = "sleep") -> Exploration[L]
     visited: dict[Hashable, frozenset[str]] = {}
     on_stack: set[Hashable] = set()
     path: list[str] = []
-    stack: list[_Frame[S, L]] = []
+    stack: list[_Frame[_S, _L]] = []
     states = transitions = runs = stuck = measure = 0
-    found: tuple[Breach, S] | None = None
+    found: tuple[Breach, _S] | None = None
 
-    def enter(state: S, sleep: dict[str, Move[S, L]], entry: tuple[str, Move[S, L]] | None) -> bool:
+    def enter(
+        state: _S, sleep: dict[str, Move[_S, _L]], entry: tuple[str, Move[_S, _L]] | None
+    ) -> bool:
         """Push ``state`` if it needs exploring; True if it breaks the invariant."""
         nonlocal states, runs, stuck, measure, found
         key = system.key(state)
@@ -327,7 +329,7 @@ def explore(system: System[S, L], *, reduction: str = "sleep") -> Exploration[L]
             continue
         t, m = frame.todo[frame.next]
         frame.next += 1
-        child: dict[str, Move[S, L]] = {}
+        child: dict[str, Move[_S, _L]] = {}
         if reduction == "sleep":
             for u, mu in (*frame.sleep.items(), *frame.done.items()):
                 if _independent(mu, m):
@@ -348,10 +350,10 @@ def explore(system: System[S, L], *, reduction: str = "sleep") -> Exploration[L]
     return Exploration(counterexample, states, transitions, runs, stuck, measure)
 
 
-def replay(system: System[S, L], schedule: Sequence[str]) -> Replayed[L]:
+def replay(system: System[_S, _L], schedule: Sequence[str]) -> Replayed[_L]:
     """Run ``schedule`` (thread names, one per step); stop at the first breach."""
     state = system.initial()
-    steps: list[tuple[str, L]] = []
+    steps: list[tuple[str, _L]] = []
     breach = system.check(state)
     for n, t in enumerate(schedule, 1):
         if breach is not None:
@@ -368,7 +370,7 @@ def replay(system: System[S, L], schedule: Sequence[str]) -> Replayed[L]:
     return Replayed(tuple(steps), breach, terminal, system.measure(state))
 
 
-def _counterexample(system: System[S, L], path: list[str], breach: Breach) -> Counterexample[L]:
+def _counterexample(system: System[_S, _L], path: list[str], breach: Breach) -> Counterexample[_L]:
     schedule = _shrink(system, path, breach.invariant)
     run = replay(system, schedule)
     assert run.breach is not None
@@ -378,7 +380,7 @@ def _counterexample(system: System[S, L], path: list[str], breach: Breach) -> Co
         m = system.move(state, t)
         assert m is not None
         state = m.state
-    after: list[tuple[str, L]] = []
+    after: list[tuple[str, _L]] = []
     for _ in range(1000):
         moves = ((t, m) for t in system.threads if (m := system.move(state, t)) is not None)
         first = next(moves, None)
@@ -389,7 +391,7 @@ def _counterexample(system: System[S, L], path: list[str], breach: Breach) -> Co
     return Counterexample(run.breach, run.steps, tuple(after), run.measure)
 
 
-def _shrink(system: System[S, L], path: list[str], invariant: str) -> list[str]:
+def _shrink(system: System[_S, _L], path: list[str], invariant: str) -> list[str]:
     """Drop steps one at a time while the schedule still breaks the same invariant."""
     best = list(path)
     i = 0

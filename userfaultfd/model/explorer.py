@@ -7,10 +7,16 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 from . import engine
-from .kernel import Kernel, Label
-from .presets import PRESETS, Preset, get_preset
-from .scenarios import SCENARIOS, Scenario, Sizes, get_scenario
-from .state import World
+from .kernel import Kernel as _Kernel
+from .kernel import Label as _Label
+from .presets import PRESETS as _PRESETS
+from .presets import Preset as _Preset
+from .presets import get_preset as _get_preset
+from .scenarios import SCENARIOS as _SCENARIOS
+from .scenarios import Scenario as _Scenario
+from .scenarios import Sizes as _Sizes
+from .scenarios import get_scenario as _get_scenario
+from .state import World as _World
 
 __all__ = [
     "Replay",
@@ -55,7 +61,7 @@ class Result:
     scenario: str
     #: The invariant explored (the scenario's), broken or not.
     invariant: str
-    kernel: Preset
+    kernel: _Preset
     fault_around_bytes: int
     #: The reduction explored with: "none", "sleep" or "persistent" (engine.REDUCTIONS).
     reduction: str
@@ -70,7 +76,7 @@ class Result:
     #: Terminal states where a thread never finished (deadlocks: a model bug if nonzero).
     stuck: int
     #: The sizes it was built at (the scenario's defaults filled in).
-    sizes: Sizes = field(default_factory=Sizes)
+    sizes: _Sizes = field(default_factory=_Sizes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +84,7 @@ class Replay:
     """A schedule replayed: its steps, and the violation it reached, if any."""
 
     scenario: str
-    kernel: Preset
+    kernel: _Preset
     schedule: str
     trace: tuple[TraceStep, ...]
     violation: Violation | None
@@ -97,15 +103,15 @@ class TableRow:
 class _System:
     """The engine's view of a built Kernel and its scenario's invariant."""
 
-    def __init__(self, kernel: Kernel, scenario: Scenario) -> None:
+    def __init__(self, kernel: _Kernel, scenario: _Scenario) -> None:
         self.kernel = kernel
         self.scenario = scenario
         self.threads: Sequence[str] = kernel.thread_names
 
-    def initial(self) -> World:
+    def initial(self) -> _World:
         return self.kernel.world
 
-    def move(self, state: World, thread: str) -> engine.Move[World, Label] | None:
+    def move(self, state: _World, thread: str) -> engine.Move[_World, _Label] | None:
         moved = self.kernel.advance(state, thread)
         if moved is None:
             return None
@@ -115,63 +121,63 @@ class _System:
         w.writes.clear()
         return engine.Move(w, label, reads, writes)
 
-    def key(self, state: World) -> Hashable:
+    def key(self, state: _World) -> Hashable:
         return state.key()
 
-    def abstract(self, move: engine.Move[World, Label]) -> engine.Footprint:
+    def abstract(self, move: engine.Move[_World, _Label]) -> engine.Footprint:
         k, w = self.kernel, move.state
         return engine.Footprint(k.abstract(w, move.reads), k.abstract(w, move.writes))
 
-    def future(self, state: World, thread: str, frozen: frozenset[str]) -> engine.Footprint:
+    def future(self, state: _World, thread: str, frozen: frozenset[str]) -> engine.Footprint:
         return engine.Footprint(*self.kernel.future(state, thread, frozen))
 
-    def enablers(self, state: World, thread: str) -> frozenset[str] | None:
+    def enablers(self, state: _World, thread: str) -> frozenset[str] | None:
         return self.kernel.enablers(state, thread)
 
-    def visible(self, move: engine.Move[World, Label]) -> bool:
+    def visible(self, move: engine.Move[_World, _Label]) -> bool:
         return any(self.scenario.watches(self.kernel, obj) for obj in move.writes)
 
-    def check(self, state: World) -> engine.Breach | None:
+    def check(self, state: _World) -> engine.Breach | None:
         message = self.scenario.check(self.kernel, state)
         return None if message is None else engine.Breach(self.scenario.invariant, message)
 
-    def finished(self, state: World) -> bool:
+    def finished(self, state: _World) -> bool:
         return self.kernel.finished(state)
 
-    def measure(self, state: World) -> int:
-        return Kernel.faults(state)
+    def measure(self, state: _World) -> int:
+        return _Kernel.faults(state)
 
 
 def build(
-    scenario: Scenario | str,
-    kernel: Preset | str = "upstream",
+    scenario: _Scenario | str,
+    kernel: _Preset | str = "upstream",
     *,
     fault_around_bytes: int = 65536,
-    sizes: Sizes | None = None,
-) -> Kernel:
+    sizes: _Sizes | None = None,
+) -> _Kernel:
     """A Kernel set up for ``scenario`` (at ``sizes``) with its threads spawned, not yet run."""
-    k = Kernel(get_preset(kernel), fault_around_bytes)
-    get_scenario(scenario).build(k, sizes)
+    k = _Kernel(_get_preset(kernel), fault_around_bytes)
+    _get_scenario(scenario).build(k, sizes)
     return k
 
 
-def _trace(steps: Sequence[tuple[str, Label]], first: int = 1) -> tuple[TraceStep, ...]:
+def _trace(steps: Sequence[tuple[str, _Label]], first: int = 1) -> tuple[TraceStep, ...]:
     return tuple(
         TraceStep(n, t, label.function, label.change) for n, (t, label) in enumerate(steps, first)
     )
 
 
 def explore(
-    scenario: Scenario | str,
-    kernel: Preset | str = "upstream",
+    scenario: _Scenario | str,
+    kernel: _Preset | str = "upstream",
     *,
     fault_around_bytes: int = 65536,
     reduction: str = "persistent",
-    sizes: Sizes | None = None,
+    sizes: _Sizes | None = None,
 ) -> Result:
     """Explore every interleaving of ``scenario``'s threads under ``kernel``."""
-    scen = get_scenario(scenario)
-    preset = get_preset(kernel)
+    scen = _get_scenario(scenario)
+    preset = _get_preset(kernel)
     k = build(scen, preset, fault_around_bytes=fault_around_bytes, sizes=sizes)
     system = _System(k, scen)
     found = engine.explore(system, reduction=reduction)
@@ -202,17 +208,17 @@ def explore(
 
 
 def replay(
-    scenario: Scenario | str,
+    scenario: _Scenario | str,
     schedule: str,
-    kernel: Preset | str = "upstream",
+    kernel: _Preset | str = "upstream",
     *,
     fault_around_bytes: int = 65536,
-    sizes: Sizes | None = None,
+    sizes: _Sizes | None = None,
 ) -> Replay:
     """Replay a schedule string (as a Violation gives it); raises engine.ScheduleError if a step
     names a thread that cannot move."""
-    scen = get_scenario(scenario)
-    preset = get_preset(kernel)
+    scen = _get_scenario(scenario)
+    preset = _get_preset(kernel)
     k = build(scen, preset, fault_around_bytes=fault_around_bytes, sizes=sizes)
     system = _System(k, scen)
     threads = engine.parse_schedule(schedule)
@@ -230,8 +236,8 @@ def table(
 ) -> tuple[TableRow, ...]:
     """Every preset against every scenario of ``group`` (scenarios.Scenario.group), timed."""
     rows = []
-    for preset in PRESETS.values():
-        for scen in SCENARIOS.values():
+    for preset in _PRESETS.values():
+        for scen in _SCENARIOS.values():
             if scen.group != group:
                 continue
             t0 = time.perf_counter()

@@ -57,20 +57,21 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, replace
 
-from .._flags import Mode
-from .presets import Preset, get_preset
+from .._flags import Mode as _Mode
+from .presets import Preset as _Preset
+from .presets import get_preset as _get_preset
+from .state import MARKER as _MARKER
+from .state import PAGE_SIZE as _PAGE_SIZE
+from .state import PTRS_PER_PTE as _PTRS_PER_PTE
+from .state import Event as _Event
+from .state import Frame as _Frame
+from .state import Marker as _Marker
+from .state import Present as _Present
 from .state import (
-    MARKER,
-    PAGE_SIZE,
-    PTRS_PER_PTE,
-    Event,
-    Frame,
-    Marker,
-    Present,
     Pte,
-    ThreadState,
-    World,
 )
+from .state import ThreadState as _ThreadState
+from .state import World as _World
 
 __all__ = [
     "CopyPages",
@@ -95,7 +96,7 @@ _ASLEEP = frozenset({"userfault", "falloc_wait"})
 class WouldBlock(Exception):  # noqa: N818 (the name is the public API)
     """A direct call would sleep: on a userfault, a hole punch in progress, or a page lock."""
 
-    def __init__(self, reason: str, mode: Mode | None = None) -> None:
+    def __init__(self, reason: str, mode: _Mode | None = None) -> None:
         super().__init__(reason)
         #: The userfault mode if a userfault would block, else None.
         self.mode = mode
@@ -124,7 +125,7 @@ class Vma:
     file: int
     pgoff: int
     shared: bool
-    register: Mode
+    register: _Mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,15 +199,15 @@ class Label:
 def _fault_around_pages(nbytes: int) -> int:
     # fault_around_bytes_set(): more than one page table is refused; rounded down to a power of
     # two; anything under two pages leaves one page, which turns fault-around off.
-    if nbytes < 0 or nbytes // PAGE_SIZE > PTRS_PER_PTE:
+    if nbytes < 0 or nbytes // _PAGE_SIZE > _PTRS_PER_PTE:
         raise ValueError(
-            f"fault_around_bytes must be between 0 and {PTRS_PER_PTE * PAGE_SIZE}, got {nbytes}"
+            f"fault_around_bytes must be between 0 and {_PTRS_PER_PTE * _PAGE_SIZE}, got {nbytes}"
         )
     pow2 = 1 << (nbytes.bit_length() - 1) if nbytes else 0
-    return max(pow2 // PAGE_SIZE, 1)
+    return max(pow2 // _PAGE_SIZE, 1)
 
 
-def _in_hole(w: World, vma: Vma, index: int) -> bool:
+def _in_hole(w: _World, vma: Vma, index: int) -> bool:
     # For labels only: reads inode->i_private without noting it (the rule does not look).
     span = w.falloc.get(vma.file)
     return span is not None and span[0] <= vma.pgoff + index < span[1]
@@ -224,14 +225,14 @@ class Kernel:
     completion) and the explorer (``advance``: one step of one thread from any World).
     """
 
-    def __init__(self, preset: Preset | str = "upstream", fault_around_bytes: int = 65536) -> None:
-        self.preset = get_preset(preset)
+    def __init__(self, preset: _Preset | str = "upstream", fault_around_bytes: int = 65536) -> None:
+        self.preset = _get_preset(preset)
         self.fault_around_bytes = fault_around_bytes
         self.fault_around_pages = _fault_around_pages(fault_around_bytes)
         self.files: list[File] = []
         self.vmas: list[Vma] = []
         self.programs: dict[str, tuple[Op, ...]] = {}
-        self.world = World()
+        self.world = _World()
 
     # -- building the system ---------------------------------------------------------------------
     def shmem_file(
@@ -257,7 +258,7 @@ class Kernel:
             if not 0 <= i < pages:
                 raise ValueError(f"cached page {i} is outside the file's {pages} pages")
             owner = "setup" if i in lock_set else None
-            fid = w.new_frame(Frame(f"p{i}", owner, i not in stale, i, "setup"))
+            fid = w.new_frame(_Frame(f"p{i}", owner, i not in stale, i, "setup"))
             w.cache[(f.id, i)] = fid
         self.world = w
         return f
@@ -269,21 +270,21 @@ class Kernel:
         pages: int,
         pgoff: int = 0,
         shared: bool = True,
-        register: Mode | None = None,
+        register: _Mode | None = None,
         *,
         mm: int = 0,
     ) -> Vma:
         """Map ``pages`` pages of ``file`` from page ``pgoff`` at ``address`` in address space
         ``mm``, registered with a userfaultfd in ``register`` mode (None: not registered)."""
-        if address % PAGE_SIZE or address < 0:
+        if address % _PAGE_SIZE or address < 0:
             raise ValueError(f"address {address:#x} is not page aligned")
         if pages <= 0 or pgoff < 0:
             raise ValueError(f"need pages > 0 and pgoff >= 0, got pages={pages} pgoff={pgoff}")
-        end = address + pages * PAGE_SIZE
+        end = address + pages * _PAGE_SIZE
         for v in self.vmas:
-            if v.mm == mm and v.start < end and address < v.start + v.pages * PAGE_SIZE:
+            if v.mm == mm and v.start < end and address < v.start + v.pages * _PAGE_SIZE:
                 raise ValueError(f"[{address:#x}, {end:#x}) overlaps VMA {v.id} in mm {mm}")
-        v = Vma(len(self.vmas), mm, address, pages, file.id, pgoff, shared, register or Mode(0))
+        v = Vma(len(self.vmas), mm, address, pages, file.id, pgoff, shared, register or _Mode(0))
         self.vmas.append(v)
         return v
 
@@ -293,7 +294,7 @@ class Kernel:
             raise ValueError(f"thread {name!r} exists")
         self.programs[name] = ops
         w = self.world.clone()
-        w.threads[name] = ThreadState()
+        w.threads[name] = _ThreadState()
         self.world = w
 
     @property
@@ -324,24 +325,24 @@ class Kernel:
         """UFFDIO_WRITEPROTECT one page, as the server does; the server notes the frame."""
         w = self.world.clone()
         pte = w.pte(vma.id, index)
-        if isinstance(pte, Present):
-            w.set_pte(vma.id, index, Present(pte.frame, writable=False, uffd_wp=True))
+        if isinstance(pte, _Present):
+            w.set_pte(vma.id, index, _Present(pte.frame, writable=False, uffd_wp=True))
             w.protected = {**w.protected, pte.frame: w.frames[pte.frame].data}
         elif pte is None and self.preset.pte_markers:
             # change_pte_range() protects a none PTE of a file mapping with a marker.
-            w.set_pte(vma.id, index, MARKER)
+            w.set_pte(vma.id, index, _MARKER)
         self.world = w
 
     def mapped(self, vma: Vma) -> set[int]:
         """VMA page indexes with a present PTE."""
         return {
-            i for (v, i), p in self.world.ptes.items() if v == vma.id and isinstance(p, Present)
+            i for (v, i), p in self.world.ptes.items() if v == vma.id and isinstance(p, _Present)
         }
 
     def pte(self, vma: Vma, index: int) -> Pte:
         return self.world.ptes.get((vma.id, index))
 
-    def page(self, file: File, index: int) -> Frame | None:
+    def page(self, file: File, index: int) -> _Frame | None:
         """The frame in the page cache at file page ``index``, or None."""
         fid = self.world.cache.get((file.id, index))
         return None if fid is None else self.world.frames[fid]
@@ -370,10 +371,10 @@ class Kernel:
         filemap_map_pages() clips the end to the last page inside i_size.
         """
         nr = self.fault_around_pages
-        pte_off = (vma.start // PAGE_SIZE + index) % PTRS_PER_PTE
+        pte_off = (vma.start // _PAGE_SIZE + index) % _PTRS_PER_PTE
         vma_off = index
         from_pte = max(pte_off - pte_off % nr, pte_off - min(pte_off, vma_off))
-        to_pte = min(from_pte + nr, PTRS_PER_PTE, pte_off + vma.pages - vma_off) - 1
+        to_pte = min(from_pte + nr, _PTRS_PER_PTE, pte_off + vma.pages - vma_off) - 1
         pgoff = vma.pgoff + index
         start_pgoff = pgoff + from_pte - pte_off
         end_pgoff = min(pgoff + to_pte - pte_off, self.files[vma.file].pages - 1)
@@ -390,7 +391,7 @@ class Kernel:
         if not 0 <= index < vma.pages:
             raise ValueError(f"page {index} is outside VMA {vma.id} ({vma.pages} pages)")
 
-    def _direct(self, op: Op) -> ThreadState:
+    def _direct(self, op: Op) -> _ThreadState:
         name = "_direct"
         self.spawn(name, op)
         try:
@@ -414,7 +415,7 @@ class Kernel:
             del w.threads[name]
             self.world = w
 
-    def _why(self, world: World, name: str) -> str:
+    def _why(self, world: _World, name: str) -> str:
         state = world.threads.get(name)
         if state is None or state.op >= len(self.programs[name]):
             return f"thread {name!r} has finished"
@@ -431,7 +432,7 @@ class Kernel:
         return f"thread {name!r} cannot move at {state.pc}"
 
     # -- the rules ---------------------------------------------------------------------------------
-    def advance(self, world: World, name: str) -> tuple[World, Label] | None:
+    def advance(self, world: _World, name: str) -> tuple[_World, Label] | None:
         """One step of thread ``name`` from ``world``: the new World and what changed, or None
         if the thread is asleep, blocked on a lock, or finished. ``world`` is left untouched; the
         new World's ``reads``/``writes`` hold the step's footprint."""
@@ -456,7 +457,7 @@ class Kernel:
             label = self._serve(w, name, state, op)
         return None if label is None else (w, label)
 
-    def finished(self, world: World) -> bool:
+    def finished(self, world: _World) -> bool:
         """Every thread but the server has run its program to the end."""
         return all(
             world.threads[n].op >= len(p)
@@ -465,11 +466,11 @@ class Kernel:
         )
 
     @staticmethod
-    def faults(world: World) -> int:
+    def faults(world: _World) -> int:
         return sum(t.faults for t in world.threads.values())
 
     # -- what a thread may touch: for the explorer's persistent sets -----------------------------
-    def abstract(self, world: World, objects: Iterable[Hashable]) -> frozenset[Hashable]:
+    def abstract(self, world: _World, objects: Iterable[Hashable]) -> frozenset[Hashable]:
         """A footprint in the vocabulary of ``future``: a frame becomes its file page
         (``("page", index)``), since which frame a future step meets is not known yet."""
         out: set[Hashable] = set()
@@ -482,7 +483,7 @@ class Kernel:
         return frozenset(out)
 
     def future(
-        self, world: World, name: str, frozen: frozenset[str]
+        self, world: _World, name: str, frozen: frozenset[str]
     ) -> tuple[frozenset[Hashable], frozenset[Hashable]]:
         """(reads, writes) that thread ``name`` may touch in any number of its own steps from
         ``world``, while the threads in ``frozen`` stay where they are (in ``abstract``'s terms).
@@ -558,7 +559,7 @@ class Kernel:
         reads |= writes
         return frozenset(reads), frozenset(writes)
 
-    def enablers(self, world: World, name: str) -> frozenset[str] | None:
+    def enablers(self, world: _World, name: str) -> frozenset[str] | None:
         """If thread ``name`` cannot move in ``world``, every thread whose step could let it
         (empty: it never moves again); None if it can move now.
 
@@ -605,9 +606,9 @@ class Kernel:
             )
         return None
 
-    def _lock_wait(self, world: World, name: str, ts: ThreadState, op: Op) -> str | None:
+    def _lock_wait(self, world: _World, name: str, ts: _ThreadState, op: Op) -> str | None:
         """The holder of the page lock ``name`` waits for, if it waits for one."""
-        frame: Frame | None = None
+        frame: _Frame | None = None
         if ts.pc == "lock_page" and ts.page is not None:
             frame = world.frames[ts.page]
         elif ts.pc == "truncate" and isinstance(op, Punch):
@@ -625,7 +626,7 @@ class Kernel:
         return frame.locked
 
     def _punch_future(
-        self, world: World, op: Punch, ts: ThreadState | None, writes: set[Hashable]
+        self, world: _World, op: Punch, ts: _ThreadState | None, writes: set[Hashable]
     ) -> None:
         # ts: where the punch is, if it is the op under way (its done steps touch nothing more).
         pc = "access" if ts is None else ts.pc
@@ -660,7 +661,7 @@ class Kernel:
     def _may_userfault(self, op: Read | Write) -> bool:
         register = self.vmas[op.vma].register
         if isinstance(op, Read):
-            return bool(register & (Mode.MISSING | Mode.MINOR))
+            return bool(register & (_Mode.MISSING | _Mode.MINOR))
         return bool(register)
 
     def _access_future(self, op: Read | Write, reads: set[Hashable], writes: set[Hashable]) -> None:
@@ -679,7 +680,7 @@ class Kernel:
                 reads.update((("cache", v.file, v.pgoff + j), ("page", v.pgoff + j)))
 
     # -- Read and Write --------------------------------------------------------------------------
-    def _access(self, w: World, name: str, ts: ThreadState, op: Read | Write) -> Label | None:
+    def _access(self, w: _World, name: str, ts: _ThreadState, op: Read | Write) -> Label | None:
         vma = self.vmas[op.vma]
         i = op.index
         write = isinstance(op, Write)
@@ -701,19 +702,21 @@ class Kernel:
         assert pc in _ASLEEP, pc
         return None
 
-    def _hw_access(self, w: World, name: str, ts: ThreadState, op: Read | Write, vma: Vma) -> Label:
+    def _hw_access(
+        self, w: _World, name: str, ts: _ThreadState, op: Read | Write, vma: Vma
+    ) -> Label:
         i = op.index
         write = isinstance(op, Write)
         pte = w.pte(vma.id, i)
-        if isinstance(pte, Present):
+        if isinstance(pte, _Present):
             frame = w.frame(pte.frame)
             if isinstance(op, Read):
-                w.set_thread(name, ThreadState(op=ts.op + 1, faults=ts.faults, value=frame.data))
+                w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults, value=frame.data))
                 w.writes.add(("value", name))  # read by no step: marks what a load returned
                 return Label("load", f"page {i} reads {frame.data!r} (frame #{pte.frame})")
             if pte.writable:
                 w.set_frame(pte.frame, replace(frame, data=op.data))
-                w.set_thread(name, ThreadState(op=ts.op + 1, faults=ts.faults))
+                w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults))
                 change = f"page {i}: frame #{pte.frame} {frame.data!r} -> {op.data!r}"
                 if _in_hole(w, vma, i) and w.cache.get((vma.file, vma.pgoff + i)) == pte.frame:
                     change += " (a frame the punch in progress will drop)"
@@ -737,7 +740,7 @@ class Kernel:
         access = "write" if write else "read"
         return Label("handle_mm_fault", f"{access} fault on page {i} (PTE {kind}): {how}")
 
-    def _fault_around(self, w: World, name: str, ts: ThreadState, vma: Vma, i: int) -> Label:
+    def _fault_around(self, w: _World, name: str, ts: _ThreadState, vma: Vma, i: int) -> Label:
         window = self.fault_around_window(vma, i)
         mapped: list[int] = []
         skipped: list[str] = []
@@ -753,7 +756,7 @@ class Kernel:
             # filemap_map_folio_range(): only pte_none() slots (a marker is not none).
             if w.pte(vma.id, vi) is not None:
                 continue
-            w.set_pte(vma.id, vi, Present(fid, writable=False, uffd_wp=False))
+            w.set_pte(vma.id, vi, _Present(fid, writable=False, uffd_wp=False))
             mapped.append(vi)
         hit = i in mapped
         w.set_thread(name, replace(ts, pc="access" if hit else "shmem_fault"))
@@ -768,7 +771,7 @@ class Kernel:
         )
         return Label("do_fault_around", change)
 
-    def _shmem_fault(self, w: World, name: str, ts: ThreadState, vma: Vma, i: int) -> Label:
+    def _shmem_fault(self, w: _World, name: str, ts: _ThreadState, vma: Vma, i: int) -> Label:
         fi = vma.pgoff + i
         span = w.hole(vma.file, fi)
         if span is not None:
@@ -782,26 +785,26 @@ class Kernel:
         w.set_thread(name, replace(ts, pc="get_folio"))
         return Label("shmem_fault", f"no hole punch covers file page {fi}: shmem_get_folio")
 
-    def _get_folio(self, w: World, name: str, ts: ThreadState, vma: Vma, i: int) -> Label:
+    def _get_folio(self, w: _World, name: str, ts: _ThreadState, vma: Vma, i: int) -> Label:
         fi = vma.pgoff + i
         if fi >= self.files[vma.file].pages:
-            w.set_thread(name, ThreadState(op=ts.op + 1, pc="sigbus", faults=ts.faults))
+            w.set_thread(name, _ThreadState(op=ts.op + 1, pc="sigbus", faults=ts.faults))
             return Label("shmem_fault", f"file page {fi} is beyond i_size: SIGBUS")
         fid = w.cached(vma.file, fi)
-        if fid is not None and vma.register & Mode.MINOR:
-            return self._userfault(w, name, ts, vma, i, Mode.MINOR)
-        if fid is None and vma.register & Mode.MISSING:
-            return self._userfault(w, name, ts, vma, i, Mode.MISSING)
+        if fid is not None and vma.register & _Mode.MINOR:
+            return self._userfault(w, name, ts, vma, i, _Mode.MINOR)
+        if fid is None and vma.register & _Mode.MISSING:
+            return self._userfault(w, name, ts, vma, i, _Mode.MISSING)
         if fid is None:
             # shmem_alloc_and_add_folio(): a new zeroed folio, locked, added to the cache.
-            fid = w.new_frame(Frame("0", name, True, fi, "fault", vma.id))
+            fid = w.new_frame(_Frame("0", name, True, fi, "fault", vma.id))
             w.set_cached(vma.file, fi, fid)
             w.set_thread(name, replace(ts, pc="finish_fault", page=fid))
             return Label("shmem_get_folio", f"file page {fi} absent: new zero frame #{fid}, locked")
         w.set_thread(name, replace(ts, pc="lock_page", page=fid))
         return Label("shmem_get_folio", f"file page {fi} is frame #{fid} in the cache: lock it")
 
-    def _lock_page(self, w: World, name: str, ts: ThreadState, vma: Vma, i: int) -> Label | None:
+    def _lock_page(self, w: _World, name: str, ts: _ThreadState, vma: Vma, i: int) -> Label | None:
         assert ts.page is not None
         frame = w.frame(ts.page)
         if frame.locked is not None:
@@ -817,7 +820,7 @@ class Kernel:
         return Label("folio_lock", f"locked frame #{ts.page}")
 
     def _finish_fault(
-        self, w: World, name: str, ts: ThreadState, vma: Vma, i: int, write: bool
+        self, w: _World, name: str, ts: _ThreadState, vma: Vma, i: int, write: bool
     ) -> Label:
         fid = ts.page
         assert fid is not None
@@ -829,50 +832,50 @@ class Kernel:
         if pte != ts.orig:
             return Label("finish_fault", f"PTE of page {i} changed meanwhile: unlock, retry")
         # A marker's protection survives the fault (vmf_orig_pte_uffd_wp): mapped read-only.
-        uffd_wp = isinstance(ts.orig, Marker)
+        uffd_wp = isinstance(ts.orig, _Marker)
         if write and not vma.shared:
-            copy = w.new_frame(Frame(frame.data, None, True, frame.index, "cow", vma.id))
-            w.set_pte(vma.id, i, Present(copy, writable=not uffd_wp, uffd_wp=uffd_wp))
+            copy = w.new_frame(_Frame(frame.data, None, True, frame.index, "cow", vma.id))
+            w.set_pte(vma.id, i, _Present(copy, writable=not uffd_wp, uffd_wp=uffd_wp))
             return Label("finish_fault", f"page {i}: private copy #{copy} of frame #{fid}")
-        w.set_pte(vma.id, i, Present(fid, writable=write and not uffd_wp, uffd_wp=uffd_wp))
+        w.set_pte(vma.id, i, _Present(fid, writable=write and not uffd_wp, uffd_wp=uffd_wp))
         how = "writable" if write and not uffd_wp else "read-only"
         if uffd_wp:
             how += ", uffd-wp kept from the marker"
         return Label("finish_fault", f"page {i} -> frame #{fid} ({how}); unlock frame")
 
-    def _wp_page(self, w: World, name: str, ts: ThreadState, vma: Vma, i: int) -> Label:
+    def _wp_page(self, w: _World, name: str, ts: _ThreadState, vma: Vma, i: int) -> Label:
         pte = w.pte(vma.id, i)
-        if pte != ts.orig or not isinstance(pte, Present):
+        if pte != ts.orig or not isinstance(pte, _Present):
             w.set_thread(name, replace(ts, pc="access", orig=None))
             return Label("do_wp_page", f"PTE of page {i} changed meanwhile: retry")
-        if pte.uffd_wp and vma.register & Mode.WP:
-            return self._userfault(w, name, ts, vma, i, Mode.WP, pte.frame)
+        if pte.uffd_wp and vma.register & _Mode.WP:
+            return self._userfault(w, name, ts, vma, i, _Mode.WP, pte.frame)
         w.set_thread(name, replace(ts, pc="access", orig=None))
         if vma.shared or w.frame(pte.frame).anon:
-            w.set_pte(vma.id, i, Present(pte.frame, writable=True, uffd_wp=False))
+            w.set_pte(vma.id, i, _Present(pte.frame, writable=True, uffd_wp=False))
             return Label("wp_page_reuse", f"page {i}: frame #{pte.frame} made writable")
         src = w.frame(pte.frame)
-        copy = w.new_frame(Frame(src.data, None, True, src.index, "cow", vma.id))
-        w.set_pte(vma.id, i, Present(copy, writable=True, uffd_wp=False))
+        copy = w.new_frame(_Frame(src.data, None, True, src.index, "cow", vma.id))
+        w.set_pte(vma.id, i, _Present(copy, writable=True, uffd_wp=False))
         return Label("wp_page_copy", f"page {i}: private copy #{copy} of frame #{pte.frame}")
 
     def _userfault(
         self,
-        w: World,
+        w: _World,
         name: str,
-        ts: ThreadState,
+        ts: _ThreadState,
         vma: Vma,
         i: int,
-        mode: Mode,
+        mode: _Mode,
         frame: int | None = None,
     ) -> Label:
         assert mode.name is not None
-        w.push_event(Event(mode, vma.id, i, name, frame))
+        w.push_event(_Event(mode, vma.id, i, name, frame))
         w.set_sleepers(vma.id, i, w.sleepers(vma.id, i) | {name})
         w.set_thread(name, replace(ts, pc="userfault", page=None, orig=None))
         return Label("handle_userfault", f"{mode.name} message for page {i} queued; thread sleeps")
 
-    def _wake(self, w: World, vma: int, index: int) -> list[str]:
+    def _wake(self, w: _World, vma: int, index: int) -> list[str]:
         woken = sorted(w.sleepers(vma, index))
         w.set_sleepers(vma, index, frozenset())
         for t in woken:
@@ -880,7 +883,7 @@ class Kernel:
         return woken
 
     # -- hole punch ------------------------------------------------------------------------------
-    def _punch(self, w: World, name: str, ts: ThreadState, op: Punch) -> Label | None:
+    def _punch(self, w: _World, name: str, ts: _ThreadState, op: Punch) -> Label | None:
         start, end = op.start, op.start + op.pages
         victims = [
             v
@@ -908,10 +911,10 @@ class Kernel:
                 vi = fi - vma.pgoff
                 pte = w.pte(vma.id, vi)
                 # even_cows=0: private COW copies stay mapped.
-                if not isinstance(pte, Present) or w.frame(pte.frame).anon:
+                if not isinstance(pte, _Present) or w.frame(pte.frame).anon:
                     continue
-                keep = self.preset.pte_markers and pte.uffd_wp and bool(vma.register & Mode.WP)
-                w.set_pte(vma.id, vi, MARKER if keep else None)
+                keep = self.preset.pte_markers and pte.uffd_wp and bool(vma.register & _Mode.WP)
+                w.set_pte(vma.id, vi, _MARKER if keep else None)
                 if keep:
                     changes.append(f"page {vi} zapped, uffd-wp marker left")
                 elif pte.uffd_wp:
@@ -953,10 +956,10 @@ class Kernel:
             # (A PTE mapping the folio is at index fi of a VMA of the file: read those, noted.)
             around = [(vma, fi - vma.pgoff) for vma in victims if 0 <= fi - vma.pgoff < vma.pages]
             ptes = [w.pte(vma.id, vi) for vma, vi in around]
-            still_mapped = any(isinstance(p, Present) and p.frame == fid for p in ptes)
+            still_mapped = any(isinstance(p, _Present) and p.frame == fid for p in ptes)
             for (vma, vi), pte in zip(around, ptes, strict=True):
-                if (isinstance(pte, Marker) and still_mapped) or (
-                    isinstance(pte, Present) and pte.frame == fid
+                if (isinstance(pte, _Marker) and still_mapped) or (
+                    isinstance(pte, _Present) and pte.frame == fid
                 ):
                     w.set_pte(vma.id, vi, None)
                     unmapped.append(f"VMA {vma.id} page {vi}")
@@ -974,12 +977,12 @@ class Kernel:
         w.set_falloc_sleepers(op.file, frozenset())
         for t in sleepers:
             w.set_thread(t, replace(w.threads[t], pc="access"))
-        w.set_thread(name, ThreadState(op=ts.op + 1, faults=ts.faults))
+        w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults))
         woke = f"; woke {', '.join(sleepers)}" if sleepers else ""
         return Label("shmem_fallocate", f"hole punched, inode->i_private cleared{woke}")
 
     # -- the userfaultfd server ------------------------------------------------------------------
-    def _serve(self, w: World, name: str, ts: ThreadState, op: Serve) -> Label | None:
+    def _serve(self, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label | None:
         ev = ts.event
         if ev is None:
             ev = w.pop_event()
@@ -988,13 +991,13 @@ class Kernel:
             w.log("notified")
             w.notified = w.notified | {(ev.mode, ev.vma, ev.index)}
             wp = "save" if op.snapshot else "snapshot"
-            pc = {Mode.MISSING: "copy", Mode.MINOR: "update", Mode.WP: wp}[ev.mode]
+            pc = {_Mode.MISSING: "copy", _Mode.MINOR: "update", _Mode.WP: wp}[ev.mode]
             w.set_thread(name, replace(ts, pc=pc, event=ev))
             assert ev.mode.name is not None
             return Label("read(uffd)", f"{ev.mode.name} message: VMA {ev.vma} page {ev.index}")
         vma = self.vmas[ev.vma]
         fi = vma.pgoff + ev.index
-        idle = ThreadState(op=ts.op, pc="wait", faults=ts.faults)
+        idle = _ThreadState(op=ts.op, pc="wait", faults=ts.faults)
         if ts.pc == "copy":
             result = self._copy_page(w, vma, ev.index)
             woken = self._wake(w, ev.vma, ev.index)
@@ -1027,10 +1030,10 @@ class Kernel:
                 if w.frame(fid).locked is not None:
                     return None
                 pte = w.pte(vma.id, ev.index)
-                if isinstance(pte, Present):
+                if isinstance(pte, _Present):
                     result = "EEXIST"
                 else:
-                    w.set_pte(vma.id, ev.index, Present(fid, writable=vma.shared, uffd_wp=False))
+                    w.set_pte(vma.id, ev.index, _Present(fid, writable=vma.shared, uffd_wp=False))
                     result = f"mapped frame #{fid}"
             w.log("resolved")
             w.resolved = w.resolved | {(ev.vma, ev.index)}
@@ -1059,27 +1062,27 @@ class Kernel:
         w.set_thread(name, idle)
         return Label("UFFDIO_WRITEPROTECT", f"page {ev.index}: {result}; woke {_pages(woken)}")
 
-    def _copy_page(self, w: World, vma: Vma, i: int) -> str:
+    def _copy_page(self, w: _World, vma: Vma, i: int) -> str:
         # UFFDIO_COPY -> shmem_mfill_atomic_pte(): fails with EEXIST if the page is there.
         fi = vma.pgoff + i
         fid = w.cached(vma.file, fi) if vma.shared else None
         pte = w.pte(vma.id, i)
-        if fid is not None or isinstance(pte, Present):
+        if fid is not None or isinstance(pte, _Present):
             return "EEXIST"
         origin = "copy" if vma.shared else "cow"
-        fid = w.new_frame(Frame(f"s{fi}", None, True, fi, origin, vma.id))
+        fid = w.new_frame(_Frame(f"s{fi}", None, True, fi, origin, vma.id))
         if vma.shared:
             w.set_cached(vma.file, fi, fid)
-        w.set_pte(vma.id, i, Present(fid, writable=True, uffd_wp=False))
+        w.set_pte(vma.id, i, _Present(fid, writable=True, uffd_wp=False))
         return f"new frame #{fid} ({'s' + str(fi)!r}) cached and mapped"
 
-    def _unprotect(self, w: World, vma: Vma, i: int) -> tuple[str, list[str]]:
+    def _unprotect(self, w: _World, vma: Vma, i: int) -> tuple[str, list[str]]:
         """UFFDIO_WRITEPROTECT(0) of one page, waking the threads blocked on it."""
         pte = w.pte(vma.id, i)
-        if isinstance(pte, Present) and pte.uffd_wp:
-            w.set_pte(vma.id, i, Present(pte.frame, pte.writable, uffd_wp=False))
+        if isinstance(pte, _Present) and pte.uffd_wp:
+            w.set_pte(vma.id, i, _Present(pte.frame, pte.writable, uffd_wp=False))
             result = "uffd-wp cleared"
-        elif isinstance(pte, Marker):
+        elif isinstance(pte, _Marker):
             w.set_pte(vma.id, i, None)
             result = "marker cleared"
         else:
@@ -1087,30 +1090,30 @@ class Kernel:
         return result, self._wake(w, vma.id, i)
 
     # -- the live snapshot's protect instant and background copy ----------------------------------
-    def _page_now(self, w: World, vma: Vma, i: int) -> tuple[int | None, str]:
+    def _page_now(self, w: _World, vma: Vma, i: int) -> tuple[int | None, str]:
         """What reading page ``i`` finds: the cached frame and its contents, or zeros."""
         fid = w.cached(vma.file, vma.pgoff + i)
         return (None, "0") if fid is None else (fid, w.frame(fid).data)
 
-    def _protect(self, w: World, name: str, ts: ThreadState, op: Protect) -> Label:
+    def _protect(self, w: _World, name: str, ts: _ThreadState, op: Protect) -> Label:
         vma = self.vmas[op.vma]
         image = dict(w.image)
         marked = []
         for i in range(vma.pages):
             pte = w.pte(vma.id, i)
-            if isinstance(pte, Present):
-                w.set_pte(vma.id, i, Present(pte.frame, writable=False, uffd_wp=True))
+            if isinstance(pte, _Present):
+                w.set_pte(vma.id, i, _Present(pte.frame, writable=False, uffd_wp=True))
             elif pte is None and self.preset.pte_markers:
-                w.set_pte(vma.id, i, MARKER)
+                w.set_pte(vma.id, i, _MARKER)
                 marked.append(i)
             image[(vma.id, i)] = self._page_now(w, vma, i)
         w.log("image")
         w.image = image
-        w.set_thread(name, ThreadState(op=ts.op + 1, faults=ts.faults))
+        w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults))
         how = f"; markers on unmapped pages {_pages(marked)}" if marked else ""
         return Label("UFFDIO_WRITEPROTECT", f"protect instant: pages 0-{vma.pages - 1}{how}")
 
-    def _copy_pages(self, w: World, name: str, ts: ThreadState, op: CopyPages) -> Label:
+    def _copy_pages(self, w: _World, name: str, ts: _ThreadState, op: CopyPages) -> Label:
         vma = self.vmas[op.vma]
         if ts.pc == "unprotect":
             result, woken = self._unprotect(w, vma, ts.cursor)
@@ -1124,5 +1127,5 @@ class Kernel:
             w.set_thread(name, replace(ts, pc="unprotect", cursor=i))
             where = "zeros (no page)" if fid is None else f"frame #{fid}"
             return Label("copy", f"saved page {i}: {where} ({data!r})")
-        w.set_thread(name, ThreadState(op=ts.op + 1, faults=ts.faults))
+        w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults))
         return Label("copy", "every page saved: snapshot complete")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._flags import Mode
+from .._flags import Mode as _Mode
 
 __all__ = ["PRESETS", "Preset", "UnknownNameError", "get_preset"]
 
@@ -23,7 +23,7 @@ class Preset:
 
     name: str
     #: Registration modes for which should_fault_around() says no (uffd_disable_fault_around()).
-    no_fault_around: Mode
+    no_fault_around: _Mode
     #: Zapping a uffd-wp protected PTE leaves PTE_MARKER_UFFD_WP instead of pte_none().
     pte_markers: bool
     summary: str = ""
@@ -35,25 +35,25 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             "pre-patch",
-            Mode(0),
+            _Mode(0),
             pte_markers=False,
             summary="fault-around wherever the VMA has map_pages; no PTE markers (5.10)",
         ),
         Preset(
             "seed",
-            Mode.MISSING | Mode.WP,
+            _Mode.MISSING | _Mode.WP,
             pte_markers=False,
             summary="the patch as posted (Nov 2020): no fault-around if registered MISSING or WP",
         ),
         Preset(
             "markers-only",
-            Mode(0),
+            _Mode(0),
             pte_markers=True,
             summary="PTE markers keep uffd-wp across zaps; fault-around unchanged",
         ),
         Preset(
             "upstream",
-            Mode.WP | Mode.MINOR,
+            _Mode.WP | _Mode.MINOR,
             pte_markers=True,
             summary="5.19: uffd_disable_fault_around() for WP or MINOR, plus PTE markers",
         ),

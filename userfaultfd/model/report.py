@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .explorer import Replay, Result, TableRow, TraceStep
-from .presets import PRESETS
-from .scenarios import SCENARIOS
+from .explorer import Replay as _Replay
+from .explorer import Result as _Result
+from .explorer import TableRow as _TableRow
+from .explorer import TraceStep as _TraceStep
+from .presets import PRESETS as _PRESETS
+from .scenarios import SCENARIOS as _SCENARIOS
 
 __all__ = [
     "render_list",
@@ -29,12 +32,12 @@ def _quote(text: str) -> str:
     return f"'{text}'" if " " in text else text
 
 
-def verdict(result: Result) -> str:
+def verdict(result: _Result) -> str:
     """``violated: <invariant>`` or ``holds``."""
     return f"violated: {result.violation.invariant}" if result.violation else "holds"
 
 
-def render_trace(steps: Iterable[TraceStep]) -> str:
+def render_trace(steps: Iterable[_TraceStep]) -> str:
     steps = list(steps)
     width = max((len(s.thread) for s in steps), default=0)
     fn_width = max((len(s.function) for s in steps), default=0)
@@ -43,7 +46,7 @@ def render_trace(steps: Iterable[TraceStep]) -> str:
     )
 
 
-def render_result(result: Result) -> str:
+def render_result(result: _Result) -> str:
     z = result.sizes
     shown = [
         f"{name}={value}"
@@ -83,7 +86,7 @@ def render_result(result: Result) -> str:
     return "\n".join(lines)
 
 
-def render_replay(run: Replay) -> str:
+def render_replay(run: _Replay) -> str:
     lines = [f"{run.scenario} on {run.kernel.name}: replay {_quote(run.schedule)}"]
     if run.trace:
         lines.append(render_trace(run.trace))
@@ -95,7 +98,7 @@ def render_replay(run: Replay) -> str:
     return "\n".join(lines)
 
 
-def render_table(rows: Sequence[TableRow]) -> str:
+def render_table(rows: Sequence[_TableRow]) -> str:
     header = ("kernel", "scenario", "verdict", "states", "transitions", "faults", "time")
     body = [
         (
@@ -125,8 +128,8 @@ def render_table(rows: Sequence[TableRow]) -> str:
 
 def render_list() -> str:
     lines = ["kernel presets:"]
-    width = max(len(n) for n in (*PRESETS, *SCENARIOS))
-    lines += [f"  {p.name:<{width}}  {p.summary}" for p in PRESETS.values()]
+    width = max(len(n) for n in (*_PRESETS, *_SCENARIOS))
+    lines += [f"  {p.name:<{width}}  {p.summary}" for p in _PRESETS.values()]
     for group, title in (
         ("history", "scenarios (the seed's history):"),
         ("kernel", "more kernel scenarios:"),
@@ -135,7 +138,7 @@ def render_list() -> str:
         lines.append(title)
         lines += [
             f"  {s.name:<{width}}  {s.summary} [invariant: {s.invariant}]"
-            for s in SCENARIOS.values()
+            for s in _SCENARIOS.values()
             if s.group == group
         ]
     return "\n".join(lines)

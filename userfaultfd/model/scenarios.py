@@ -8,10 +8,18 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from .._flags import Mode
-from .kernel import CopyPages, Kernel, Protect, Punch, Read, Serve, Write
-from .presets import UnknownNameError
-from .state import PAGE_SIZE, Present, World
+from .._flags import Mode as _Mode
+from .kernel import CopyPages as _CopyPages
+from .kernel import Kernel as _Kernel
+from .kernel import Protect as _Protect
+from .kernel import Punch as _Punch
+from .kernel import Read as _Read
+from .kernel import Serve as _Serve
+from .kernel import Write as _Write
+from .presets import UnknownNameError as _UnknownNameError
+from .state import PAGE_SIZE as _PAGE_SIZE
+from .state import Present as _Present
+from .state import World as _World
 
 __all__ = ["SCENARIOS", "Scenario", "Sizes", "get_scenario"]
 
@@ -57,11 +65,11 @@ class Scenario:
     name: str
     summary: str
     invariant: str
-    build_sized: Callable[[Kernel, Sizes], None]
-    check: Callable[[Kernel, World], str | None]
+    build_sized: Callable[[_Kernel, Sizes], None]
+    check: Callable[[_Kernel, _World], str | None]
     #: Whether writing this footprint object can change what ``check`` says (a visible step:
     #: persistent sets never postpone one).
-    watches: Callable[[Kernel, Hashable], bool]
+    watches: Callable[[_Kernel, Hashable], bool]
     defaults: Sizes = field(default_factory=Sizes)
     #: "history" (the seed's story: what ``table`` shows by default), "kernel" (more of the
     #: kernel a reader would ask about) or "protocol" (a protocol of the userfaultfd runtime,
@@ -94,7 +102,7 @@ class Scenario:
                     )
         return got
 
-    def build(self, k: Kernel, sizes: Sizes | None = None) -> None:
+    def build(self, k: _Kernel, sizes: Sizes | None = None) -> None:
         self.build_sized(k, self.sized(sizes))
 
 
@@ -108,12 +116,12 @@ def _names(base: str, n: int) -> list[str]:
 
 
 # -- wp-punch-hole --------------------------------------------------------------------------------
-def _build_wp_punch_hole(k: Kernel, z: Sizes) -> None:
+def _build_wp_punch_hole(k: _Kernel, z: Sizes) -> None:
     assert z.pages is not None and z.readers is not None
     assert z.writers is not None and z.punchers is not None
     pages = z.pages
     f = k.shmem_file(pages, cached=range(pages))
-    v = k.mmap(f, _BASE, pages, register=Mode.WP)
+    v = k.mmap(f, _BASE, pages, register=_Mode.WP)
     # Writer j writes odd page 2j+1, which the application wrote before (mapping only it) and
     # the server write-protected; punch i punches the i-th of those; reader r reads the even
     # page after it (unmapped: its read fault is what faults around).
@@ -123,15 +131,15 @@ def _build_wp_punch_hole(k: Kernel, z: Sizes) -> None:
         k.writeprotect(v, t)
     holes = z.punch or tuple((targets[i % len(targets)], 1) for i in range(z.punchers))
     for name, (start, n) in zip(_names("punch", len(holes)), holes, strict=True):
-        k.spawn(name, Punch(f.id, start, n))
+        k.spawn(name, _Punch(f.id, start, n))
     for r, name in enumerate(_names("read", z.readers)):
-        k.spawn(name, Read(v.id, (2 * r + 2) % pages))
+        k.spawn(name, _Read(v.id, (2 * r + 2) % pages))
     for j, name in enumerate(_names("write", z.writers)):
-        k.spawn(name, Write(v.id, targets[j], "v2"))
-    k.spawn("server", Serve())
+        k.spawn(name, _Write(v.id, targets[j], "v2"))
+    k.spawn("server", _Serve())
 
 
-def _untracked_write(k: Kernel, w: World) -> str | None:
+def _untracked_write(k: _Kernel, w: _World) -> str | None:
     for fid, data in w.protected.items():
         frame = w.frames[fid]
         if frame.data != data and fid not in w.saved:
@@ -142,7 +150,7 @@ def _untracked_write(k: Kernel, w: World) -> str | None:
     return None
 
 
-def _watches_untracked(k: Kernel, obj: Hashable) -> bool:
+def _watches_untracked(k: _Kernel, obj: Hashable) -> bool:
     # The check reads frame contents, the protected frames and the saved ones.
     return isinstance(obj, tuple) and (
         obj[0] == "data" or obj in (("log", "saved"), ("log", "protected"))
@@ -150,10 +158,10 @@ def _watches_untracked(k: Kernel, obj: Hashable) -> bool:
 
 
 # -- minor-fault-around ---------------------------------------------------------------------------
-def _build_minor_fault_around(k: Kernel, z: Sizes) -> None:
+def _build_minor_fault_around(k: _Kernel, z: Sizes) -> None:
     assert z.pages is not None and z.readers is not None
     f = k.shmem_file(z.pages, cached=range(z.pages))
-    v = k.mmap(f, _BASE, z.pages, register=Mode.MINOR)
+    v = k.mmap(f, _BASE, z.pages, register=_Mode.MINOR)
     # Readers of every other page (read0, read2), or of every page once they outnumber those.
     step = 2 if 2 * z.readers <= z.pages else 1
     seen: dict[int, int] = {}
@@ -161,15 +169,15 @@ def _build_minor_fault_around(k: Kernel, z: Sizes) -> None:
         page = (step * r) % z.pages
         seen[page] = seen.get(page, 0) + 1
         suffix = "" if seen[page] == 1 else f"_{seen[page]}"
-        k.spawn(f"read{page}{suffix}", Read(v.id, page))
-    k.spawn("server", Serve())
+        k.spawn(f"read{page}{suffix}", _Read(v.id, page))
+    k.spawn("server", _Serve())
 
 
-def _unnotified_mapping(k: Kernel, w: World) -> str | None:
+def _unnotified_mapping(k: _Kernel, w: _World) -> str | None:
     for (vid, i), pte in sorted(w.ptes.items(), key=lambda item: item[0]):
         if (
-            k.vmas[vid].register & Mode.MINOR
-            and isinstance(pte, Present)
+            k.vmas[vid].register & _Mode.MINOR
+            and isinstance(pte, _Present)
             and (vid, i) not in w.resolved
         ):
             data = w.frames[pte.frame].data
@@ -180,38 +188,42 @@ def _unnotified_mapping(k: Kernel, w: World) -> str | None:
     return None
 
 
-def _watches_unnotified(k: Kernel, obj: Hashable) -> bool:
+def _watches_unnotified(k: _Kernel, obj: Hashable) -> bool:
     # The check reads PTEs of MINOR VMAs and the resolved addresses.
     if not isinstance(obj, tuple):
         return False
     if obj[0] == "pte":
-        return bool(k.vmas[obj[1]].register & Mode.MINOR)
+        return bool(k.vmas[obj[1]].register & _Mode.MINOR)
     return obj == ("log", "resolved")
 
 
 # -- missing-shared-cache -------------------------------------------------------------------------
-def _build_missing_shared_cache(k: Kernel, z: Sizes) -> None:
+def _build_missing_shared_cache(k: _Kernel, z: Sizes) -> None:
     assert z.pages is not None and z.readers is not None and z.writers is not None
     pages = z.pages
     f = k.shmem_file(pages)
     filler = k.mmap(f, _BASE, pages, mm=0)
-    reader = k.mmap(f, _BASE, pages, mm=1, register=Mode.MISSING)
+    reader = k.mmap(f, _BASE, pages, mm=1, register=_Mode.MISSING)
     half = pages // 2
     for i in range(half):
         k.write(filler, i, f"a{i}")  # another process filled half the page cache
     # Each reader reads the filled half and two pages more; filler j writes one page past it.
     reads = min(half + 2, pages)
     for name in _names("read", z.readers):
-        k.spawn(name, *(Read(reader.id, i) for i in range(reads)))
+        k.spawn(name, *(_Read(reader.id, i) for i in range(reads)))
     for j, name in enumerate(_names("fill", z.writers)):
         page = (half + 1 + j) % pages
-        k.spawn(name, Write(filler.id, page, f"a{page}"))
-    k.spawn("server", Serve())
+        k.spawn(name, _Write(filler.id, page, f"a{page}"))
+    k.spawn("server", _Serve())
 
 
-def _silent_missing(k: Kernel, w: World) -> str | None:
+def _silent_missing(k: _Kernel, w: _World) -> str | None:
     for fid, frame in sorted(w.frames.items()):
-        if frame.origin == "fault" and frame.vma >= 0 and k.vmas[frame.vma].register & Mode.MISSING:
+        if (
+            frame.origin == "fault"
+            and frame.vma >= 0
+            and k.vmas[frame.vma].register & _Mode.MISSING
+        ):
             return (
                 f"file page {frame.index} was absent, yet a fault in VMA {frame.vma} "
                 f"(registered MISSING) allocated frame #{fid} without a MISSING message"
@@ -219,37 +231,37 @@ def _silent_missing(k: Kernel, w: World) -> str | None:
     return None
 
 
-def _watches_silent(k: Kernel, obj: Hashable) -> bool:
+def _watches_silent(k: _Kernel, obj: Hashable) -> bool:
     # The check reads the frames that exist: only an allocation adds one.
     return obj == ("alloc",)
 
 
 # -- live-snapshot --------------------------------------------------------------------------------
-def _build_live_snapshot(k: Kernel, z: Sizes) -> None:
+def _build_live_snapshot(k: _Kernel, z: Sizes) -> None:
     assert z.pages is not None and z.readers is not None
     assert z.writers is not None and z.punchers is not None
     pages = z.pages
     f = k.shmem_file(pages, cached=range(pages))
-    v = k.mmap(f, _BASE, pages, register=Mode.WP)
+    v = k.mmap(f, _BASE, pages, register=_Mode.WP)
     k.write(v, 1, "v1")  # the program wrote page 1 (mapped); the others are only cached
     # The snapshot: protect at one instant, then the background copy; its fault thread.
-    k.spawn("snap", Protect(v.id), CopyPages(v.id))
-    k.spawn("handler", Serve(snapshot=True))
+    k.spawn("snap", _Protect(v.id), _CopyPages(v.id))
+    k.spawn("handler", _Serve(snapshot=True))
     # Writers of page 1 (mapped at the instant), then 3 (only cached), 0, 2, ...; punches of
     # page 1 and on; readers of page 2 and on (0 with two pages), whose read faults fault
     # around.
     order = [1, 3, 0, 2, *range(4, pages)]
     targets = [order[j % len(order)] % pages for j in range(max(z.writers, 1))]
     for j, name in enumerate(_names("write", z.writers)):
-        k.spawn(name, Write(v.id, targets[j], "v2"))
+        k.spawn(name, _Write(v.id, targets[j], "v2"))
     holes = z.punch or tuple(((1 + 2 * i) % pages, 1) for i in range(z.punchers))
     for name, (start, n) in zip(_names("punch", len(holes)), holes, strict=True):
-        k.spawn(name, Punch(f.id, start, n))
+        k.spawn(name, _Punch(f.id, start, n))
     for r, name in enumerate(_names("read", z.readers)):
-        k.spawn(name, Read(v.id, (2 * r + 2) % pages))
+        k.spawn(name, _Read(v.id, (2 * r + 2) % pages))
 
 
-def _stale_snapshot(k: Kernel, w: World) -> str | None:
+def _stale_snapshot(k: _Kernel, w: _World) -> str | None:
     for key, (fid, data) in sorted(w.snap.items(), key=lambda item: item[0]):
         then_fid, then = w.image[key]
         # A frame the program dropped (punched) since the instant may be saved as anything:
@@ -262,46 +274,46 @@ def _stale_snapshot(k: Kernel, w: World) -> str | None:
     return None
 
 
-def _watches_snapshot(k: Kernel, obj: Hashable) -> bool:
+def _watches_snapshot(k: _Kernel, obj: Hashable) -> bool:
     return isinstance(obj, tuple) and (obj[0] == "snap" or obj == ("log", "image"))
 
 
 # -- overlapping-punches, wp-punch-pmd-edge: the seed's layout, moved ---------------------------
-def _build_pmd_edge(k: Kernel, z: Sizes) -> None:
+def _build_pmd_edge(k: _Kernel, z: Sizes) -> None:
     assert z.readers is not None and z.writers is not None and z.punchers is not None
     f = k.shmem_file(4, cached=range(4))
     # Pages 0-1 end one page table, pages 2-3 start the next.
-    v = k.mmap(f, _BASE - 2 * PAGE_SIZE, 4, register=Mode.WP)
+    v = k.mmap(f, _BASE - 2 * _PAGE_SIZE, 4, register=_Mode.WP)
     k.write(v, 2, "v1")
     k.writeprotect(v, 2)
     for name in _names("punch", z.punchers):
-        k.spawn(name, Punch(f.id, 2, 1))
+        k.spawn(name, _Punch(f.id, 2, 1))
     # read faults on page 1 (the other page table) first, then on page 3 (the same one)
     for r, name in enumerate(_names("read", z.readers)):
-        k.spawn(name, Read(v.id, (1, 3, 0)[r % 3]))
+        k.spawn(name, _Read(v.id, (1, 3, 0)[r % 3]))
     for name in _names("write", z.writers):
-        k.spawn(name, Write(v.id, 2, "v2"))
-    k.spawn("server", Serve())
+        k.spawn(name, _Write(v.id, 2, "v2"))
+    k.spawn("server", _Serve())
 
 
 # -- minor-continue-punch -------------------------------------------------------------------------
-def _build_minor_continue_punch(k: Kernel, z: Sizes) -> None:
+def _build_minor_continue_punch(k: _Kernel, z: Sizes) -> None:
     assert z.pages is not None and z.readers is not None and z.punchers is not None
     f = k.shmem_file(z.pages, cached=range(z.pages))
-    v = k.mmap(f, _BASE, z.pages, register=Mode.MINOR)
+    v = k.mmap(f, _BASE, z.pages, register=_Mode.MINOR)
     for r, name in enumerate(_names("read", z.readers)):
-        k.spawn(name, Read(v.id, (1 + 2 * r) % z.pages))
+        k.spawn(name, _Read(v.id, (1 + 2 * r) % z.pages))
     holes = z.punch or tuple(((1 + 2 * i) % z.pages, 1) for i in range(z.punchers))
     for name, (start, n) in zip(_names("punch", len(holes)), holes, strict=True):
-        k.spawn(name, Punch(f.id, start, n))
-    k.spawn("server", Serve())
+        k.spawn(name, _Punch(f.id, start, n))
+    k.spawn("server", _Serve())
 
 
-def _stale_mapping(k: Kernel, w: World) -> str | None:
+def _stale_mapping(k: _Kernel, w: _World) -> str | None:
     # After truncation no PTE of a shared mapping may map a frame the page cache dropped.
     for (vid, i), pte in sorted(w.ptes.items(), key=lambda item: item[0]):
         v = k.vmas[vid]
-        if not (v.shared and isinstance(pte, Present)):
+        if not (v.shared and isinstance(pte, _Present)):
             continue
         if w.cache.get((v.file, v.pgoff + i)) != pte.frame:
             return (
@@ -311,80 +323,80 @@ def _stale_mapping(k: Kernel, w: World) -> str | None:
     return None
 
 
-def _watches_mappings(k: Kernel, obj: Hashable) -> bool:
+def _watches_mappings(k: _Kernel, obj: Hashable) -> bool:
     return isinstance(obj, tuple) and obj[0] in ("pte", "cache")
 
 
 # -- private-cow-punch ----------------------------------------------------------------------------
-def _build_private_cow_punch(k: Kernel, z: Sizes) -> None:
+def _build_private_cow_punch(k: _Kernel, z: Sizes) -> None:
     assert z.pages is not None and z.readers is not None
     assert z.writers is not None and z.punchers is not None
     f = k.shmem_file(z.pages, cached=range(z.pages))
     private = k.mmap(f, _BASE, z.pages, shared=False)
-    shared = k.mmap(f, _BASE + z.pages * PAGE_SIZE, z.pages)
+    shared = k.mmap(f, _BASE + z.pages * _PAGE_SIZE, z.pages)
     k.write(private, 1, "c1")  # a private copy of page 1 before the punch
     k.read(shared, 2)  # the shared mapping has faulted pages in around page 2
     holes = z.punch or ((0, z.pages),) * z.punchers
     for name, (start, n) in zip(_names("punch", len(holes)), holes, strict=True):
-        k.spawn(name, Punch(f.id, start, n))
+        k.spawn(name, _Punch(f.id, start, n))
     for r, name in enumerate(_names("read", z.readers)):
-        k.spawn(name, Read(private.id, (1 + 2 * r) % z.pages))
+        k.spawn(name, _Read(private.id, (1 + 2 * r) % z.pages))
     for j, name in enumerate(_names("write", z.writers)):
         page = (3 + 2 * j) % z.pages
-        k.spawn(name, Write(private.id, page, f"c{page}"))
+        k.spawn(name, _Write(private.id, page, f"c{page}"))
 
 
-def _lost_private_write(k: Kernel, w: World) -> str | None:
+def _lost_private_write(k: _Kernel, w: _World) -> str | None:
     # A private (COW) page keeps what was written to it: unmap_mapping_range(even_cows=0) and
     # truncation leave anonymous copies mapped.
     written = {(1, "c1")}  # the setup's write
     for name, program in k.programs.items():
         ts = w.threads[name]
         for op in program[: ts.op]:
-            if isinstance(op, Write):
+            if isinstance(op, _Write):
                 written.add((op.index, op.data))
     private = next(v for v in k.vmas if not v.shared)
     for i, data in sorted(written):
         pte = w.ptes.get((private.id, i))
-        got = w.frames[pte.frame].data if isinstance(pte, Present) else None
+        got = w.frames[pte.frame].data if isinstance(pte, _Present) else None
         if got != data:
             return f"private page {i} was written {data!r} but now reads as {got!r}"
     for name, program in k.programs.items():
         ts = w.threads[name]
         for op in program[: ts.op]:
-            if isinstance(op, Read) and (op.index, ts.value) not in written and op.index == 1:
+            if isinstance(op, _Read) and (op.index, ts.value) not in written and op.index == 1:
                 return f"{name} read {ts.value!r} from private page 1, written 'c1'"
     return None
 
 
-def _watches_private(k: Kernel, obj: Hashable) -> bool:
+def _watches_private(k: _Kernel, obj: Hashable) -> bool:
     return isinstance(obj, tuple) and obj[0] in ("pte", "data", "thread")
 
 
 # -- missing-fill ---------------------------------------------------------------------------------
-def _build_missing_fill(k: Kernel, z: Sizes) -> None:
+def _build_missing_fill(k: _Kernel, z: Sizes) -> None:
     assert z.pages is not None and z.readers is not None and z.writers is not None
     pages = z.pages
     f = k.shmem_file(pages)
     other = k.mmap(f, _BASE, pages, mm=0)
-    lazy = k.mmap(f, _BASE, pages, mm=1, register=Mode.MISSING)
+    lazy = k.mmap(f, _BASE, pages, mm=1, register=_Mode.MISSING)
     k.write(other, 1, "a1")  # another process filled page 1 before
-    k.spawn("handler", Serve(prefetch=2))
-    k.spawn("other", Write(other.id, 1, "b1"))  # ... and writes it again during the run
+    k.spawn("handler", _Serve(prefetch=2))
+    k.spawn("other", _Write(other.id, 1, "b1"))  # ... and writes it again during the run
     for r, name in enumerate(_names("read", z.readers)):
-        k.spawn(name, Read(lazy.id, (2 * r) % pages))
+        k.spawn(name, _Read(lazy.id, (2 * r) % pages))
     for j, name in enumerate(_names("write", z.writers)):
         page = (1 + 2 * j) % pages
-        k.spawn(name, Write(lazy.id, page, f"w{page}"))
+        k.spawn(name, _Write(lazy.id, page, f"w{page}"))
 
 
-def _unfilled_read(k: Kernel, w: World) -> str | None:
+def _unfilled_read(k: _Kernel, w: _World) -> str | None:
     # A load returns the store's contents (the handler's copy), or what someone wrote there:
     # never zeros (a page the kernel allocated behind the handler's back).
     for name, program in k.programs.items():
         ts = w.threads[name]
         for op in program[: ts.op]:
-            if not isinstance(op, Read):
+            if not isinstance(op, _Read):
                 continue
             v = k.vmas[op.vma]
             fi = v.pgoff + op.index
@@ -393,7 +405,7 @@ def _unfilled_read(k: Kernel, w: World) -> str | None:
                 o.data
                 for p in k.programs.values()
                 for o in p
-                if isinstance(o, Write) and k.vmas[o.vma].pgoff + o.index == fi
+                if isinstance(o, _Write) and k.vmas[o.vma].pgoff + o.index == fi
             }
             if ts.value not in legit:
                 what = "zeros" if ts.value == "0" else repr(ts.value)
@@ -401,7 +413,7 @@ def _unfilled_read(k: Kernel, w: World) -> str | None:
     return None
 
 
-def _watches_values(k: Kernel, obj: Hashable) -> bool:
+def _watches_values(k: _Kernel, obj: Hashable) -> bool:
     return isinstance(obj, tuple) and obj[0] == "value"
 
 
@@ -514,6 +526,6 @@ def get_scenario(scenario: Scenario | str) -> Scenario:
     try:
         return SCENARIOS[scenario]
     except KeyError:
-        raise UnknownNameError(
+        raise _UnknownNameError(
             f"unknown scenario {scenario!r} (choose from {', '.join(SCENARIOS)})"
         ) from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from .._flags import Mode
+from .._flags import Mode as _Mode
 
 __all__ = [
     "MARKER",
@@ -76,7 +76,7 @@ class Frame:
 class Event:
     """A userfault message the kernel queued; ``frame`` is model bookkeeping for WP faults."""
 
-    mode: Mode
+    mode: _Mode
     vma: int
     index: int
     thread: str
@@ -148,7 +148,7 @@ class World:
         #: Frames whose contents the server saved after a WP message.
         self.saved: frozenset[int] = frozenset()
         #: (mode, vma, index) of every message the server read.
-        self.notified: frozenset[tuple[Mode, int, int]] = frozenset()
+        self.notified: frozenset[tuple[_Mode, int, int]] = frozenset()
         #: (vma, index) the server resolved with UFFDIO_CONTINUE after updating the page.
         self.resolved: frozenset[tuple[int, int]] = frozenset()
         #: The live snapshot: each page's (frame or None, contents) at the protect instant
