@@ -707,6 +707,15 @@ class Handler:
             return Outcome.DONE
         if region.removed[index]:
             return self._place(source, region, index, index + 1, _Fill.ZERO)
+        if self._fetcher is not None:
+            offset = region.offset + index * page
+            fetch = self._fetcher.covering(source.key, offset)
+            if fetch is not None and fetch.marker != offset:
+                # Its bytes are on the way: wait for them. The policy is not asked, since this
+                # is no new access, only the program catching up with the read-ahead.
+                fetch.waiters.append((source.key, region.at(index), time.perf_counter_ns()))
+                self._fetcher.promote(fetch)
+                return Outcome.DONE
         start, end = self.policy.window(index, region.pages, page, region.stream)
         start, end = max(start, 0), min(max(end, index + 1), region.pages)
         if self._record is not None and source.key == 1:
