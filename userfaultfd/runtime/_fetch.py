@@ -50,6 +50,7 @@ class Fetch:
     error: BaseException | None = None
     failed_quickly: bool = True
     _slot: int = -1
+    _released: bool = False
 
     @property
     def end(self) -> int:
@@ -118,9 +119,14 @@ class Fetcher:
         return done
 
     def release(self, fetch: Fetch) -> None:
-        """The bytes of ``fetch`` are placed (or given up): its buffer may be read into again."""
-        with self._lock, contextlib.suppress(ValueError):
-            self.pending.remove(fetch)
+        """The bytes of ``fetch`` are placed (or given up): its buffer may be read into again.
+        Idempotent."""
+        with self._lock:
+            if fetch._released:
+                return
+            fetch._released = True
+            with contextlib.suppress(ValueError):
+                self.pending.remove(fetch)
         if fetch._slot >= 0:
             self._released[fetch._slot].set()
 
@@ -135,7 +141,8 @@ class Fetcher:
         if not any(thread.is_alive() for thread in self._threads):
             self._resources.close()
             for buffer in self._buffers:
-                buffer.close()
+                with contextlib.suppress(BufferError):  # a view is still held: freed at exit
+                    buffer.close()
 
     def _work(self, slot: int) -> None:
         view = memoryview(self._buffers[slot])
@@ -153,7 +160,7 @@ class Fetcher:
             try:
                 self._read(fetch, view)
             except Exception as err:  # any failure: the pages waited on are poisoned
-                fetch.error = err
+                fetch.error = err.with_traceback(None)  # its frames hold this buffer
                 fetch.failed_quickly = time.monotonic() - started < 0.1
             with self._lock:
                 self._done.append(fetch)

@@ -579,6 +579,8 @@ class Handler:
     def _fetch_failed(self, source: _Source, fetch: Fetch) -> Outcome:
         """The store could not give ``fetch``'s bytes: each page a thread waits on is asked for
         alone (if the store failed quickly), or poisoned."""
+        assert self._fetcher is not None
+        self._fetcher.release(fetch)  # no longer in flight: its pages may be asked for again
         self.stats.add(_stats.ERRORS)
         _log.warning("store %r failed at offset %d (%d bytes): %s: %s; pages that are waited "
                      "on are poisoned", self.store, fetch.offset, fetch.size,
