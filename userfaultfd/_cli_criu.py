@@ -128,7 +128,7 @@ def _nested_options(pairs: list[tuple[list[str], Any]]) -> dict[str, Any]:
 
 
 def _lazy_pages(args: argparse.Namespace) -> int:
-    from .criu.lazy_pages import lazy_pages
+    from .criu import lazy_pages
     from .runtime import Server
 
     policy = parse_policy(args.policy)

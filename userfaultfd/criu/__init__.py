@@ -14,8 +14,8 @@ from ._images import Vma as Vma
 from ._pack import pack_images as pack_images
 from ._store import CriuPages as CriuPages
 from ._store import LazyRange as LazyRange
-from .lazy_pages import Summary as Summary
-from .lazy_pages import lazy_pages as lazy_pages
+from ._lazy_pages import Summary as Summary
+from ._lazy_pages import lazy_pages as lazy_pages
 
 __all__ = [
     "CriuImageError",
