@@ -190,6 +190,7 @@ class Handler:
         self._held: dict[tuple[int, int], bytes] = {}  # marker pages kept back, by store offset
         self._record = open(record, "ab") if record is not None else None  # noqa: SIM115
         self._prefetch = prefetch
+        self._prefetching = False
         # Only a store that overrides known_zero is asked page by page.
         self._background = False  # b"b": fill every page between faults
         self._cursors: dict[tuple[int, int], int] = {}  # where the background fill got to
@@ -542,6 +543,9 @@ class Handler:
                     self._retry.extend(done[position:])
                     break
                 self._fetcher.release(fetch)
+        if self._prefetching and not any(f.prefetch for f in self._fetcher.pending):
+            self._prefetching = False
+            self.stats.set(_stats.PREFETCHING, 0)
 
     def _install(self, fetch: Fetch) -> Outcome:
         source = self._by_key.get(fetch.key)
@@ -663,7 +667,8 @@ class Handler:
             self._install_completed()
 
     def start_prefetch(self) -> None:
-        """Ask for a recorded working set, in its order, behind any demand read."""
+        """Ask for a recorded working set, in its order, behind any demand read. The stats
+        say when it is all in (``PREFETCHING`` back to 0: serve() waits for it)."""
         if self._prefetch is None or self._fetcher is None:
             return
         source = self._by_key.get(1)
@@ -672,9 +677,11 @@ class Handler:
                 data = f.read()
         except OSError as err:
             _log.warning("prefetch: cannot read %s: %s", self._prefetch, err)
+            data = b""
+        if source is None or not data:
+            self.stats.set(_stats.PREFETCHING, 0)
             return
-        if source is None:
-            return
+        self._prefetching = True
         for offset, length in _RECORD.iter_unpack(data[: len(data) // _RECORD.size * _RECORD.size]):
             for region in source.regions:
                 page = region.page_size
@@ -683,6 +690,9 @@ class Handler:
                 if lo < hi:
                     first, last = (lo - region.offset) // page, -(-(hi - region.offset) // page)
                     self._ask(source, region, first, last, demand=False, prefetch=True)
+        if not any(f.prefetch for f in self._fetcher.pending):  # all there, or all zero
+            self._prefetching = False
+            self.stats.set(_stats.PREFETCHING, 0)
 
     # -- filling pages -----------------------------------------------------------------------------
     def _zeros(self, length: int) -> int:

@@ -205,6 +205,7 @@ def serve(
     fetches: int | None = None,
     record: str | os.PathLike[str] | None = None,
     prefetch: str | os.PathLike[str] | None = None,
+    prefetch_timeout: float = 60.0,
 ) -> Server:
     """Register ``regions`` (MISSING) and serve their faults from ``store`` in a new process.
 
@@ -217,7 +218,10 @@ def serve(
     ``fetches``: store reads kept in flight (default: what the store serves at once, e.g. 16
     for HTTP and S3, 1 for a local file). ``record``: append the working set to this file (each
     fill a fault asked for, in order); ``prefetch``: a file ``record`` wrote, whose fills are
-    read and installed ahead of the faults, behind any page a thread waits on.
+    read and installed (without waking, one wake per run) before serve() returns, as REAP
+    does: the program then runs on its working set without faults. After
+    ``prefetch_timeout`` seconds serve() returns anyway, and the rest comes in behind the
+    faults, which are served first.
     """
     wanted = [r if isinstance(r, Region) else Region.of(r) for r in regions]
     if not wanted:
@@ -244,6 +248,12 @@ def serve(
     if fetches is not None and (isinstance(fetches, bool) or not isinstance(fetches, int)
                                 or not 1 <= fetches <= 1024):  # fmt: skip
         raise ValueError(f"fetches (reads in flight) must be an int in [1, 1024], not {fetches!r}")
+    if (
+        isinstance(prefetch_timeout, bool)
+        or not isinstance(prefetch_timeout, int | float)
+        or (prefetch_timeout < 0)
+    ):
+        raise ValueError(f"prefetch_timeout must be seconds >= 0, not {prefetch_timeout!r}")
     if prefetch is not None and not os.path.isfile(prefetch):
         raise FileNotFoundError(errno.ENOENT, "no working-set record to prefetch", str(prefetch))
     options = Options(
@@ -252,6 +262,7 @@ def serve(
         None if prefetch is None else os.path.abspath(prefetch),
     )  # fmt: skip
     stats = options.stats
+    stats.set(_stats.PREFETCHING, 1 if prefetch is not None else 0)
     handler_cpu, pinned_thread = _place(cpu)
     control_read, control_write = os.pipe2(os.O_CLOEXEC)
 
@@ -279,6 +290,8 @@ def serve(
         (ready, _pid), _ = launched.channel.recv(timeout=30)
         if ready != "ready":
             raise RuntimeError(f"the handler did not start: {ready}")
+        if prefetch is not None:
+            _wait_for_prefetch(stats, launched, prefetch_timeout)
     except BaseException:
         if launched is not None:
             launched.kill()
@@ -293,6 +306,13 @@ def serve(
         if launched is not None:
             launched.channel.sock.close()
     return Server(launched, control_write, stats, resolved, pinned_thread)
+
+
+def _wait_for_prefetch(stats: StatsBlock, launched: Launched, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while stats.value(_stats.PREFETCHING) and time.monotonic() < deadline:
+        if select.select([launched.pidfd], [], [], 0.002)[0]:
+            return  # the supervisor ended: nothing will come
 
 
 def _open(user_mode_only: bool) -> tuple[Userfaultfd, Feature]:

@@ -47,7 +47,8 @@ class StatsBlock(SharedCounters):
     """The runtime handler's counters."""
 
     def __init__(self) -> None:
-        super().__init__(len(_COUNTERS) + 1)  # and the running handler's pid
+        # and the running handler's pid, and whether a prefetch is still on its way
+        super().__init__(len(_COUNTERS) + 2)
 
     def snapshot(self) -> Stats:
         counts = [self.value(i) for i in range(len(_COUNTERS))]
@@ -55,4 +56,4 @@ class StatsBlock(SharedCounters):
 
 
 (FAULTS, PAGES, BYTES, ERRORS, EVENTS, WAKES, POISONED, COPIES, RESTARTS, ZEROS, PREFETCHED,
- HANDLER_PID) = range(len(_COUNTERS) + 1)  # fmt: skip
+ HANDLER_PID, PREFETCHING) = range(len(_COUNTERS) + 2)  # fmt: skip

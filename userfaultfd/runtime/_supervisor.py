@@ -103,6 +103,8 @@ def supervise(channel: Channel, control: int, options: Options, cpu: int | None)
     listening = True
     while True:
         pid, commands, reports = _start(sources, options, control, channel)
+        if options.prefetch is None:
+            stats.set(_stats.PREFETCHING, 0)  # nobody is prefetching: serve() must not wait
         options.prefetch = None  # a restarted handler serves on demand
         stats.set(_stats.HANDLER_PID, pid)
         if command:
