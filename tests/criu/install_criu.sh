@@ -21,10 +21,13 @@ if [[ -f "$root/ok" && -x "$wrapper" ]]; then
     echo "$wrapper"
     exit 0
 fi
-# The mirror the system already uses (deb.debian.org unless the system says otherwise).
+# The Debian mirror the system already uses.
 mirror=$(grep -rhoE 'https?://[^ ]*/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
     | head -n1 | tr -d ' ' || true)
-mirror=${mirror:-http://deb.debian.org/debian}
+if [[ -z "$mirror" ]]; then
+    echo "install_criu.sh: no Debian mirror in /etc/apt/sources.list*" >&2
+    exit 1
+fi
 apt_dir="$root/apt"
 rm -rf "$apt_dir" "$root/debs" "$root/fs"
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$apt_dir/etc/preferences.d" \
