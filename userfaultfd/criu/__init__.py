@@ -11,11 +11,11 @@ from ._images import Inventory as Inventory
 from ._images import PagemapEntry as PagemapEntry
 from ._images import PstreeEntry as PstreeEntry
 from ._images import Vma as Vma
+from ._lazy_pages import Summary as Summary
+from ._lazy_pages import lazy_pages as lazy_pages
 from ._pack import pack_images as pack_images
 from ._store import CriuPages as CriuPages
 from ._store import LazyRange as LazyRange
-from ._lazy_pages import Summary as Summary
-from ._lazy_pages import lazy_pages as lazy_pages
 
 __all__ = [
     "CriuImageError",
