@@ -12,19 +12,12 @@ closed before this returns.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from typing import Any
 
-from .. import memory
 from .._core import Userfaultfd
-from .._forked import Channel
 from ..stores import Store
-from . import _supervisor
-from ._launch import Launched, launch
-from ._policy import Adaptive, Policy
-from ._server import Region, Server, _checked, _place, _refuse_overlaps, _unpin
-from ._stats import StatsBlock
+from ._policy import Policy
+from ._server import Region, Server, plan, start
 
 __all__ = ["serve_adopted"]
 
@@ -45,78 +38,9 @@ def serve_adopted(
     :func:`~userfaultfd.runtime.serve` (``cpu`` "same" is refused: the faulting threads are in
     another process). Takes ``uffd`` over: it is closed when this returns."""
     try:
-        wanted = list(regions)
-        if not wanted:
-            raise ValueError("serve_adopted() needs at least one region")
-        chosen = Adaptive() if policy is None else policy
-        if not isinstance(chosen, Policy):
-            raise TypeError(f"policy must be Single(), Window(n) or Adaptive(), not {chosen!r}")
-        if not isinstance(store, Store):
-            raise TypeError(f"store must be a userfaultfd.stores.Store, not {type(store).__name__}")
         if cpu == "same":
             raise ValueError('cpu "same" pins the caller; the faulting task is another process')
-        resolved = [_checked(r, store) for r in wanted]
-        _refuse_overlaps(resolved)
-        largest_page = max(r.page_size or memory.page_size() for r in resolved)
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch (events read at once) must be a positive int, not {batch!r}")
-        if (
-            isinstance(buffer_bytes, bool)
-            or not isinstance(buffer_bytes, int)
-            or (buffer_bytes < largest_page)
-        ):
-            raise ValueError(f"buffer_bytes must be at least one page ({largest_page})")
-        handler_cpu, pinned = _place(cpu)
-        assert pinned is None
-        stats = StatsBlock()
-        control_read, control_write = os.pipe2(os.O_CLOEXEC)
-
-        def body(channel: Channel) -> None:
-            os.close(control_write)
-            _supervise(channel, control_read, store, chosen, stats, handler_cpu, batch,
-                       buffer_bytes)  # fmt: skip
-
-        launched: Launched | None = None
-        try:
-            launched = launch(body)
-            os.close(control_read)
-            control_read = -1
-            launched.channel.send(
-                (int(uffd.features),
-                 [(r.address, r.length, r.offset, r.page_size) for r in resolved]),
-                [uffd.fileno()],
-            )  # fmt: skip
-            uffd.close()  # the supervisor holds it now
-            (ready, _pid), _ = launched.channel.recv(timeout=30)
-            if ready != "ready":
-                raise RuntimeError(f"the handler did not start: {ready}")
-        except BaseException:
-            if launched is not None:
-                launched.kill()
-                os.close(launched.pidfd)
-            for fd in (control_read, control_write):
-                if fd >= 0:
-                    os.close(fd)
-            if pinned is not None:
-                _unpin(pinned)
-            raise
-        finally:
-            if launched is not None:
-                launched.channel.sock.close()
-        return Server(launched, control_write, stats, resolved, None)
+        resolved, options = plan(list(regions), store, policy, batch, buffer_bytes)
+        return start(resolved, options, cpu, lambda: (uffd, uffd.features))
     finally:
         uffd.close()
-
-
-def _supervise(
-    channel: Channel, control: int, store: Store, policy: Policy, stats: StatsBlock,
-    cpu: int | None, batch: int, buffer_bytes: int,
-) -> None:  # fmt: skip
-    """The supervisor, whichever of its two signatures the runtime has (it is being reworked:
-    an Options record replaces the loose arguments)."""
-    supervise: Any = _supervisor.supervise
-    options_type: Any = getattr(_supervisor, "Options", None)
-    if options_type is not None:
-        supervise(channel, control, options_type(store, policy, stats, batch, buffer_bytes), cpu)
-    else:
-        supervise(channel, control, store, policy, stats, cpu, batch, buffer_bytes)

@@ -27,7 +27,7 @@ import select
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .. import _abi, _libc, memory
@@ -43,7 +43,7 @@ from ._policy import Adaptive, Policy
 from ._stats import Stats, StatsBlock
 from ._supervisor import Options, supervise
 
-__all__ = ["DEFAULT_CPU", "Region", "Server", "serve"]
+__all__ = ["DEFAULT_CPU", "Region", "Server", "plan", "serve", "start"]
 
 #: Where the handler runs by default: "same" pins it and the calling thread to one CPU, where a
 #: wakeup costs a few microseconds instead of tens across CPUs (benchmarks/runtime.py).
@@ -224,35 +224,50 @@ def serve(
     faults, which are served first.
     """
     wanted = [r if isinstance(r, Region) else Region.of(r) for r in regions]
-    if not wanted:
+    resolved, options = plan(wanted, store, policy, batch, buffer_bytes, fetches, record,
+                             prefetch, prefetch_timeout)  # fmt: skip
+
+    def register() -> tuple[Userfaultfd, Feature]:
+        uffd, features = _open(user_mode_only)
+        if Feature.EVENT_FORK not in features:
+            for r in resolved:
+                _dont_fork(r)
+        for r in resolved:
+            uffd.register(r.address, r.length, Mode.MISSING)
+        return uffd, features
+
+    return start(resolved, options, cpu, register, prefetch_timeout)
+
+
+def plan(
+    regions: list[Region], store: Store, policy: Policy | None, batch: int, buffer_bytes: int,
+    fetches: int | None = None, record: str | os.PathLike[str] | None = None,
+    prefetch: str | os.PathLike[str] | None = None, prefetch_timeout: float = 60.0,
+) -> tuple[list[Region], Options]:  # fmt: skip
+    """Check everything serve() is given before any process starts; the regions it will serve
+    (page sizes resolved) and the supervisor's options."""
+    if not regions:
         raise ValueError("serve() needs at least one region")
     chosen = Adaptive() if policy is None else policy
     if not isinstance(chosen, Policy):
         raise TypeError(f"policy must be Single(), Window(n) or Adaptive(), not {chosen!r}")
     if not isinstance(store, Store):
         raise TypeError(f"store must be a userfaultfd.stores.Store, not {type(store).__name__}")
-    resolved = [_checked(r, store) for r in wanted]
+    resolved = [_checked(r, store) for r in regions]
     _refuse_overlaps(resolved)
     largest_page = max(r.page_size or 0 for r in resolved)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if not _is_int(batch) or batch < 1:
         raise ValueError(f"batch (events read at once) must be a positive int, not {batch!r}")
-    if (
-        isinstance(buffer_bytes, bool)
-        or not isinstance(buffer_bytes, int)
-        or (buffer_bytes < largest_page)
-    ):
+    if not _is_int(buffer_bytes) or buffer_bytes < largest_page:
         raise ValueError(
             f"buffer_bytes must be an int of at least one page ({largest_page}), not "
             f"{buffer_bytes!r}"
         )
-    if fetches is not None and (isinstance(fetches, bool) or not isinstance(fetches, int)
-                                or not 1 <= fetches <= 1024):  # fmt: skip
+    if fetches is not None and (not _is_int(fetches) or not 1 <= fetches <= 1024):
         raise ValueError(f"fetches (reads in flight) must be an int in [1, 1024], not {fetches!r}")
-    if (
-        isinstance(prefetch_timeout, bool)
-        or not isinstance(prefetch_timeout, int | float)
-        or (prefetch_timeout < 0)
-    ):
+    if isinstance(prefetch_timeout, bool) or not isinstance(prefetch_timeout, int | float) or (
+        prefetch_timeout < 0
+    ):  # fmt: skip
         raise ValueError(f"prefetch_timeout must be seconds >= 0, not {prefetch_timeout!r}")
     if prefetch is not None and not os.path.isfile(prefetch):
         raise FileNotFoundError(errno.ENOENT, "no working-set record to prefetch", str(prefetch))
@@ -261,8 +276,24 @@ def serve(
         None if record is None else os.path.abspath(record),
         None if prefetch is None else os.path.abspath(prefetch),
     )  # fmt: skip
-    stats = options.stats
-    stats.set(_stats.PREFETCHING, 1 if prefetch is not None else 0)
+    options.stats.set(_stats.PREFETCHING, 1 if prefetch is not None else 0)
+    return resolved, options
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def start(
+    resolved: list[Region],
+    options: Options,
+    cpu: int | str | None,
+    hand_over: Callable[[], tuple[Userfaultfd, Feature]],
+    prefetch_timeout: float = 60.0,
+) -> Server:
+    """The one start-up sequence: start the supervisor, then ``hand_over()`` makes the uffd
+    (registered, with its features), which goes to the supervisor over SCM_RIGHTS and is
+    closed here; wait for "ready" (and a prefetch); on any failure, kill what started."""
     handler_cpu, pinned_thread = _place(cpu)
     control_read, control_write = os.pipe2(os.O_CLOEXEC)
 
@@ -276,13 +307,8 @@ def serve(
         launched = launch(body)
         os.close(control_read)
         control_read = -1
-        uffd, features = _open(user_mode_only)
+        uffd, features = hand_over()
         with uffd:
-            if Feature.EVENT_FORK not in features:
-                for r in resolved:
-                    _dont_fork(r)
-            for r in resolved:
-                uffd.register(r.address, r.length, Mode.MISSING)
             launched.channel.send(
                 (int(features), [(r.address, r.length, r.offset, r.page_size) for r in resolved]),
                 [uffd.fileno()],
@@ -290,8 +316,8 @@ def serve(
         (ready, _pid), _ = launched.channel.recv(timeout=30)
         if ready != "ready":
             raise RuntimeError(f"the handler did not start: {ready}")
-        if prefetch is not None:
-            _wait_for_prefetch(stats, launched, prefetch_timeout)
+        if options.prefetch is not None:
+            _wait_for_prefetch(options.stats, launched, prefetch_timeout)
     except BaseException:
         if launched is not None:
             launched.kill()
@@ -305,7 +331,7 @@ def serve(
     finally:
         if launched is not None:
             launched.channel.sock.close()
-    return Server(launched, control_write, stats, resolved, pinned_thread)
+    return Server(launched, control_write, options.stats, resolved, pinned_thread)
 
 
 def _wait_for_prefetch(stats: StatsBlock, launched: Launched, timeout: float) -> None:
