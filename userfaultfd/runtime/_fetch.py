@@ -136,8 +136,9 @@ class Fetcher:
             self._lock.notify_all()
         for released in self._released:
             released.set()
+        deadline = time.monotonic() + 1.0  # a read stuck on the network is left to exit
         for thread in self._threads:
-            thread.join(timeout=1.0)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         if not any(thread.is_alive() for thread in self._threads):
             self._resources.close()
             for buffer in self._buffers:
