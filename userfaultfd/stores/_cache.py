@@ -22,7 +22,7 @@ import os
 import threading
 import time
 
-from ._base import StoreError
+from ._base import StoreError, replacing
 
 __all__ = ["ChunkCache"]
 
@@ -70,16 +70,10 @@ class ChunkCache:
         if len(data) > self.max_bytes:
             return
         path = self._path(key)
-        tmp = os.path.join(self.directory, f".{key}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            with replacing(path, durable=False) as out:  # a lost cache entry is only a miss
+                out.write(data)
         except OSError as err:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 return  # a full disk makes a cache miss, not a failed read
             raise StoreError(f"chunk cache {path}: {err.strerror}", code=err.errno or 5) from err

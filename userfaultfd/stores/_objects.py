@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 from typing import Any
 
-from ._base import StoreError
+from ._base import StoreError, replacing
 from ._fsspec import PARALLEL_REQUESTS, call_with_retries, connect, with_timeouts
 
 __all__ = ["Objects", "open_objects"]
@@ -63,19 +62,8 @@ class _Local(Objects):
     def put(self, name: str, data: bytes) -> None:
         os.makedirs(self._directory, exist_ok=True)
         path = os.path.join(self._directory, name)
-        tmp = os.path.join(self._directory, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        with replacing(path) as out:
+            out.write(data)
 
     def sizes(self) -> dict[str, int]:
         try:

@@ -43,7 +43,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import BinaryIO, Self
 
-from ._base import Store, StoreError
+from ._base import Store, StoreError, replacing
 from ._chunks import Codec, PackInfo, digest, is_zero, read_chunks, train
 
 __all__ = ["MAGIC", "ZstdStore", "write_pack"]
@@ -84,20 +84,9 @@ def write_pack(
     progress: Callable[[int, int], None] | None,
 ) -> PackInfo:
     """The single-file pack of ``store`` at the local path ``dest`` (see :func:`pack`)."""
-    tmp = os.path.join(os.path.dirname(dest) or ".", f".{os.path.basename(dest)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as out:
-            zero_chunks, dict_size = _write(store, out, chunk_size, level, dictionary, progress)
-            packed_size = out.tell()
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with replacing(dest) as out:
+        zero_chunks, dict_size = _write(store, out, chunk_size, level, dictionary, progress)
+        packed_size = out.tell()
     size = store.size
     return PackInfo(
         path=dest,
