@@ -254,18 +254,9 @@ http {{
 """
 
 
-def _listening(pid: int, port: int) -> bool:
-    """Whether process ``pid`` has a TCP socket listening on ``port``, in its own namespace."""
-    try:
-        rows = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return False
-    return any(r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A" for r in rows)
-
-
 def _wait_listening(proc: subprocess.Popen[bytes], port: int, what: str, log: Path | None) -> None:
     deadline = time.monotonic() + 10
-    while not _listening(proc.pid, port):
+    while not _netns.listening(proc.pid, port):
         if proc.poll() is not None or time.monotonic() > deadline:
             tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
             raise RuntimeError(f"{what} did not start listening on {port}: {tail}")

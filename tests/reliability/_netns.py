@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 #: The test subnet, private and used only inside namespaces made here.
@@ -114,3 +115,13 @@ def pair() -> Iterator[Pair]:
     finally:
         for ns in reversed(made):
             ns._teardown()
+
+
+def listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has a TCP socket listening on ``port``, in its own namespace
+    (read from /proc/PID/net/tcp, which shows the namespace the process is in)."""
+    try:
+        rows = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A" for r in rows)

@@ -308,15 +308,6 @@ http {{
 """
 
 
-def _listening(pid: int, port: int) -> bool:
-    """Whether process ``pid`` has a TCP socket listening on ``port``, in its own namespace."""
-    try:
-        rows = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return False
-    return any(r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A" for r in rows)
-
-
 class Nginx:
     """nginx with TLS and basic auth on ``address:port``, in ``ns`` or the test's namespace."""
 
@@ -343,7 +334,7 @@ class Nginx:
                                      stderr=subprocess.DEVNULL)  # fmt: skip
         self.proc = self.ns.popen(argv, **quiet) if self.ns else subprocess.Popen(argv, **quiet)
         deadline = time.monotonic() + 10
-        while not _listening(self.proc.pid, self.port):
+        while not _netns.listening(self.proc.pid, self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 log = (self.prefix / "error.log").read_text(errors="replace")[-2000:]
