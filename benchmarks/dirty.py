@@ -31,12 +31,18 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from userfaultfd import Feature, Mode, Userfaultfd, memory
-from userfaultfd._cli_stores import parse_size
 from userfaultfd.tools import track
 
 PAGE = memory.page_size()
 SOFT_DIRTY = np.uint64(1 << 55)
 UFFD_WP = np.uint64(1 << 57)
+
+
+def parse_size(text: str) -> int:
+    """``"1G"``, ``"256M"``, ``"64K"`` or a number of bytes (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    scale = units.get(text[-1:].upper(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
 
 
 @dataclass(frozen=True, slots=True)

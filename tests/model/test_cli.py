@@ -9,7 +9,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from userfaultfd._cli_model import add_model_commands
+from userfaultfd.cli._model import add_model_commands
 
 
 def _main(argv: list[str]) -> int:

@@ -480,7 +480,7 @@ def test_main_turns_each_failure_into_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """main() itself, for the exceptions no real bad input above raises."""
-    from userfaultfd import cli
+    from userfaultfd.cli import _main as cli
 
     failures: list[tuple[BaseException, int, str]] = [
         (TimeoutError("the handler did not finish in 5 s; killed"), 1,

@@ -10,7 +10,8 @@ import pytest
 
 from tests.stores._checks import assert_range
 from tests.stores.conftest import make_payload
-from userfaultfd._cli_stores import add_store_commands, parse_size
+from userfaultfd.cli._args import parse_size
+from userfaultfd.cli._stores import add_store_commands
 from userfaultfd.stores import ChunkedStore, ZstdStore, open_store
 
 DATA = make_payload(200_000, seed=5)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from ._cli_runtime import parse_policy
+from ._args import parse_policy, storage_option
 
 __all__ = ["add_criu_commands"]
 
@@ -52,7 +51,7 @@ def add_criu_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         metavar="KEY=VALUE",
         action="append",
         default=[],
-        type=_storage_option,
+        type=storage_option,
         help=(
             "a storage option for the --pages URL, repeatable; a dotted KEY nests (for S3:"
             " key=..., secret=..., client_kwargs.endpoint_url=http://HOST:PORT,"
@@ -89,7 +88,7 @@ def _add_pack_criu(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _pack_criu(args: argparse.Namespace) -> int:
-    from .criu import pack_images
+    from ..criu import pack_images
 
     started = time.monotonic()
     infos = pack_images(args.source, args.dest, chunk_size=getattr(args, "chunk_size", None),
@@ -99,18 +98,6 @@ def _pack_criu(args: argparse.Namespace) -> int:
               f"{info.chunks} chunks")  # fmt: skip
     print(f"uffd pack --criu: {len(infos)} pages images in {time.monotonic() - started:.2f} s")
     return 0
-
-
-def _storage_option(text: str) -> tuple[list[str], Any]:
-    key, equals, value = text.partition("=")
-    path = key.split(".")
-    if not equals or not all(path):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE (KEY may be dotted: a.b)")
-    try:
-        parsed: Any = json.loads(value)
-    except ValueError:
-        parsed = value
-    return path, parsed if parsed is None or isinstance(parsed, bool | int | float) else value
 
 
 def _nested_options(pairs: list[tuple[list[str], Any]]) -> dict[str, Any]:
@@ -128,8 +115,8 @@ def _nested_options(pairs: list[tuple[list[str], Any]]) -> dict[str, Any]:
 
 
 def _lazy_pages(args: argparse.Namespace) -> int:
-    from .criu import lazy_pages
-    from .runtime import Server
+    from ..criu import lazy_pages
+    from ..runtime import Server
 
     policy = parse_policy(args.policy)
 

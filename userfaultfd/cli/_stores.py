@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 
-from .stores import open_store, pack
-from .stores._pack import DEFAULT_CHUNK_SIZE
+from ..stores import open_store, pack
+from ..stores._pack import DEFAULT_CHUNK_SIZE
+from ._args import parse_size
 
-__all__ = ["add_store_commands", "parse_size"]
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+__all__ = ["add_store_commands"]
 
 
 def add_store_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -55,14 +53,6 @@ def add_store_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         " default: none)",
     )
     p.set_defaults(func=_pack)
-
-
-def parse_size(text: str) -> int:
-    """``"65536"``, ``"64K"``, ``"1M"``, ``"1MiB"`` -> bytes (binary units)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 65536, 64K, 1M)")
-    return int(match[1]) * _UNITS[match[2].lower()]
 
 
 def _human(n: float) -> str:

@@ -11,9 +11,9 @@ import threading
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeRemainingColumn
 
-from . import memory
-from ._cli_stores import parse_size
-from .tools import check_destination, snapshot
+from .. import memory
+from ..tools import check_destination, snapshot
+from ._args import count, parse_size
 
 __all__ = ["add_tool_commands"]
 
@@ -82,20 +82,11 @@ def _digest(dest: str) -> str | None:
     return digest.hexdigest()
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more, not {value}")
-    return value
-
-
 def add_tool_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     snap = commands.add_parser(
         "snapshot", help="live snapshot of a demo region while threads keep writing to it"
     )
     snap.add_argument("dest", help="image path, or an fsspec URL to upload it to")
     snap.add_argument("--size", default="256M", help="demo region size, e.g. 256M or 1G")
-    snap.add_argument(
-        "--writers", type=_count, default=2, help="writer threads during the snapshot"
-    )
+    snap.add_argument("--writers", type=count, default=2, help="writer threads during the snapshot")
     snap.set_defaults(func=_snapshot_demo)

@@ -23,32 +23,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import memory
-from .runtime import Adaptive, Policy, Single, Window, lazy, serve_socket, server_of
-from .stores import Store, StoreError, open_store
+from .. import memory
+from ..runtime import Policy, lazy, serve_socket, server_of
+from ..stores import Store, StoreError, open_store
+from ._args import cpu, parse_policy, positive
 
-__all__ = ["add_runtime_commands", "parse_policy"]
-
-
-def parse_policy(text: str) -> Policy:
-    """``single``, ``window:N`` or ``adaptive[:MAX_BYTES]``."""
-    name, _, argument = text.partition(":")
-    try:
-        if name == "single" and not argument:
-            return Single()
-        if name == "window":
-            return Window(int(argument or 16))
-        if name == "adaptive":
-            return Adaptive(max_bytes=int(argument)) if argument else Adaptive()
-    except ValueError as err:
-        raise ValueError(f"bad policy {text!r}: {err}") from None
-    raise ValueError(f"bad policy {text!r}: use single, window:N or adaptive[:MAX_BYTES]")
-
-
-def _cpu(text: str) -> int | str | None:
-    if text == "none":
-        return None
-    return text if text == "same" else int(text)
+__all__ = ["add_runtime_commands"]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -63,18 +43,11 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {value}")
-    return value
-
-
 _NOTE = struct.Struct("<qI")  # (source offset being read, or -1; length of a pickled error)
 
 
 def _lazy(args: argparse.Namespace) -> int:
-    policy, cpu = parse_policy(args.policy), _cpu(args.cpu)
+    policy, handler_cpu = parse_policy(args.policy), cpu(args.cpu)
     store = open_store(args.source)  # a bad source fails here, before the fork
     note = mmap.mmap(-1, 1 << 16)  # MAP_SHARED: what the child was doing when it died
     _NOTE.pack_into(note, 0, -1, 0)
@@ -85,7 +58,7 @@ def _lazy(args: argparse.Namespace) -> int:
         status = 1
         try:
             try:
-                status = _touch(args, store, policy, cpu, note)
+                status = _touch(args, store, policy, handler_cpu, note)
             except BaseException as err:  # the parent raises it, as if it were its own
                 try:
                     message = pickle.dumps(err)
@@ -207,9 +180,7 @@ def add_runtime_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     lazy_cmd.add_argument("source", help="a path, an fsspec URL, a .npy file or a pack")
     lazy_cmd.add_argument("--order", choices=["seq", "random"], default="seq")
     lazy_cmd.add_argument("--policy", default="adaptive", help="single, window:N or adaptive")
-    lazy_cmd.add_argument(
-        "--pages", type=_positive, default=None, help="touch only this many pages"
-    )
+    lazy_cmd.add_argument("--pages", type=positive, default=None, help="touch only this many pages")
     lazy_cmd.add_argument("--cpu", default="same", help='handler CPU: a number, "same" or "none"')
     lazy_cmd.add_argument("--seed", type=int, default=1, help="seed of the random order")
     lazy_cmd.add_argument("--record", metavar="PATH", help="log the working set (fills in order)")

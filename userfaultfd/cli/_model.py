@@ -7,8 +7,10 @@ import shutil
 import subprocess
 import sys
 
-from . import model
-from .model import diagram, report
+from .. import model
+from ..model import diagram, report
+
+__all__ = ["add_model_commands"]
 
 
 def add_model_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

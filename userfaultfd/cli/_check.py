@@ -1,0 +1,77 @@
+"""``uffd check``: argument parsing for userfaultfd.check, and its report on the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import check as _checks
+
+__all__ = ["add_check_command"]
+
+_DEFAULTS = _checks.CheckOptions()
+
+
+def add_check_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``check [--only NAME]... [--json] [--seed N] [--layouts N] [--race-seconds S]
+    [--race-iterations N]`` to ``commands``."""
+    check = commands.add_parser(
+        "check", help="prove on this kernel that userspace governs every page of a uffd range"
+    )
+    check.add_argument(
+        "--only",
+        action="append",
+        choices=list(_checks.CHECKS),
+        metavar="NAME",
+        help=f"run only this check (repeatable): {', '.join(_checks.CHECKS)}",
+    )
+    check.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    check.add_argument(
+        "--seed",
+        type=int,
+        default=_DEFAULTS.seed,
+        help="seed of the model-agreement layouts (replays a run)",
+    )
+    check.add_argument(
+        "--layouts",
+        type=int,
+        default=_DEFAULTS.layouts,
+        help="random layouts the model is compared on",
+    )
+    check.add_argument(
+        "--race-seconds",
+        type=float,
+        default=_DEFAULTS.race_seconds,
+        help="time bound of the live race",
+    )
+    check.add_argument(
+        "--race-iterations",
+        type=int,
+        default=_DEFAULTS.race_iterations,
+        help="iteration bound of the live race",
+    )
+    check.set_defaults(func=_check)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ..check._report import render_json, render_table
+
+    options = _checks.CheckOptions(
+        race_iterations=args.race_iterations,
+        race_seconds=args.race_seconds,
+        layouts=args.layouts,
+        seed=args.seed,
+    )
+    console = Console(stderr=True)
+    results: list[_checks.CheckResult] = []
+    for name in args.only or list(_checks.CHECKS):
+        with console.status(f"uffd check: {name}", spinner="dots"):
+            results.extend(_checks.run_checks([name], options))
+    if args.json:
+        print(render_json(results))
+    else:
+        # A pipe gets a wide table rather than rich's 80 columns.
+        render_table(results, Console(width=None if sys.stdout.isatty() else 160))
+    return 1 if any(r.status is _checks.Status.FAIL for r in results) else 0
