@@ -6,6 +6,7 @@ import ctypes
 import hashlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests._target import PAGE, Channel, Target, page_difference
+from tests._target import PAGE, Channel, Target, page_difference, pattern
 from userfaultfd import memory
 from userfaultfd.tools import snapshot
 
@@ -146,14 +147,68 @@ def test_a_dead_handler_fails_the_snapshot_without_hanging_writers(tmp_path: Pat
             channel.send(str(err))
 
     message = run(body)
-    assert "snapshot handler failed" in message
+    assert message == "the snapshot handler failed: it ended without a report (killed by a signal)"
+    assert os.listdir(tmp_path) == [], "a failed snapshot left files behind"
+
+
+def patterned(pages: int) -> memory.Mapping:
+    """Anonymous memory whose page i holds pattern(i): position-dependent, never zero."""
+    mapping = memory.anonymous(pages * PAGE)
+    for i in range(pages):
+        mapping.view[i * PAGE : (i + 1) * PAGE] = pattern(i)
+    return mapping
+
+
+def test_the_programs_own_os_wait_does_not_take_the_handler(tmp_path: Path) -> None:
+    """The handler was the program's child: an ``os.wait()`` in the program reaped it, and
+    ``Snapshot.wait()`` then failed with ChildProcessError. A daemon is nobody's child."""
+    image = tmp_path / "img"
+
+    def body(channel: Channel) -> None:
+        mapping = patterned(256)
+        before = bytes(mapping.view)
+        snap = snapshot(mapping, str(image))
+        try:
+            reaped = f"os.wait() reaped {os.wait()}"
+        except ChildProcessError:  # no child: the handler is not one
+            reaped = ""
+        snap.wait(timeout=30)
+        channel.send((reaped, page_difference(image.read_bytes(), before)))
+
+    assert run(body) == ("", "")
+
+
+def test_a_forked_child_leaves_the_image_to_the_program(tmp_path: Path) -> None:
+    """A child forked during the snapshot writes its own copy and waits too: the image is still
+    memory at the protect instant, and only the program puts it in place."""
+    image = tmp_path / "img"
+
+    def body(channel: Channel) -> None:
+        mapping = patterned(256)
+        before = bytes(mapping.view)
+        snap = snapshot(mapping, str(image))
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                ctypes.memmove(mapping.address + 7 * PAGE, b"the child's copy", 16)
+                code = 0 if snap.wait(timeout=30).saved == 256 else 3
+            finally:
+                os._exit(code)
+        ctypes.memmove(mapping.address + 9 * PAGE, b"the program's own", 17)
+        stats = snap.wait(timeout=30)
+        _, status = os.waitpid(child, 0)
+        exact = page_difference(image.read_bytes(), before)
+        channel.send((exact, os.waitstatus_to_exitcode(status), stats.saved, os.listdir(tmp_path)))
+
+    assert run(body) == ("", 0, 256, ["img"])
 
 
 def test_bad_regions_and_destinations_are_refused(tmp_path: Path) -> None:
     with memory.anonymous(4 * PAGE) as mapping:
         with pytest.raises(ValueError, match="aligned range"):
             snapshot((mapping.address + 1, PAGE), str(tmp_path / "img"))
-        with pytest.raises(OSError):
+        with pytest.raises(FileNotFoundError, match="No such file or directory"):
             snapshot(mapping, str(tmp_path / "no" / "such" / "dir" / "img"))
 
 
@@ -164,8 +219,10 @@ def test_uffd_snapshot_demo_reports_an_exact_image(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "4096 pages" in done.stdout
-    assert "image equals memory at the protect instant" in done.stdout
+    assert re.fullmatch(
+        r"uffd snapshot: 4096 pages in .*; image equals memory at the protect instant\n",
+        done.stdout,
+    ), done.stdout
     assert os.listdir(tmp_path) == ["demo.img"]  # no demo.img.partial left
 
 
@@ -249,7 +306,7 @@ def test_a_failure_mid_way_fails_the_snapshot_and_leaves_nothing(tmp_path: Path)
                 t.join(10)
 
     message = run(body, timeout=60)
-    assert "the snapshot handler failed: OSError" in message and "No space left" in message
+    assert message == "the snapshot handler failed: OSError: [Errno 28] No space left on device"
     assert os.listdir(tmp_path) == []
 
 

@@ -6,7 +6,8 @@ forks it, then exits at once. So
   SIGTERM) do not reach it: it runs in a session of its own;
 - it leaves no zombie when the program forgets it, and ``os.wait()`` in the program never reaps
   it by surprise: init does;
-- the program watches it through a pidfd, which works for any process;
+- the program watches it through a pidfd, which works for any process; waitpid cannot give its
+  exit status, so a server that has an outcome to report sends it over the channel;
 - it does not hold the program's standard streams: it may outlive the program by a moment (or
   serve its children for long), and a pipe it kept open would never reach end-of-file for
   whoever reads the program's output. Standard error stays when it is a terminal or a file,
@@ -16,6 +17,7 @@ forks it, then exits at once. So
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import stat
@@ -35,6 +37,11 @@ class Launched:
     pidfd: int
     group: int
     channel: Channel
+
+    @property
+    def ended(self) -> bool:
+        """Whether the server has exited (its pidfd turns readable then)."""
+        return bool(select.select([self.pidfd], [], [], 0)[0])
 
     def kill(self) -> None:
         """SIGKILL the server and everything it started (they share its process group)."""

@@ -15,11 +15,17 @@ This is QEMU's background snapshot, the use the seed's WP mode exists for:
   tracer (PR_SET_PTRACER), which Yama requires when ptrace_scope is 1.
 - The owner keeps no uffd of its own: if the handler dies, the kernel drops the protection and
   writers go on (the snapshot fails, the program does not hang).
+- The handler is a daemon started by the runtime's one launch sequence (runtime/_launch): a
+  Ctrl-C or SIGTERM sent to the program's process group does not reach it, and the program's own
+  ``os.wait()`` cannot reap it. Not being our child, it reports how it ended over the channel
+  (("done", None) once the image is on disk, or ("failed", reason)); its pidfd shows when it ended,
+  and an end with no report is a death (SIGKILL, the OOM killer).
 - The image is written to DEST.partial (a URL's to a local temp file, uploaded to URL.partial)
   and renamed to DEST only when complete: a failed snapshot leaves nothing at DEST, and nothing
   behind. The destination is opened before the protect instant, so one that cannot be written
   fails at once, in the caller. A failure in either handler thread ends the handler, and
-  ``wait()`` raises with the reason the handler sent.
+  ``wait()`` raises with the reason the handler sent. Only the process that took the snapshot
+  puts the image in place: in a child it forked, ``wait()`` only waits for the handler to end.
 - A page the program drops during the snapshot (MADV_DONTNEED) is zapped without a WP fault, so
   its saved content is whatever the handler read, possibly zeros. Don't drop pages during one.
 """
@@ -30,23 +36,22 @@ import contextlib
 import errno
 import os
 import select
-import signal
-import socket
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from .. import _libc, memory
+from .._closing import Closing
 from .._core import Userfaultfd, supported_features
 from .._counters import SharedCounters
 from .._errors import ProcessGoneError
 from .._events import PageFault
 from .._flags import FaultFlag, Feature, Mode
 from .._forked import Channel
+from ..runtime._launch import Launched, launch
 
 __all__ = ["Snapshot", "SnapshotStats", "check_destination", "snapshot"]
 
@@ -149,28 +154,29 @@ def check_destination(dest: str) -> None:
     _Destination(dest).discard()
 
 
-class Snapshot:
-    """A snapshot in progress. ``wait()`` until it is written; ``stats()`` at any time."""
+class Snapshot(Closing):
+    """A snapshot in progress. ``wait()`` until it is written (leaving a ``with`` block waits
+    too); ``stats()`` at any time."""
 
-    def __init__(self, pid: int, counters: SharedCounters, pages: int, started: float,
-                 destination: _Destination, channel: Channel) -> None:  # fmt: skip
-        self.pid = pid
+    def __init__(self, handler: Launched, counters: SharedCounters, pages: int, started: float,
+                 destination: _Destination) -> None:  # fmt: skip
+        #: The handler's pid (a daemon: not a child of this process).
+        self.pid = handler.pid
         self.pages = pages
+        self._handler = handler
         self._counters = counters
         self._started = started
         self._destination = destination
-        self._channel = channel
-        self._status: int | None = None
+        self._owner = os.getpid()
         self._ended: float | None = None
         self._outcome: BaseException | bool = False  # True once committed; the error if failed
 
     @property
     def done(self) -> bool:
-        if self._status is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self._status, self._ended = status, time.monotonic()
-        return self._status is not None
+        """Whether the handler has ended (``wait()`` then puts the image in place)."""
+        if self._ended is None and self._handler.ended:
+            self._ended = time.monotonic()
+        return self._ended is not None
 
     def stats(self) -> SnapshotStats:
         c = self._counters
@@ -194,46 +200,38 @@ class Snapshot:
                 progress(self._counters.value(_SAVED), self.pages)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the snapshot did not finish within {timeout} s")
-            time.sleep(0.005)
-        assert self._status is not None
+            select.select([self._handler.pidfd], [], [], 0.005)
         if isinstance(self._outcome, BaseException):
             raise self._outcome
-        if self._outcome:
+        if self._outcome or os.getpid() != self._owner:  # a fork's copy: the owner commits
             return self.stats()
         try:
-            if not (os.WIFEXITED(self._status) and os.WEXITSTATUS(self._status) == 0):
-                raise RuntimeError(f"the snapshot handler failed: {self._reason()}")
+            failure = self._failure()
+            if failure:
+                raise RuntimeError(f"the snapshot handler failed: {failure}")
             self._destination.commit()
         except BaseException as err:
             self._destination.discard()
             self._outcome = err
             raise
         finally:
-            self._channel.sock.close()
+            self._handler.channel.sock.close()
+            os.close(self._handler.pidfd)
         self._outcome = True
         if progress is not None:
             progress(self.pages, self.pages)
         return self.stats()
 
-    def _reason(self) -> str:
-        """What the handler said went wrong, or how it ended."""
-        with contextlib.suppress(OSError, EOFError, ValueError):
-            message, _ = self._channel.recv(timeout=0)
-            return str(message)
-        status = self._status or 0
-        if os.WIFSIGNALED(status):
-            return f"killed by signal {os.WTERMSIG(status)} (wait status {status})"
-        return f"wait status {status}"
+    def _failure(self) -> str:
+        """Empty if the ended handler reported its image complete; else what went wrong."""
+        try:
+            (what, reason), _ = self._handler.channel.recv(timeout=0)
+        except (OSError, EOFError):  # no report (TimeoutError is an OSError): it was killed
+            return "it ended without a report (killed by a signal)"
+        return "" if what == "done" else str(reason)
 
-    def __enter__(self) -> Snapshot:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """:meth:`wait` for the image: what leaving a ``with`` block does."""
         self.wait()
 
 
@@ -264,42 +262,40 @@ def snapshot(
         raise _cannot_write(dest, err) from err
     local = destination.local
     counters = SharedCounters(4)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     owner = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
+
+    def body(channel: Channel) -> None:
         try:
-            ours.close()
-            child = Channel(theirs)
-            try:
-                _handler(child, owner, local, counters, max(page, chunk_bytes))
-                status = 0
-            except BaseException as err:  # the owner's wait() reports it
-                with contextlib.suppress(Exception):
-                    child.send(f"{type(err).__name__}: {err}")
-        finally:
-            os._exit(status)
-    theirs.close()
-    channel = Channel(ours)
+            _handler(channel, owner, local, counters, max(page, chunk_bytes))
+        except BaseException as err:  # the owner's wait() reports it
+            with contextlib.suppress(Exception):
+                channel.send(("failed", f"{type(err).__name__}: {err}"))
+            return
+        channel.send(("done", None))
+
     wanted = Feature.PAGEFAULT_FLAG_WP | Feature.WP_UNPOPULATED | Feature.WP_HUGETLBFS_SHMEM
     try:
-        _allow_tracer(pid)
+        handler = launch(body)
+    except BaseException:
+        destination.discard()
+        raise
+    try:
+        _allow_tracer(handler.pid)
         with Userfaultfd(wanted & supported_features()) as uffd:
             uffd.register(address, length, Mode.WP)
             uffd.writeprotect(address, length)  # the protect instant
             started = time.monotonic()
-            channel.send((address, length, page), [uffd.fileno()])
-        ready, _ = channel.recv(timeout=30)
+            handler.channel.send((address, length, page), [uffd.fileno()])
+        ready, _ = handler.channel.recv(timeout=30)
         if ready != "ready":
             raise RuntimeError(f"the snapshot handler did not start: {ready}")
     except BaseException:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        ours.close()
+        handler.kill()
+        os.close(handler.pidfd)
+        handler.channel.sock.close()
         destination.discard()
         raise
-    return Snapshot(pid, counters, length // page, started, destination, channel)
+    return Snapshot(handler, counters, length // page, started, destination)
 
 
 def _allow_tracer(pid: int) -> None:
@@ -313,7 +309,6 @@ def _allow_tracer(pid: int) -> None:
 
 def _handler(channel: Channel, owner: int, path: str, counters: SharedCounters,
              chunk_bytes: int) -> None:  # fmt: skip
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C must not leave a half image
     (address, length, page), fds = channel.recv(timeout=30)
     uffd = Userfaultfd.from_fd(fds[0], Feature.PAGEFAULT_FLAG_WP)
     pages = length // page
