@@ -15,6 +15,7 @@ def test_all_is_exactly_what_init_exports() -> None:
         "engine",
         "explorer",
         "kernel",
+        "ops",
         "presets",
         "scenarios",
         "state",

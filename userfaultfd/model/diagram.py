@@ -18,7 +18,7 @@ from . import engine
 from .explorer import Result as _Result
 from .explorer import build as _build
 from .kernel import Kernel as _Kernel
-from .kernel import Label as _Label
+from .ops import Label as _Label
 from .presets import Preset as _Preset
 from .scenarios import Scenario as _Scenario
 from .scenarios import Sizes as _Sizes

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from . import engine
 from .kernel import Kernel as _Kernel
-from .kernel import Label as _Label
+from .ops import Label as _Label
 from .presets import PRESETS as _PRESETS
 from .presets import Preset as _Preset
 from .presets import get_preset as _get_preset

@@ -9,13 +9,13 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from .._flags import Mode as _Mode
-from .kernel import CopyPages as _CopyPages
 from .kernel import Kernel as _Kernel
-from .kernel import Protect as _Protect
-from .kernel import Punch as _Punch
-from .kernel import Read as _Read
-from .kernel import Serve as _Serve
-from .kernel import Write as _Write
+from .ops import CopyPages as _CopyPages
+from .ops import Protect as _Protect
+from .ops import Punch as _Punch
+from .ops import Read as _Read
+from .ops import Serve as _Serve
+from .ops import Write as _Write
 from .presets import UnknownNameError as _UnknownNameError
 from .state import PAGE_SIZE as _PAGE_SIZE
 from .state import Present as _Present

@@ -1,0 +1,236 @@
+"""The userfaultfd server side: read a message and resolve it, and the live snapshot's threads.
+
+A server (:class:`.ops.Serve`) reads one message a step, then resolves it in the steps its mode
+takes: UFFDIO_COPY (and the prefetch pages after it, one a step), update + UFFDIO_CONTINUE, or
+save + UFFDIO_WRITEPROTECT(0); each ioctl wakes the threads asleep on the page. The live
+snapshot's protect instant (:class:`.ops.Protect`) and background copy (:class:`.ops.CopyPages`)
+are here too. Plain functions of the kernel, the World being changed and the thread, as in
+:mod:`._fault`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from .._flags import Mode as _Mode
+from ._fault import pages_text, wake
+from .ops import CopyPages, Label, Protect, Serve, Vma
+from .state import MARKER as _MARKER
+from .state import Frame as _Frame
+from .state import Marker as _Marker
+from .state import Present as _Present
+from .state import ThreadState as _ThreadState
+from .state import World as _World
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+__all__ = ["copy_pages", "protect", "serve"]
+
+
+def serve(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label | None:
+    """The next step of a server; None while no message is queued or a page lock holds it."""
+    if ts.event is None:
+        return _read_message(k, w, name, ts, op)
+    return _RESOLVE[ts.pc](k, w, name, ts, op)
+
+
+def _read_message(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label | None:
+    ev = w.pop_event()
+    if ev is None:
+        return None
+    w.log("notified")
+    w.notified = w.notified | {(ev.mode, ev.vma, ev.index)}
+    wp = "save" if op.snapshot else "snapshot"
+    pc = {_Mode.MISSING: "copy", _Mode.MINOR: "update", _Mode.WP: wp}[ev.mode]
+    w.set_thread(name, replace(ts, pc=pc, event=ev))
+    assert ev.mode.name is not None
+    return Label("read(uffd)", f"{ev.mode.name} message: VMA {ev.vma} page {ev.index}")
+
+
+def _idle(ts: _ThreadState) -> _ThreadState:
+    """The server after a message: waiting for the next one."""
+    return _ThreadState(op=ts.op, pc="wait", faults=ts.faults)
+
+
+def _copy(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label:
+    ev = ts.event
+    assert ev is not None
+    vma = k.vmas[ev.vma]
+    result = _copy_page(w, vma, ev.index)
+    woken = wake(w, ev.vma, ev.index)
+    last = min(ev.index + 1 + op.prefetch, vma.pages)
+    more = ev.index + 1 < last
+    w.set_thread(name, replace(ts, pc="prefetch", cursor=ev.index + 1) if more else _idle(ts))
+    return Label("UFFDIO_COPY", f"page {ev.index}: {result}; woke {pages_text(woken)}")
+
+
+def _prefetch(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label:
+    ev = ts.event
+    assert ev is not None
+    vma = k.vmas[ev.vma]
+    i = ts.cursor
+    result = _copy_page(w, vma, i)
+    if result == "EEXIST":
+        result = "already there: the copy stops (done), resume after it"
+    woken = wake(w, ev.vma, i)
+    last = min(ev.index + 1 + op.prefetch, vma.pages)
+    w.set_thread(name, replace(ts, cursor=i + 1) if i + 1 < last else _idle(ts))
+    return Label("UFFDIO_COPY", f"prefetch page {i}: {result}; woke {pages_text(woken)}")
+
+
+def _update(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label:
+    ev = ts.event
+    assert ev is not None
+    vma = k.vmas[ev.vma]
+    fi = vma.pgoff + ev.index
+    fid = w.cached(vma.file, fi)
+    if fid is not None:
+        w.set_frame(fid, replace(w.frame(fid), data=f"u{fi}"))
+    w.set_thread(name, replace(ts, pc="continue"))
+    what = f"frame #{fid} <- {'u' + str(fi)!r}" if fid is not None else "page is gone"
+    return Label("server", f"update file page {fi} through its own mapping: {what}")
+
+
+def _continue(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label | None:
+    ev = ts.event
+    assert ev is not None
+    vma = k.vmas[ev.vma]
+    # UFFDIO_CONTINUE -> mfill_atomic_pte_continue(): the cached page, locked, mapped.
+    fid = w.cached(vma.file, vma.pgoff + ev.index)
+    if fid is None:
+        result = "EFAULT (no page in the cache)"
+    else:
+        if w.frame(fid).locked is not None:
+            return None
+        pte = w.pte(vma.id, ev.index)
+        if isinstance(pte, _Present):
+            result = "EEXIST"
+        else:
+            w.set_pte(vma.id, ev.index, _Present(fid, writable=vma.shared, uffd_wp=False))
+            result = f"mapped frame #{fid}"
+    w.log("resolved")
+    w.resolved = w.resolved | {(ev.vma, ev.index)}
+    woken = wake(w, ev.vma, ev.index)
+    w.set_thread(name, _idle(ts))
+    return Label("UFFDIO_CONTINUE", f"page {ev.index}: {result}; woke {pages_text(woken)}")
+
+
+def _snapshot(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label:
+    ev = ts.event
+    assert ev is not None and ev.frame is not None
+    data = w.frame(ev.frame).data
+    w.log("saved")
+    w.saved = w.saved | {ev.frame}
+    w.set_thread(name, replace(ts, pc="unprotect"))
+    return Label("server", f"saved frame #{ev.frame} ({data!r}) to the snapshot")
+
+
+def _save(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label:
+    # The live snapshot's fault thread: the page as the writer found it, unless the
+    # copier saved it first.
+    ev = ts.event
+    assert ev is not None and ev.frame is not None
+    w.set_thread(name, replace(ts, pc="unprotect"))
+    if w.snapped(ev.vma, ev.index) is not None:
+        return Label("snapshot", f"page {ev.index} already saved by the copier")
+    data = w.frame(ev.frame).data
+    w.set_snapped(ev.vma, ev.index, (ev.frame, data))
+    return Label("snapshot", f"saved page {ev.index}: frame #{ev.frame} ({data!r})")
+
+
+def _unprotect_message(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label:
+    ev = ts.event
+    assert ev is not None
+    result, woken = _unprotect(w, k.vmas[ev.vma], ev.index)
+    w.set_thread(name, _idle(ts))
+    return Label("UFFDIO_WRITEPROTECT", f"page {ev.index}: {result}; woke {pages_text(woken)}")
+
+
+def _copy_page(w: _World, vma: Vma, i: int) -> str:
+    # UFFDIO_COPY -> shmem_mfill_atomic_pte(): fails with EEXIST if the page is there.
+    fi = vma.pgoff + i
+    fid = w.cached(vma.file, fi) if vma.shared else None
+    pte = w.pte(vma.id, i)
+    if fid is not None or isinstance(pte, _Present):
+        return "EEXIST"
+    origin = "copy" if vma.shared else "cow"
+    fid = w.new_frame(_Frame(f"s{fi}", None, True, fi, origin, vma.id))
+    if vma.shared:
+        w.set_cached(vma.file, fi, fid)
+    w.set_pte(vma.id, i, _Present(fid, writable=True, uffd_wp=False))
+    return f"new frame #{fid} ({'s' + str(fi)!r}) cached and mapped"
+
+
+def _unprotect(w: _World, vma: Vma, i: int) -> tuple[str, list[str]]:
+    """UFFDIO_WRITEPROTECT(0) of one page, waking the threads blocked on it."""
+    pte = w.pte(vma.id, i)
+    if isinstance(pte, _Present) and pte.uffd_wp:
+        w.set_pte(vma.id, i, _Present(pte.frame, pte.writable, uffd_wp=False))
+        result = "uffd-wp cleared"
+    elif isinstance(pte, _Marker):
+        w.set_pte(vma.id, i, None)
+        result = "marker cleared"
+    else:
+        result = "nothing protected there any more"
+    return result, wake(w, vma.id, i)
+
+
+#: The rule each program counter of a server holding a message runs.
+_RESOLVE: dict[str, Callable[[Kernel, _World, str, _ThreadState, Serve], Label | None]] = {
+    "copy": _copy,
+    "prefetch": _prefetch,
+    "update": _update,
+    "continue": _continue,
+    "snapshot": _snapshot,
+    "save": _save,
+    "unprotect": _unprotect_message,
+}
+
+
+# -- the live snapshot's protect instant and background copy ------------------------------------
+def _page_now(w: _World, vma: Vma, i: int) -> tuple[int | None, str]:
+    """What reading page ``i`` finds: the cached frame and its contents, or zeros."""
+    fid = w.cached(vma.file, vma.pgoff + i)
+    return (None, "0") if fid is None else (fid, w.frame(fid).data)
+
+
+def protect(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Protect) -> Label:
+    """The protect instant: write-protect every page of the VMA and note what each held."""
+    vma = k.vmas[op.vma]
+    image = dict(w.image)
+    marked = []
+    for i in range(vma.pages):
+        pte = w.pte(vma.id, i)
+        if isinstance(pte, _Present):
+            w.set_pte(vma.id, i, _Present(pte.frame, writable=False, uffd_wp=True))
+        elif pte is None and k.preset.pte_markers:
+            w.set_pte(vma.id, i, _MARKER)
+            marked.append(i)
+        image[(vma.id, i)] = _page_now(w, vma, i)
+    w.log("image")
+    w.image = image
+    w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults))
+    how = f"; markers on unmapped pages {pages_text(marked)}" if marked else ""
+    return Label("UFFDIO_WRITEPROTECT", f"protect instant: pages 0-{vma.pages - 1}{how}")
+
+
+def copy_pages(k: Kernel, w: _World, name: str, ts: _ThreadState, op: CopyPages) -> Label:
+    """The background copy's next step: save the next page not saved yet, then unprotect it."""
+    vma = k.vmas[op.vma]
+    if ts.pc == "unprotect":
+        result, woken = _unprotect(w, vma, ts.cursor)
+        w.set_thread(name, replace(ts, pc="access", cursor=ts.cursor + 1))
+        return Label("UFFDIO_WRITEPROTECT", f"page {ts.cursor}: {result}; woke {pages_text(woken)}")
+    for i in range(ts.cursor, vma.pages):
+        if w.snapped(vma.id, i) is not None:
+            continue
+        fid, data = _page_now(w, vma, i)
+        w.set_snapped(vma.id, i, (fid, data))
+        w.set_thread(name, replace(ts, pc="unprotect", cursor=i))
+        where = "zeros (no page)" if fid is None else f"frame #{fid}"
+        return Label("copy", f"saved page {i}: {where} ({data!r})")
+    w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults))
+    return Label("copy", "every page saved: snapshot complete")
