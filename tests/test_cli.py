@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from userfaultfd import Feature, memory, supported_features
-from userfaultfd.cli import main
+from userfaultfd.cli import main, run_command
 from userfaultfd.stores import BytesStore, pack
 
 PAGE = memory.page_size()
@@ -128,3 +128,44 @@ def test_lazy_on_a_good_pack_reports_every_page(tmp_path: Path) -> None:
     assert " 64 " in filled
     [errors] = [line for line in done.stdout.splitlines() if "store errors" in line]
     assert " 0 " in errors
+
+
+# -- one error boundary: commands raise, main prints one line ------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["model", "run", "nope"], "uffd model: unknown scenario 'nope' (choose from "),
+        (["model", "run", "wp-punch-hole", "--punch", "1-2"],
+         "uffd model: bad --punch '1-2' (want START+PAGES, e.g. 1+2)"),
+        (["lazy-pages", "--storage-option", "a=1", "IMG"],
+         "uffd lazy-pages: --storage-option applies only with --pages URL"),
+        (["lazy-pages", "--pages", "P", "--storage-option", "a=1", "--storage-option", "a.b=2",
+          "IMG"], "uffd lazy-pages: --storage-option a.b: a is already a value"),
+        (["snapshot", "IMG", "--size", "1X"], "uffd: '1X' is not a size (e.g. 65536, 64K, 1M)"),
+    ],
+)  # fmt: skip
+def test_usage_errors_found_by_a_command_are_one_line_and_status_2(
+    argv: list[str], line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The model's commands printed their own errors and returned 2; lazy-pages raised
+    SystemExit (status 1). Now each raises, and main alone prints."""
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    [printed] = captured.err.splitlines()
+    assert printed.startswith(line), printed
+    assert captured.out == ""
+
+
+def test_run_command_is_the_boundary_for_a_parser_of_ones_own(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A parser holding one command group reports through the same boundary as ``uffd``."""
+    import argparse
+
+    from userfaultfd.cli._model import add_model_commands
+
+    parser = argparse.ArgumentParser(prog="uffd")
+    add_model_commands(parser.add_subparsers(dest="command", required=True))
+    assert run_command(parser.parse_args(["model", "replay", "wp-punch-hole", "fly*3"])) == 2
+    [printed] = capsys.readouterr().err.splitlines()
+    assert printed.startswith("uffd model: ") and "fly" in printed, printed

@@ -123,6 +123,7 @@ def test_every_error_is_an_oserror() -> None:
 
 def test_subpackage_surfaces() -> None:
     import userfaultfd.check
+    import userfaultfd.cli
     import userfaultfd.runtime
     import userfaultfd.tools
 
@@ -138,4 +139,5 @@ def test_subpackage_surfaces() -> None:
     assert sorted(userfaultfd.check.__all__) == [
         "CHECKS", "CheckOptions", "CheckResult", "Status", "run_checks",
     ]  # fmt: skip
+    assert sorted(userfaultfd.cli.__all__) == ["build_parser", "main", "run_command"]
     assert callable(userfaultfd.tools.snapshot), "userfaultfd.tools.snapshot is the function"

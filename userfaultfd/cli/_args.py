@@ -9,7 +9,26 @@ from typing import Any
 
 from ..runtime import Adaptive, Policy, Single, Window
 
-__all__ = ["count", "cpu", "parse_policy", "parse_size", "positive", "storage_option"]
+__all__ = [
+    "UsageError",
+    "count",
+    "cpu",
+    "parse_policy",
+    "parse_size",
+    "positive",
+    "storage_option",
+]
+
+
+class UsageError(Exception):
+    """A bad value a command found after parsing (a name, a combination of options): ``main``
+    prints it as one line, ``uffd COMMAND: message`` (or ``uffd: message`` without a command),
+    and exits with status 2, as argparse does for the values it checks itself."""
+
+    def __init__(self, message: str, *, command: str = "") -> None:
+        super().__init__(message)
+        self.command = command
+
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 

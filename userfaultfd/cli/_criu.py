@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._args import parse_policy, storage_option
+from ._args import UsageError, parse_policy, storage_option
 
 __all__ = ["add_criu_commands"]
 
@@ -108,7 +108,10 @@ def _nested_options(pairs: list[tuple[list[str], Any]]) -> dict[str, Any]:
         for part in path[:-1]:
             nested = into.setdefault(part, {})
             if not isinstance(nested, dict):
-                raise SystemExit(f"--storage-option {'.'.join(path)}: {part} is already a value")
+                raise UsageError(
+                    f"--storage-option {'.'.join(path)}: {part} is already a value",
+                    command="lazy-pages",
+                )
             into = nested
         into[path[-1]] = value
     return options
@@ -130,7 +133,7 @@ def _lazy_pages(args: argparse.Namespace) -> int:
 
     options = _nested_options(args.storage_option)
     if options and args.pages is None:
-        raise SystemExit("uffd lazy-pages: --storage-option applies only with --pages URL")
+        raise UsageError("--storage-option applies only with --pages URL", command="lazy-pages")
     summary = lazy_pages(args.images, pages=args.pages, storage_options=options, policy=policy,
                          background=args.background, socket_path=args.socket, cpu=args.cpu,
                          on_listening=listening, on_task=task)  # fmt: skip

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from .._features import feature_table as _feature_table
+from ._args import UsageError
 from ._check import add_check_command as _add_check_command
 from ._criu import add_criu_commands as _add_criu_commands
 from ._model import add_model_commands as _add_model_commands
@@ -17,7 +18,7 @@ from ._runtime import add_runtime_commands as _add_runtime_commands
 from ._stores import add_store_commands as _add_store_commands
 from ._tools import add_tool_commands as _add_tool_commands
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "run_command"]
 
 
 def _features(args: argparse.Namespace) -> int:
@@ -66,16 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command. A failure is one line on stderr starting with ``uffd: `` and a non-zero
-    exit status, never a traceback: 2 for a usage error (argparse's own, or a bad value found
-    later), 130 for Ctrl-C, 1 for anything else. ``UFFD_TRACEBACK=1`` shows the traceback of an
-    unexpected exception (a bug) instead of its one-line summary."""
-    args = build_parser().parse_args(argv)
+    """Parse ``argv`` and run the command (see :func:`run_command`). A bad argument is argparse's
+    usage message and exit status 2."""
+    return run_command(build_parser().parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command ``args.func``. Commands raise; this is the only place a failure is
+    printed: one line on stderr starting with ``uffd: `` (``uffd model: `` for a usage error a
+    command group names) and a non-zero exit status, never a traceback: 2 for a usage error (a
+    bad value found after parsing), 130 for Ctrl-C, 1 for anything else. ``UFFD_TRACEBACK=1``
+    shows the traceback of an unexpected exception (a bug) instead of its one-line summary."""
     try:
         status: int = args.func(args)
     except KeyboardInterrupt:
         print("uffd: interrupted", file=sys.stderr)
         return 130
+    except UsageError as err:
+        print(f"uffd{' ' + err.command if err.command else ''}: {_one_line(err)}", file=sys.stderr)
+        return 2
     except argparse.ArgumentTypeError as err:  # a value checked inside a command (e.g. --size)
         print(f"uffd: {_one_line(err)}", file=sys.stderr)
         return 2

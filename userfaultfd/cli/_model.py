@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import sys
 
 from .. import model
 from ..model import diagram, report
+from ._args import UsageError
 
 __all__ = ["add_model_commands"]
 
@@ -96,9 +96,9 @@ def _reduction_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _usage_error(err: Exception) -> int:
-    print(f"uffd model: {err.args[0] if err.args else err}", file=sys.stderr)
-    return 2
+def _usage(err: Exception) -> UsageError:
+    """A name or size the model refused, as the usage error ``main`` reports (status 2)."""
+    return UsageError(str(err.args[0] if err.args else err), command="model")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -107,6 +107,9 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    converter = shutil.which("rsvg-convert") if args.png else None
+    if args.png and converter is None:
+        raise UsageError("--png needs rsvg-convert (apt-get install librsvg2-bin)", command="model")
     try:
         result = model.explore(
             args.scenario,
@@ -116,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
             sizes=_sizes(args),
         )
     except (model.UnknownNameError, ValueError) as err:
-        return _usage_error(err)
+        raise _usage(err) from err
     print(report.render_result(result))
     if args.svg or args.png:
         drawing = diagram.violation_svg(result)
@@ -127,12 +130,7 @@ def _run(args: argparse.Namespace) -> int:
             with open(args.svg, "w", encoding="utf-8") as out:
                 out.write(drawing)
             print(f"diagram: {args.svg}")
-        if args.png:
-            converter = shutil.which("rsvg-convert")
-            if converter is None:
-                return _usage_error(
-                    ValueError("--png needs rsvg-convert (apt-get install librsvg2-bin)")
-                )
+        if converter is not None:
             subprocess.run(
                 [converter, "-o", args.png], input=drawing.encode(), check=True, timeout=60
             )
@@ -148,7 +146,7 @@ def _table(args: argparse.Namespace) -> int:
             group=args.group,
         )
     except ValueError as err:
-        return _usage_error(err)
+        raise _usage(err) from err
     print(report.render_table(rows))
     return 0
 
@@ -163,6 +161,6 @@ def _replay(args: argparse.Namespace) -> int:
             sizes=_sizes(args),
         )
     except (model.UnknownNameError, ValueError) as err:
-        return _usage_error(err)
+        raise _usage(err) from err
     print(report.render_replay(run))
     return 0
