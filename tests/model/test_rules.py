@@ -17,6 +17,7 @@ from userfaultfd.model import (
     WouldBlock,
     Write,
 )
+from userfaultfd.model.state import Pc
 
 BASE = 0x1000_0000
 
@@ -273,9 +274,11 @@ def test_sleepers_wake_when_the_punch_ends_and_fault_on_the_kept_marker() -> Non
     k.spawn("writer", Write(v.id, 1, "x"))
     k.step("writer")  # fault on the marker
     k.step("writer")  # shmem_fault: in the hole -> sleeps
-    assert k.world.threads["writer"].pc == "falloc_wait"
+    asleep = k.world.threads["writer"]
+    assert asleep.pc == Pc.FALLOC_WAIT, asleep
     k.run("punch")
-    assert k.world.threads["writer"].pc == "access"
+    woken = k.world.threads["writer"]
+    assert woken.pc == Pc.ACCESS, f"the punch's end left the writer at {woken.pc}"
     # The marker outlived the punch: the retried write is reported to the server.
     with pytest.raises(WouldBlock, match="WP userfault on page 1"):
         k.run("writer")

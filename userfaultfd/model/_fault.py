@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 
 from .._flags import Mode as _Mode
 from .ops import Label, Read, Vma, Write
+from .state import ASLEEP as _ASLEEP
 from .state import Event as _Event
 from .state import Frame as _Frame
 from .state import Marker as _Marker
+from .state import Pc as _Pc
 from .state import Present as _Present
 from .state import ThreadState as _ThreadState
 from .state import World as _World
@@ -23,10 +25,7 @@ from .state import World as _World
 if TYPE_CHECKING:
     from .kernel import Kernel
 
-__all__ = ["ASLEEP", "STEPS", "access", "in_hole", "pages_text", "userfault", "wake"]
-
-# Program counters a thread sleeps at: only another thread's step (a wake) moves it on.
-ASLEEP = frozenset({"userfault", "falloc_wait"})
+__all__ = ["STEPS", "access", "in_hole", "pages_text", "userfault", "wake"]
 
 
 def pages_text(indexes: Iterable[object]) -> str:
@@ -45,7 +44,7 @@ def access(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Write) 
     """The next step of a Read or Write; None while the thread sleeps or waits for a lock."""
     rule = STEPS.get(ts.pc)
     if rule is None:
-        assert ts.pc in ASLEEP, ts.pc
+        assert ts.pc in _ASLEEP, ts.pc
         return None
     return rule(k, w, name, ts, op)
 
@@ -68,14 +67,14 @@ def _hw_access(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Wri
             if in_hole(w, vma, i) and w.cache.get((vma.file, vma.pgoff + i)) == pte.frame:
                 change += " (a frame the punch in progress will drop)"
             return Label("store", change)
-        w.set_thread(name, replace(ts, pc="wp_page", orig=pte, faults=ts.faults + 1))
+        w.set_thread(name, replace(ts, pc=_Pc.WP_PAGE, orig=pte, faults=ts.faults + 1))
         protection = "uffd-wp" if pte.uffd_wp else "read-only"
         return Label("handle_mm_fault", f"write fault on {protection} page {i}: do_wp_page")
     kind = "none" if pte is None else "uffd-wp marker"
     if not write and k.should_fault_around(vma):
-        nxt, how = "fault_around", "do_read_fault -> do_fault_around"
+        nxt, how = _Pc.FAULT_AROUND, "do_read_fault -> do_fault_around"
     else:
-        nxt = "shmem_fault"
+        nxt = _Pc.SHMEM_FAULT
         how = (
             "do_shared_fault"
             if write and vma.shared
@@ -108,7 +107,7 @@ def _fault_around(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | 
         w.set_pte(vma.id, vi, _Present(fid, writable=False, uffd_wp=False))
         mapped.append(vi)
     hit = i in mapped
-    w.set_thread(name, replace(ts, pc="access" if hit else "shmem_fault"))
+    w.set_thread(name, replace(ts, pc=_Pc.ACCESS if hit else _Pc.SHMEM_FAULT))
     change = f"window pages {window.start}-{window.stop - 1}: mapped {pages_text(mapped)} read-only"
     doomed = [vi for vi in mapped if in_hole(w, vma, vi)]
     if doomed:
@@ -125,13 +124,13 @@ def _shmem_fault(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | W
     span = w.hole(vma.file, fi)
     if span is not None:
         w.set_falloc_sleepers(vma.file, w.falloc_sleepers(vma.file) | {name})
-        w.set_thread(name, replace(ts, pc="falloc_wait"))
+        w.set_thread(name, replace(ts, pc=_Pc.FALLOC_WAIT))
         return Label(
             "shmem_fault",
             f"file page {fi} is in the hole [{span[0]}, {span[1]}) being punched: "
             "shmem_falloc_wait sleeps",
         )
-    w.set_thread(name, replace(ts, pc="get_folio"))
+    w.set_thread(name, replace(ts, pc=_Pc.GET_FOLIO))
     return Label("shmem_fault", f"no hole punch covers file page {fi}: shmem_get_folio")
 
 
@@ -139,7 +138,7 @@ def _get_folio(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Wri
     vma, i = k.vmas[op.vma], op.index
     fi = vma.pgoff + i
     if fi >= k.files[vma.file].pages:
-        w.set_thread(name, _ThreadState(op=ts.op + 1, pc="sigbus", faults=ts.faults))
+        w.set_thread(name, _ThreadState(op=ts.op + 1, pc=_Pc.SIGBUS, faults=ts.faults))
         return Label("shmem_fault", f"file page {fi} is beyond i_size: SIGBUS")
     fid = w.cached(vma.file, fi)
     if fid is not None and vma.register & _Mode.MINOR:
@@ -150,9 +149,9 @@ def _get_folio(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Wri
         # shmem_alloc_and_add_folio(): a new zeroed folio, locked, added to the cache.
         fid = w.new_frame(_Frame("0", name, True, fi, "fault", vma.id))
         w.set_cached(vma.file, fi, fid)
-        w.set_thread(name, replace(ts, pc="finish_fault", page=fid))
+        w.set_thread(name, replace(ts, pc=_Pc.FINISH_FAULT, page=fid))
         return Label("shmem_get_folio", f"file page {fi} absent: new zero frame #{fid}, locked")
-    w.set_thread(name, replace(ts, pc="lock_page", page=fid))
+    w.set_thread(name, replace(ts, pc=_Pc.LOCK_PAGE, page=fid))
     return Label("shmem_get_folio", f"file page {fi} is frame #{fid} in the cache: lock it")
 
 
@@ -163,12 +162,12 @@ def _lock_page(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Wri
         return None
     vma = k.vmas[op.vma]
     if w.cached(vma.file, vma.pgoff + op.index) != ts.page:
-        w.set_thread(name, replace(ts, pc="get_folio", page=None))
+        w.set_thread(name, replace(ts, pc=_Pc.GET_FOLIO, page=None))
         return Label(
             "shmem_get_folio", f"frame #{ts.page} was truncated meanwhile: repeat the lookup"
         )
     w.set_frame(ts.page, replace(frame, locked=name))
-    w.set_thread(name, replace(ts, pc="finish_fault"))
+    w.set_thread(name, replace(ts, pc=_Pc.FINISH_FAULT))
     return Label("folio_lock", f"locked frame #{ts.page}")
 
 
@@ -181,7 +180,7 @@ def _finish_fault(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | 
     pte = w.pte(vma.id, i)
     # The fault holds the page lock from shmem_get_folio() to here; unlock it in this step.
     w.set_frame(fid, replace(frame, locked=None))
-    w.set_thread(name, replace(ts, pc="access", page=None, orig=None))
+    w.set_thread(name, replace(ts, pc=_Pc.ACCESS, page=None, orig=None))
     if pte != ts.orig:
         return Label("finish_fault", f"PTE of page {i} changed meanwhile: unlock, retry")
     # A marker's protection survives the fault (vmf_orig_pte_uffd_wp): mapped read-only.
@@ -201,11 +200,11 @@ def _wp_page(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Write
     vma, i = k.vmas[op.vma], op.index
     pte = w.pte(vma.id, i)
     if pte != ts.orig or not isinstance(pte, _Present):
-        w.set_thread(name, replace(ts, pc="access", orig=None))
+        w.set_thread(name, replace(ts, pc=_Pc.ACCESS, orig=None))
         return Label("do_wp_page", f"PTE of page {i} changed meanwhile: retry")
     if pte.uffd_wp and vma.register & _Mode.WP:
         return userfault(w, name, ts, vma, i, _Mode.WP, pte.frame)
-    w.set_thread(name, replace(ts, pc="access", orig=None))
+    w.set_thread(name, replace(ts, pc=_Pc.ACCESS, orig=None))
     if vma.shared or w.frame(pte.frame).anon:
         w.set_pte(vma.id, i, _Present(pte.frame, writable=True, uffd_wp=False))
         return Label("wp_page_reuse", f"page {i}: frame #{pte.frame} made writable")
@@ -228,7 +227,7 @@ def userfault(
     assert mode.name is not None
     w.push_event(_Event(mode, vma.id, i, name, frame))
     w.set_sleepers(vma.id, i, w.sleepers(vma.id, i) | {name})
-    w.set_thread(name, replace(ts, pc="userfault", page=None, orig=None))
+    w.set_thread(name, replace(ts, pc=_Pc.USERFAULT, page=None, orig=None))
     return Label("handle_userfault", f"{mode.name} message for page {i} queued; thread sleeps")
 
 
@@ -237,17 +236,17 @@ def wake(w: _World, vma: int, index: int) -> list[str]:
     woken = sorted(w.sleepers(vma, index))
     w.set_sleepers(vma, index, frozenset())
     for t in woken:
-        w.set_thread(t, replace(w.threads[t], pc="access", page=None, orig=None))
+        w.set_thread(t, replace(w.threads[t], pc=_Pc.ACCESS, page=None, orig=None))
     return woken
 
 
 #: The rule each program counter of the fault path runs (the sleeping ones have none).
-STEPS: dict[str, Callable[[Kernel, _World, str, _ThreadState, Read | Write], Label | None]] = {
-    "access": _hw_access,
-    "fault_around": _fault_around,
-    "shmem_fault": _shmem_fault,
-    "get_folio": _get_folio,
-    "lock_page": _lock_page,
-    "finish_fault": _finish_fault,
-    "wp_page": _wp_page,
+STEPS: dict[_Pc, Callable[[Kernel, _World, str, _ThreadState, Read | Write], Label | None]] = {
+    _Pc.ACCESS: _hw_access,
+    _Pc.FAULT_AROUND: _fault_around,
+    _Pc.SHMEM_FAULT: _shmem_fault,
+    _Pc.GET_FOLIO: _get_folio,
+    _Pc.LOCK_PAGE: _lock_page,
+    _Pc.FINISH_FAULT: _finish_fault,
+    _Pc.WP_PAGE: _wp_page,
 }

@@ -16,6 +16,7 @@ from .._flags import Mode as _Mode
 from ._punch import victims
 from .ops import CopyPages, Op, Protect, Punch, Read, Serve, Write
 from .state import Frame as _Frame
+from .state import Pc as _Pc
 from .state import ThreadState as _ThreadState
 from .state import World as _World
 
@@ -44,7 +45,7 @@ def future(
         return empty, empty
     reads: set[Hashable] = set()
     writes: set[Hashable] = {("thread", name)}
-    asleep = [("thread", t) for t, s in world.threads.items() if s.pc == "userfault"]
+    asleep = [("thread", t) for t, s in world.threads.items() if s.pc == _Pc.USERFAULT]
     for op in program[ts.op :]:
         current = ts if op is program[ts.op] else None
         if isinstance(op, Read | Write):
@@ -123,12 +124,12 @@ def enablers(k: Kernel, world: _World, name: str) -> frozenset[str] | None:
     if ts.op >= len(program):
         return frozenset()
     op = program[ts.op]
-    if ts.pc == "userfault":
+    if ts.pc == _Pc.USERFAULT:
         # A message's ioctl wakes it, and so does the snapshot copier's unprotect.
         return frozenset(
             t for t, p in k.programs.items() if any(isinstance(o, Serve | CopyPages) for o in p)
         )
-    if ts.pc == "falloc_wait":
+    if ts.pc == _Pc.FALLOC_WAIT:
         assert isinstance(op, Read | Write)
         file = k.vmas[op.vma].file
         return frozenset(
@@ -136,7 +137,7 @@ def enablers(k: Kernel, world: _World, name: str) -> frozenset[str] | None:
             for t, p in k.programs.items()
             if any(isinstance(o, Punch) and o.file == file for o in p)
         )
-    if isinstance(op, Punch) and ts.pc == "access" and op.file in world.falloc:
+    if isinstance(op, Punch) and ts.pc == _Pc.ACCESS and op.file in world.falloc:
         return frozenset(
             t
             for t, p in k.programs.items()
@@ -160,15 +161,15 @@ def enablers(k: Kernel, world: _World, name: str) -> frozenset[str] | None:
 def lock_holder(k: Kernel, world: _World, name: str, ts: _ThreadState, op: Op) -> str | None:
     """The holder of the page lock ``name`` waits for, if it waits for one."""
     frame: _Frame | None = None
-    if ts.pc == "lock_page" and ts.page is not None:
+    if ts.pc == _Pc.LOCK_PAGE and ts.page is not None:
         frame = world.frames[ts.page]
-    elif ts.pc == "truncate" and isinstance(op, Punch):
+    elif ts.pc == _Pc.TRUNCATE and isinstance(op, Punch):
         for fi in range(ts.cursor, op.start + op.pages):
             fid = world.cache.get((op.file, fi))
             if fid is not None:
                 frame = world.frames[fid]
                 break
-    elif ts.pc == "continue" and ts.event is not None:
+    elif ts.pc == _Pc.CONTINUE and ts.event is not None:
         v = k.vmas[ts.event.vma]
         fid = world.cache.get((v.file, v.pgoff + ts.event.index))
         frame = None if fid is None else world.frames[fid]
@@ -181,20 +182,20 @@ def _punch_future(
     k: Kernel, world: _World, op: Punch, ts: _ThreadState | None, writes: set[Hashable]
 ) -> None:
     # ts: where the punch is, if it is the op under way (its done steps touch nothing more).
-    pc = "access" if ts is None else ts.pc
+    pc = _Pc.ACCESS if ts is None else ts.pc
     end = op.start + op.pages
     mapping = victims(k, op)
     writes.update((("inode", op.file), ("fwait", op.file)))
     writes.update(("falloc", op.file, fi) for fi in range(op.start, end))
-    writes.update(("thread", t) for t, s in world.threads.items() if s.pc == "falloc_wait")
-    if pc == "end":
+    writes.update(("thread", t) for t, s in world.threads.items() if s.pc == _Pc.FALLOC_WAIT)
+    if pc == _Pc.END:
         return
-    first = ts.cursor if ts is not None and pc in ("truncate", "remove") else op.start
+    first = ts.cursor if ts is not None and pc in (_Pc.TRUNCATE, _Pc.REMOVE) else op.start
     for fi in range(first, end):
         writes.update((("cache", op.file, fi), ("page", fi)))
-    unmapping = mapping[ts.cursor :] if ts is not None and pc == "unmap" else mapping
+    unmapping = mapping[ts.cursor :] if ts is not None and pc == _Pc.UNMAP else mapping
     for v in mapping:
-        lo = op.start if v in unmapping and pc in ("access", "unmap") else first
+        lo = op.start if v in unmapping and pc in (_Pc.ACCESS, _Pc.UNMAP) else first
         for fi in range(max(lo, v.pgoff), min(end, v.pgoff + v.pages)):
             writes.add(("pte", v.id, fi - v.pgoff))
 

@@ -16,6 +16,7 @@ from .._flags import Mode as _Mode
 from .ops import Label, Punch, Vma
 from .state import MARKER as _MARKER
 from .state import Marker as _Marker
+from .state import Pc as _Pc
 from .state import Present as _Present
 from .state import ThreadState as _ThreadState
 from .state import World as _World
@@ -48,9 +49,9 @@ def _publish(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> La
         return None
     w.set_punching(op.file, (start, end))
     nxt = (
-        replace(ts, pc="unmap", cursor=0)
+        replace(ts, pc=_Pc.UNMAP, cursor=0)
         if victims(k, op)
-        else replace(ts, pc="truncate", cursor=start)
+        else replace(ts, pc=_Pc.TRUNCATE, cursor=start)
     )
     w.set_thread(name, nxt)
     return Label("shmem_fallocate", f"inode->i_private = hole [{start}, {end})")
@@ -76,7 +77,7 @@ def _unmap(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> Labe
         else:
             changes.append(f"page {vi} zapped")
     last = ts.cursor + 1 == len(mapping)
-    nxt = replace(ts, pc="truncate", cursor=start) if last else replace(ts, cursor=ts.cursor + 1)
+    nxt = replace(ts, pc=_Pc.TRUNCATE, cursor=start) if last else replace(ts, cursor=ts.cursor + 1)
     w.set_thread(name, nxt)
     return Label("unmap_mapping_range", f"VMA {vma.id}: {'; '.join(changes) or 'nothing mapped'}")
 
@@ -91,9 +92,9 @@ def _truncate(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> L
         if frame.locked is not None:
             return None
         w.set_frame(fid, replace(frame, locked=name))
-        w.set_thread(name, replace(ts, pc="remove", cursor=fi, page=fid))
+        w.set_thread(name, replace(ts, pc=_Pc.REMOVE, cursor=fi, page=fid))
         return Label("shmem_undo_range", f"locked frame #{fid} (file page {fi})")
-    w.set_thread(name, replace(ts, pc="end", cursor=end))
+    w.set_thread(name, replace(ts, pc=_Pc.END, cursor=end))
     return Label("shmem_undo_range", "no page left in the hole")
 
 
@@ -118,7 +119,7 @@ def _remove(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> Lab
             unmapped.append(f"VMA {vma.id} page {vi}")
     w.set_cached(op.file, fi, None)
     w.set_frame(fid, replace(frame, locked=None))
-    w.set_thread(name, replace(ts, pc="truncate", cursor=fi + 1, page=None))
+    w.set_thread(name, replace(ts, pc=_Pc.TRUNCATE, cursor=fi + 1, page=None))
     gone = f"unmapped {', '.join(unmapped)}; " if unmapped else ""
     return Label(
         "truncate_inode_folio",
@@ -131,17 +132,17 @@ def _end(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> Label:
     sleepers = sorted(w.falloc_sleepers(op.file))
     w.set_falloc_sleepers(op.file, frozenset())
     for t in sleepers:
-        w.set_thread(t, replace(w.threads[t], pc="access"))
+        w.set_thread(t, replace(w.threads[t], pc=_Pc.ACCESS))
     w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults))
     woke = f"; woke {', '.join(sleepers)}" if sleepers else ""
     return Label("shmem_fallocate", f"hole punched, inode->i_private cleared{woke}")
 
 
-#: The rule each program counter of a punch runs ("access": it has not started).
-STEPS: dict[str, Callable[[Kernel, _World, str, _ThreadState, Punch], Label | None]] = {
-    "access": _publish,
-    "unmap": _unmap,
-    "truncate": _truncate,
-    "remove": _remove,
-    "end": _end,
+#: The rule each program counter of a punch runs (ACCESS: it has not started).
+STEPS: dict[_Pc, Callable[[Kernel, _World, str, _ThreadState, Punch], Label | None]] = {
+    _Pc.ACCESS: _publish,
+    _Pc.UNMAP: _unmap,
+    _Pc.TRUNCATE: _truncate,
+    _Pc.REMOVE: _remove,
+    _Pc.END: _end,
 }

@@ -20,6 +20,7 @@ from .ops import CopyPages, Label, Protect, Serve, Vma
 from .state import MARKER as _MARKER
 from .state import Frame as _Frame
 from .state import Marker as _Marker
+from .state import Pc as _Pc
 from .state import Present as _Present
 from .state import ThreadState as _ThreadState
 from .state import World as _World
@@ -43,8 +44,8 @@ def _read_message(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) 
         return None
     w.log("notified")
     w.notified = w.notified | {(ev.mode, ev.vma, ev.index)}
-    wp = "save" if op.snapshot else "snapshot"
-    pc = {_Mode.MISSING: "copy", _Mode.MINOR: "update", _Mode.WP: wp}[ev.mode]
+    wp = _Pc.SAVE if op.snapshot else _Pc.SNAPSHOT
+    pc = {_Mode.MISSING: _Pc.COPY, _Mode.MINOR: _Pc.UPDATE, _Mode.WP: wp}[ev.mode]
     w.set_thread(name, replace(ts, pc=pc, event=ev))
     assert ev.mode.name is not None
     return Label("read(uffd)", f"{ev.mode.name} message: VMA {ev.vma} page {ev.index}")
@@ -52,7 +53,7 @@ def _read_message(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) 
 
 def _idle(ts: _ThreadState) -> _ThreadState:
     """The server after a message: waiting for the next one."""
-    return _ThreadState(op=ts.op, pc="wait", faults=ts.faults)
+    return _ThreadState(op=ts.op, pc=_Pc.WAIT, faults=ts.faults)
 
 
 def _copy(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label:
@@ -63,7 +64,7 @@ def _copy(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label
     woken = wake(w, ev.vma, ev.index)
     last = min(ev.index + 1 + op.prefetch, vma.pages)
     more = ev.index + 1 < last
-    w.set_thread(name, replace(ts, pc="prefetch", cursor=ev.index + 1) if more else _idle(ts))
+    w.set_thread(name, replace(ts, pc=_Pc.PREFETCH, cursor=ev.index + 1) if more else _idle(ts))
     return Label("UFFDIO_COPY", f"page {ev.index}: {result}; woke {pages_text(woken)}")
 
 
@@ -89,7 +90,7 @@ def _update(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Lab
     fid = w.cached(vma.file, fi)
     if fid is not None:
         w.set_frame(fid, replace(w.frame(fid), data=f"u{fi}"))
-    w.set_thread(name, replace(ts, pc="continue"))
+    w.set_thread(name, replace(ts, pc=_Pc.CONTINUE))
     what = f"frame #{fid} <- {'u' + str(fi)!r}" if fid is not None else "page is gone"
     return Label("server", f"update file page {fi} through its own mapping: {what}")
 
@@ -124,7 +125,7 @@ def _snapshot(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> L
     data = w.frame(ev.frame).data
     w.log("saved")
     w.saved = w.saved | {ev.frame}
-    w.set_thread(name, replace(ts, pc="unprotect"))
+    w.set_thread(name, replace(ts, pc=_Pc.UNPROTECT))
     return Label("server", f"saved frame #{ev.frame} ({data!r}) to the snapshot")
 
 
@@ -133,7 +134,7 @@ def _save(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label
     # copier saved it first.
     ev = ts.event
     assert ev is not None and ev.frame is not None
-    w.set_thread(name, replace(ts, pc="unprotect"))
+    w.set_thread(name, replace(ts, pc=_Pc.UNPROTECT))
     if w.snapped(ev.vma, ev.index) is not None:
         return Label("snapshot", f"page {ev.index} already saved by the copier")
     data = w.frame(ev.frame).data
@@ -179,14 +180,14 @@ def _unprotect(w: _World, vma: Vma, i: int) -> tuple[str, list[str]]:
 
 
 #: The rule each program counter of a server holding a message runs.
-_RESOLVE: dict[str, Callable[[Kernel, _World, str, _ThreadState, Serve], Label | None]] = {
-    "copy": _copy,
-    "prefetch": _prefetch,
-    "update": _update,
-    "continue": _continue,
-    "snapshot": _snapshot,
-    "save": _save,
-    "unprotect": _unprotect_message,
+_RESOLVE: dict[_Pc, Callable[[Kernel, _World, str, _ThreadState, Serve], Label | None]] = {
+    _Pc.COPY: _copy,
+    _Pc.PREFETCH: _prefetch,
+    _Pc.UPDATE: _update,
+    _Pc.CONTINUE: _continue,
+    _Pc.SNAPSHOT: _snapshot,
+    _Pc.SAVE: _save,
+    _Pc.UNPROTECT: _unprotect_message,
 }
 
 
@@ -220,16 +221,16 @@ def protect(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Protect) -> L
 def copy_pages(k: Kernel, w: _World, name: str, ts: _ThreadState, op: CopyPages) -> Label:
     """The background copy's next step: save the next page not saved yet, then unprotect it."""
     vma = k.vmas[op.vma]
-    if ts.pc == "unprotect":
+    if ts.pc == _Pc.UNPROTECT:
         result, woken = _unprotect(w, vma, ts.cursor)
-        w.set_thread(name, replace(ts, pc="access", cursor=ts.cursor + 1))
+        w.set_thread(name, replace(ts, pc=_Pc.ACCESS, cursor=ts.cursor + 1))
         return Label("UFFDIO_WRITEPROTECT", f"page {ts.cursor}: {result}; woke {pages_text(woken)}")
     for i in range(ts.cursor, vma.pages):
         if w.snapped(vma.id, i) is not None:
             continue
         fid, data = _page_now(w, vma, i)
         w.set_snapped(vma.id, i, (fid, data))
-        w.set_thread(name, replace(ts, pc="unprotect", cursor=i))
+        w.set_thread(name, replace(ts, pc=_Pc.UNPROTECT, cursor=i))
         where = "zeros (no page)" if fid is None else f"frame #{fid}"
         return Label("copy", f"saved page {i}: {where} ({data!r})")
     w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults))

@@ -8,7 +8,7 @@ under one lock (or one RCU walk) happens in one step, and another thread can run
 steps exactly where the kernel drops one lock and takes the next. The steps:
 
 =================  =========================================================  ==================
-step (pc)          mirrors                                                    lock granularity
+step (Pc)          mirrors                                                    lock granularity
 =================  =========================================================  ==================
 access             the CPU's load/store; on failure handle_pte_fault()'s      hardware walk
                    dispatch (do_read_fault, do_shared_fault, do_wp_page,
@@ -82,10 +82,12 @@ from .ops import WouldBlock as _WouldBlock
 from .ops import Write as _Write
 from .presets import Preset as _Preset
 from .presets import get_preset as _get_preset
+from .state import ASLEEP as _ASLEEP
 from .state import MARKER as _MARKER
 from .state import PAGE_SIZE as _PAGE_SIZE
 from .state import PTRS_PER_PTE as _PTRS_PER_PTE
 from .state import Frame as _Frame
+from .state import Pc as _Pc
 from .state import Present as _Present
 from .state import Pte as _Pte
 from .state import ThreadState as _ThreadState
@@ -193,7 +195,7 @@ class Kernel:
         """Load from page ``index`` of ``vma``; return the page's contents."""
         self._check_index(vma, index)
         state = self._direct(_Read(vma.id, index))
-        if state.pc == "sigbus":
+        if state.pc == _Pc.SIGBUS:
             raise _SigBusError(f"page {index} of VMA {vma.id} is beyond the end of the file")
         assert state.value is not None
         return state.value
@@ -201,7 +203,7 @@ class Kernel:
     def write(self, vma: _Vma, index: int, data: str) -> None:
         """Store ``data`` to page ``index`` of ``vma``."""
         self._check_index(vma, index)
-        if self._direct(_Write(vma.id, index, data)).pc == "sigbus":
+        if self._direct(_Write(vma.id, index, data)).pc == _Pc.SIGBUS:
             raise _SigBusError(f"page {index} of VMA {vma.id} is beyond the end of the file")
 
     def punch_hole(self, file: _File, start: int, pages: int) -> None:
@@ -289,10 +291,10 @@ class Kernel:
                     raise _WouldBlock(self._why(before, name))
                 after, _ = moved
                 state = after.threads[name]
-                if state.pc in _fault.ASLEEP:
+                if state.pc in _ASLEEP:
                     # Keep what happened before the sleep (fault-around), as the kernel does;
                     # drop the queued message with the thread that would have slept.
-                    mode = after.queue[-1].mode if state.pc == "userfault" else None
+                    mode = after.queue[-1].mode if state.pc == _Pc.USERFAULT else None
                     raise _WouldBlock(self._why(after, name), mode)
                 self.world = after
             return self.world.threads[name]
@@ -306,17 +308,17 @@ class Kernel:
         state = world.threads.get(name)
         if state is None or state.op >= len(self.programs[name]):
             return f"thread {name!r} has finished"
-        if state.pc == "userfault":
+        if state.pc == _Pc.USERFAULT:
             ev = next(e for e in reversed(world.queue) if e.thread == name)
             return f"{ev.mode.name} userfault on page {ev.index} of VMA {ev.vma}"
-        if state.pc == "falloc_wait":
+        if state.pc == _Pc.FALLOC_WAIT:
             return "a hole punch covers the page: shmem_falloc_wait() sleeps"
         op = self.programs[name][state.op]
-        if isinstance(op, _Punch) and state.pc == "access" and op.file in world.falloc:
+        if isinstance(op, _Punch) and state.pc == _Pc.ACCESS and op.file in world.falloc:
             return "another hole punch of the file holds the inode lock"
-        if state.pc in ("lock_page", "truncate", "continue"):
+        if state.pc in (_Pc.LOCK_PAGE, _Pc.TRUNCATE, _Pc.CONTINUE):
             return "waiting for a page lock"
-        return f"thread {name!r} cannot move at {state.pc}"
+        return f"thread {name!r} cannot move at {state.pc.value}"
 
     # -- the rules ---------------------------------------------------------------------------------
     def advance(self, world: _World, name: str) -> tuple[_World, _Label] | None:

@@ -8,18 +8,21 @@ it is taken from what a step actually touched rather than declared by hand.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Hashable
 from dataclasses import dataclass
 
 from .._flags import Mode as _Mode
 
 __all__ = [
+    "ASLEEP",
     "MARKER",
     "PAGE_SIZE",
     "PTRS_PER_PTE",
     "Event",
     "Frame",
     "Marker",
+    "Pc",
     "Present",
     "Pte",
     "ThreadState",
@@ -83,12 +86,55 @@ class Event:
     frame: int | None = None
 
 
+class Pc(enum.Enum):
+    """A thread's program counter: the step of its op it takes next (see kernel.py's table)."""
+
+    #: The op's first step; for a Read or Write, the CPU's access (a woken fault retries here).
+    ACCESS = "access"
+    # The fault path of a Read or Write.
+    FAULT_AROUND = "fault_around"
+    SHMEM_FAULT = "shmem_fault"
+    GET_FOLIO = "get_folio"
+    LOCK_PAGE = "lock_page"
+    FINISH_FAULT = "finish_fault"
+    WP_PAGE = "wp_page"
+    #: Asleep in handle_userfault() until a server's ioctl wakes it.
+    USERFAULT = "userfault"
+    #: Asleep in shmem_falloc_wait() until the punch ends.
+    FALLOC_WAIT = "falloc_wait"
+    #: The access ended in SIGBUS (the op is over).
+    SIGBUS = "sigbus"
+    # A hole punch, after it published the hole (ACCESS).
+    UNMAP = "unmap"
+    TRUNCATE = "truncate"
+    REMOVE = "remove"
+    END = "end"
+    #: A server between messages.
+    WAIT = "wait"
+    # A server resolving a message (UNPROTECT is also the snapshot copier's second step).
+    COPY = "copy"
+    PREFETCH = "prefetch"
+    UPDATE = "update"
+    CONTINUE = "continue"
+    SNAPSHOT = "snapshot"
+    SAVE = "save"
+    UNPROTECT = "unprotect"
+
+    # Every World key hashes each thread's pc: identity hashing (members are singletons) keeps
+    # that at C speed, where Enum's own __hash__ is a Python call (a third slower exploration).
+    __hash__ = object.__hash__
+
+
+#: Program counters a thread sleeps at: only another thread's step (a wake) moves it on.
+ASLEEP = frozenset({Pc.USERFAULT, Pc.FALLOC_WAIT})
+
+
 @dataclass(frozen=True, slots=True)
 class ThreadState:
     """Where a thread is: its op, the kernel step it takes next, and what that step needs."""
 
     op: int = 0
-    pc: str = "access"
+    pc: Pc = Pc.ACCESS
     #: The frame this fault holds (locked, or looked up), if any.
     page: int | None = None
     #: The PTE the fault started from (pte_same() checks against it).
