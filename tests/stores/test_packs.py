@@ -3,7 +3,10 @@ and reads from many threads."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import hashlib
+import itertools
 import os
 import random
 import struct
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+import zstandard
 
 from tests.stores._checks import CountingStore, assert_range
 from tests.stores.conftest import S3, Served
@@ -189,69 +193,206 @@ def test_bad_pack_options(tmp_path: Path, kwargs: dict[str, object], message: st
 # --- content-addressed packs ---------------------------------------------------------------------
 
 SOURCE = image(256 * CHUNK, seed=8, zero_chunks=(10, 11, 200))  # 4 MiB, 1024 pages
+PAGES_PER_CHUNK = CHUNK // PAGE
 
 
-def changed(data: bytes, seed: int) -> tuple[bytes, set[int]]:
-    """``data`` with 5% of its pages rewritten, in 6 runs of 8 or 9 pages (changes cluster, as
-    a program's writes do); and the chunks that touches."""
-    rng = random.Random(seed)
-    out = bytearray(data)
-    pages = len(data) // PAGE
-    touched: set[int] = set()
-    total = 0
-    for run in range(6):
-        length = 9 if run < 3 else 8  # 51 pages: 5.0% of 1024
-        start = rng.randrange(0, pages - length)
-        for p in range(start, start + length):
-            out[p * PAGE : (p + 1) * PAGE] = image(PAGE, seed=seed * 1000 + p)
-            touched.add(p * PAGE // CHUNK)
-        total += length
-    assert total * 100 // pages == 4  # 4.98%
-    return bytes(out), touched
+@dataclasses.dataclass(frozen=True)
+class Index:
+    """A version 2 index as the format in stores/_chunked.py describes it, parsed here again."""
+
+    size: int
+    page_size: int
+    bundles: list[str]
+    frame_bundle: list[int]
+    frame_offset: list[int]
+    frame_length: list[int]
+    frame_raw: list[int]
+    frame_hash: list[bytes]
+    zero: bytes
+    page_frame: list[int]
+    page_slot: list[int]
+
+    def frame_of(self, page: int) -> tuple[str, int, int, bytes]:
+        """(bundle name, offset, length, hash) of the frame holding ``page``."""
+        f = self.page_frame[page]
+        name = self.bundles[self.frame_bundle[f]]
+        return name, self.frame_offset[f], self.frame_length[f], self.frame_hash[f]
 
 
-def _chunk_names(directory: Path) -> set[str]:
-    return set(os.listdir(directory / "chunks"))
-
-
-def test_a_changed_source_uploads_only_its_changed_chunks(tmp_path: Path) -> None:
-    a = pack(BytesStore(SOURCE), tmp_path / "out" / "a.index", chunk_size=CHUNK, layout="chunks")
-    assert (a.layout, a.chunks, a.zero_chunks) == ("chunks", 256, 3)
-    assert a.unique_bytes == a.packed_size, "the first pack writes everything"
-    before = _chunk_names(tmp_path / "out")
-    assert len(before) == 253
-    source_b, touched = changed(SOURCE, seed=9)
-    b = pack(BytesStore(source_b), tmp_path / "out" / "b.index", chunk_size=CHUNK, layout="chunks")
-    new = _chunk_names(tmp_path / "out") - before
-    assert len(new) == len(touched - {10, 11, 200}), "new objects are not the changed chunks"
-    assert b.unique_bytes <= 0.10 * b.packed_size, (
-        f"pack B wrote {b.unique_bytes} of {b.packed_size} bytes"
+def read_index(path: Path) -> Index:
+    raw = path.read_bytes()
+    magic, version, flags, _, size, page, bundles, frames, prefix, packed = struct.unpack_from(
+        "<8sHHIQIIIII", raw
     )
+    assert (magic, version, flags) == (b"UFFDCIX1", 2, 0), "not a version 2 index"
+    assert len(raw) == 44 + packed + 24 and raw[-8:] == b"UFFDCEND"
+    body = zstandard.ZstdDecompressor().decompress(raw[44 : 44 + packed])
+    assert body[:prefix] == b"bundles/"
+    at = prefix
+
+    def take(code: str, n: int) -> list[int]:
+        nonlocal at
+        values = list(struct.unpack_from(f"<{n}{code}", body, at))
+        at += n * struct.calcsize(code)
+        return values
+
+    names = [body[at + 32 * k : at + 32 * (k + 1)].hex() for k in range(bundles)]
+    at += 32 * bundles
+    frame_bundle, frame_offset = take("I", frames), take("Q", frames)
+    frame_length, frame_raw = take("I", frames), take("I", frames)
+    hashes = [body[at + 16 * k : at + 16 * (k + 1)] for k in range(frames)]
+    at += 16 * frames
+    pages = -(-size // page)
+    zero = body[at : at + pages]
+    at += pages
+    page_frame = list(itertools.accumulate(take("i", pages)))
+    page_slot = take("I", pages)
+    assert at == len(body)
+    return Index(size, page, names, frame_bundle, frame_offset, frame_length, frame_raw, hashes,
+                 zero, page_frame, page_slot)  # fmt: skip
+
+
+def scattered(data: bytes, seed: int, fraction: float = 0.05) -> tuple[bytes, list[int]]:
+    """``data`` with a seeded ``fraction`` of its non-zero pages rewritten one by one, scattered
+    (position-dependent new bytes, never zero); and those pages, in order."""
+    rng = random.Random(seed)
+    live = [p for p in range(len(data) // PAGE) if any(data[p * PAGE : (p + 1) * PAGE])]
+    pages = sorted(rng.sample(live, int(len(data) // PAGE * fraction)))
+    out = bytearray(data)
+    for p in pages:
+        # image() marks its records with seed | 1: odd seeds, or neighbours would be equal.
+        out[p * PAGE : (p + 1) * PAGE] = image(PAGE, seed=seed * 100_000 + 2 * p + 1)
+    return bytes(out), pages
+
+
+def _bundles(directory: Path) -> set[str]:
+    return set(os.listdir(directory / "bundles"))
+
+
+def _manifest_size(frames: int, pages: int) -> int:
+    return 24 + 24 * frames + 16 * pages + 24
+
+
+def test_scattered_changes_upload_their_pages_and_the_index(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    a = pack(BytesStore(SOURCE), out / "a.index", chunk_size=CHUNK, layout="chunks")
+    assert (a.layout, a.chunks, a.zero_chunks) == ("chunks", 256, 3)
+    assert a.unique_bytes == a.packed_size + _manifest_size(253, 253 * PAGES_PER_CHUNK), (
+        "the first pack writes every frame, one manifest, and the index"
+    )
+    before = _bundles(out)
+    source_b, changed = scattered(SOURCE, seed=9)
+    assert len(changed) == 51  # 5% of 1024 pages, in 45 of the 256 chunks
+    b = pack(BytesStore(source_b), out / "b.index", chunk_size=CHUNK, layout="chunks")
+    # What B must write, computed here: per chunk with changed pages, one frame of them.
+    groups: dict[int, list[int]] = {}
+    for p in changed:
+        groups.setdefault(p // PAGES_PER_CHUNK, []).append(p)
+    compressor = zstandard.ZstdCompressor(level=3, write_checksum=False)
+    frames = [
+        compressor.compress(b"".join(source_b[p * PAGE : (p + 1) * PAGE] for p in pages))
+        for pages in groups.values()
+    ]
+    new = _bundles(out) - before
+    bundle = next(n for n in new if not n.endswith(".pages"))
+    assert new == {bundle, bundle + ".pages"}, f"pack B wrote {sorted(new)}"
+    assert (out / "bundles" / bundle).read_bytes() == b"".join(frames), (
+        "the new bundle is not the changed pages' frames, chunk by chunk"
+    )
+    index_size = (out / "b.index").stat().st_size
+    expected = sum(map(len, frames)) + _manifest_size(len(frames), len(changed)) + index_size
+    assert b.unique_bytes == expected
+    assert b.unique_bytes <= 0.10 * a.unique_bytes, (
+        f"pack B wrote {b.unique_bytes} bytes, {b.unique_bytes / a.unique_bytes:.1%} of A's"
+    )
+    index = read_index(out / "b.index")
+    for p in range(len(SOURCE) // PAGE):  # every unchanged page is A's, every changed one new
+        name = index.frame_of(p)[0] if not index.zero[p] else None
+        if p in changed:
+            assert name == bundle, f"changed page {p} is in {name}, not the new bundle"
+        elif any(SOURCE[p * PAGE : (p + 1) * PAGE]):
+            assert name is not None and name != bundle, f"unchanged page {p} was stored again"
     for name, data in (("a", SOURCE), ("b", source_b)):
-        with open_store(tmp_path / "out" / f"{name}.index") as store:
+        with open_store(out / f"{name}.index") as store:
             assert isinstance(store, ChunkedStore) and store.size == len(data)
             assert_range(store, data, 0, len(data))
 
 
-def test_the_same_chunk_twice_in_one_pack_is_one_object(tmp_path: Path) -> None:
+def test_a_sequential_read_coalesces_and_a_random_page_fetches_its_frame(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    pack(BytesStore(SOURCE), out / "a.index", chunk_size=CHUNK, layout="chunks")
+    source_b, changed = scattered(SOURCE, seed=12)
+    pack(BytesStore(source_b), out / "b.index", chunk_size=CHUNK, layout="chunks")
+    index = read_index(out / "b.index")
+    with ChunkedStore(out / "b.index", cache_chunks=1) as store:
+        assert_range(store, source_b, 0, len(source_b))
+        assert store.fetches == 2, "the whole pack: one GET from each of its two bundles"
+    with ChunkedStore(out / "b.index", cache_chunks=1) as store:
+        for p in (changed[3], changed[3] + 1 if changed[3] % 4 < 3 else changed[3] - 1, 900):
+            fetched = store.fetched_bytes
+            assert_range(store, source_b, p * PAGE, PAGE)
+            length = index.frame_of(p)[2]
+            assert store.fetched_bytes - fetched == length, (
+                f"page {p}: fetched {store.fetched_bytes - fetched} bytes, its frame has {length}"
+            )
+        assert store.fetches == 3
+
+
+def test_the_same_chunk_twice_in_one_pack_is_one_frame(tmp_path: Path) -> None:
     one = image(CHUNK, seed=10)
     info = pack(BytesStore(one * 5), tmp_path / "x.index", chunk_size=CHUNK, layout="chunks")
-    assert len(_chunk_names(tmp_path)) == 1
-    assert info.packed_size == info.unique_bytes < 2 * CHUNK
+    assert len(_bundles(tmp_path)) == 2, "one bundle and its manifest"
+    frame = len(zstandard.ZstdCompressor(level=3, write_checksum=False).compress(one))
+    index = (tmp_path / "x.index").stat().st_size
+    assert info.packed_size == frame + index
+    assert info.unique_bytes == frame + _manifest_size(1, PAGES_PER_CHUNK) + index
+
+
+def test_pages_repeated_across_chunks_are_stored_once(tmp_path: Path) -> None:
+    pages = [image(PAGE, seed=21 + 2 * k) for k in range(6)]  # odd: seed | 1 differs
+    # Chunk 1 repeats chunk 0's pages 1 and 3 and has one of its own; chunk 2 is all old pages.
+    data = b"".join(pages[:4]) + pages[1] + pages[4] + pages[3] + pages[5] + b"".join(pages[:4])
+    pack(BytesStore(data), tmp_path / "r.index", chunk_size=CHUNK, layout="chunks")
+    index = read_index(tmp_path / "r.index")
+    assert index.frame_raw == [4 * PAGE, 2 * PAGE], "chunk 1's frame has its 2 new pages only"
+    assert (index.page_frame, index.page_slot) == (
+        [0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0],
+        [0, 1, 2, 3, 1, 0, 3, 1, 0, 1, 2, 3],
+    )
+    with open_store(tmp_path / "r.index") as store:
+        assert_range(store, data, 0, len(data))
+
+
+def test_zero_pages_fetch_nothing(tmp_path: Path) -> None:
+    data = bytearray(image(8 * CHUNK, seed=13))
+    zero_pages = (1, 2, 9, 31)  # inside chunks that also hold data
+    for p in zero_pages:
+        data[p * PAGE : (p + 1) * PAGE] = bytes(PAGE)
+    pack(BytesStore(bytes(data)), tmp_path / "z.index", chunk_size=CHUNK, layout="chunks")
+    assert read_index(tmp_path / "z.index").frame_raw[0] == 2 * PAGE, "zeros are not in a frame"
+    with ChunkedStore(tmp_path / "z.index") as store:
+        assert store.zero_chunks == 0
+        assert store.known_zero(PAGE, 2 * PAGE)
+        assert store.known_zero(9 * PAGE, PAGE) and store.known_zero(31 * PAGE, PAGE)
+        assert not store.known_zero(0, 2 * PAGE), "page 0 holds data"
+        for p in zero_pages:
+            assert_range(store, bytes(data), p * PAGE, PAGE)
+        assert store.fetches == 0, "a zero page was fetched"
+        assert_range(store, bytes(data), 0, len(data))
 
 
 def test_a_content_addressed_pack_over_s3(s3: S3) -> None:
     prefix = "s3://test/cas"
     a = pack(BytesStore(SOURCE), f"{prefix}/a.index", chunk_size=CHUNK, layout="chunks",
              **s3.options)  # fmt: skip
-    source_b, _ = changed(SOURCE, seed=11)
+    source_b, _ = scattered(SOURCE, seed=11)
     b = pack(BytesStore(source_b), f"{prefix}/b.index", chunk_size=CHUNK, layout="chunks",
              **s3.options)  # fmt: skip
-    assert a.unique_bytes == a.packed_size
-    assert b.unique_bytes <= 0.10 * b.packed_size
+    assert a.unique_bytes > a.packed_size, "the first pack also writes its manifest"
+    assert b.unique_bytes <= 0.10 * a.unique_bytes
     with open_store(f"{prefix}/b.index", **s3.options) as store:
         assert isinstance(store, ChunkedStore)
-        assert store.parallel_reads == 16, "chunks over S3: many requests in flight"
+        assert store.parallel_reads == 16, "bundles over S3: many requests in flight"
         assert_range(store, source_b, 0, len(source_b) // 4)
         assert_range(store, source_b, len(source_b) - 2 * CHUNK - 5, 3 * CHUNK)
     with ChunkedStore(f"{prefix}/a.index", **s3.options) as store:
@@ -262,7 +403,7 @@ def test_a_content_addressed_pack_over_memory_and_http(tmp_path: Path, served: S
     url = f"memory://cas-{os.getpid()}/packs/m.index"
     try:
         info = pack(BytesStore(SOURCE), url, chunk_size=CHUNK, layout="chunks")
-        assert info.unique_bytes == info.packed_size
+        assert info.unique_bytes > info.packed_size
         with open_store(url) as store:
             assert isinstance(store, ChunkedStore)
             assert_range(store, SOURCE, CHUNK * 9, CHUNK * 4)
@@ -283,44 +424,54 @@ def cas(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _object_of(directory: Path, chunk: int) -> Path:
-    raw = (directory / "c.index").read_bytes()
-    prefix = struct.unpack_from("<I", raw, 32)[0]
-    length, hashed = struct.unpack_from("<I32s", raw, 36 + prefix + 36 * chunk)
-    assert length > 0
-    name: bytes = hashed
-    return directory / "chunks" / name.hex()
+def _frame_file(directory: Path, page: int) -> tuple[Path, int, int]:
+    """(bundle path, offset, length) of the frame holding ``page`` in c.index."""
+    name, offset, length, _ = read_index(directory / "c.index").frame_of(page)
+    return directory / "bundles" / name, offset, length
 
 
-def test_a_corrupted_chunk_object_is_an_error_naming_it(cas: Path) -> None:
-    obj = _object_of(cas, 5)
-    data = bytearray(obj.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    obj.write_bytes(data)
+def test_a_corrupted_frame_is_an_error_naming_the_page(cas: Path) -> None:
+    bundle, offset, length = _frame_file(cas, 21)  # chunk 5, pages 20..23
+    data = bytearray(bundle.read_bytes())
+    data[offset + length // 2] ^= 0x10
+    bundle.write_bytes(data)
     with open_store(cas / "c.index") as store:
         assert_range(store, SOURCE, 4 * CHUNK, CHUNK)
-        with pytest.raises(StoreError, match=r"pack chunk 5 \(bytes 81920\.\.\): corrupt"):
-            store.read_into(5 * CHUNK + 100, memoryview(bytearray(PAGE)))
+        assert_range(store, SOURCE, 6 * CHUNK, CHUNK)
+        with pytest.raises(StoreError, match=r"pack page 21 \(bytes 86016\.\.\): frame .*corrupt"):
+            store.read_into(21 * PAGE + 100, memoryview(bytearray(PAGE)))
 
 
-def test_a_swapped_chunk_object_is_a_hash_mismatch(cas: Path) -> None:
+def test_a_swapped_frame_is_a_hash_mismatch(cas: Path) -> None:
     # Same length, another chunk's frame: only the hash can tell.
-    five, six = _object_of(cas, 5), _object_of(cas, 6)
-    six_bytes = six.read_bytes()
-    five.write_bytes(six_bytes[: len(five.read_bytes())].ljust(len(five.read_bytes()), b"\0"))
+    bundle, five, length = _frame_file(cas, 20)
+    _, six, _ = _frame_file(cas, 24)
+    data = bytearray(bundle.read_bytes())
+    data[five : five + length] = data[six : six + length]
+    bundle.write_bytes(data)
     with (
         open_store(cas / "c.index") as store,
-        pytest.raises(StoreError, match=r"chunk 5 .*corrupt"),
+        pytest.raises(StoreError, match=r"pack page 20 .*corrupt"),
     ):
         store.read_into(5 * CHUNK, memoryview(bytearray(PAGE)))
 
 
-def test_a_missing_chunk_object_is_enoent(cas: Path) -> None:
-    _object_of(cas, 7).unlink()
+def test_a_missing_bundle_is_enoent(cas: Path) -> None:
+    _frame_file(cas, 28)[0].unlink()
     with open_store(cas / "c.index") as store:
-        with pytest.raises(StoreError, match="pack chunk 7 ") as caught:
-            store.read_into(7 * CHUNK, memoryview(bytearray(PAGE)))
+        with pytest.raises(StoreError, match="pack page 28 ") as caught:
+            store.read_into(28 * PAGE, memoryview(bytearray(PAGE)))
         assert caught.value.errno == errno.ENOENT
+
+
+def test_a_corrupted_manifest_stops_the_next_pack(cas: Path) -> None:
+    (manifest,) = (cas / "bundles").glob("*.pages")
+    data = bytearray(manifest.read_bytes())
+    data[100] ^= 1
+    manifest.write_bytes(data)
+    with pytest.raises(StoreError, match=r"bundle manifest .*\.pages: corrupt"):
+        pack(BytesStore(SOURCE), cas / "d.index", chunk_size=CHUNK, layout="chunks")
+    assert not (cas / "d.index").exists()
 
 
 def test_a_corrupted_or_cut_index_fails_at_open(cas: Path) -> None:
@@ -344,12 +495,43 @@ def test_zero_chunks_of_a_content_addressed_pack(cas: Path) -> None:
         assert store.fetches == 0, "a zero chunk was fetched"
 
 
+def test_a_version_1_index_is_still_read(tmp_path: Path) -> None:
+    """The format before pages were shared: one object per chunk, named by its blake2b-256."""
+    data = image(6 * CHUNK + 1000, seed=14, zero_chunks=(2,))
+    compressor = zstandard.ZstdCompressor(level=3)
+    (tmp_path / "chunks").mkdir()
+    entries = b""
+    for i in range(0, len(data), CHUNK):
+        chunk = data[i : i + CHUNK]
+        hashed = hashlib.blake2b(chunk, digest_size=32).digest()
+        frame = b"" if not any(chunk) else compressor.compress(chunk)
+        if frame:
+            (tmp_path / "chunks" / hashed.hex()).write_bytes(frame)
+        entries += struct.pack("<I32s", len(frame), hashed)
+    body = struct.pack("<8sHHIQQI", b"UFFDCIX1", 1, 0, CHUNK, len(data), 7, 7) + b"chunks/"
+    body += entries
+    (tmp_path / "old.index").write_bytes(
+        body + hashlib.blake2b(body, digest_size=16).digest() + b"UFFDCEND"
+    )
+    with open_store(tmp_path / "old.index") as store:
+        assert isinstance(store, ChunkedStore) and store.zero_chunks == 1
+        assert_range(store, data, 0, len(data))
+        assert store.fetches == 6
+    obj = tmp_path / "chunks" / hashlib.blake2b(data[CHUNK : 2 * CHUNK], digest_size=32).hexdigest()
+    obj.write_bytes(obj.read_bytes()[:-1] + b"\0")
+    with (
+        ChunkedStore(tmp_path / "old.index") as store,
+        pytest.raises(StoreError, match=r"pack chunk 1 \(bytes 16384\.\.\): corrupt"),
+    ):
+        store.read_into(CHUNK + 5, memoryview(bytearray(PAGE)))
+
+
 # --- the chunk cache -----------------------------------------------------------------------------
 
 
-def _chunk_gets(served: Served, directory: str) -> int:
+def _bundle_gets(served: Served, directory: str) -> int:
     lines = served.server.access_log.read_text().splitlines()
-    return sum(1 for line in lines if line.split(" ")[1].startswith(f"/{directory}/chunks/"))
+    return sum(1 for line in lines if line.split(" ")[1].startswith(f"/{directory}/bundles/"))
 
 
 def test_the_cache_spares_requests_across_stores_and_processes(
@@ -363,7 +545,7 @@ def test_the_cache_spares_requests_across_stores_and_processes(
     with open_store(url, cache=cache) as store:
         for p in pages:
             assert_range(store, SOURCE, p * PAGE, PAGE)
-    assert _chunk_gets(served, name) == 5, "each chunk should be fetched once"
+    assert _bundle_gets(served, name) == 5, "each chunk's frame should be fetched once"
     # A restarted handler: another process, another cache object over the same directory.
     program = (
         "import sys\n"
@@ -379,12 +561,12 @@ def test_the_cache_spares_requests_across_stores_and_processes(
                           cwd=Path(__file__).parents[2])  # fmt: skip
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout == b"".join(SOURCE[p * PAGE : (p + 1) * PAGE] for p in pages)
-    assert _chunk_gets(served, name) == 5, "the second process fetched what the cache had"
+    assert _bundle_gets(served, name) == 5, "the second process fetched what the cache had"
 
 
-def test_a_bad_cached_chunk_is_fetched_again(cas: Path, tmp_path: Path) -> None:
+def test_a_bad_cached_frame_is_fetched_again(cas: Path, tmp_path: Path) -> None:
     cache = ChunkCache(tmp_path / "cache", 64 << 20)
-    key = _object_of(cas, 4).name
+    key = read_index(cas / "c.index").frame_of(16)[3].hex()  # chunk 4's frame
     with ChunkedStore(cas / "c.index", cache=cache) as store:
         assert_range(store, SOURCE, 4 * CHUNK, CHUNK)
         assert store.fetches == 1
@@ -398,9 +580,10 @@ def test_a_bad_cached_chunk_is_fetched_again(cas: Path, tmp_path: Path) -> None:
 
 
 def test_the_cache_honours_its_cap(cas: Path, tmp_path: Path) -> None:
+    index = read_index(cas / "c.index")
     chunks = range(20, 80)  # 60 chunks, none of them zero
-    sizes = [_object_of(cas, i).stat().st_size for i in chunks]
-    cap = sum(sizes[:20])  # room for about 20 of the 60 chunks read
+    sizes = [index.frame_of(i * PAGES_PER_CHUNK)[2] for i in chunks]
+    cap = sum(sizes[:20])  # room for about 20 of the 60 frames read
     cache = ChunkCache(tmp_path / "cache", cap)
     with ChunkedStore(cas / "c.index", cache=cache) as store:
         for i in chunks:
@@ -408,9 +591,9 @@ def test_the_cache_honours_its_cap(cas: Path, tmp_path: Path) -> None:
             assert cache.size() <= cap, f"cache at {cache.size()} bytes after chunk {i}, cap {cap}"
         assert store.fetches == 60
     kept = set(os.listdir(tmp_path / "cache"))
-    assert _object_of(cas, 79).name in kept, "the newest chunk was evicted"
-    assert _object_of(cas, 20).name not in kept, "the oldest chunk was kept"
-    assert len(kept) >= 10, f"only {len(kept)} chunks kept: eviction went too far"
+    assert index.frame_of(79 * PAGES_PER_CHUNK)[3].hex() in kept, "the newest frame was evicted"
+    assert index.frame_of(20 * PAGES_PER_CHUNK)[3].hex() not in kept, "the oldest was kept"
+    assert len(kept) >= 10, f"only {len(kept)} frames kept: eviction went too far"
 
 
 # --- many threads ---------------------------------------------------------------------------------

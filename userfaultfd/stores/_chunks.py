@@ -10,6 +10,7 @@ scratch buffer between calls.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import threading
 from collections.abc import Callable, Iterator
@@ -49,7 +50,8 @@ class PackInfo:
     #: Chunks stored without a frame because they are all zero.
     zero_chunks: int = 0
     #: Bytes this pack wrote: all of ``packed_size`` for a file; for ``layout="chunks"``, the
-    #: chunk objects that were not in the directory already, and the index.
+    #: frames of the pages that were not in the directory already (in new bundles), the
+    #: bundles' manifests, and the index.
     unique_bytes: int = 0
     #: Size of the zstd dictionary stored in the pack (0: none).
     dictionary: int = 0
@@ -94,7 +96,7 @@ def read_chunks(
         view = memoryview(span)[:want]
         got = store.read_into(done, view)
         if got != want:
-            raise StoreError(f"source ended at {done + got} bytes, its size said {size}")
+            raise StoreError(errno.EIO, f"source ended at {done + got} bytes, its size said {size}")
         for start in range(0, want, chunk_size):
             chunk = view[start : start + chunk_size]
             yield chunk
@@ -121,7 +123,7 @@ def train(store: Store, chunk_size: int, dict_size: int, level: int) -> bytes:
         buffer = bytearray(min(sample, store.size - i * chunk_size))
         got = store.read_into(i * chunk_size, memoryview(buffer))
         if got != len(buffer):
-            raise StoreError(f"source ended at {i * chunk_size + got} bytes")
+            raise StoreError(errno.EIO, f"source ended at {i * chunk_size + got} bytes")
         if not is_zero(memoryview(buffer), zeros):
             samples.append(bytes(buffer))
     if len(samples) < 8:
@@ -168,11 +170,12 @@ class Codec:
             declared = zstandard.frame_content_size(frame)
             if declared not in (length, -1):
                 raise StoreError(
-                    f"{what}: corrupt: its frame declares {declared} bytes, the chunk has {length}"
+                    errno.EIO,
+                    f"{what}: corrupt: its frame declares {declared} bytes, the chunk has {length}",
                 )
             data = self._decompressor().decompress(frame, max_output_size=length)
         except zstandard.ZstdError as err:
-            raise StoreError(f"{what}: corrupt: {err}") from err
+            raise StoreError(errno.EIO, f"{what}: corrupt: {err}") from err
         if len(data) != length or digest(data, self.digest_size) != expected:
-            raise StoreError(f"{what}: corrupt: hash mismatch")
+            raise StoreError(errno.EIO, f"{what}: corrupt: hash mismatch")
         return data
