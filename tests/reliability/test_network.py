@@ -281,78 +281,20 @@ def htpasswd_line(user: str, password: str) -> str:
     return f"{user}:{{SSHA}}{base64.b64encode(digest + salt).decode()}\n"
 
 
-_NGINX_CONF = """\
-daemon off;
-master_process off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    default_type application/octet-stream;
-    server {{
-        listen {address}:{port} ssl;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        auth_basic "uffd pages";
-        auth_basic_user_file {prefix}/htpasswd;
-        root {root};
-    }}
-}}
-"""
-
-
-class Nginx:
-    """nginx with TLS and basic auth on ``address:port``, in ``ns`` or the test's namespace."""
-
-    def __init__(
-        self, root: Path, prefix: Path, tls: Tls, address: str, ns: _netns.Namespace | None
-    ) -> None:
-        self.prefix, self.ns = prefix, ns
-        self.port = 8443 if ns else _servers.free_port()
-        self.url = f"https://{address}:{self.port}"
-        prefix.mkdir(parents=True, exist_ok=True)
-        (prefix / "htpasswd").write_text(htpasswd_line(USER, PASSWORD))
-        self.conf = prefix / "nginx.conf"
-        self.conf.write_text(
-            _NGINX_CONF.format(prefix=prefix, root=root, address=address, port=self.port,
-                               cert=tls.cert, key=tls.key)
-        )  # fmt: skip
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        argv = [_servers.NGINX, "-p", str(self.prefix), "-c", str(self.conf),
-                "-e", str(self.prefix / "error.log")]  # fmt: skip
-        quiet: dict[str, Any] = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)  # fmt: skip
-        self.proc = self.ns.popen(argv, **quiet) if self.ns else subprocess.Popen(argv, **quiet)
-        deadline = time.monotonic() + 10
-        while not _netns.listening(self.proc.pid, self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                log = (self.prefix / "error.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"nginx did not start: {log}")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait(10)
+def nginx(root: Path, prefix: Path, tls: Tls, address: str,
+          ns: _netns.Namespace | None) -> _servers.Nginx:  # fmt: skip
+    """nginx with TLS and basic auth on ``address``, in ``ns`` or the test's namespace."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    (prefix / "htpasswd").write_text(htpasswd_line(USER, PASSWORD))
+    return _servers.Nginx(root, prefix, address=address, port=8443 if ns else None, ns=ns,
+                          tls=(tls.cert, tls.key), htpasswd=prefix / "htpasswd")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
 class Site:
     """Files behind one nginx: ``data.bin`` (the payload), ``data.pack`` (it, packed)."""
 
-    nginx: Nginx
+    nginx: _servers.Nginx
     tls: Tls
     root: Path
     data: bytes
@@ -379,7 +321,7 @@ def _site(tmp_path: Path, address: str, ns: _netns.Namespace | None) -> Iterator
     (root / "data.bin").write_bytes(data)
     pack(root / "data.bin", root / "data.pack", chunk_size=CHUNK)
     tls = make_tls(tmp_path, [address])
-    server = Nginx(root, tmp_path / "nginx", tls, address, ns)
+    server = nginx(root, tmp_path / "nginx", tls, address, ns)
     try:
         yield Site(server, tls, root, data)
     finally:

@@ -1,7 +1,8 @@
 """Real servers on 127.0.0.1 for the store tests: nginx (HTTP ranges) and moto (S3).
 
 Each is a subprocess on a free port, polled until it accepts connections, and killed on exit
-whatever happened; nothing leaves the machine.
+whatever happened; nothing leaves the machine. The one nginx site here also serves the network
+tests (TLS, basic auth, inside a namespace) and the remote benchmark.
 """
 
 from __future__ import annotations
@@ -15,20 +16,25 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from tests.reliability import _netns
 
 NGINX = "/usr/sbin/nginx"
 
 # Method, path, status, Range header ("-" when absent) and body bytes: what the tests check.
+# keepalive_requests: a lazy mapping's handler keeps one connection for all its range requests.
 _NGINX_CONF = """\
 daemon off;
 master_process off;
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-events {{ worker_connections 64; }}
+events {{ worker_connections 256; }}
 http {{
     log_format ranges '$request_method $uri $status "$http_range" $body_bytes_sent';
     access_log {prefix}/access.log ranges;
+    keepalive_requests 1000000;
     client_body_temp_path {prefix}/body;
     proxy_temp_path {prefix}/proxy;
     fastcgi_temp_path {prefix}/fastcgi;
@@ -36,8 +42,8 @@ http {{
     scgi_temp_path {prefix}/scgi;
     default_type application/octet-stream;
     server {{
-        listen 127.0.0.1:{port};
-        root {root};
+        listen {address}:{port}{ssl};
+{extra}        root {root};
     }}
 }}
 """
@@ -76,29 +82,53 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 class Nginx:
-    """nginx serving ``root`` at :attr:`url`; its access log lines show the Range headers."""
+    """nginx serving ``root`` at :attr:`url`; its access log lines show the Range headers.
 
-    def __init__(self, root: Path, prefix: Path) -> None:
+    On ``address:port`` (a free port of 127.0.0.1 unless told), in namespace ``ns`` or this
+    one; over HTTPS with ``tls`` (certificate, key); behind basic auth with ``htpasswd``.
+    ``kill()`` and ``start()`` again: a server that dies and comes back.
+    """
+
+    def __init__(
+        self, root: Path, prefix: Path, *, address: str = "127.0.0.1", port: int | None = None,
+        ns: _netns.Namespace | None = None, tls: tuple[Path, Path] | None = None,
+        htpasswd: Path | None = None,
+    ) -> None:  # fmt: skip
         self.root = root
         self.prefix = prefix
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ns = ns
+        self.port = free_port() if port is None else port
+        self.url = f"{'https' if tls else 'http'}://{address}:{self.port}"
         self.access_log = prefix / "access.log"
+        extra = []
+        if tls:
+            extra += [f"ssl_certificate {tls[0]};", f"ssl_certificate_key {tls[1]};"]
+        if htpasswd:
+            extra += ['auth_basic "uffd pages";', f"auth_basic_user_file {htpasswd};"]
         prefix.mkdir(parents=True, exist_ok=True)
-        conf = prefix / "nginx.conf"
-        conf.write_text(_NGINX_CONF.format(prefix=prefix, port=self.port, root=root))
+        self.conf = prefix / "nginx.conf"
+        self.conf.write_text(_NGINX_CONF.format(
+            prefix=prefix, address=address, port=self.port, ssl=" ssl" if tls else "",
+            extra="".join(f"        {line}\n" for line in extra), root=root,
+        ))  # fmt: skip
+        self.start()
+
+    def start(self) -> None:
+        """Start nginx; returns once it listens (RuntimeError with its log if it does not)."""
         # -e: nginx opens its default error log before reading the config; keep that in prefix.
-        self.proc = subprocess.Popen(
-            [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_for_port(self.port, self.proc, 10, prefix / "error.log")
-        except BaseException:
-            _kill(self.proc)
-            raise
+        argv = [NGINX, "-p", str(self.prefix), "-c", str(self.conf),
+                "-e", str(self.prefix / "error.log")]  # fmt: skip
+        quiet: dict[str, Any] = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)  # fmt: skip
+        self.proc = self.ns.popen(argv, **quiet) if self.ns else subprocess.Popen(argv, **quiet)
+        # Read from /proc/PID/net/tcp: it works in the server's namespace too.
+        deadline = time.monotonic() + 10
+        while not _netns.listening(self.proc.pid, self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                _kill(self.proc)
+                log = _tail(self.prefix / "error.log")
+                raise RuntimeError(f"nginx did not listen on {self.url}: {log}")
+            time.sleep(0.02)
 
     def requests(self, name: str) -> list[tuple[str, int, str, int]]:
         """(method, status, range header or "-", body bytes) of every request for ``/name``."""
