@@ -28,17 +28,31 @@ from userfaultfd import (
 
 from ._target import PAGE, Channel, Target, pattern
 
+Then = Callable[[Channel, memory.Mapping], object]
 
-def test_copy_onto_a_populated_page_is_page_exists() -> None:
+
+def missing_target(
+    pages: int, features: Feature = Feature(0), *, populated: int | None = None,
+    then: Then = lambda channel, mapping: channel.recv(),
+) -> Callable[[Channel], None]:  # fmt: skip
+    """A target body: ``pages`` anonymous pages (page ``populated`` written first) registered
+    MISSING; it sends their address with the uffd, then runs ``then`` (default: waits for a
+    message)."""
+
     def body(channel: Channel) -> None:
-        mapping = memory.anonymous(2 * PAGE)
-        mapping.view[0] = 1  # page 0 populated before registration
-        uffd = Userfaultfd()
+        mapping = memory.anonymous(pages * PAGE)
+        if populated is not None:
+            mapping.view[populated * PAGE] = 1  # before registration: no fault, never missing
+        uffd = Userfaultfd(features)
         uffd.register(mapping.address, mapping.length, Mode.MISSING)
         channel.send(mapping.address, [uffd.fileno()])
-        channel.recv()
+        then(channel, mapping)
 
-    with Target(body) as target:
+    return body
+
+
+def test_copy_onto_a_populated_page_is_page_exists() -> None:
+    with Target(missing_target(2, populated=0)) as target:
         base, uffd = target.recv_uffd()
         with pytest.raises(PageExistsError, match="already mapped") as caught:
             uffd.copy(base, pattern(0))
@@ -49,17 +63,13 @@ def test_copy_onto_a_populated_page_is_page_exists() -> None:
 
 
 def test_copy_while_a_remove_event_is_unread_is_mapping_changed() -> None:
-    def body(channel: Channel) -> None:
-        mapping = memory.anonymous(4 * PAGE)
-        uffd = Userfaultfd(Feature.EVENT_REMOVE)
-        uffd.register(mapping.address, mapping.length, Mode.MISSING)
-        channel.send(mapping.address, [uffd.fileno()])
+    def drop_page_0(channel: Channel, mapping: memory.Mapping) -> None:
         channel.recv()
         mapping.madvise(mmap.MADV_DONTNEED, 0, PAGE)  # blocks until the REMOVE is read
         channel.send("advised")
         channel.recv()
 
-    with Target(body) as target:
+    with Target(missing_target(4, Feature.EVENT_REMOVE, then=drop_page_0)) as target:
         base, uffd = target.recv_uffd()
         target.send("go")
         assert select.select([uffd], [], [], 5)[0], "no REMOVE event queued"
@@ -87,13 +97,7 @@ def retry_while_changing(operation: Callable[[], int], timeout: float = 5.0) -> 
 
 
 def test_copy_after_the_target_exited_is_process_gone() -> None:
-    def body(channel: Channel) -> None:
-        mapping = memory.anonymous(PAGE)
-        uffd = Userfaultfd()
-        uffd.register(mapping.address, mapping.length, Mode.MISSING)
-        channel.send(mapping.address, [uffd.fileno()])
-
-    with Target(body) as target:
+    with Target(missing_target(1, then=lambda channel, mapping: None)) as target:
         base, uffd = target.recv_uffd()
         assert target.exit_code() == 0
         with pytest.raises(ProcessGoneError, match="has exited") as caught:
@@ -191,11 +195,15 @@ def test_every_call_after_close_is_a_clear_error(
 
 
 def test_descriptor_flags_follow_the_arguments() -> None:
+    def flags(uffd: Userfaultfd) -> tuple[bool, bool]:
+        """(O_NONBLOCK, FD_CLOEXEC) of its descriptor."""
+        status, descriptor = (
+            fcntl.fcntl(uffd.fileno(), op) for op in (fcntl.F_GETFL, fcntl.F_GETFD)
+        )
+        return bool(status & os.O_NONBLOCK), bool(descriptor & fcntl.FD_CLOEXEC)
+
     with Userfaultfd() as default, Userfaultfd(nonblocking=False, cloexec=False) as plain:
-        assert fcntl.fcntl(default.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
-        assert fcntl.fcntl(default.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC
-        assert not fcntl.fcntl(plain.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
-        assert not fcntl.fcntl(plain.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        assert (flags(default), flags(plain)) == ((True, True), (False, False))
 
 
 def test_nonblocking_read_with_nothing_pending_is_empty() -> None:
@@ -232,28 +240,19 @@ def test_unprivileged_user_gets_a_permission_error_that_says_what_to_do() -> Non
         except UserfaultfdPermissionError as err:
             refused = (isinstance(err, PermissionError), err.errno, str(err))
         with Userfaultfd(user_mode_only=True) as uffd:
-            channel.send((refused, uffd.fileno() >= 0))
+            channel.send((refused, os.readlink(f"/proc/self/fd/{uffd.fileno()}")))
 
     with Target(body) as target:
-        ((is_permission, code, message), user_mode_works), _ = target.recv()
-        assert is_permission and code == errno.EPERM
+        ((is_permission, code, message), user_mode), _ = target.recv()
+        assert (is_permission, code) == (True, errno.EPERM), message
         assert "vm.unprivileged_userfaultfd=1" in message and "user_mode_only=True" in message
-        assert user_mode_works
+        assert user_mode == "anon_inode:[userfaultfd]"
         assert target.exit_code() == 0
 
 
 def test_copy_stopped_by_a_populated_page_reports_progress_in_done() -> None:
     """The kernel returns EAGAIN, not EEXIST, when a multi-page copy stops part-way."""
-
-    def body(channel: Channel) -> None:
-        mapping = memory.anonymous(4 * PAGE)
-        mapping.view[2 * PAGE] = 1  # page 2 populated before registration
-        uffd = Userfaultfd()
-        uffd.register(mapping.address, mapping.length, Mode.MISSING)
-        channel.send(mapping.address, [uffd.fileno()])
-        channel.recv()
-
-    with Target(body) as target:
+    with Target(missing_target(4, populated=2)) as target:
         base, uffd = target.recv_uffd()
         whole = b"".join(pattern(i) for i in range(4))
         with pytest.raises(MappingChangedError) as caught:
