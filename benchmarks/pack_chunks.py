@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.stores import _servers
-from userfaultfd._cli_stores import parse_size
+from userfaultfd.cli._args import parse_size
 from userfaultfd.stores import FileStore, FsspecStore, Store, ZstdStore, pack
 
 PAGE = 4096

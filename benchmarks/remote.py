@@ -476,7 +476,12 @@ def changed_runs(pages: int, run: int) -> Any:
 
 def changed_pack_rows(root: Path, size: int, chunk: int) -> list[Row]:
     """A content-addressed pack of the data, then one of the data with 5% of its pages changed
-    (scattered, and in runs of 1 MiB): the bytes the second one uploaded, against the first."""
+    (scattered, and in runs of 1 MiB): the bytes the second one uploaded, against the first; then
+    a seeded 1% of the second's pages read one at a time through a ChunkedStore over the local
+    directory, every page checked: pages/s, and the bytes it fetched (``moved``) and asked for
+    (``requests``)."""
+    from userfaultfd.stores import ChunkedStore
+
     options = unique_bytes_api()
     pages = size // PAGE
     rows = []
@@ -494,10 +499,37 @@ def changed_pack_rows(root: Path, size: int, chunk: int) -> list[Row]:
         second = pack(root / "changed.bin", where / "v2.index", chunk_size=chunk, **options)
         seconds = time.perf_counter() - started
         share = 100 * second.unique_bytes / first.unique_bytes
+        index = (where / "v2.index").stat().st_size
+        note = (f"{len(changed):,} pages changed; the first pack uploaded "
+                f"{_bytes(first.unique_bytes)}; index {_bytes(index)}")  # fmt: skip
         rows.append(Row(what, "chunks", None, seconds, "%", share, second.unique_bytes, None,
-                        touched=size, note=f"{len(changed):,} pages changed; the first pack "
-                        f"uploaded {_bytes(first.unique_bytes)}"))  # fmt: skip
+                        touched=size, note=note))  # fmt: skip
+        rows.append(Row(f"5% changed {how}: index", "chunks", None, None, "kB", index / 1e3,
+                        index, None, note="fetched whole at open"))  # fmt: skip
+        picked = sample(pages, RANDOM_FRACTION, RANDOM_SEED)
+        negated = set(changed.tolist())
+        buffer = bytearray(PAGE)
+        with ChunkedStore(where / "v2.index") as store:
+            started = time.perf_counter()
+            for page in picked.tolist():
+                store.read_into(page * PAGE, memoryview(buffer))
+                values = np.frombuffer(buffer, dtype=np.int64)
+                want = expected(page * PER_PAGE, (page + 1) * PER_PAGE)
+                if not np.array_equal(values, -want if page in negated else want):
+                    raise RuntimeError(f"5% changed {how}: page {page} holds wrong values")
+            seconds = time.perf_counter() - started
+            moved = getattr(store, "fetched_bytes", None)  # detected: older stores lack it
+            rows.append(Row(f"5% changed {how}: random 1%", "chunks", None, seconds, "pages/s",
+                            len(picked) / seconds, moved, None, requests=store.fetches,
+                            touched=len(picked) * PAGE, note="local"))  # fmt: skip
     return rows
+
+
+def changed_only(size: int, chunk: int, directory: str) -> list[Row]:
+    """The 5%-changed rows alone (``--only changed``): no namespaces, no server, no root."""
+    with tempfile.TemporaryDirectory(prefix="uffd-changed-", dir=directory) as tmp:
+        write_source(Path(tmp) / "data.bin", size)
+        return changed_pack_rows(Path(tmp), size, chunk)
 
 
 # --- the table and the targets ------------------------------------------------------------------
@@ -605,6 +637,14 @@ def targets(rows: list[Row], rtt: float) -> list[str]:
             verdict(name, changed.value <= 10, f"{changed.value:.1f}% of the first upload")
         else:
             verdict(name, None, "n/a (pack() has no content-addressed layout)")
+    name = "5%-changed pack random 1% moves <= 10x the bytes touched"
+    changed = find("5% changed scattered: random 1%", "chunks")
+    if changed and changed.moved and changed.touched:
+        over = changed.moved / changed.touched
+        verdict(name, over <= 10, f"{over:.1f}x ({changed.moved // (changed.touched // PAGE):,} "
+                f"B a page, {changed.requests} requests)")  # fmt: skip
+    else:
+        verdict(name, None, "n/a (not measured)")
     return out
 
 
@@ -684,6 +724,8 @@ def main() -> None:
                         help=f"pack chunk size (default {default_chunk >> 10}K)")  # fmt: skip
     parser.add_argument("--deadline", type=float, default=600, help="seconds per row")
     parser.add_argument("--dir", default="/var/tmp", help="where the source and packs go")
+    parser.add_argument("--only", choices=["changed"],
+                        help="changed: the 5%%-changed pack rows alone (no network)")  # fmt: skip
     args = parser.parse_args()
     size: int = args.size
     if size <= 0 or size % PAGE:
@@ -707,8 +749,14 @@ def main() -> None:
         )
         print("\n".join(lines), file=sys.stderr, flush=True)
 
-    with _terminated_as_interrupt():
-        rows = measure(size, args.rtt, args.chunk, args.deadline, args.dir, header)
+    if args.only == "changed":
+        api = unique_bytes_api() or "not implemented"
+        lines.append(f"# 5% changed: {size >> 20} MiB of int64, {args.chunk >> 10} KiB chunks; "
+                     f"content-addressed packs: {api}")  # fmt: skip
+        rows = changed_only(size, args.chunk, args.dir)
+    else:
+        with _terminated_as_interrupt():
+            rows = measure(size, args.rtt, args.chunk, args.deadline, args.dir, header)
     rtt = 10.0 if 10.0 in args.rtt else max(args.rtt)
     print("\n".join(lines))
     print(table(rows))
