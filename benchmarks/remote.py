@@ -23,7 +23,10 @@ of its own) with a deadline:
   first byte         lazy(url) to the first element read
   5% changed         a content-addressed pack (pack(layout=...)) of the data, then one of the
                      data with 5% of its pages changed, scattered and in 1 MiB runs: the bytes
-                     the second uploaded (PackInfo.unique_bytes) over the first's upload
+                     the second uploaded (PackInfo.unique_bytes) over the first's upload, the
+                     second's index size, and a seeded 1% of its pages read one at a time from the
+                     local directory (bytes fetched a page); ``--only changed``: these rows alone
+                     (no namespaces, no root)
 Every byte a row read is compared with the expected values (vectorised) before its speed counts;
 a wrong page fails the run naming the page. ``x eager``: the eager GET's seconds at the same RTT
 over this row's (for a sequential row, the ratio of MB/s). ``moved``: bytes that crossed the link,
