@@ -12,6 +12,13 @@ default in-memory cache of 8 chunks: over the local pack file, and over nginx on
 bytes read from the pack (the frames fetched) and the best time of --repeat. The first row reads
 the raw, uncompressed file the same way. Zero chunks are answered without a read (the handler asks
 known_zero() first; here read_into answers them the same way).
+
+Then the content-addressed layout (``pack(..., layout="chunks")``, ``--chunk`` chunks, 64 KiB by
+default) read the same way through a ChunkedStore: the first pack, and a second one of the source
+with 5% of its non-zero pages changed, scattered (each XORed with 0x5A: as compressible as before,
+still position dependent). Its rows count the bytes the store fetched; the summary line gives
+what each pack uploaded (``PackInfo.unique_bytes``) and its index. ``--only chunks`` runs these
+rows alone.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.stores import _servers
 from userfaultfd.cli._args import parse_size
-from userfaultfd.stores import FileStore, FsspecStore, Store, ZstdStore, pack
+from userfaultfd.stores import ChunkedStore, FileStore, FsspecStore, Store, ZstdStore, pack
 
 PAGE = 4096
 CHUNKS = (64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20)
@@ -117,17 +124,47 @@ def measure(
     return moved, best
 
 
+def measure_chunked(location: str, pages: list[int], repeat: int) -> tuple[int, float]:
+    """(bytes a ChunkedStore fetched, best seconds) for reading ``pages`` one by one."""
+    best, moved = float("inf"), 0
+    buffer = memoryview(bytearray(PAGE))
+    for _ in range(repeat):
+        with ChunkedStore(location) as store:
+            started = time.perf_counter()
+            for p in pages:
+                store.read_into(p * PAGE, buffer)
+            best = min(best, time.perf_counter() - started)
+            moved = store.fetched_bytes
+    return moved, best
+
+
+def scattered(data: bytes, fraction: float, seed: int = 3) -> tuple[bytes, int]:
+    """``data`` with a seeded ``fraction`` of its pages changed, chosen among its non-zero
+    pages, each XORed with 0x5A; and how many."""
+    pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE)
+    live = np.flatnonzero(pages.any(axis=1))
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(live, size=min(live.size, int(pages.shape[0] * fraction)), replace=False)
+    out = pages.copy()
+    out[picked] ^= 0x5A
+    return out.tobytes(), int(picked.size)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--size", type=parse_size, default=256 << 20)
     parser.add_argument("--fraction", type=float, default=0.01)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--chunk", type=parse_size, default=64 << 10,
+                        help="chunk size of the content-addressed rows")  # fmt: skip
+    parser.add_argument("--only", choices=["chunks"], help="chunks: the content-addressed rows")
     args = parser.parse_args()
     data = source(args.size)
     count = len(data) // PAGE
     pages = random.Random(2).sample(range(count), max(1, int(count * args.fraction)))
     touched = len(pages) * PAGE
     rows: list[Row] = []
+    summary: list[str] = []
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         root = Path(tmp) / "root"
         root.mkdir()
@@ -137,7 +174,7 @@ def main() -> None:
             lb, ls = measure(lambda: FileStore(root / "raw"), False, pages, args.repeat)
             hb, hs = measure(lambda: FsspecStore(f"{url}/raw"), False, pages, args.repeat)
             rows.append(Row("raw file", 1.0, 0.0, lb, ls, hb, hs))
-            for chunk in CHUNKS:
+            for chunk in CHUNKS if args.only is None else ():
                 for dictionary in (0, 64 << 10):
                     name = f"c{chunk}-d{dictionary}"
                     started = time.perf_counter()
@@ -151,6 +188,25 @@ def main() -> None:
                         label += f" + {info.dictionary >> 10} KiB dict"
                     rows.append(Row(label, info.ratio, pack_s, lb, ls, hb, hs))
                     (root / name).unlink()
+            (root / "changed").write_bytes(scattered(data, 0.05)[0])
+            changed = scattered(data, 0.05)[1]
+            uploads = []
+            for name, what in (("a", "raw"), ("b", "changed")):
+                started = time.perf_counter()
+                info = pack(root / what, root / "cas" / f"{name}.index", chunk_size=args.chunk,
+                            layout="chunks")  # fmt: skip
+                pack_s = time.perf_counter() - started
+                uploads.append(info.unique_bytes)
+                index = (root / "cas" / f"{name}.index").stat().st_size
+                lb, ls = measure_chunked(str(root / "cas" / f"{name}.index"), pages, args.repeat)
+                hb, hs = measure_chunked(f"{url}/cas/{name}.index", pages, args.repeat)
+                label = f"{args.chunk >> 10} KiB content-addressed"
+                if name == "b":
+                    label += ", 5% pages changed"
+                rows.append(Row(label, info.ratio, pack_s, lb, ls, hb, hs))
+                summary.append(f"{label}: uploaded {info.unique_bytes / 1e6:.2f} MB"
+                               f" ({100 * info.unique_bytes / uploads[0]:.1f}% of the first),"
+                               f" index {index / 1e3:.1f} kB")  # fmt: skip
     mib = 1 << 20
     print(
         f"# source {len(data) / mib:.0f} MiB, {len(pages)} random 4 KiB pages"
@@ -166,6 +222,7 @@ def main() -> None:
             f"| {r.label} | {r.ratio:.2f} | {r.pack_s:.2f} | {r.local_bytes / mib:.1f}"
             f" | {r.local_s * 1e3:.0f} | {r.http_bytes / mib:.1f} | {r.http_s * 1e3:.0f} |"
         )
+    print(f"# {changed:,} pages changed; " + "; ".join(summary))
 
 
 if __name__ == "__main__":
