@@ -119,7 +119,7 @@ def promela(kernel: str = "upstream", sizes: Sizes | None = None, fab: int = 655
 def _setup(k: Kernel, names: list[str], nframes: int) -> list[str]:
     world = k.world
     lines = ["init {", "  atomic {"]
-    for (vid, i), pte in sorted(world.ptes.items()):
+    for (vid, i), pte in sorted(world.ptes()):
         assert vid == 0
         if isinstance(pte, Present):
             lines.append(
@@ -129,9 +129,9 @@ def _setup(k: Kernel, names: list[str], nframes: int) -> list[str]:
         else:
             assert isinstance(pte, Marker)
             lines.append(f"    pk[{i}] = MARKER;")
-    for (_, i), fid in sorted(world.cache.items()):
+    for (_, i), fid in sorted(world.cache()):
         lines.append(f"    cache[{i}] = {fid};")
-    for fid, frame in sorted(world.frames.items()):
+    for fid, frame in sorted(world.frames()):
         assert frame.locked is None
         lines.append(f"    fdata[{fid}] = {_data(frame.data)}; findex[{fid}] = {frame.index};")
     lines.append(f"    next_frame = {world.next_frame};")

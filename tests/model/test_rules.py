@@ -22,6 +22,13 @@ from userfaultfd.model.state import Pc
 BASE = 0x1000_0000
 
 
+def _cached(k: Kernel, file: int, index: int) -> int:
+    """The frame in the page cache at file page ``index`` (the test needs one there)."""
+    fid = k.world.cached(file, index)
+    assert fid is not None, f"file page {index} of file {file} is not in the page cache"
+    return fid
+
+
 def _wp_page(preset: str, **kw: int) -> tuple[Kernel, Vma]:
     """Four cached pages registered WP; page 1 written (mapped alone) and write-protected."""
     k = Kernel(preset, **kw)
@@ -55,7 +62,7 @@ def test_fault_around_maps_only_cached_pages_read_only() -> None:
     v = k.mmap(f, BASE, 4)
     k.read(v, 0)
     assert k.mapped(v) == {0, 2}
-    assert k.pte(v, 2) == Present(k.world.cache[(f.id, 2)], writable=False, uffd_wp=False)
+    assert k.pte(v, 2) == Present(_cached(k, f.id, 2), writable=False, uffd_wp=False)
 
 
 def test_a_fault_on_a_locked_page_waits_for_the_lock() -> None:
@@ -128,7 +135,7 @@ def test_minor_message_resolved_by_update_and_continue() -> None:
     steps = [k.step("server").function for _ in range(3)]
     assert steps == ["read(uffd)", "server", "UFFDIO_CONTINUE"]
     k.run("reader")
-    assert k.world.threads["reader"].value == "u3"
+    assert k.world.thread("reader").value == "u3"
     assert k.mapped(v) == {3}
 
 
@@ -142,7 +149,7 @@ def test_missing_message_resolved_by_copy() -> None:
         k.run("reader")
     assert [k.step("server").function for _ in range(2)] == ["read(uffd)", "UFFDIO_COPY"]
     k.run("reader")
-    assert k.world.threads["reader"].value == "s2"
+    assert k.world.thread("reader").value == "s2"
     frame = k.page(f, 2)
     assert frame is not None and frame.origin == "copy"
 
@@ -184,10 +191,10 @@ def test_read_only_pte_without_uffd_wp_is_reused_on_write() -> None:
     f = k.shmem_file(4, cached=range(4))
     v = k.mmap(f, BASE, 4, register=Mode.WP)
     k.read(v, 0)  # fault-around maps 0..3 read-only, no uffd-wp
-    fid = k.world.cache[(f.id, 3)]
+    fid = _cached(k, f.id, 3)
     k.write(v, 3, "x")
     assert k.pte(v, 3) == Present(fid, writable=True, uffd_wp=False)
-    assert k.world.frames[fid].data == "x"
+    assert k.world.frame(fid).data == "x"
 
 
 def test_private_write_copies_and_leaves_the_cache_alone() -> None:
@@ -235,7 +242,7 @@ def test_truncate_drops_the_marker_when_the_folio_was_mapped_again() -> None:
     assert [k.step("punch").function for _ in range(3)] == [
         "shmem_fallocate", "unmap_mapping_range", "unmap_mapping_range",
     ]  # fmt: skip
-    doomed = k.world.cache[(f.id, 1)]
+    doomed = _cached(k, f.id, 1)
     k.read(other, 2)  # fault-around maps the doomed folio into the other mapping's none PTE
     assert k.pte(other, 1) == Present(doomed, writable=False, uffd_wp=False)
     k.run("punch")
@@ -252,11 +259,11 @@ def test_a_fault_in_the_hole_waits_for_the_punch() -> None:
 
 def test_fault_around_maps_the_page_being_punched() -> None:
     k, v = _punch_started("pre-patch")
-    doomed = k.world.cache[(v.file, 1)]
+    doomed = _cached(k, v.file, 1)
     k.read(v, 2)
     assert k.pte(v, 1) == Present(doomed, writable=False, uffd_wp=False)
     k.write(v, 1, "lost")  # no message: the uffd-wp bit went with the pre-unmap
-    assert k.world.frames[doomed].data == "lost"
+    assert k.world.frame(doomed).data == "lost"
     k.run("punch")
     assert k.pte(v, 1) is None and k.page(k.files[v.file], 1) is None
     assert k.read(v, 1) == "0"  # the hole reads back as zeroes: the write is gone
@@ -274,15 +281,15 @@ def test_sleepers_wake_when_the_punch_ends_and_fault_on_the_kept_marker() -> Non
     k.spawn("writer", Write(v.id, 1, "x"))
     k.step("writer")  # fault on the marker
     k.step("writer")  # shmem_fault: in the hole -> sleeps
-    asleep = k.world.threads["writer"]
+    asleep = k.world.thread("writer")
     assert asleep.pc == Pc.FALLOC_WAIT, asleep
     k.run("punch")
-    woken = k.world.threads["writer"]
+    woken = k.world.thread("writer")
     assert woken.pc == Pc.ACCESS, f"the punch's end left the writer at {woken.pc}"
     # The marker outlived the punch: the retried write is reported to the server.
     with pytest.raises(WouldBlock, match="WP userfault on page 1"):
         k.run("writer")
-    fresh = k.world.cache[(v.file, 1)]  # a new zero page, mapped read-only with uffd-wp
+    fresh = _cached(k, v.file, 1)  # a new zero page, mapped read-only with uffd-wp
     assert k.pte(v, 1) == Present(fresh, writable=False, uffd_wp=True)
 
 

@@ -1,8 +1,9 @@
 """The fault path of a Read or Write: the CPU's access, then one kernel step a call.
 
 Each rule is a plain function of the kernel (its fixed configuration: VMAs, files, preset), the
-World being changed, and the thread: a step's inputs are all in its signature, and
-:data:`STEPS` maps a thread's program counter to the rule it runs next.
+:class:`.state.Step` under way (the World being changed, which notes the step's footprint), and
+the thread: a step's inputs are all in its signature, and :data:`STEPS` maps a thread's program
+counter to the rule it runs next.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .state import Frame as _Frame
 from .state import Marker as _Marker
 from .state import Pc as _Pc
 from .state import Present as _Present
+from .state import Step as _Step
 from .state import ThreadState as _ThreadState
 from .state import World as _World
 
@@ -34,13 +36,13 @@ def pages_text(indexes: Iterable[object]) -> str:
     return out or "none"
 
 
-def in_hole(w: _World, vma: Vma, index: int) -> bool:
-    # For labels only: reads inode->i_private without noting it (the rule does not look).
-    span = w.falloc.get(vma.file)
+def in_hole(world: _World, vma: Vma, index: int) -> bool:
+    # For labels only (given the World before the step: the rule itself does not look).
+    span = world.punching(vma.file)
     return span is not None and span[0] <= vma.pgoff + index < span[1]
 
 
-def access(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Write) -> Label | None:
+def access(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label | None:
     """The next step of a Read or Write; None while the thread sleeps or waits for a lock."""
     rule = STEPS.get(ts.pc)
     if rule is None:
@@ -49,7 +51,7 @@ def access(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Write) 
     return rule(k, w, name, ts, op)
 
 
-def _hw_access(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Write) -> Label:
+def _hw_access(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
     vma = k.vmas[op.vma]
     i = op.index
     write = isinstance(op, Write)
@@ -58,13 +60,13 @@ def _hw_access(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Wri
         frame = w.frame(pte.frame)
         if isinstance(op, Read):
             w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults, value=frame.data))
-            w.writes.add(("value", name))  # read by no step: marks what a load returned
+            w.loaded(name)
             return Label("load", f"page {i} reads {frame.data!r} (frame #{pte.frame})")
         if pte.writable:
             w.set_frame(pte.frame, replace(frame, data=op.data))
             w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults))
             change = f"page {i}: frame #{pte.frame} {frame.data!r} -> {op.data!r}"
-            if in_hole(w, vma, i) and w.cache.get((vma.file, vma.pgoff + i)) == pte.frame:
+            if in_hole(w.before, vma, i) and w.before.cached(vma.file, vma.pgoff + i) == pte.frame:
                 change += " (a frame the punch in progress will drop)"
             return Label("store", change)
         w.set_thread(name, replace(ts, pc=_Pc.WP_PAGE, orig=pte, faults=ts.faults + 1))
@@ -87,7 +89,7 @@ def _hw_access(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Wri
     return Label("handle_mm_fault", f"{access} fault on page {i} (PTE {kind}): {how}")
 
 
-def _fault_around(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Write) -> Label:
+def _fault_around(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
     vma, i = k.vmas[op.vma], op.index
     window = k.fault_around_window(vma, i)
     mapped: list[int] = []
@@ -109,7 +111,7 @@ def _fault_around(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | 
     hit = i in mapped
     w.set_thread(name, replace(ts, pc=_Pc.ACCESS if hit else _Pc.SHMEM_FAULT))
     change = f"window pages {window.start}-{window.stop - 1}: mapped {pages_text(mapped)} read-only"
-    doomed = [vi for vi in mapped if in_hole(w, vma, vi)]
+    doomed = [vi for vi in mapped if in_hole(w.before, vma, vi)]
     if doomed:
         change += f" (page {pages_text(doomed)} inside the hole being punched: not checked here)"
     if skipped:
@@ -118,7 +120,7 @@ def _fault_around(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | 
     return Label("do_fault_around", change)
 
 
-def _shmem_fault(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Write) -> Label:
+def _shmem_fault(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
     vma = k.vmas[op.vma]
     fi = vma.pgoff + op.index
     span = w.hole(vma.file, fi)
@@ -134,7 +136,7 @@ def _shmem_fault(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | W
     return Label("shmem_fault", f"no hole punch covers file page {fi}: shmem_get_folio")
 
 
-def _get_folio(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Write) -> Label:
+def _get_folio(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
     vma, i = k.vmas[op.vma], op.index
     fi = vma.pgoff + i
     if fi >= k.files[vma.file].pages:
@@ -155,7 +157,7 @@ def _get_folio(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Wri
     return Label("shmem_get_folio", f"file page {fi} is frame #{fid} in the cache: lock it")
 
 
-def _lock_page(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Write) -> Label | None:
+def _lock_page(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label | None:
     assert ts.page is not None
     frame = w.frame(ts.page)
     if frame.locked is not None:
@@ -171,7 +173,7 @@ def _lock_page(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Wri
     return Label("folio_lock", f"locked frame #{ts.page}")
 
 
-def _finish_fault(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Write) -> Label:
+def _finish_fault(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
     vma, i = k.vmas[op.vma], op.index
     write = isinstance(op, Write)
     fid = ts.page
@@ -196,7 +198,7 @@ def _finish_fault(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | 
     return Label("finish_fault", f"page {i} -> frame #{fid} ({how}); unlock frame")
 
 
-def _wp_page(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Write) -> Label:
+def _wp_page(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
     vma, i = k.vmas[op.vma], op.index
     pte = w.pte(vma.id, i)
     if pte != ts.orig or not isinstance(pte, _Present):
@@ -215,7 +217,7 @@ def _wp_page(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Read | Write
 
 
 def userfault(
-    w: _World,
+    w: _Step,
     name: str,
     ts: _ThreadState,
     vma: Vma,
@@ -231,17 +233,17 @@ def userfault(
     return Label("handle_userfault", f"{mode.name} message for page {i} queued; thread sleeps")
 
 
-def wake(w: _World, vma: int, index: int) -> list[str]:
+def wake(w: _Step, vma: int, index: int) -> list[str]:
     """Wake the threads asleep on page ``index`` of ``vma``: each retries its access."""
     woken = sorted(w.sleepers(vma, index))
     w.set_sleepers(vma, index, frozenset())
     for t in woken:
-        w.set_thread(t, replace(w.threads[t], pc=_Pc.ACCESS, page=None, orig=None))
+        w.set_thread(t, replace(w.thread(t), pc=_Pc.ACCESS, page=None, orig=None))
     return woken
 
 
 #: The rule each program counter of the fault path runs (the sleeping ones have none).
-STEPS: dict[_Pc, Callable[[Kernel, _World, str, _ThreadState, Read | Write], Label | None]] = {
+STEPS: dict[_Pc, Callable[[Kernel, _Step, str, _ThreadState, Read | Write], Label | None]] = {
     _Pc.ACCESS: _hw_access,
     _Pc.FAULT_AROUND: _fault_around,
     _Pc.SHMEM_FAULT: _shmem_fault,

@@ -37,7 +37,7 @@ def future(
     else: an awake thread in ``frozen`` stays awake), the messages already queued, and who
     could still queue one. A thread asleep whose every waker is frozen takes no step at all.
     """
-    ts = world.threads[name]
+    ts = world.thread(name)
     program = k.programs[name]
     empty: frozenset[Hashable] = frozenset()
     stalled = enablers(k, world, name)
@@ -45,7 +45,7 @@ def future(
         return empty, empty
     reads: set[Hashable] = set()
     writes: set[Hashable] = {("thread", name)}
-    asleep = [("thread", t) for t, s in world.threads.items() if s.pc == _Pc.USERFAULT]
+    asleep = [("thread", t) for t, s in world.threads() if s.pc == _Pc.USERFAULT]
     for op in program[ts.op :]:
         current = ts if op is program[ts.op] else None
         if isinstance(op, Read | Write):
@@ -88,7 +88,7 @@ def _serve_future(
     for t, prog in k.programs.items():
         if t in frozen or t == name:
             continue
-        for later in prog[world.threads[t].op :]:
+        for later in prog[world.thread(t).op :]:
             if isinstance(later, Read | Write) and _may_userfault(k, later):
                 pages.add((later.vma, later.index))
     if op.prefetch:
@@ -119,7 +119,7 @@ def enablers(k: Kernel, world: _World, name: str) -> frozenset[str] | None:
     Only a server wakes a userfault, only a punch of the file wakes shmem_falloc_wait,
     only the holder unlocks a page, and only a fault queues a message for an idle server.
     """
-    ts = world.threads[name]
+    ts = world.thread(name)
     program = k.programs[name]
     if ts.op >= len(program):
         return frozenset()
@@ -137,7 +137,7 @@ def enablers(k: Kernel, world: _World, name: str) -> frozenset[str] | None:
             for t, p in k.programs.items()
             if any(isinstance(o, Punch) and o.file == file for o in p)
         )
-    if isinstance(op, Punch) and ts.pc == _Pc.ACCESS and op.file in world.falloc:
+    if isinstance(op, Punch) and ts.pc == _Pc.ACCESS and world.punching(op.file) is not None:
         return frozenset(
             t
             for t, p in k.programs.items()
@@ -152,7 +152,7 @@ def enablers(k: Kernel, world: _World, name: str) -> frozenset[str] | None:
             for t, p in k.programs.items()
             if any(
                 isinstance(o, Read | Write) and _may_userfault(k, o)
-                for o in p[world.threads[t].op :]
+                for o in p[world.thread(t).op :]
             )
         )
     return None
@@ -162,17 +162,17 @@ def lock_holder(k: Kernel, world: _World, name: str, ts: _ThreadState, op: Op) -
     """The holder of the page lock ``name`` waits for, if it waits for one."""
     frame: _Frame | None = None
     if ts.pc == _Pc.LOCK_PAGE and ts.page is not None:
-        frame = world.frames[ts.page]
+        frame = world.frame(ts.page)
     elif ts.pc == _Pc.TRUNCATE and isinstance(op, Punch):
         for fi in range(ts.cursor, op.start + op.pages):
-            fid = world.cache.get((op.file, fi))
+            fid = world.cached(op.file, fi)
             if fid is not None:
-                frame = world.frames[fid]
+                frame = world.frame(fid)
                 break
     elif ts.pc == _Pc.CONTINUE and ts.event is not None:
         v = k.vmas[ts.event.vma]
-        fid = world.cache.get((v.file, v.pgoff + ts.event.index))
-        frame = None if fid is None else world.frames[fid]
+        fid = world.cached(v.file, v.pgoff + ts.event.index)
+        frame = None if fid is None else world.frame(fid)
     if frame is None or frame.locked is None or frame.locked == name:
         return None
     return frame.locked
@@ -187,7 +187,7 @@ def _punch_future(
     mapping = victims(k, op)
     writes.update((("inode", op.file), ("fwait", op.file)))
     writes.update(("falloc", op.file, fi) for fi in range(op.start, end))
-    writes.update(("thread", t) for t, s in world.threads.items() if s.pc == _Pc.FALLOC_WAIT)
+    writes.update(("thread", t) for t, s in world.threads() if s.pc == _Pc.FALLOC_WAIT)
     if pc == _Pc.END:
         return
     first = ts.cursor if ts is not None and pc in (_Pc.TRUNCATE, _Pc.REMOVE) else op.start

@@ -3,7 +3,7 @@
 publish (take inode_lock, set inode->i_private), unmap one VMA a step, then per page of the hole
 truncate (lock it) and remove (unmap it if still mapped, drop it from the cache, unlock), and end
 (clear i_private, wake the faults asleep in shmem_falloc_wait()). Plain functions of the kernel,
-the World being changed and the thread, as in :mod:`._fault`.
+the Step under way and the thread, as in :mod:`._fault`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from .state import MARKER as _MARKER
 from .state import Marker as _Marker
 from .state import Pc as _Pc
 from .state import Present as _Present
+from .state import Step as _Step
 from .state import ThreadState as _ThreadState
-from .state import World as _World
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -35,13 +35,13 @@ def victims(k: Kernel, op: Punch) -> list[Vma]:
     ]
 
 
-def punch(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> Label | None:
+def punch(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label | None:
     """The next step of a hole punch; None while another punch of the file or a page lock holds
     it back."""
     return STEPS[ts.pc](k, w, name, ts, op)
 
 
-def _publish(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> Label | None:
+def _publish(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label | None:
     start, end = op.start, op.start + op.pages
     # shmem_fallocate() holds inode_lock from here to the end: punches of one file
     # run one after the other (i_private is set exactly while one is in progress).
@@ -57,7 +57,7 @@ def _publish(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> La
     return Label("shmem_fallocate", f"inode->i_private = hole [{start}, {end})")
 
 
-def _unmap(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> Label:
+def _unmap(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label:
     start, end = op.start, op.start + op.pages
     mapping = victims(k, op)
     vma = mapping[ts.cursor]
@@ -82,7 +82,7 @@ def _unmap(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> Labe
     return Label("unmap_mapping_range", f"VMA {vma.id}: {'; '.join(changes) or 'nothing mapped'}")
 
 
-def _truncate(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> Label | None:
+def _truncate(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label | None:
     end = op.start + op.pages
     for fi in range(ts.cursor, end):
         fid = w.cached(op.file, fi)
@@ -98,7 +98,7 @@ def _truncate(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> L
     return Label("shmem_undo_range", "no page left in the hole")
 
 
-def _remove(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> Label:
+def _remove(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label:
     fid = ts.page
     assert fid is not None
     fi = ts.cursor
@@ -127,19 +127,19 @@ def _remove(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> Lab
     )
 
 
-def _end(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Punch) -> Label:
+def _end(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label:
     w.set_punching(op.file, None)
     sleepers = sorted(w.falloc_sleepers(op.file))
     w.set_falloc_sleepers(op.file, frozenset())
     for t in sleepers:
-        w.set_thread(t, replace(w.threads[t], pc=_Pc.ACCESS))
+        w.set_thread(t, replace(w.thread(t), pc=_Pc.ACCESS))
     w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults))
     woke = f"; woke {', '.join(sleepers)}" if sleepers else ""
     return Label("shmem_fallocate", f"hole punched, inode->i_private cleared{woke}")
 
 
 #: The rule each program counter of a punch runs (ACCESS: it has not started).
-STEPS: dict[_Pc, Callable[[Kernel, _World, str, _ThreadState, Punch], Label | None]] = {
+STEPS: dict[_Pc, Callable[[Kernel, _Step, str, _ThreadState, Punch], Label | None]] = {
     _Pc.ACCESS: _publish,
     _Pc.UNMAP: _unmap,
     _Pc.TRUNCATE: _truncate,

@@ -4,7 +4,7 @@ A server (:class:`.ops.Serve`) reads one message a step, then resolves it in the
 takes: UFFDIO_COPY (and the prefetch pages after it, one a step), update + UFFDIO_CONTINUE, or
 save + UFFDIO_WRITEPROTECT(0); each ioctl wakes the threads asleep on the page. The live
 snapshot's protect instant (:class:`.ops.Protect`) and background copy (:class:`.ops.CopyPages`)
-are here too. Plain functions of the kernel, the World being changed and the thread, as in
+are here too. Plain functions of the kernel, the Step under way and the thread, as in
 :mod:`._fault`.
 """
 
@@ -22,8 +22,8 @@ from .state import Frame as _Frame
 from .state import Marker as _Marker
 from .state import Pc as _Pc
 from .state import Present as _Present
+from .state import Step as _Step
 from .state import ThreadState as _ThreadState
-from .state import World as _World
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -31,19 +31,18 @@ if TYPE_CHECKING:
 __all__ = ["copy_pages", "protect", "serve"]
 
 
-def serve(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label | None:
+def serve(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label | None:
     """The next step of a server; None while no message is queued or a page lock holds it."""
     if ts.event is None:
         return _read_message(k, w, name, ts, op)
     return _RESOLVE[ts.pc](k, w, name, ts, op)
 
 
-def _read_message(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label | None:
+def _read_message(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label | None:
     ev = w.pop_event()
     if ev is None:
         return None
-    w.log("notified")
-    w.notified = w.notified | {(ev.mode, ev.vma, ev.index)}
+    w.add_notified(ev.mode, ev.vma, ev.index)
     wp = _Pc.SAVE if op.snapshot else _Pc.SNAPSHOT
     pc = {_Mode.MISSING: _Pc.COPY, _Mode.MINOR: _Pc.UPDATE, _Mode.WP: wp}[ev.mode]
     w.set_thread(name, replace(ts, pc=pc, event=ev))
@@ -56,7 +55,7 @@ def _idle(ts: _ThreadState) -> _ThreadState:
     return _ThreadState(op=ts.op, pc=_Pc.WAIT, faults=ts.faults)
 
 
-def _copy(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label:
+def _copy(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
     ev = ts.event
     assert ev is not None
     vma = k.vmas[ev.vma]
@@ -68,7 +67,7 @@ def _copy(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label
     return Label("UFFDIO_COPY", f"page {ev.index}: {result}; woke {pages_text(woken)}")
 
 
-def _prefetch(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label:
+def _prefetch(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
     ev = ts.event
     assert ev is not None
     vma = k.vmas[ev.vma]
@@ -82,7 +81,7 @@ def _prefetch(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> L
     return Label("UFFDIO_COPY", f"prefetch page {i}: {result}; woke {pages_text(woken)}")
 
 
-def _update(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label:
+def _update(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
     ev = ts.event
     assert ev is not None
     vma = k.vmas[ev.vma]
@@ -95,7 +94,7 @@ def _update(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Lab
     return Label("server", f"update file page {fi} through its own mapping: {what}")
 
 
-def _continue(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label | None:
+def _continue(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label | None:
     ev = ts.event
     assert ev is not None
     vma = k.vmas[ev.vma]
@@ -112,24 +111,22 @@ def _continue(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> L
         else:
             w.set_pte(vma.id, ev.index, _Present(fid, writable=vma.shared, uffd_wp=False))
             result = f"mapped frame #{fid}"
-    w.log("resolved")
-    w.resolved = w.resolved | {(ev.vma, ev.index)}
+    w.add_resolved(ev.vma, ev.index)
     woken = wake(w, ev.vma, ev.index)
     w.set_thread(name, _idle(ts))
     return Label("UFFDIO_CONTINUE", f"page {ev.index}: {result}; woke {pages_text(woken)}")
 
 
-def _snapshot(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label:
+def _snapshot(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
     ev = ts.event
     assert ev is not None and ev.frame is not None
     data = w.frame(ev.frame).data
-    w.log("saved")
-    w.saved = w.saved | {ev.frame}
+    w.add_saved(ev.frame)
     w.set_thread(name, replace(ts, pc=_Pc.UNPROTECT))
     return Label("server", f"saved frame #{ev.frame} ({data!r}) to the snapshot")
 
 
-def _save(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label:
+def _save(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
     # The live snapshot's fault thread: the page as the writer found it, unless the
     # copier saved it first.
     ev = ts.event
@@ -142,7 +139,7 @@ def _save(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label
     return Label("snapshot", f"saved page {ev.index}: frame #{ev.frame} ({data!r})")
 
 
-def _unprotect_message(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Serve) -> Label:
+def _unprotect_message(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
     ev = ts.event
     assert ev is not None
     result, woken = _unprotect(w, k.vmas[ev.vma], ev.index)
@@ -150,7 +147,7 @@ def _unprotect_message(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Se
     return Label("UFFDIO_WRITEPROTECT", f"page {ev.index}: {result}; woke {pages_text(woken)}")
 
 
-def _copy_page(w: _World, vma: Vma, i: int) -> str:
+def _copy_page(w: _Step, vma: Vma, i: int) -> str:
     # UFFDIO_COPY -> shmem_mfill_atomic_pte(): fails with EEXIST if the page is there.
     fi = vma.pgoff + i
     fid = w.cached(vma.file, fi) if vma.shared else None
@@ -165,7 +162,7 @@ def _copy_page(w: _World, vma: Vma, i: int) -> str:
     return f"new frame #{fid} ({'s' + str(fi)!r}) cached and mapped"
 
 
-def _unprotect(w: _World, vma: Vma, i: int) -> tuple[str, list[str]]:
+def _unprotect(w: _Step, vma: Vma, i: int) -> tuple[str, list[str]]:
     """UFFDIO_WRITEPROTECT(0) of one page, waking the threads blocked on it."""
     pte = w.pte(vma.id, i)
     if isinstance(pte, _Present) and pte.uffd_wp:
@@ -180,7 +177,7 @@ def _unprotect(w: _World, vma: Vma, i: int) -> tuple[str, list[str]]:
 
 
 #: The rule each program counter of a server holding a message runs.
-_RESOLVE: dict[_Pc, Callable[[Kernel, _World, str, _ThreadState, Serve], Label | None]] = {
+_RESOLVE: dict[_Pc, Callable[[Kernel, _Step, str, _ThreadState, Serve], Label | None]] = {
     _Pc.COPY: _copy,
     _Pc.PREFETCH: _prefetch,
     _Pc.UPDATE: _update,
@@ -192,16 +189,15 @@ _RESOLVE: dict[_Pc, Callable[[Kernel, _World, str, _ThreadState, Serve], Label |
 
 
 # -- the live snapshot's protect instant and background copy ------------------------------------
-def _page_now(w: _World, vma: Vma, i: int) -> tuple[int | None, str]:
+def _page_now(w: _Step, vma: Vma, i: int) -> tuple[int | None, str]:
     """What reading page ``i`` finds: the cached frame and its contents, or zeros."""
     fid = w.cached(vma.file, vma.pgoff + i)
     return (None, "0") if fid is None else (fid, w.frame(fid).data)
 
 
-def protect(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Protect) -> Label:
+def protect(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Protect) -> Label:
     """The protect instant: write-protect every page of the VMA and note what each held."""
     vma = k.vmas[op.vma]
-    image = dict(w.image)
     marked = []
     for i in range(vma.pages):
         pte = w.pte(vma.id, i)
@@ -210,15 +206,13 @@ def protect(k: Kernel, w: _World, name: str, ts: _ThreadState, op: Protect) -> L
         elif pte is None and k.preset.pte_markers:
             w.set_pte(vma.id, i, _MARKER)
             marked.append(i)
-        image[(vma.id, i)] = _page_now(w, vma, i)
-    w.log("image")
-    w.image = image
+        w.set_image(vma.id, i, _page_now(w, vma, i))
     w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults))
     how = f"; markers on unmapped pages {pages_text(marked)}" if marked else ""
     return Label("UFFDIO_WRITEPROTECT", f"protect instant: pages 0-{vma.pages - 1}{how}")
 
 
-def copy_pages(k: Kernel, w: _World, name: str, ts: _ThreadState, op: CopyPages) -> Label:
+def copy_pages(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: CopyPages) -> Label:
     """The background copy's next step: save the next page not saved yet, then unprotect it."""
     vma = k.vmas[op.vma]
     if ts.pc == _Pc.UNPROTECT:

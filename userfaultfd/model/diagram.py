@@ -70,13 +70,13 @@ def frames(
         moved = k.advance(world, t)
         if moved is None:
             raise engine.ScheduleError(f"step {n}: thread {t!r} cannot move")
-        world, label = moved
-        out.append(Drawn(t, label, world))
+        world = moved.state
+        out.append(Drawn(t, moved.label, world))
     return k, start, out
 
 
 def _pte_kind(world: _World, vma: int, index: int) -> str:
-    pte = world.ptes.get((vma, index))
+    pte = world.pte(vma, index)
     if isinstance(pte, _Present):
         return "wp" if pte.uffd_wp else "rw" if pte.writable else "ro"
     return "marker" if isinstance(pte, _Marker) else "none"
@@ -108,15 +108,15 @@ def _state(k: _Kernel, world: _World, x: int, y: int) -> list[str]:
                     f"<text x='{cx + _CELL / 2}' y='{y + 12}' text-anchor='middle' "
                     f"font-size='10' fill='{stroke}' {_FONT}>{mark}</text>"
                 )
-            span = world.falloc.get(v.file)
+            span = world.punching(v.file)
             if span is not None and span[0] <= v.pgoff + i < span[1]:
                 out.append(
                     f"<rect x='{cx}' y='{y + _CELL - 5}' width='{_CELL}' height='2' "
                     "fill='#c92a2a'><title>inside the hole being punched</title></rect>"
                 )
-            fid = world.cache.get((v.file, v.pgoff + i))
+            fid = world.cached(v.file, v.pgoff + i)
             text = "·" if fid is None else f"#{fid}"
-            data = "" if fid is None else f" {world.frames[fid].data!r}"
+            data = "" if fid is None else f" {world.frame(fid).data!r}"
             out.append(
                 f"<text x='{cx + _CELL / 2}' y='{y + _CELL + 6}' text-anchor='middle' "
                 f"font-size='9' fill='#555' {_FONT}><title>file page {v.pgoff + i}: "

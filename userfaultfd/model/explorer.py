@@ -112,14 +112,7 @@ class _System:
         return self.kernel.world
 
     def move(self, state: _World, thread: str) -> engine.Move[_World, _Label] | None:
-        moved = self.kernel.advance(state, thread)
-        if moved is None:
-            return None
-        w, label = moved
-        reads, writes = frozenset(w.reads), frozenset(w.writes)
-        w.reads.clear()
-        w.writes.clear()
-        return engine.Move(w, label, reads, writes)
+        return self.kernel.advance(state, thread)
 
     def key(self, state: _World) -> Hashable:
         return state.key()

@@ -49,11 +49,12 @@ The rules live in one module per family, beside this one: the fault path of a Re
 (:mod:`._fault`: access to finish_fault, wp_page, userfault and wake), hole punching
 (:mod:`._punch`), the server side and the live snapshot's threads (:mod:`._server`), and the
 persistent-set footprints (:mod:`._future`); the op records are in :mod:`.ops`. Rules are plain
-functions of (kernel, World, thread, its state, its op), not mixins of Kernel: a rule only reads
+functions of (kernel, Step, thread, its state, its op), not mixins of Kernel: a rule only reads
 the kernel's fixed configuration (VMAs, files, preset, the fault-around window) and changes the
-World it is handed, so its inputs are all in its signature and each module reads on its own,
-where mixins would spread one class's attributes over five files. Kernel keeps the builder,
-the direct API, and ``advance``, which picks the rule family by the op's type.
+World through the Step it is handed (which notes the footprint), so its inputs are all in its
+signature and each module reads on its own, where mixins would spread one class's attributes
+over five files. Kernel keeps the builder, the direct API, and ``advance``, which picks the
+rule family by the op's type.
 
 A userfault queues a message and puts the thread to sleep; the ioctl that resolves it wakes it
 and the access starts again from the top, as the kernel's VM_FAULT_RETRY does. Simplifications
@@ -68,6 +69,7 @@ from collections.abc import Hashable, Iterable
 
 from .._flags import Mode as _Mode
 from . import _fault, _future, _punch, _server
+from . import engine as _engine
 from .ops import CopyPages as _CopyPages
 from .ops import File as _File
 from .ops import Label as _Label
@@ -90,6 +92,7 @@ from .state import Frame as _Frame
 from .state import Pc as _Pc
 from .state import Present as _Present
 from .state import Pte as _Pte
+from .state import Step as _Step
 from .state import ThreadState as _ThreadState
 from .state import World as _World
 
@@ -141,15 +144,15 @@ class Kernel:
             raise ValueError(f"a file has zero or more pages, got {pages}")
         f = _File(len(self.files), pages)
         self.files.append(f)
-        w = self.world.clone()  # Worlds are values: never change one in place
+        w = _Step(self.world)  # Worlds are values: never change one in place
         lock_set, stale = set(locked), set(not_uptodate)
         for i in sorted(set(cached) | lock_set | stale):
             if not 0 <= i < pages:
                 raise ValueError(f"cached page {i} is outside the file's {pages} pages")
             owner = "setup" if i in lock_set else None
             fid = w.new_frame(_Frame(f"p{i}", owner, i not in stale, i, "setup"))
-            w.cache[(f.id, i)] = fid
-        self.world = w
+            w.set_cached(f.id, i, fid)
+        self.world = w.after
         return f
 
     def mmap(
@@ -182,9 +185,9 @@ class Kernel:
         if name in self.programs:
             raise ValueError(f"thread {name!r} exists")
         self.programs[name] = ops
-        w = self.world.clone()
-        w.threads[name] = _ThreadState()
-        self.world = w
+        w = _Step(self.world)
+        w.set_thread(name, _ThreadState())
+        self.world = w.after
 
     @property
     def thread_names(self) -> tuple[str, ...]:
@@ -212,42 +215,40 @@ class Kernel:
 
     def writeprotect(self, vma: _Vma, index: int) -> None:
         """UFFDIO_WRITEPROTECT one page, as the server does; the server notes the frame."""
-        w = self.world.clone()
+        w = _Step(self.world)
         pte = w.pte(vma.id, index)
         if isinstance(pte, _Present):
             w.set_pte(vma.id, index, _Present(pte.frame, writable=False, uffd_wp=True))
-            w.protected = {**w.protected, pte.frame: w.frames[pte.frame].data}
+            w.add_protected(pte.frame, w.frame(pte.frame).data)
         elif pte is None and self.preset.pte_markers:
             # change_pte_range() protects a none PTE of a file mapping with a marker.
             w.set_pte(vma.id, index, _MARKER)
-        self.world = w
+        self.world = w.after
 
     def mapped(self, vma: _Vma) -> set[int]:
         """VMA page indexes with a present PTE."""
-        return {
-            i for (v, i), p in self.world.ptes.items() if v == vma.id and isinstance(p, _Present)
-        }
+        return {i for (v, i), p in self.world.ptes() if v == vma.id and isinstance(p, _Present)}
 
     def pte(self, vma: _Vma, index: int) -> _Pte:
-        return self.world.ptes.get((vma.id, index))
+        return self.world.pte(vma.id, index)
 
     def page(self, file: _File, index: int) -> _Frame | None:
         """The frame in the page cache at file page ``index``, or None."""
-        fid = self.world.cache.get((file.id, index))
-        return None if fid is None else self.world.frames[fid]
+        fid = self.world.cached(file.id, index)
+        return None if fid is None else self.world.frame(fid)
 
     def step(self, name: str) -> _Label:
         """Advance thread ``name`` by one step (raises WouldBlock if it cannot move)."""
         moved = self.advance(self.world, name)
         if moved is None:
             raise _WouldBlock(self._why(self.world, name))
-        self.world, label = moved
-        return label
+        self.world = moved.state
+        return moved.label
 
     def run(self, name: str) -> list[_Label]:
         """Step thread ``name`` until its program ends (raises WouldBlock if it cannot move)."""
         labels = []
-        while self.world.threads[name].op < len(self.programs[name]):
+        while self.world.thread(name).op < len(self.programs[name]):
             labels.append(self.step(name))
         return labels
 
@@ -284,29 +285,29 @@ class Kernel:
         name = "_direct"
         self.spawn(name, op)
         try:
-            while self.world.threads[name].op < 1:
+            while self.world.thread(name).op < 1:
                 before = self.world
                 moved = self.advance(before, name)
                 if moved is None:
                     raise _WouldBlock(self._why(before, name))
-                after, _ = moved
-                state = after.threads[name]
+                after = moved.state
+                state = after.thread(name)
                 if state.pc in _ASLEEP:
                     # Keep what happened before the sleep (fault-around), as the kernel does;
                     # drop the queued message with the thread that would have slept.
                     mode = after.queue[-1].mode if state.pc == _Pc.USERFAULT else None
                     raise _WouldBlock(self._why(after, name), mode)
                 self.world = after
-            return self.world.threads[name]
+            return self.world.thread(name)
         finally:
             del self.programs[name]
-            w = self.world.clone()
-            del w.threads[name]
-            self.world = w
+            w = _Step(self.world)
+            w.drop_thread(name)
+            self.world = w.after
 
     def _why(self, world: _World, name: str) -> str:
-        state = world.threads.get(name)
-        if state is None or state.op >= len(self.programs[name]):
+        state = world.thread(name)
+        if state.op >= len(self.programs[name]):
             return f"thread {name!r} has finished"
         if state.pc == _Pc.USERFAULT:
             ev = next(e for e in reversed(world.queue) if e.thread == name)
@@ -314,24 +315,27 @@ class Kernel:
         if state.pc == _Pc.FALLOC_WAIT:
             return "a hole punch covers the page: shmem_falloc_wait() sleeps"
         op = self.programs[name][state.op]
-        if isinstance(op, _Punch) and state.pc == _Pc.ACCESS and op.file in world.falloc:
+        if (
+            isinstance(op, _Punch)
+            and state.pc == _Pc.ACCESS
+            and world.punching(op.file) is not None
+        ):
             return "another hole punch of the file holds the inode lock"
         if state.pc in (_Pc.LOCK_PAGE, _Pc.TRUNCATE, _Pc.CONTINUE):
             return "waiting for a page lock"
         return f"thread {name!r} cannot move at {state.pc.value}"
 
     # -- the rules ---------------------------------------------------------------------------------
-    def advance(self, world: _World, name: str) -> tuple[_World, _Label] | None:
-        """One step of thread ``name`` from ``world``: the new World and what changed, or None
-        if the thread is asleep, blocked on a lock, or finished. ``world`` is left untouched; the
-        new World's ``reads``/``writes`` hold the step's footprint."""
-        state = world.threads[name]
+    def advance(self, world: _World, name: str) -> _engine.Move[_World, _Label] | None:
+        """One step of thread ``name`` from ``world``: the new World, what changed and the
+        objects the step read and wrote; None if the thread is asleep, blocked on a lock, or
+        finished. ``world`` is left untouched."""
         program = self.programs[name]
-        if state.op >= len(program):
+        if world.thread(name).op >= len(program):
             return None
-        w = world.clone()
-        w.reads.add(("thread", name))
-        w.writes.add(("thread", name))
+        w = _Step(world)
+        state = w.thread(name)
+        w.writes.add(("thread", name))  # every step moves its own thread on
         op = program[state.op]
         label: _Label | None
         match op:
@@ -345,19 +349,21 @@ class Kernel:
                 label = _server.protect(self, w, name, state, op)
             case _CopyPages():
                 label = _server.copy_pages(self, w, name, state, op)
-        return None if label is None else (w, label)
+        if label is None:
+            return None
+        return _engine.Move(w.after, label, frozenset(w.reads), frozenset(w.writes))
 
     def finished(self, world: _World) -> bool:
         """Every thread but the server has run its program to the end."""
         return all(
-            world.threads[n].op >= len(p)
+            world.thread(n).op >= len(p)
             for n, p in self.programs.items()
             if not any(isinstance(op, _Serve) for op in p)
         )
 
     @staticmethod
     def faults(world: _World) -> int:
-        return sum(t.faults for t in world.threads.values())
+        return sum(t.faults for _, t in world.threads())
 
     # -- what a thread may touch: for the explorer's persistent sets -----------------------------
     def abstract(self, world: _World, objects: Iterable[Hashable]) -> frozenset[Hashable]:
@@ -367,7 +373,7 @@ class Kernel:
         for obj in objects:
             assert isinstance(obj, tuple)
             if obj[0] in ("frame", "data"):
-                out.add(("page", world.frames[obj[1]].index))
+                out.add(("page", world.frame(obj[1]).index))
             else:
                 out.add(obj)
         return frozenset(out)

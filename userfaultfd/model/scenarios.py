@@ -141,7 +141,7 @@ def _build_wp_punch_hole(k: _Kernel, z: Sizes) -> None:
 
 def _untracked_write(k: _Kernel, w: _World) -> str | None:
     for fid, data in w.protected.items():
-        frame = w.frames[fid]
+        frame = w.frame(fid)
         if frame.data != data and fid not in w.saved:
             return (
                 f"frame #{fid} (file page {frame.index}) was write-protected holding {data!r} "
@@ -174,13 +174,13 @@ def _build_minor_fault_around(k: _Kernel, z: Sizes) -> None:
 
 
 def _unnotified_mapping(k: _Kernel, w: _World) -> str | None:
-    for (vid, i), pte in sorted(w.ptes.items(), key=lambda item: item[0]):
+    for (vid, i), pte in sorted(w.ptes(), key=lambda item: item[0]):
         if (
             k.vmas[vid].register & _Mode.MINOR
             and isinstance(pte, _Present)
             and (vid, i) not in w.resolved
         ):
-            data = w.frames[pte.frame].data
+            data = w.frame(pte.frame).data
             return (
                 f"page {i} of VMA {vid} is mapped to frame #{pte.frame} ({data!r}) "
                 "but the server never resolved a MINOR message for it"
@@ -218,7 +218,7 @@ def _build_missing_shared_cache(k: _Kernel, z: Sizes) -> None:
 
 
 def _silent_missing(k: _Kernel, w: _World) -> str | None:
-    for fid, frame in sorted(w.frames.items()):
+    for fid, frame in sorted(w.frames()):
         if (
             frame.origin == "fault"
             and frame.vma >= 0
@@ -311,11 +311,11 @@ def _build_minor_continue_punch(k: _Kernel, z: Sizes) -> None:
 
 def _stale_mapping(k: _Kernel, w: _World) -> str | None:
     # After truncation no PTE of a shared mapping may map a frame the page cache dropped.
-    for (vid, i), pte in sorted(w.ptes.items(), key=lambda item: item[0]):
+    for (vid, i), pte in sorted(w.ptes(), key=lambda item: item[0]):
         v = k.vmas[vid]
         if not (v.shared and isinstance(pte, _Present)):
             continue
-        if w.cache.get((v.file, v.pgoff + i)) != pte.frame:
+        if w.cached(v.file, v.pgoff + i) != pte.frame:
             return (
                 f"page {i} of VMA {vid} maps frame #{pte.frame}, which is no longer the page "
                 f"cache's file page {v.pgoff + i}"
@@ -351,18 +351,18 @@ def _lost_private_write(k: _Kernel, w: _World) -> str | None:
     # truncation leave anonymous copies mapped.
     written = {(1, "c1")}  # the setup's write
     for name, program in k.programs.items():
-        ts = w.threads[name]
+        ts = w.thread(name)
         for op in program[: ts.op]:
             if isinstance(op, _Write):
                 written.add((op.index, op.data))
     private = next(v for v in k.vmas if not v.shared)
     for i, data in sorted(written):
-        pte = w.ptes.get((private.id, i))
-        got = w.frames[pte.frame].data if isinstance(pte, _Present) else None
+        pte = w.pte(private.id, i)
+        got = w.frame(pte.frame).data if isinstance(pte, _Present) else None
         if got != data:
             return f"private page {i} was written {data!r} but now reads as {got!r}"
     for name, program in k.programs.items():
-        ts = w.threads[name]
+        ts = w.thread(name)
         for op in program[: ts.op]:
             if isinstance(op, _Read) and (op.index, ts.value) not in written and op.index == 1:
                 return f"{name} read {ts.value!r} from private page 1, written 'c1'"
@@ -394,7 +394,7 @@ def _unfilled_read(k: _Kernel, w: _World) -> str | None:
     # A load returns the store's contents (the handler's copy), or what someone wrote there:
     # never zeros (a page the kernel allocated behind the handler's back).
     for name, program in k.programs.items():
-        ts = w.threads[name]
+        ts = w.thread(name)
         for op in program[: ts.op]:
             if not isinstance(op, _Read):
                 continue

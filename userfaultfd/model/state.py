@@ -1,15 +1,18 @@
-"""The model's state: small frozen records, and the World that holds one snapshot of them.
+"""The model's state: small frozen records, the World that holds one snapshot of them, and Step.
 
-A World is a value the explorer can hash and keep. Rules never change a World they were given:
-they clone it and change the clone through the accessors below, which note every object read or
-written. That footprint is what the explorer's reduction uses to tell independent steps apart, so
-it is taken from what a step actually touched rather than declared by hand.
+A World is a value the explorer can hash and keep: its tables are private and it offers only
+reads, which note nothing (invariants, futures, diagrams and the direct API look at states; they
+are not steps). A rule never sees a World: it is handed a :class:`Step`, a private copy of the
+World it starts from whose accessors note every object read or written. That footprint is what
+the explorer's reduction uses to tell independent steps apart, so it is taken from what a step
+actually touched rather than declared by hand, and no rule can read around it. Step sits in this
+module because it is the only code that writes a World's tables.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Hashable
+from collections.abc import Hashable, ItemsView, Mapping
 from dataclasses import dataclass
 
 from .._flags import Mode as _Mode
@@ -25,6 +28,7 @@ __all__ = [
     "Pc",
     "Present",
     "Pte",
+    "Step",
     "ThreadState",
     "World",
 ]
@@ -152,221 +156,345 @@ class ThreadState:
 class World:
     """One snapshot of everything that changes: page tables, page cache, frames, waiters.
 
-    ``ptes`` keys are (vma, page index in the VMA); ``cache`` keys are (file, file page index);
-    ``falloc`` is inode->i_private (the range being punched) per file; ``waiters`` maps an
-    address (vma, index) to the threads asleep in handle_userfault() there; the last three
-    fields are the userfaultfd server's own records (userspace, not kernel state).
+    PTEs are keyed by (vma, page index in the VMA); the page cache by (file, file page index);
+    ``punching`` is inode->i_private (the range being punched) per file; ``sleepers`` are the
+    threads asleep in handle_userfault() at an address (vma, index); ``protected``, ``saved``,
+    ``notified``, ``resolved``, ``image`` and ``snap`` are the userfaultfd server's own records
+    (userspace, not kernel state). Reads here note nothing: a step reads through its Step.
     """
 
     __slots__ = (
+        "_cache",
+        "_falloc",
+        "_falloc_waiters",
+        "_frames",
+        "_image",
         "_key",
-        "cache",
-        "falloc",
-        "falloc_waiters",
-        "frames",
-        "image",
-        "next_frame",
-        "notified",
-        "protected",
-        "ptes",
-        "queue",
-        "reads",
-        "resolved",
-        "saved",
-        "snap",
-        "threads",
-        "waiters",
-        "writes",
+        "_next_frame",
+        "_notified",
+        "_protected",
+        "_ptes",
+        "_queue",
+        "_resolved",
+        "_saved",
+        "_snap",
+        "_threads",
+        "_waiters",
     )
 
     def __init__(self) -> None:
-        self.ptes: dict[tuple[int, int], Present | Marker] = {}
-        self.cache: dict[tuple[int, int], int] = {}
-        self.frames: dict[int, Frame] = {}
-        self.next_frame = 1
-        self.falloc: dict[int, tuple[int, int]] = {}
-        self.falloc_waiters: dict[int, frozenset[str]] = {}
-        self.queue: tuple[Event, ...] = ()
-        self.waiters: dict[tuple[int, int], frozenset[str]] = {}
-        self.threads: dict[str, ThreadState] = {}
-        #: Frames the server write-protected, with the contents it protected.
-        self.protected: dict[int, str] = {}
-        #: Frames whose contents the server saved after a WP message.
-        self.saved: frozenset[int] = frozenset()
-        #: (mode, vma, index) of every message the server read.
-        self.notified: frozenset[tuple[_Mode, int, int]] = frozenset()
-        #: (vma, index) the server resolved with UFFDIO_CONTINUE after updating the page.
-        self.resolved: frozenset[tuple[int, int]] = frozenset()
-        #: The live snapshot: each page's (frame or None, contents) at the protect instant
-        #: (ground truth, for the invariant), and what the snapshot saved for it.
-        self.image: dict[tuple[int, int], tuple[int | None, str]] = {}
-        self.snap: dict[tuple[int, int], tuple[int | None, str]] = {}
-        self.reads: set[Hashable] = set()
-        self.writes: set[Hashable] = set()
+        self._ptes: dict[tuple[int, int], Present | Marker] = {}
+        self._cache: dict[tuple[int, int], int] = {}
+        self._frames: dict[int, Frame] = {}
+        self._next_frame = 1
+        self._falloc: dict[int, tuple[int, int]] = {}
+        self._falloc_waiters: dict[int, frozenset[str]] = {}
+        self._queue: tuple[Event, ...] = ()
+        self._waiters: dict[tuple[int, int], frozenset[str]] = {}
+        self._threads: dict[str, ThreadState] = {}
+        # Frames the server write-protected, with the contents it protected.
+        self._protected: dict[int, str] = {}
+        # Frames whose contents the server saved after a WP message.
+        self._saved: frozenset[int] = frozenset()
+        # (mode, vma, index) of every message the server read.
+        self._notified: frozenset[tuple[_Mode, int, int]] = frozenset()
+        # (vma, index) the server resolved with UFFDIO_CONTINUE after updating the page.
+        self._resolved: frozenset[tuple[int, int]] = frozenset()
+        # The live snapshot: each page's (frame or None, contents) at the protect instant
+        # (ground truth, for the invariant), and what the snapshot saved for it.
+        self._image: dict[tuple[int, int], tuple[int | None, str]] = {}
+        self._snap: dict[tuple[int, int], tuple[int | None, str]] = {}
         self._key: Hashable | None = None
 
-    def clone(self) -> World:
+    def _copy(self) -> World:
         w = World.__new__(World)
-        w.ptes = self.ptes.copy()
-        w.cache = self.cache.copy()
-        w.frames = self.frames.copy()
-        w.next_frame = self.next_frame
-        w.falloc = self.falloc.copy()
-        w.falloc_waiters = self.falloc_waiters.copy()
-        w.queue = self.queue
-        w.waiters = self.waiters.copy()
-        w.threads = self.threads.copy()
-        w.protected = self.protected
-        w.saved = self.saved
-        w.notified = self.notified
-        w.resolved = self.resolved
-        w.image = self.image
-        w.snap = self.snap
-        w.reads = set()
-        w.writes = set()
+        w._ptes = self._ptes.copy()
+        w._cache = self._cache.copy()
+        w._frames = self._frames.copy()
+        w._next_frame = self._next_frame
+        w._falloc = self._falloc.copy()
+        w._falloc_waiters = self._falloc_waiters.copy()
+        w._queue = self._queue
+        w._waiters = self._waiters.copy()
+        w._threads = self._threads.copy()
+        # The server's records are replaced whole when they change: share them.
+        w._protected = self._protected
+        w._saved = self._saved
+        w._notified = self._notified
+        w._resolved = self._resolved
+        w._image = self._image
+        w._snap = self._snap
         w._key = None
         return w
 
     def key(self) -> Hashable:
-        """A canonical, hashable image of the state (the footprint sets are not state)."""
+        """A canonical, hashable image of the state."""
         if self._key is None:
             self._key = (
-                frozenset(self.ptes.items()),
-                frozenset(self.cache.items()),
-                frozenset(self.frames.items()),
-                self.next_frame,
-                frozenset(self.falloc.items()),
-                frozenset(self.falloc_waiters.items()),
-                self.queue,
-                frozenset(self.waiters.items()),
-                frozenset(self.threads.items()),
-                frozenset(self.protected.items()),
-                self.saved,
-                self.notified,
-                self.resolved,
-                frozenset(self.image.items()),
-                frozenset(self.snap.items()),
+                frozenset(self._ptes.items()),
+                frozenset(self._cache.items()),
+                frozenset(self._frames.items()),
+                self._next_frame,
+                frozenset(self._falloc.items()),
+                frozenset(self._falloc_waiters.items()),
+                self._queue,
+                frozenset(self._waiters.items()),
+                frozenset(self._threads.items()),
+                frozenset(self._protected.items()),
+                self._saved,
+                self._notified,
+                self._resolved,
+                frozenset(self._image.items()),
+                frozenset(self._snap.items()),
             )
         return self._key
 
-    # -- accessors that record the footprint ------------------------------------------------------
+    # -- reads (noting nothing) --------------------------------------------------------------------
+    def pte(self, vma: int, index: int) -> Pte:
+        return self._ptes.get((vma, index))
+
+    def ptes(self) -> ItemsView[tuple[int, int], Present | Marker]:
+        """Every PTE that is not none, by (vma, index)."""
+        return self._ptes.items()
+
+    def cached(self, file: int, index: int) -> int | None:
+        return self._cache.get((file, index))
+
+    def cache(self) -> ItemsView[tuple[int, int], int]:
+        """The page cache: frame by (file, file page index)."""
+        return self._cache.items()
+
+    def frame(self, frame: int) -> Frame:
+        return self._frames[frame]
+
+    def frames(self) -> ItemsView[int, Frame]:
+        return self._frames.items()
+
+    @property
+    def next_frame(self) -> int:
+        """The number the next allocated frame gets."""
+        return self._next_frame
+
+    def punching(self, file: int) -> tuple[int, int] | None:
+        """inode->i_private: the range of ``file`` being punched, if a punch is in progress."""
+        return self._falloc.get(file)
+
+    def falloc_sleepers(self, file: int) -> frozenset[str]:
+        return self._falloc_waiters.get(file, frozenset())
+
+    @property
+    def queue(self) -> tuple[Event, ...]:
+        """The messages queued on the userfaultfd, oldest first."""
+        return self._queue
+
+    def sleepers(self, vma: int, index: int) -> frozenset[str]:
+        return self._waiters.get((vma, index), frozenset())
+
+    def thread(self, name: str) -> ThreadState:
+        return self._threads[name]
+
+    def threads(self) -> ItemsView[str, ThreadState]:
+        return self._threads.items()
+
+    @property
+    def protected(self) -> Mapping[int, str]:
+        """Frames the server write-protected, with the contents it protected."""
+        return self._protected
+
+    @property
+    def saved(self) -> frozenset[int]:
+        """Frames whose contents the server saved after a WP message."""
+        return self._saved
+
+    @property
+    def notified(self) -> frozenset[tuple[_Mode, int, int]]:
+        """(mode, vma, index) of every message the server read."""
+        return self._notified
+
+    @property
+    def resolved(self) -> frozenset[tuple[int, int]]:
+        """(vma, index) the server resolved with UFFDIO_CONTINUE after updating the page."""
+        return self._resolved
+
+    @property
+    def image(self) -> Mapping[tuple[int, int], tuple[int | None, str]]:
+        """The live snapshot's ground truth: each page's (frame or None, contents) at the
+        protect instant."""
+        return self._image
+
+    @property
+    def snap(self) -> Mapping[tuple[int, int], tuple[int | None, str]]:
+        """What the live snapshot saved for each page: (frame or None, contents)."""
+        return self._snap
+
+
+class Step:
+    """One step under way: a private copy of the World it started from, changed only through
+    the accessors below, each of which notes the object it reads or writes (the footprint).
+
+    ``before`` is the World the step started from, unchanged: labels may look at it (a label
+    is not behaviour, so what it reads is not part of the footprint). ``after`` is the World the
+    step made; the Step is not used after that.
+    """
+
+    __slots__ = ("_w", "before", "reads", "writes")
+
+    def __init__(self, before: World) -> None:
+        self.before = before
+        self._w = before._copy()
+        self.reads: set[Hashable] = set()
+        self.writes: set[Hashable] = set()
+
+    @property
+    def after(self) -> World:
+        return self._w
+
     def pte(self, vma: int, index: int) -> Pte:
         self.reads.add(("pte", vma, index))
-        return self.ptes.get((vma, index))
+        return self._w._ptes.get((vma, index))
 
     def set_pte(self, vma: int, index: int, pte: Pte) -> None:
         self.writes.add(("pte", vma, index))
         if pte is None:
-            self.ptes.pop((vma, index), None)
+            self._w._ptes.pop((vma, index), None)
         else:
-            self.ptes[(vma, index)] = pte
+            self._w._ptes[(vma, index)] = pte
 
     def cached(self, file: int, index: int) -> int | None:
         self.reads.add(("cache", file, index))
-        return self.cache.get((file, index))
+        return self._w._cache.get((file, index))
 
     def set_cached(self, file: int, index: int, frame: int | None) -> None:
         self.writes.add(("cache", file, index))
         if frame is None:
-            self.cache.pop((file, index), None)
+            self._w._cache.pop((file, index), None)
         else:
-            self.cache[(file, index)] = frame
+            self._w._cache[(file, index)] = frame
 
     def frame(self, frame: int) -> Frame:
         self.reads.add(("frame", frame))
-        return self.frames[frame]
+        return self._w._frames[frame]
 
     def set_frame(self, frame: int, value: Frame) -> None:
         self.writes.add(("frame", frame))
-        old = self.frames.get(frame)
+        old = self._w._frames.get(frame)
         if old is not None and old.data != value.data:
             # Nobody reads this tag: it marks a change of contents for invariants that watch
             # them (a new frame is marked by ("alloc",) instead).
             self.writes.add(("data", frame))
-        self.frames[frame] = value
+        self._w._frames[frame] = value
 
     def new_frame(self, value: Frame) -> int:
         # The allocation counter is shared: two allocations do not commute (frame numbers differ).
         self.reads.add(("alloc",))
         self.writes.add(("alloc",))
-        fid = self.next_frame
-        self.next_frame += 1
+        fid = self._w._next_frame
+        self._w._next_frame += 1
         self.set_frame(fid, value)
         return fid
 
     def punching(self, file: int) -> tuple[int, int] | None:
         """inode->i_private as a whole: whether a punch of ``file`` is in progress."""
         self.reads.add(("inode", file))
-        return self.falloc.get(file)
+        return self._w._falloc.get(file)
 
     def hole(self, file: int, index: int) -> tuple[int, int] | None:
         """The range being punched if it covers file page ``index`` (what shmem_fault asks)."""
         self.reads.add(("falloc", file, index))
-        span = self.falloc.get(file)
+        span = self._w._falloc.get(file)
         return span if span is not None and span[0] <= index < span[1] else None
 
     def set_punching(self, file: int, span: tuple[int, int] | None) -> None:
         self.writes.add(("inode", file))
-        for old_or_new in (self.falloc.get(file), span):
+        for old_or_new in (self._w._falloc.get(file), span):
             if old_or_new is not None:
                 self.writes.update(("falloc", file, i) for i in range(*old_or_new))
         if span is None:
-            self.falloc.pop(file, None)
+            self._w._falloc.pop(file, None)
         else:
-            self.falloc[file] = span
+            self._w._falloc[file] = span
 
     def falloc_sleepers(self, file: int) -> frozenset[str]:
         self.reads.add(("fwait", file))
-        return self.falloc_waiters.get(file, frozenset())
+        return self._w._falloc_waiters.get(file, frozenset())
 
     def set_falloc_sleepers(self, file: int, threads: frozenset[str]) -> None:
         self.writes.add(("fwait", file))
         if threads:
-            self.falloc_waiters[file] = threads
+            self._w._falloc_waiters[file] = threads
         else:
-            self.falloc_waiters.pop(file, None)
+            self._w._falloc_waiters.pop(file, None)
 
     def push_event(self, event: Event) -> None:
         self.reads.add(("uffd",))
         self.writes.add(("uffd",))
-        self.queue = (*self.queue, event)
+        self._w._queue = (*self._w._queue, event)
 
     def pop_event(self) -> Event | None:
         self.reads.add(("uffd",))
-        if not self.queue:
+        if not self._w._queue:
             return None
         self.writes.add(("uffd",))
-        event, self.queue = self.queue[0], self.queue[1:]
+        event, self._w._queue = self._w._queue[0], self._w._queue[1:]
         return event
 
     def sleepers(self, vma: int, index: int) -> frozenset[str]:
         self.reads.add(("waiters", vma, index))
-        return self.waiters.get((vma, index), frozenset())
+        return self._w._waiters.get((vma, index), frozenset())
 
     def set_sleepers(self, vma: int, index: int, threads: frozenset[str]) -> None:
         self.writes.add(("waiters", vma, index))
         if threads:
-            self.waiters[(vma, index)] = threads
+            self._w._waiters[(vma, index)] = threads
         else:
-            self.waiters.pop((vma, index), None)
+            self._w._waiters.pop((vma, index), None)
 
     def thread(self, name: str) -> ThreadState:
         self.reads.add(("thread", name))
-        return self.threads[name]
+        return self._w._threads[name]
 
     def set_thread(self, name: str, state: ThreadState) -> None:
         self.writes.add(("thread", name))
-        self.threads[name] = state
+        self._w._threads[name] = state
+
+    def drop_thread(self, name: str) -> None:
+        self.writes.add(("thread", name))
+        del self._w._threads[name]
+
+    def loaded(self, name: str) -> None:
+        """Note that thread ``name``'s load returned a value: read by no step, the tag marks it
+        for invariants that watch what loads return."""
+        self.writes.add(("value", name))
 
     def snapped(self, vma: int, index: int) -> tuple[int | None, str] | None:
         self.reads.add(("snap", vma, index))
-        return self.snap.get((vma, index))
+        return self._w._snap.get((vma, index))
 
     def set_snapped(self, vma: int, index: int, saved: tuple[int | None, str]) -> None:
         self.writes.add(("snap", vma, index))
-        self.snap = {**self.snap, (vma, index): saved}
+        self._w._snap = {**self._w._snap, (vma, index): saved}
 
-    def log(self, field: str) -> None:
-        """Note a change of one of the server's records (they are shared state too)."""
+    # -- the server's records (shared state too: each is one object of the footprint) ----------
+    def _log(self, field: str) -> None:
         self.reads.add(("log", field))
         self.writes.add(("log", field))
+
+    def add_protected(self, frame: int, data: str) -> None:
+        self._log("protected")
+        self._w._protected = {**self._w._protected, frame: data}
+
+    def add_saved(self, frame: int) -> None:
+        self._log("saved")
+        self._w._saved = self._w._saved | {frame}
+
+    def add_notified(self, mode: _Mode, vma: int, index: int) -> None:
+        self._log("notified")
+        self._w._notified = self._w._notified | {(mode, vma, index)}
+
+    def add_resolved(self, vma: int, index: int) -> None:
+        self._log("resolved")
+        self._w._resolved = self._w._resolved | {(vma, index)}
+
+    def set_image(self, vma: int, index: int, page: tuple[int | None, str]) -> None:
+        self._log("image")
+        self._w._image = {**self._w._image, (vma, index): page}
