@@ -43,6 +43,8 @@ REAPER = ROOT / "tests" / "criu" / "_reaper.py"
 PROXY = ROOT / "benchmarks" / "_delay_proxy.py"
 PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")
 
+from tests.criu._restore import wait_for  # noqa: E402
+from tests.reliability._netns import listening  # noqa: E402
 from tests.stores import _servers  # noqa: E402
 
 #: Given the images dir, start what a row needs besides the daemon (a server, a proxy) and
@@ -92,14 +94,6 @@ class Row:
     total: float
 
 
-def _wait(what: str, done: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout} s")
-        time.sleep(0.002)
-
-
 def _run(criu: str, program: str, work: Path, size_mib: int, setup: Setup) -> Row:
     shutil.rmtree(work, ignore_errors=True)
     images = work / "img"
@@ -107,7 +101,7 @@ def _run(criu: str, program: str, work: Path, size_mib: int, setup: Setup) -> Ro
     target = subprocess.Popen([program, str(work), str(size_mib)], cwd=work,
                               start_new_session=True, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    _wait("the program's ready file", (work / "ready").exists, 120)
+    wait_for("the program's ready file", (work / "ready").exists, 120)
     subprocess.run([criu, "dump", "-t", str(target.pid), "-D", str(images), "-o", "dump.log"],
                    check=True, timeout=300, capture_output=True)  # fmt: skip
     target.wait(timeout=30)
@@ -120,7 +114,7 @@ def _serve(criu: str, work: Path, images: Path, pid: int, daemon: list[str]) -> 
     served = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)  # fmt: skip
     try:
-        _wait("the daemon's socket", (images / "lazy-pages.socket").exists, 60)
+        wait_for("the daemon's socket", (images / "lazy-pages.socket").exists, 60)
         started = time.monotonic()
         restore = [criu, "restore", "-D", str(images), "--lazy-pages", "-d", "-o", "restore.log"]
         reaper = subprocess.Popen([sys.executable, str(REAPER), str(pid), "300", "--",
@@ -170,16 +164,6 @@ def _proxy(port: int, delay: float) -> Iterator[int]:
         proc.wait(timeout=10)
 
 
-def _listening(port: int) -> bool:
-    """Whether something listens on TCP ``port`` (read from /proc: a probe connection would
-    be taken by the page server as its one client)."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        if state == "0A" and int(local.split(":")[1], 16) == port:
-            return True
-    return False
-
-
 def _uffd_nginx(uffd: list[str], delay: float) -> Setup:
     @contextlib.contextmanager
     def setup(images: Path) -> Iterator[list[str]]:
@@ -206,7 +190,8 @@ def _criu_page_server(criu: str, delay: float) -> Setup:
                                    "-o", "page-server.log"], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)  # fmt: skip
         try:
-            _wait("criu page-server listening", lambda: _listening(port), 30)
+            # Read from /proc: a probe connection would be the page server's one client.
+            wait_for("criu page-server listening", lambda: listening(server.pid, port), 30)
             with _proxy(port, delay) as through:
                 yield [criu, "lazy-pages", "--page-server", "--address", "127.0.0.1",
                        "--port", str(through), "-D", "IMAGES", "-o", "lazy.log"]  # fmt: skip
