@@ -40,35 +40,21 @@
  * UFFDIO_COPY, UFFD_EVENT_PAGEFAULT), so <linux/userfaultfd.h> from linux-libc-dev suffices.
  */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
-#include <inttypes.h>
 #include <linux/userfaultfd.h>
 #include <pthread.h>
 #include <sched.h>
-#include <stdarg.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
-#include <unistd.h>
 
-#ifndef MAP_HUGE_SHIFT
-#define MAP_HUGE_SHIFT 26 /* include/uapi/asm-generic/hugetlb_encode.h */
-#endif
-#ifndef MAP_HUGE_2MB
-#define MAP_HUGE_2MB (21 << MAP_HUGE_SHIFT) /* include/uapi/asm-generic/hugetlb_encode.h */
-#endif
+#define PROGRAM_NAME "fault_bench"
+#include "uffd_common.h" /* die(), pread_full(), map_anonymous(), HUGE_PAGE */
 
 #define SMALL_PAGE 4096UL
-#define HUGE_PAGE 2097152UL
 #define EAGER_CHUNK (8UL << 20)
 #define SAMPLE_STRIDE 61
 #define SAMPLE_BYTES 512
@@ -85,27 +71,6 @@ struct handler {
 	unsigned char *buf; /* page-aligned bounce buffer, one page */
 	uint64_t served;    /* written only by the handler; read after join */
 };
-
-static void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
-
-static void die(const char *fmt, ...)
-{
-	va_list ap;
-
-	fputs("fault_bench: ", stderr);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	exit(2);
-}
-
-static void die_errno(const char *what) __attribute__((noreturn));
-
-static void die_errno(const char *what)
-{
-	die("%s: %s", what, strerror(errno));
-}
 
 static double now(void)
 {
@@ -172,41 +137,11 @@ static size_t *make_order(size_t pages, int random, uint64_t seed)
 
 static void *map_memory(size_t size, size_t page)
 {
-	int flags = MAP_PRIVATE | MAP_ANONYMOUS;
-	void *p;
+	void *p = map_anonymous(size, page);
 
-	if (page == HUGE_PAGE)
-		flags |= MAP_HUGETLB | MAP_HUGE_2MB;
-	p = mmap(NULL, size, PROT_READ | PROT_WRITE, flags, -1, 0);
-	if (p == MAP_FAILED) {
-		if (page == HUGE_PAGE && errno == ENOMEM)
-			die("mmap of %zu bytes with MAP_HUGETLB: ENOMEM: not enough 2 MiB huge pages "
-			    "reserved (need %zu free; echo N > /proc/sys/vm/nr_hugepages as root)",
-			    size, size / HUGE_PAGE);
-		die_errno("mmap");
-	}
 	if (page == SMALL_PAGE && madvise(p, size, MADV_NOHUGEPAGE) != 0)
 		die_errno("madvise(MADV_NOHUGEPAGE)");
 	return p;
-}
-
-/* pread exactly len bytes at off, or die. */
-static void pread_full(int fd, void *buf, size_t len, off_t off)
-{
-	size_t done = 0;
-
-	while (done < len) {
-		ssize_t n = pread(fd, (char *)buf + done, len - done, off + (off_t)done);
-
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			die_errno("pread");
-		}
-		if (n == 0)
-			die("pread: unexpected end of file at offset %jd", (intmax_t)(off + (off_t)done));
-		done += (size_t)n;
-	}
 }
 
 static void *handler_main(void *arg)
@@ -235,7 +170,7 @@ static void *handler_main(void *arg)
 			.mode = 0,
 		};
 
-		pread_full(h->file_fd, h->buf, h->page, (off_t)(addr - h->base));
+		pread_full(h->file_fd, "--file", h->buf, h->page, (off_t)(addr - h->base));
 		for (;;) {
 			copy.copy = 0;
 			if (ioctl(h->uffd, UFFDIO_COPY, &copy) == 0)
@@ -462,7 +397,7 @@ int main(int argc, char **argv)
 		for (size_t off = 0; off < size; off += EAGER_CHUNK) {
 			size_t len = size - off < EAGER_CHUNK ? size - off : EAGER_CHUNK;
 
-			pread_full(file_fd, mem + off, len, (off_t)off);
+			pread_full(file_fd, "--file", mem + off, len, (off_t)off);
 		}
 		t1 = now();
 		flt1 = minor_faults();
@@ -480,7 +415,7 @@ int main(int argc, char **argv)
 				continue;
 			size_t n = page < SAMPLE_BYTES ? page : SAMPLE_BYTES;
 
-			pread_full(file_fd, expect, n, (off_t)(idx * page));
+			pread_full(file_fd, "--file", expect, n, (off_t)(idx * page));
 			if (seen[idx] != expect[0] || memcmp(mem + idx * page, expect, n) != 0) {
 				fprintf(stderr,
 					"fault_bench: MISMATCH in page %zu (offset %zu): read 0x%02x, "

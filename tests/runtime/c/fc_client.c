@@ -24,45 +24,17 @@
  * Only constants present in the 6.1 uapi <linux/userfaultfd.h> are used.
  */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <fcntl.h>
-#include <inttypes.h>
 #include <linux/userfaultfd.h>
-#include <stdarg.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
-#include <unistd.h>
 
-#ifndef MAP_HUGE_SHIFT
-#define MAP_HUGE_SHIFT 26 /* include/uapi/asm-generic/hugetlb_encode.h */
-#endif
-#ifndef MAP_HUGE_2MB
-#define MAP_HUGE_2MB (21 << MAP_HUGE_SHIFT) /* include/uapi/asm-generic/hugetlb_encode.h */
-#endif
-
-#define HUGE_PAGE 2097152UL
-
-static void fail(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
-
-static void fail(const char *fmt, ...)
-{
-	va_list ap;
-
-	fputs("fc_client: ", stderr);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	exit(2);
-}
+#define PROGRAM_NAME "fc_client"
+/* die(), pread_full(), map_anonymous(), HUGE_PAGE: shared with the C benchmark. */
+#include "../../../benchmarks/native/uffd_common.h"
 
 static size_t parse_size(const char *what, const char *s)
 {
@@ -72,27 +44,8 @@ static size_t parse_size(const char *what, const char *s)
 	errno = 0;
 	v = strtoull(s, &end, 0);
 	if (errno != 0 || end == s || *end != '\0' || s[0] == '-' || v == 0)
-		fail("%s: expected a positive integer, got '%s'", what, s);
+		die("%s: expected a positive integer, got '%s'", what, s);
 	return (size_t)v;
-}
-
-static void pread_full(int fd, unsigned char *buf, size_t len, off_t off)
-{
-	size_t done = 0;
-
-	while (done < len) {
-		ssize_t n = pread(fd, buf + done, len - done, off + (off_t)done);
-
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			fail("pread(EXPECTED_FILE, offset %jd): %s", (intmax_t)(off + (off_t)done),
-			     strerror(errno));
-		}
-		if (n == 0)
-			fail("EXPECTED_FILE ends at offset %jd", (intmax_t)(off + (off_t)done));
-		done += (size_t)n;
-	}
 }
 
 static void send_regions(const char *path, int uffd, uintptr_t base, size_t size, size_t page)
@@ -103,8 +56,8 @@ static void send_regions(const char *path, int uffd, uintptr_t base, size_t size
 	int len, sock;
 
 	if (strlen(path) >= sizeof(addr.sun_path))
-		fail("socket path too long (%zu bytes, at most %zu)", strlen(path),
-		     sizeof(addr.sun_path) - 1);
+		die("socket path too long (%zu bytes, at most %zu)", strlen(path),
+		    sizeof(addr.sun_path) - 1);
 	strcpy(addr.sun_path, path);
 
 	len = snprintf(json, sizeof(json),
@@ -114,13 +67,13 @@ static void send_regions(const char *path, int uffd, uintptr_t base, size_t size
 		       "\"page_size\":%zu}]",
 		       base, half, page, base + half, half, half, page);
 	if (len < 0 || (size_t)len >= sizeof(json))
-		fail("region JSON does not fit in %zu bytes", sizeof(json));
+		die("region JSON does not fit in %zu bytes", sizeof(json));
 
 	sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (sock < 0)
-		fail("socket(AF_UNIX): %s", strerror(errno));
+		die("socket(AF_UNIX): %s", strerror(errno));
 	if (connect(sock, (struct sockaddr *)&addr, sizeof(addr)) != 0)
-		fail("connect(%s): %s", path, strerror(errno));
+		die("connect(%s): %s", path, strerror(errno));
 
 	union {
 		char buf[CMSG_SPACE(sizeof(int))];
@@ -147,9 +100,9 @@ static void send_regions(const char *path, int uffd, uintptr_t base, size_t size
 		sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
 	while (sent < 0 && errno == EINTR);
 	if (sent < 0)
-		fail("sendmsg: %s", strerror(errno));
+		die("sendmsg: %s", strerror(errno));
 	if (sent != len)
-		fail("sendmsg: sent %zd of %d bytes", sent, len);
+		die("sendmsg: sent %zd of %d bytes", sent, len);
 	/* The socket stays open until exit: closing it tells the server we are done. */
 }
 
@@ -164,36 +117,25 @@ int main(int argc, char **argv)
 	const char *sock_path = argv[1], *expected_path = argv[2];
 	size_t size = parse_size("SIZE", argv[3]);
 	size_t page = argc == 5 ? parse_size("PAGE_SIZE", argv[4]) : (size_t)sysconf(_SC_PAGESIZE);
-	int map_flags = MAP_PRIVATE | MAP_ANONYMOUS;
 
 	if (page != (size_t)sysconf(_SC_PAGESIZE) && page != HUGE_PAGE)
-		fail("PAGE_SIZE must be %ld or %lu, got %zu", sysconf(_SC_PAGESIZE), HUGE_PAGE, page);
+		die("PAGE_SIZE must be %ld or %lu, got %zu", sysconf(_SC_PAGESIZE), HUGE_PAGE, page);
 	if (size % (2 * page) != 0)
-		fail("SIZE %zu must be a multiple of 2 * PAGE_SIZE (%zu): each half is a region",
-		     size, 2 * page);
-	if (page == HUGE_PAGE)
-		map_flags |= MAP_HUGETLB | MAP_HUGE_2MB;
+		die("SIZE %zu must be a multiple of 2 * PAGE_SIZE (%zu): each half is a region",
+		    size, 2 * page);
 
 	int expected = open(expected_path, O_RDONLY | O_CLOEXEC);
 	struct stat st;
 
 	if (expected < 0)
-		fail("open %s: %s", expected_path, strerror(errno));
+		die("open %s: %s", expected_path, strerror(errno));
 	if (fstat(expected, &st) != 0)
-		fail("fstat %s: %s", expected_path, strerror(errno));
+		die("fstat %s: %s", expected_path, strerror(errno));
 	if ((uint64_t)st.st_size < (uint64_t)size)
-		fail("%s has %jd bytes, fewer than SIZE %zu", expected_path, (intmax_t)st.st_size,
-		     size);
+		die("%s has %jd bytes, fewer than SIZE %zu", expected_path, (intmax_t)st.st_size,
+		    size);
 
-	unsigned char *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, map_flags, -1, 0);
-
-	if (mem == MAP_FAILED) {
-		if (page == HUGE_PAGE && errno == ENOMEM)
-			fail("mmap MAP_HUGETLB: ENOMEM: reserve %zu free 2 MiB huge pages first "
-			     "(/proc/sys/vm/nr_hugepages)",
-			     size / HUGE_PAGE);
-		fail("mmap(%zu): %s", size, strerror(errno));
-	}
+	unsigned char *mem = map_anonymous(size, page);
 
 	int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 	struct uffdio_api api = {.api = UFFD_API, .features = 0};
@@ -203,11 +145,11 @@ int main(int argc, char **argv)
 	};
 
 	if (uffd < 0)
-		fail("userfaultfd(O_CLOEXEC|O_NONBLOCK): %s", strerror(errno));
+		die("userfaultfd(O_CLOEXEC|O_NONBLOCK): %s", strerror(errno));
 	if (ioctl(uffd, UFFDIO_API, &api) != 0)
-		fail("ioctl(UFFDIO_API): %s", strerror(errno));
+		die("ioctl(UFFDIO_API): %s", strerror(errno));
 	if (ioctl(uffd, UFFDIO_REGISTER, &reg) != 0)
-		fail("ioctl(UFFDIO_REGISTER, MISSING): %s", strerror(errno));
+		die("ioctl(UFFDIO_REGISTER, MISSING): %s", strerror(errno));
 
 	send_regions(sock_path, uffd, (uintptr_t)mem, size, page);
 
@@ -215,12 +157,12 @@ int main(int argc, char **argv)
 	size_t pages = size / page;
 
 	if (want == NULL)
-		fail("malloc(%zu) failed", page);
+		die("malloc(%zu) failed", page);
 	for (size_t i = 0; i < pages; i++) {
 		size_t off = i * page;
 		unsigned char got;
 
-		pread_full(expected, want, page, (off_t)off);
+		pread_full(expected, "EXPECTED_FILE", want, page, (off_t)off);
 		got = ((volatile unsigned char *)mem)[off]; /* the fault the server must serve */
 		if (got != want[0]) {
 			printf("MISMATCH at offset %zu (page %zu): got 0x%02x, expected 0x%02x\n", off,
