@@ -128,13 +128,14 @@ def test_subpackage_surfaces() -> None:
     import userfaultfd.tools
 
     assert sorted(userfaultfd.runtime.__all__) == [
-        "Adaptive", "DEFAULT_CPU", "GuestRegion", "Handler", "Policy", "Region", "Server",
-        "Single", "Stats", "Window", "lazy", "parse_regions", "serve", "serve_socket",
-        "server_of",
+        "Adaptive", "DEFAULT_CPU", "GuestRegion", "Handler", "PageUnreadableError", "Policy",
+        "Region", "Server", "Single", "Stats", "TouchResult", "Window", "lazy", "parse_regions",
+        "serve", "serve_socket", "server_of", "touch_pages",
     ]  # fmt: skip
     assert sorted(userfaultfd.tools.__all__) == [
-        "DeltaInfo", "DirtyStats", "DirtyTracker", "Snapshot", "SnapshotStats",
-        "check_destination", "restore", "snapshot", "snapshot_delta", "snapshot_full", "track",
+        "DeltaInfo", "DirtyStats", "DirtyTracker", "Snapshot", "SnapshotDemoResult",
+        "SnapshotStats", "check_destination", "restore", "snapshot", "snapshot_delta",
+        "snapshot_demo", "snapshot_full", "track",
     ]  # fmt: skip
     assert sorted(userfaultfd.check.__all__) == [
         "CHECKS", "CheckOptions", "CheckResult", "Status", "run_checks",

@@ -1,32 +1,17 @@
-"""``uffd serve`` and ``uffd lazy``: argument parsing for the runtime.
-
-``uffd lazy`` touches the memory in a forked child: a page the store cannot read is poisoned
-(never zero-filled), and reading it kills the reader with SIGBUS, which no Python code survives.
-The child notes in shared memory the source offset of each page before it reads it, so the
-parent can say which page failed and why (it reads that page from the store itself).
-"""
+"""``uffd serve`` and ``uffd lazy``: argument parsing for the runtime, and the stats table."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import mmap
-import os
-import pickle
-import random
-import signal
-import struct
 import sys
-import time
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .. import memory
-from ..runtime import Policy, lazy, serve_socket, server_of
-from ..stores import Store, StoreError, open_store
+from ..runtime import serve_socket, touch_pages
+from ..stores import open_store
 from ._args import cpu, parse_policy, positive
+from ._progress import ProgressBar, show_cursor
 
 __all__ = ["add_runtime_commands"]
 
@@ -43,114 +28,29 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-_NOTE = struct.Struct("<qI")  # (source offset being read, or -1; length of a pickled error)
-
-
 def _lazy(args: argparse.Namespace) -> int:
-    policy, handler_cpu = parse_policy(args.policy), cpu(args.cpu)
-    store = open_store(args.source)  # a bad source fails here, before the fork
-    note = mmap.mmap(-1, 1 << 16)  # MAP_SHARED: what the child was doing when it died
-    _NOTE.pack_into(note, 0, -1, 0)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            try:
-                status = _touch(args, store, policy, handler_cpu, note)
-            except BaseException as err:  # the parent raises it, as if it were its own
-                try:
-                    message = pickle.dumps(err)
-                except Exception:
-                    message = pickle.dumps(RuntimeError(f"{type(err).__name__}: {err}"))
-                if len(message) > len(note) - _NOTE.size:
-                    message = pickle.dumps(RuntimeError(f"{type(err).__name__}: {err}"[:4000]))
-                offset, _ = _NOTE.unpack_from(note, 0)
-                _NOTE.pack_into(note, 0, offset, len(message))
-                note[_NOTE.size : _NOTE.size + len(message)] = message
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(status)
     try:
-        _, wait_status = os.waitpid(pid, 0)
-    except BaseException:  # Ctrl-C: the child got it too; make sure it is gone
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise
-    offset, length = _NOTE.unpack_from(note, 0)
-    if length:
-        raise pickle.loads(note[_NOTE.size : _NOTE.size + length])
-    if os.WIFEXITED(wait_status):
-        return os.WEXITSTATUS(wait_status)
-    Console(stderr=True).show_cursor(True)  # the progress bar hid it
-    signum = os.WTERMSIG(wait_status)
-    if signum == signal.SIGBUS and offset >= 0:
-        raise RuntimeError(
-            f"page at offset {offset} of {args.source} could not be read "
-            f"({_why_unreadable(store, offset)}); the memory there raises SIGBUS"
+        result = touch_pages(
+            args.source,
+            policy=parse_policy(args.policy),
+            cpu=cpu(args.cpu),
+            order=args.order,
+            pages=args.pages,
+            seed=args.seed,
+            record=args.record,
+            prefetch=args.prefetch,
+            progress=ProgressBar("touching"),  # drawn by the child that touches the pages
         )
-    raise RuntimeError(f"the process touching {args.source} was killed by signal "
-                       f"{signal.Signals(signum).name}")  # fmt: skip
-
-
-_AHEAD = 8 << 20  # how far past the page a handler's read-ahead window may have reached
-
-
-def _why_unreadable(store: Store, offset: int) -> str:
-    """Why the store could not serve the page at ``offset``, as it says now: the page's own
-    read, or else the first failing read in the read-ahead window the handler read with it."""
-    page = memory.page_size()
-    step = 16 * page
-    buffer = memoryview(bytearray(step))
-    starts = [offset, *range(offset + page, min(store.size, offset + _AHEAD), step)]
-    for number, start in enumerate(starts):
-        size = min(page if number == 0 else step, store.size - start)
-        try:
-            store.read_into(start, buffer[:size])
-        except (StoreError, OSError) as err:
-            reason = " ".join((err.strerror or str(err)).split()) or type(err).__name__
-            if number == 0:
-                return reason
-            return f"the handler read it with bytes from {start} on, which failed: {reason}"
-    return "the store failed while the handler read it"
-
-
-def _touch(args: argparse.Namespace, store: Store, policy: Policy, cpu: int | str | None,
-           note: mmap.mmap) -> int:  # fmt: skip
-    """Map ``store`` lazily and read a byte of each page (``note``: the offset being read)."""
-    data = lazy(store, policy=policy, cpu=cpu, record=args.record, prefetch=args.prefetch)
-    base = server_of(data).regions[0].offset  # a .npy's data starts after its header
-    page = memory.page_size()
-    pages = -(-len(data) // page)
-    count = pages if args.pages is None else min(args.pages, pages)
-    order = list(range(count))
-    if args.order == "random":
-        random.Random(args.seed).shuffle(order)
-    console = Console(stderr=True)
-    started = time.perf_counter()
-    columns = (BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("touching", total=count)
-        step = max(1, count // 200)
-        for done, index in enumerate(order, 1):
-            _NOTE.pack_into(note, 0, base + index * page, 0)
-            _ = data[index * page]  # the read is the point: it faults the page in
-            if done % step == 0:
-                progress.update(task, completed=done)
-    seconds = time.perf_counter() - started
-    stats = server_of(data).stats()
-    del data  # this process ends in os._exit: dropping the memory stops its handler now
-    print(f"uffd lazy {args.source}: {count} pages, {args.order}, {args.policy}")
+    finally:
+        show_cursor()
+    stats, seconds = result.stats, result.seconds
+    print(f"uffd lazy {args.source}: {result.pages} pages, {args.order}, {args.policy}")
     table = Table()
     table.add_column("measure")
     table.add_column("value", justify="right")
     rows = [
         ("seconds", f"{seconds:.3f}"),
-        ("pages touched / s", f"{count / seconds:,.0f}"),
+        ("pages touched / s", f"{result.pages / seconds:,.0f}"),
         ("faults", f"{stats.faults:,}"),
         ("pages filled", f"{stats.pages:,}"),
         ("MB filled", f"{stats.bytes / 1e6:,.1f}"),

@@ -1,7 +1,8 @@
 """Memory filled on demand, out of process, with a fault-around policy chosen in userspace.
 
 :func:`serve` registers ranges of this process and forks a handler that fills their pages from
-a :class:`~userfaultfd.stores.Store` as they fault; :func:`lazy` wraps that into a NumPy array.
+a :class:`~userfaultfd.stores.Store` as they fault; :func:`lazy` wraps that into a NumPy array;
+:func:`touch_pages` reads every page of one, as ``uffd lazy`` does.
 """
 
 from ._handler import Handler as Handler
@@ -19,21 +20,27 @@ from ._socket import GuestRegion as GuestRegion
 from ._socket import parse_regions as parse_regions
 from ._socket import serve_socket as serve_socket
 from ._stats import Stats as Stats
+from ._touch import PageUnreadableError as PageUnreadableError
+from ._touch import TouchResult as TouchResult
+from ._touch import touch_pages as touch_pages
 
 __all__ = [
     "DEFAULT_CPU",
     "Adaptive",
     "GuestRegion",
     "Handler",
+    "PageUnreadableError",
     "Policy",
     "Region",
     "Server",
     "Single",
     "Stats",
+    "TouchResult",
     "Window",
     "lazy",
     "parse_regions",
     "serve",
     "serve_socket",
     "server_of",
+    "touch_pages",
 ]

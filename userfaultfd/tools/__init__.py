@@ -2,13 +2,16 @@
 
 Everything public is here. Behind it: ``_live`` (``snapshot``: a live snapshot of a region while
 the program writes), ``_dirty`` (``track``: the pages written since the last look, through
-WP_ASYNC and PAGEMAP_SCAN) and ``_delta`` (a base image plus deltas from a tracker, ``restore``).
+WP_ASYNC and PAGEMAP_SCAN), ``_delta`` (a base image plus deltas from a tracker, ``restore``) and
+``_demo`` (``snapshot_demo``: a snapshot while threads write, checked against memory).
 """
 
 from ._delta import DeltaInfo as DeltaInfo
 from ._delta import restore as restore
 from ._delta import snapshot_delta as snapshot_delta
 from ._delta import snapshot_full as snapshot_full
+from ._demo import SnapshotDemoResult as SnapshotDemoResult
+from ._demo import snapshot_demo as snapshot_demo
 from ._dirty import DirtyStats as DirtyStats
 from ._dirty import DirtyTracker as DirtyTracker
 from ._dirty import track as track
@@ -22,11 +25,13 @@ __all__ = [
     "DirtyStats",
     "DirtyTracker",
     "Snapshot",
+    "SnapshotDemoResult",
     "SnapshotStats",
     "check_destination",
     "restore",
     "snapshot",
     "snapshot_delta",
+    "snapshot_demo",
     "snapshot_full",
     "track",
 ]
