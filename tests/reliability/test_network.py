@@ -190,12 +190,24 @@ def page_hash(data: bytes, index: int) -> str:
     return hashlib.sha256(data[index * PAGE : (index + 1) * PAGE]).hexdigest()
 
 
+def first_wrong_page(outcome: Outcome, data: bytes, read: list[int]) -> str:
+    """ "" if every page in ``read`` held its source bytes; else the first that did not, what
+    it held and what it should have (SHA-256 of the page), and how many were wrong."""
+    wrong = [i for i in read if outcome.pages[i][0] != page_hash(data, i)]
+    if not wrong:
+        return ""
+    first = wrong[0]
+    return (f"page {first} held sha256 {outcome.pages[first][0]}, not {page_hash(data, first)} "
+            f"({len(wrong)} of {len(read)} pages wrong)")  # fmt: skip
+
+
 def assert_all_served(outcome: Outcome, data: bytes, order: list[int]) -> None:
     assert outcome.returncode == 0, outcome.stderr
     assert list(outcome.pages) == order
-    wrong = [i for i in order if outcome.pages[i][0] != page_hash(data, i)]
+    wrong = first_wrong_page(outcome, data, order)
     assert not wrong, f"pages served wrong: {wrong}"
-    assert outcome.done is not None and outcome.done[1:] == (0, 0)  # no errors, none poisoned
+    assert outcome.done is not None, f"the program reported no end: {outcome.stderr}"
+    assert outcome.done[1:] == (0, 0), f"(errors, poisoned) = {outcome.done[1:]}, not (0, 0)"
 
 
 def assert_sigbus_after_correct_pages(outcome: Outcome, data: bytes, order: list[int]) -> int:
@@ -203,7 +215,7 @@ def assert_sigbus_after_correct_pages(outcome: Outcome, data: bytes, order: list
     assert outcome.returncode == -signal.SIGBUS, (outcome.returncode, outcome.stderr)
     read = list(outcome.pages)
     assert read == order[: len(read)]
-    wrong = [i for i in read if outcome.pages[i][0] != page_hash(data, i)]
+    wrong = first_wrong_page(outcome, data, read)
     assert not wrong, f"pages served wrong before the SIGBUS: {wrong}"
     return order[len(read)]
 
