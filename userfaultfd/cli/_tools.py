@@ -14,9 +14,7 @@ __all__ = ["add_tool_commands"]
 def _snapshot_demo(args: argparse.Namespace) -> int:
     bar = ProgressBar("snapshot")
     try:
-        result = snapshot_demo(
-            args.dest, parse_size(args.size), writers=args.writers, progress=bar
-        )
+        result = snapshot_demo(args.dest, parse_size(args.size), writers=args.writers, progress=bar)
     finally:
         bar.close()
     stats = result.stats
