@@ -81,12 +81,13 @@ def touch_pages(
     with no other threads running. ``policy``, ``cpu``, ``record`` and ``prefetch`` go to
     :func:`serve`. ``progress(done, total)`` is called from the child now and then while it
     reads. Raises :class:`PageUnreadableError` naming the first page that could not be read
-    and why, or whatever the child raised (a bad policy, a missing source, ...)."""
+    and why, or what the child raised (a ``prefetch`` file that is not a working set, ...);
+    a source that cannot be opened fails before the fork."""
     if pages is not None and pages < 1:
         raise ValueError(f"pages must be a positive number, not {pages}")
     store = open_store(source)  # a bad source fails here, before the fork
+    note = mmap.mmap(-1, _NOTE_SIZE)  # MAP_SHARED: what the child was doing when it died
     try:
-        note = mmap.mmap(-1, _NOTE_SIZE)  # MAP_SHARED: what the child was doing when it died
         _NOTE.pack_into(note, 0, -1, 0)
         options: dict[str, Any] = {"policy": policy, "cpu": cpu, "record": record,
                                    "prefetch": prefetch}  # fmt: skip
@@ -123,6 +124,7 @@ def touch_pages(
             f"{os.WEXITSTATUS(wait_status)} and no result"
         )
     finally:
+        note.close()
         if store is not source:
             store.close()
 
