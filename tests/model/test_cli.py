@@ -23,7 +23,7 @@ def _main(argv: list[str]) -> int:
 def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert _main(["model", "list"]) == 0
     out = capsys.readouterr().out
-    for name in ("pre-patch", "seed", "markers-only", "upstream", "wp-punch-hole"):
+    for name in ("pre-patch", "as-posted", "markers-only", "upstream", "wp-punch-hole"):
         assert name in out
 
 

@@ -14,9 +14,9 @@ HISTORY = {
     ("pre-patch", "wp-punch-hole"): "untracked write",
     ("pre-patch", "minor-fault-around"): "unnotified mapping",
     ("pre-patch", "missing-shared-cache"): None,
-    ("seed", "wp-punch-hole"): None,
-    ("seed", "minor-fault-around"): "unnotified mapping",
-    ("seed", "missing-shared-cache"): None,
+    ("as-posted", "wp-punch-hole"): None,
+    ("as-posted", "minor-fault-around"): "unnotified mapping",
+    ("as-posted", "missing-shared-cache"): None,
     ("markers-only", "wp-punch-hole"): None,
     ("markers-only", "minor-fault-around"): "unnotified mapping",
     ("markers-only", "missing-shared-cache"): None,
@@ -31,7 +31,7 @@ KERNEL_SCENARIOS = [name for name, s in SCENARIOS.items() if s.group == "history
 
 def test_every_preset_and_scenario_is_in_the_history() -> None:
     assert set(HISTORY) == {(p, s) for p in PRESETS for s in KERNEL_SCENARIOS}
-    assert list(PRESETS) == ["pre-patch", "seed", "markers-only", "upstream"]
+    assert list(PRESETS) == ["pre-patch", "as-posted", "markers-only", "upstream"]
     assert KERNEL_SCENARIOS == ["wp-punch-hole", "minor-fault-around", "missing-shared-cache"]
 
 
@@ -76,25 +76,25 @@ def test_persistent_sets_keep_verdicts_and_every_end_state_and_cut_states(
 
 
 def test_persistent_sets_cut_the_seed_scenario_at_least_fivefold() -> None:
-    for preset in ("seed", "upstream"):
+    for preset in ("as-posted", "upstream"):
         on = explore("wp-punch-hole", preset, reduction="persistent")
         off = explore("wp-punch-hole", preset, reduction="none")
         assert on.violation is None and off.violation is None
         assert 5 * on.states < off.states
 
 
-def test_seed_takes_more_faults_where_the_cache_was_filled_elsewhere() -> None:
+def test_as_posted_takes_more_faults_where_the_cache_was_filled_elsewhere() -> None:
     faults = {p: explore("missing-shared-cache", p).faults for p in PRESETS}
-    assert faults["seed"] > faults["upstream"]
+    assert faults["as-posted"] > faults["upstream"]
     assert faults["upstream"] == faults["pre-patch"] == faults["markers-only"]
-    assert faults == {"pre-patch": 5, "seed": 8, "markers-only": 5, "upstream": 5}
+    assert faults == {"pre-patch": 5, "as-posted": 8, "markers-only": 5, "upstream": 5}
 
 
 @pytest.mark.parametrize(
     ("preset", "switch", "scenario"),
     [
         ("markers-only", {"pte_markers": False}, "wp-punch-hole"),
-        ("seed", {"no_fault_around": Mode.MISSING}, "wp-punch-hole"),
+        ("as-posted", {"no_fault_around": Mode.MISSING}, "wp-punch-hole"),
         ("upstream", {"no_fault_around": Mode.WP}, "minor-fault-around"),
         ("pre-patch", {"no_fault_around": Mode.MINOR}, "minor-fault-around"),
         ("pre-patch", {"pte_markers": True}, "wp-punch-hole"),

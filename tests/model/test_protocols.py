@@ -17,7 +17,7 @@ from userfaultfd.model import SCENARIOS, Sizes, explore, replay
 UNMAPPED = Sizes(readers=0, writers=2, punchers=0, pages=4)
 
 
-@pytest.mark.parametrize("preset", ["pre-patch", "seed", "markers-only", "upstream"])
+@pytest.mark.parametrize("preset", ["pre-patch", "as-posted", "markers-only", "upstream"])
 def test_the_fill_path_holds_on_every_preset(preset: str) -> None:
     # Copy the faulting page first (EEXIST: filled by someone else), then prefetch, stopping
     # at a page already there: no read ever sees zeros, whatever fault-around does.
@@ -57,7 +57,7 @@ def test_live_snapshot_holds_with_markers_for_a_page_not_mapped_at_the_instant(
     assert on.states < off.states
 
 
-@pytest.mark.parametrize("preset", ["pre-patch", "seed"])
+@pytest.mark.parametrize("preset", ["pre-patch", "as-posted"])
 def test_without_markers_a_page_not_mapped_at_the_instant_is_not_protected(preset: str) -> None:
     for reduction in ("persistent", "none"):
         v = explore("live-snapshot", preset, sizes=UNMAPPED, reduction=reduction).violation
@@ -77,7 +77,7 @@ def test_pre_patch_loses_a_write_to_the_seed_race_mid_snapshot() -> None:
     assert again.violation is not None and again.violation.message == v.message
 
 
-def test_seed_misses_a_page_punched_before_the_instant_then_written() -> None:
-    v = explore("live-snapshot", "seed").violation
+def test_as_posted_misses_a_page_punched_before_the_instant_then_written() -> None:
+    v = explore("live-snapshot", "as-posted").violation
     assert v is not None
     assert "saved page 1 holding 'v2'" in v.message and "it held '0'" in v.message

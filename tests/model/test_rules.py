@@ -177,7 +177,7 @@ def test_write_to_a_marker_installs_read_only_uffd_wp_then_wp_userfault() -> Non
 
 
 def test_without_markers_a_none_pte_cannot_be_protected() -> None:
-    k = Kernel("seed")
+    k = Kernel("as-posted")
     f = k.shmem_file(4, cached=range(4))
     v = k.mmap(f, BASE, 4, register=Mode.WP)
     k.writeprotect(v, 2)

@@ -40,7 +40,7 @@ PRESETS: dict[str, Preset] = {
             summary="fault-around wherever the VMA has map_pages; no PTE markers (5.10)",
         ),
         Preset(
-            "seed",
+            "as-posted",
             _Mode.MISSING | _Mode.WP,
             pte_markers=False,
             summary="the patch as posted (Nov 2020): no fault-around if registered MISSING or WP",
