@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import signal
@@ -65,7 +66,7 @@ class _Slow(Store):
             time.sleep(self.delay)
             first, last = offset // PAGE, -(-(offset + len(buffer)) // PAGE)
             if first <= self.bad < last:
-                raise StoreError(f"page {self.bad} cannot be read")
+                raise StoreError(errno.EIO, f"page {self.bad} cannot be read")
             chunk = SOURCE[offset : offset + len(buffer)]
             buffer[: len(chunk)] = chunk
             return len(chunk)

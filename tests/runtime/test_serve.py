@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import mmap
 import os
@@ -101,7 +102,7 @@ class FailingStore(Store):
 
     def read_into(self, offset: int, buffer: memoryview) -> int:
         if offset <= self.bad * PAGE < offset + len(buffer):
-            raise StoreError(f"page {self.bad} is unreadable")
+            raise StoreError(errno.EIO, f"page {self.bad} is unreadable")
         chunk = self.data[offset : offset + len(buffer)]
         buffer[: len(chunk)] = chunk
         return len(chunk)

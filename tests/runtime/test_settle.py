@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -44,7 +45,7 @@ class _Flaky(Store):
             time.sleep(3600)
         first, last = offset // PAGE, -(-(offset + len(buffer)) // PAGE)
         if first < self.bad[1] and self.bad[0] < last:
-            raise StoreError(f"pages [{first}, {last}) include a bad one")
+            raise StoreError(errno.EIO, f"pages [{first}, {last}) include a bad one")
         chunk = SOURCE[offset : offset + len(buffer)]
         buffer[: len(chunk)] = chunk
         return len(chunk)

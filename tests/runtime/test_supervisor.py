@@ -94,7 +94,7 @@ class _Vanishing(BytesStore):
 
     def reopen(self) -> BytesStore:
         if os.path.exists(self.gone):
-            raise StoreError("the object changed since it was opened", code=errno.ESTALE)
+            raise StoreError(errno.ESTALE, "the object changed since it was opened")
         return self
 
     def __init__(self, data: bytes, gone: Path) -> None:

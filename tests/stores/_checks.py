@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 from hypothesis import strategies as st
 
 from userfaultfd.stores import Store, StoreError
@@ -43,7 +45,7 @@ class CountingStore(Store):
     def read_into(self, offset: int, buffer: memoryview) -> int:
         self.reads.append((offset, len(buffer)))
         if self.fail_from is not None and offset + len(buffer) > self.fail_from:
-            raise StoreError(f"injected failure at {offset}")
+            raise StoreError(errno.EIO, f"injected failure at {offset}")
         return self.inner.read_into(offset, buffer)
 
     def reopen(self) -> CountingStore:

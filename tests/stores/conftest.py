@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,12 @@ class S3:
 
     options: dict[str, Any]
     payload: bytes
+    log: Path  # moto's request log: one line per request, method, path and status
+
+    def requests(self, key: str) -> list[tuple[str, int]]:
+        """(method, status) of every request for ``key`` in bucket ``test``, in order."""
+        found = re.findall(rf'"(\w+) /test/{re.escape(key)}[ ?][^"]*" (\d+)', self.log.read_text())
+        return [(method, int(status)) for method, status in found]
 
 
 @pytest.fixture(scope="session")
@@ -97,4 +104,4 @@ def s3(tmp_path_factory: pytest.TempPathFactory, payload: bytes) -> Iterator[S3]
         fs.mkdir("test")
         for name in ("data.bin", "data.pack"):
             fs.pipe_file(f"test/{name}", (base / "files" / name).read_bytes())
-        yield S3(options, payload)
+        yield S3(options, payload, base / "moto.log")

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.stores._checks import assert_range, ranges
 from tests.stores.conftest import PACK_CHUNK, S3, Served
-from userfaultfd.stores import FsspecStore, Store, StoreError, ZstdStore, open_store
+from userfaultfd.stores import FileStore, FsspecStore, Store, StoreError, ZstdStore, open_store
+from userfaultfd.stores._fsspec import _HEAD_BYTES
 
 NETWORK = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -137,20 +138,53 @@ def test_http_round_trip(served: Served, rng: tuple[int, int]) -> None:
 def test_http_reads_are_range_requests(served: Served) -> None:
     before = len(served.server.requests("data.bin"))
     store = FsspecStore(served.url("data.bin"))
-    for offset in (0, 4096, 500_000, len(served.payload) - 100):
+    for offset in (0, 4096, _HEAD_BYTES - 100, 500_000, len(served.payload) - 100):
         assert_range(store, served.payload, offset, 4096)
-    gets = [r for r in served.server.requests("data.bin")[before:] if r[0] == "GET"]
+    rows = served.server.requests("data.bin")[before:]
     expected = [
-        ("GET", 206, "bytes=0-4095", 4096),
-        ("GET", 206, "bytes=4096-8191", 4096),
+        ("GET", 206, f"bytes=0-{_HEAD_BYTES - 1}", _HEAD_BYTES),  # the open: size, ETag, head
+        ("GET", 206, f"bytes={_HEAD_BYTES}-{_HEAD_BYTES + 3995}", 3996),  # past the head only
         ("GET", 206, "bytes=500000-504095", 4096),
         ("GET", 206, f"bytes={len(served.payload) - 100}-{len(served.payload) - 1}", 100),
     ]
     # The property test before this one can leave a read of its own in flight, logged late:
     # only this test's ranges are compared, and no GET of the whole object may appear.
     ranges = {row[2] for row in expected}
-    assert [row for row in gets if row[2] in ranges] == expected, gets
-    assert not [row for row in gets if row[2] == "-"], f"a GET without Range: {gets}"
+    assert [row for row in rows if row[2] in ranges] == expected, rows
+    assert not [row for row in rows if row[2] == "-"], f"a request without Range: {rows}"
+    assert not [row for row in rows if row[0] == "HEAD"], f"the open asked twice: {rows}"
+
+
+def test_http_open_is_one_request_and_reopen_none(served: Served) -> None:
+    """The first byte fast (issue 12): the size, the version and the first 64 KiB come in one
+    GET; reopen() (the handler's, after fork) sends nothing; reads inside the head send
+    nothing either."""
+    before = len(served.server.requests("data.bin"))
+    store = FsspecStore(served.url("data.bin"))
+    assert store.size == len(served.payload)
+    again = store.reopen()
+    assert_range(again, served.payload, 0, 8)  # the format probe
+    assert_range(again, served.payload, 0, _HEAD_BYTES)  # lazy()'s .npy probe
+    assert_range(again, served.payload, 3 * 4096, 4096)  # a first page fault
+    rows = served.server.requests("data.bin")[before:]
+    assert rows == [("GET", 206, f"bytes=0-{_HEAD_BYTES - 1}", _HEAD_BYTES)], rows
+    assert again._fs is None, "reopen() made a filesystem (a loop, a session) it did not need"
+    assert_range(again, served.payload, _HEAD_BYTES, 10)
+    rows = served.server.requests("data.bin")[before:]
+    assert rows[1:] == [("GET", 206, f"bytes={_HEAD_BYTES}-{_HEAD_BYTES + 9}", 10)], rows
+
+
+def test_http_small_object_is_read_whole_by_the_open(served: Served) -> None:
+    (served.root / "small.bin").write_bytes(served.payload[:1000])
+    (served.root / "empty.bin").write_bytes(b"")
+    store = FsspecStore(served.url("small.bin"))
+    assert store.size == 1000
+    assert_range(store.reopen(), served.payload[:1000], 0, 4096)
+    assert served.server.requests("small.bin") == [
+        ("GET", 206, f"bytes=0-{_HEAD_BYTES - 1}", 1000)
+    ], "a small object took more than the open's request"
+    empty = FsspecStore(served.url("empty.bin"))  # no byte 0 to range over: 416, then info()
+    assert empty.size == 0 and empty.read_into(0, memoryview(bytearray(10))) == 0
 
 
 @NETWORK
@@ -166,17 +200,25 @@ def test_http_pack_reads_only_ranges(served: Served) -> None:
     with open_store(served.url("data.pack")) as store:
         assert_range(store, served.payload, 3 * PACK_CHUNK - 10, 20)
     packed_size = (served.root / "data.pack").stat().st_size
-    gets = [r for r in served.server.requests("data.pack")[before:] if r[0] == "GET"]
-    # magic, header, footer, index, then the two frames around the boundary in one request.
-    assert len(gets) == 5
-    assert all(status == 206 and rng.startswith("bytes=") for _, status, rng, _ in gets)
-    assert sum(sent for *_, sent in gets) < packed_size / 2
+    with ZstdStore(FileStore(served.root / "data.pack")) as local:
+        offsets = local._layout.offsets
+    index_at = offsets[-1]
+    rows = served.server.requests("data.pack")[before:]
+    # The open's GET (magic and header inside), the index and footer in one, then the two
+    # frames around the boundary in one request, less what of them the head already holds.
+    assert offsets[2] < _HEAD_BYTES < offsets[4], "the test needs frames across the head's end"
+    assert rows == [
+        ("GET", 206, f"bytes=0-{_HEAD_BYTES - 1}", _HEAD_BYTES),
+        ("GET", 206, f"bytes={index_at}-{packed_size - 1}", packed_size - index_at),
+        ("GET", 206, f"bytes={_HEAD_BYTES}-{offsets[4] - 1}", offsets[4] - _HEAD_BYTES),
+    ], rows
+    assert sum(sent for *_, sent in rows) < packed_size / 2
 
 
 def test_http_404_is_a_store_error_at_once(served: Served) -> None:
     url = served.url("no-such-file")
     started = time.monotonic()
-    with pytest.raises(StoreError, match=f"{url}: size: FileNotFoundError") as caught:
+    with pytest.raises(StoreError, match=f"{url}: open: FileNotFoundError") as caught:
         FsspecStore(url, backoff=10)
     assert caught.value.errno == 2
     assert time.monotonic() - started < 5
@@ -184,11 +226,12 @@ def test_http_404_is_a_store_error_at_once(served: Served) -> None:
 
 def test_http_server_killed_mid_test(own_nginx: Served) -> None:
     store = FsspecStore(own_nginx.url("data.bin"), tries=3, backoff=0.05)
-    assert_range(store, own_nginx.payload, 0, 4096)
+    assert_range(store, own_nginx.payload, _HEAD_BYTES, 4096)
     own_nginx.server.kill()
+    assert_range(store, own_nginx.payload, 0, 4096)  # the head, read at the open
     started = time.monotonic()
     with pytest.raises(StoreError) as caught:
-        store.read_into(8192, memoryview(bytearray(4096)))
+        store.read_into(_HEAD_BYTES + 8192, memoryview(bytearray(4096)))
     assert time.monotonic() - started < 5
     message = str(caught.value)
     assert own_nginx.url("data.bin") in message and "after 3 tries" in message
@@ -252,8 +295,9 @@ def test_reopen_after_fork_reads_in_the_child(served: Served) -> None:
         started = time.monotonic()
         holder[0] = holder[0].reopen()  # the handler's `store = store.reopen()`
         gc.collect()  # the parent's store is garbage now; its filesystem must not be finalized
-        assert holder[0]._fs is not parent_fs  # type: ignore[attr-defined]
         got = _read(holder[0], 100_000, 200_000) + _read(holder[0], len(served.payload) - 5, 100)
+        made = holder[0]._fs  # type: ignore[attr-defined]
+        assert made is not None and made is not parent_fs, "the child has no filesystem of its own"
         # Finalizing the parent's filesystem would wait a second on the parent's dead loop.
         assert time.monotonic() - started < 0.5, f"took {time.monotonic() - started:.2f} s"
         return got
@@ -297,5 +341,5 @@ def test_s3_pack_through_open_store(s3: S3) -> None:
 
 
 def test_s3_missing_key(s3: S3) -> None:
-    with pytest.raises(StoreError, match="s3://test/missing: size: FileNotFoundError"):
+    with pytest.raises(StoreError, match="s3://test/missing: open: FileNotFoundError"):
         FsspecStore("s3://test/missing", backoff=10, **s3.options)

@@ -7,6 +7,8 @@ import dataclasses
 import errno
 import mmap
 import os
+import random
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +16,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from tests._target import Channel, Target
 from tests.stores import _servers
 from tests.stores.conftest import S3
+from userfaultfd.runtime import Single, lazy
 from userfaultfd.stores import (
     FileStore,
     FsspecStore,
@@ -25,9 +29,11 @@ from userfaultfd.stores import (
     open_store,
     pack,
 )
-from userfaultfd.stores._fsspec import _http_conditions, _Version
+from userfaultfd.stores._fsspec import _HEAD_BYTES, _http_conditions, _Version
 
 PAGE = mmap.PAGESIZE
+#: The first page a remote store's open did not bring along: reading it sends a request.
+FAR = -(-_HEAD_BYTES // PAGE) * PAGE
 
 
 def position_bytes(size: int, salt: int = 0) -> bytes:
@@ -35,9 +41,14 @@ def position_bytes(size: int, salt: int = 0) -> bytes:
     return bytes(1 + (i * 7 + i // 251 + salt) % 255 for i in range(size))
 
 
-OLD = position_bytes(5 * PAGE + 123)
+OLD = position_bytes(FAR + 4 * PAGE + 123)  # past the head that a remote store's open reads
 NEW = position_bytes(len(OLD), salt=100)  # same size: only the bytes tell them apart
 assert OLD != NEW and 0 not in OLD and 0 not in NEW
+
+
+def noisy_bytes(size: int, seed: int) -> bytes:
+    """Bytes that do not compress, none of them zero."""
+    return bytes(1 + b % 255 for b in random.Random(seed).randbytes(size))
 
 
 def read(store: Store, offset: int, length: int) -> bytes:
@@ -216,14 +227,14 @@ def test_http_replaced_file_is_estale_never_the_new_bytes(
     url = f"{server.url}/data.bin"
     store = FsspecStore(url, tries=3, backoff=5)  # a retry would take 5 s
     old_etag = fsspec.filesystem("http", skip_instance_cache=True).info(url)["ETag"]
-    assert read(store, PAGE, PAGE) == OLD[PAGE : 2 * PAGE]
+    assert read(store, FAR, PAGE) == OLD[FAR : FAR + PAGE]
     replace_and_age(path, NEW)
     new_etag = fsspec.filesystem("http", skip_instance_cache=True).info(url)["ETag"]
     assert new_etag != old_etag, "the test did not change nginx's ETag"
     buffer = bytearray(b"\xa5" * PAGE)
     started = time.monotonic()
     with pytest.raises(StoreError) as caught:
-        store.read_into(2 * PAGE, memoryview(buffer))
+        store.read_into(FAR + PAGE, memoryview(buffer))
     assert time.monotonic() - started < 4, "a 412 was retried"
     message = str(caught.value)
     assert caught.value.errno == errno.ESTALE, f"errno {caught.value.errno}: {message}"
@@ -231,10 +242,19 @@ def test_http_replaced_file_is_estale_never_the_new_bytes(
     assert url in message, message
     assert buffer == b"\xa5" * PAGE, "bytes of the new file reached the buffer"
     gets = [row for row in server.requests("data.bin") if row[0] == "GET"]
-    assert [status for _, status, _, _ in gets] == [206, 412], f"requests: {gets}"
-    with pytest.raises(StoreError, match="reopen: the object changed since") as reopened:
-        store.reopen()
+    assert [status for _, status, _, _ in gets] == [206, 206, 412], f"requests: {gets}"
+    # A restarted handler's reopen() asks nothing (every read is If-Match): the head it kept is
+    # the opened version, and its first read past the head is refused, never the new bytes.
+    before = len(server.requests("data.bin"))
+    again = store.reopen()
+    assert read(again, 0, PAGE) == OLD[:PAGE], "the kept head is not the opened version"
+    with pytest.raises(StoreError, match="changed since it was opened") as reopened:
+        again.read_into(FAR + 2 * PAGE, memoryview(buffer))
     assert reopened.value.errno == errno.ESTALE
+    assert buffer == b"\xa5" * PAGE, "bytes of the new file reached the reopened store's buffer"
+    rows = server.requests("data.bin")[before:]
+    # The 412, then one HEAD to say what changed.
+    assert [(m, status) for m, status, *_ in rows] == [("GET", 412), ("HEAD", 200)], rows
 
 
 @pytest.mark.timeout(60)
@@ -247,19 +267,55 @@ def test_http_reopen_of_an_unchanged_file_reads(web: tuple[_servers.Nginx, Path]
     assert store._read_kwargs == {"headers": {"X-Trace": "pinning", "If-Match": etag}}
     with store.reopen() as again:
         assert read(again, 0, len(OLD)) == OLD, "an unchanged file read wrong"
-    gets = [row for row in server.requests("data.bin") if row[0] == "GET"]
-    assert gets == [("GET", 206, f"bytes=0-{len(OLD) - 1}", len(OLD))], f"requests: {gets}"
+    rows = server.requests("data.bin")
+    assert rows == [
+        ("GET", 206, f"bytes=0-{_HEAD_BYTES - 1}", _HEAD_BYTES),  # the open: no HEAD
+        ("GET", 206, f"bytes={_HEAD_BYTES}-{len(OLD) - 1}", len(OLD) - _HEAD_BYTES),
+    ], f"requests: {rows}"
+
+
+@pytest.mark.timeout(60)
+def test_replaced_between_open_and_the_handlers_first_read_poisons(
+    web: tuple[_servers.Nginx, Path],
+) -> None:
+    """lazy(url) opens (one GET: size, ETag, the first 64 KiB); the file is replaced before any
+    page is touched; the handler (forked, its reopen() asking nothing) then serves the pages
+    the open brought, which are the opened version, and poisons the first page past them
+    (412): the program sees the old bytes or SIGBUS, never the new bytes next to the old."""
+    server, path = web
+    url = f"{server.url}/data.bin"
+
+    def body(channel: Channel) -> None:
+        view = lazy(url, policy=Single())
+        replace_and_age(path, NEW)
+        channel.send(bytes(view[:PAGE]))
+        channel.send(bytes(view[FAR : FAR + PAGE]))  # SIGBUS here
+
+    with Target(body, timeout=30) as target:
+        (first, _) = target.recv()
+        assert first == OLD[:PAGE], "page 0 is not the opened version's"
+        status = target.wait()
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS, (
+            f"the page past the head ended with status {status}, not SIGBUS (a poisoned page)"
+        )
+    # The open's GET; the handler's one read past the head, refused; one HEAD for the message.
+    rows = [row[:3] for row in server.requests("data.bin")]
+    assert rows == [
+        ("GET", 206, f"bytes=0-{_HEAD_BYTES - 1}"),
+        ("GET", 412, f"bytes={FAR}-{FAR + PAGE - 1}"),
+        ("HEAD", 200, "-"),
+    ], rows
 
 
 @pytest.mark.timeout(60)
 def test_http_shrunk_file_is_estale(web: tuple[_servers.Nginx, Path]) -> None:
     server, path = web
     store = FsspecStore(f"{server.url}/data.bin")
-    replace_and_age(path, OLD[: 2 * PAGE])
+    replace_and_age(path, OLD[: FAR + 2 * PAGE])
     with pytest.raises(StoreError, match="changed since it was opened") as caught:
-        store.read_into(0, memoryview(bytearray(PAGE)))  # inside the new file too: still stale
+        store.read_into(FAR, memoryview(bytearray(PAGE)))  # inside the new file too: stale
     assert caught.value.errno == errno.ESTALE, str(caught.value)
-    assert f"size {len(OLD)} -> {2 * PAGE}" in str(caught.value), str(caught.value)
+    assert f"size {len(OLD)} -> {FAR + 2 * PAGE}" in str(caught.value), str(caught.value)
 
 
 @pytest.mark.timeout(60)
@@ -268,20 +324,23 @@ def test_http_replaced_pack_fails_through_the_zstd_store(tmp_path: Path) -> None
         pytest.skip(f"{_servers.NGINX} is missing (Debian package nginx)")
     root = tmp_path / "root"
     root.mkdir()
-    (tmp_path / "old").write_bytes(OLD)
-    (tmp_path / "new").write_bytes(NEW)
+    # Incompressible, so that chunk 20's frame lies past the head the open read.
+    old, new = noisy_bytes(len(OLD), seed=1), noisy_bytes(len(OLD), seed=2)
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(new)
     pack(tmp_path / "old", root / "data.pack", chunk_size=PAGE)
     with _servers.nginx(root, tmp_path / "prefix") as server:
         store = open_store(f"{server.url}/data.pack")
         assert isinstance(store, ZstdStore)
+        assert store._layout.offsets[20] > _HEAD_BYTES, "chunk 20 lies inside the head"
         mtime = (root / "data.pack").stat().st_mtime
         pack(tmp_path / "new", root / "data.pack", chunk_size=PAGE)
         os.utime(root / "data.pack", (mtime + 10, mtime + 10))
-        with pytest.raises(StoreError, match=r"pack chunk 2: .*changed since") as caught:
-            store.read_into(2 * PAGE, memoryview(bytearray(PAGE)))
-        assert caught.value.errno == errno.ESTALE, str(caught.value)
-        with pytest.raises(StoreError, match="changed since it was opened"):
-            store.reopen()
+        assert read(store, 0, PAGE) == old[:PAGE], "chunk 0, in the head, is not the opened pack's"
+        for handle in (store, store.reopen()):  # reopen() asks nothing: its read is refused
+            with pytest.raises(StoreError, match=r"pack chunk 20: .*changed since") as caught:
+                handle.read_into(20 * PAGE, memoryview(bytearray(PAGE)))
+            assert caught.value.errno == errno.ESTALE, str(caught.value)
 
 
 def test_http_conditions_and_changes() -> None:
@@ -305,18 +364,36 @@ def test_s3_overwritten_object_is_estale(s3: S3) -> None:
     fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3.options)
     fs.pipe_file("test/pin-plain.bin", OLD)
     store = FsspecStore("s3://test/pin-plain.bin", backoff=5, **s3.options)
-    assert read(store, 0, PAGE) == OLD[:PAGE]
+    assert read(store, FAR, PAGE) == OLD[FAR : FAR + PAGE]
     fs.pipe_file("test/pin-plain.bin", NEW)
     buffer = bytearray(b"\xa5" * PAGE)
     started = time.monotonic()
     with pytest.raises(StoreError, match=r"changed since it was opened \(ETag ") as caught:
-        store.read_into(PAGE, memoryview(buffer))
+        store.read_into(FAR + PAGE, memoryview(buffer))
     assert time.monotonic() - started < 4, "a 412 was retried"
     assert caught.value.errno == errno.ESTALE, str(caught.value)
     assert buffer == b"\xa5" * PAGE, "bytes of the new object reached the buffer"
-    with pytest.raises(StoreError, match="reopen: the object changed") as reopened:
-        store.reopen()
+    again = store.reopen()  # asks nothing: every GetObject carries IfMatch
+    assert read(again, 0, PAGE) == OLD[:PAGE], "the kept head is not the opened version"
+    with pytest.raises(StoreError, match="changed since it was opened") as reopened:
+        again.read_into(FAR, memoryview(buffer))
     assert reopened.value.errno == errno.ESTALE
+    assert buffer == b"\xa5" * PAGE, "bytes of the new object reached the reopened store"
+
+
+@pytest.mark.timeout(60)
+def test_s3_open_is_one_request_and_reopen_none(s3: S3) -> None:
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3.options)
+    fs.pipe_file("test/pin-open.bin", OLD)
+    before = len(s3.requests("pin-open.bin"))
+    store = FsspecStore("s3://test/pin-open.bin", **s3.options)
+    again = store.reopen()
+    assert read(again, 0, _HEAD_BYTES) == OLD[:_HEAD_BYTES], "the head is not the object's"
+    rows = s3.requests("pin-open.bin")[before:]
+    assert rows == [("GET", 206)], f"open, reopen and a read of the head: not one GET: {rows}"
+    assert read(again, FAR, PAGE) == OLD[FAR : FAR + PAGE]
+    rows = s3.requests("pin-open.bin")[before:]
+    assert rows == [("GET", 206), ("GET", 206)], f"a read past the head: {rows}"
 
 
 @pytest.mark.timeout(60)

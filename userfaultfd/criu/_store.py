@@ -123,8 +123,9 @@ class CriuPages(Store):
                 got = self._pages.read_into(run[2] + (at - run[0]), piece)
                 if got != len(piece):
                     raise StoreError(
+                        errno.EIO,
                         f"{self._pages_name}: short read at offset {run[2] + (at - run[0])} "
-                        f"({got} of {len(piece)} bytes) for task {self.pid} at 0x{at:x}"
+                        f"({got} of {len(piece)} bytes) for task {self.pid} at 0x{at:x}",
                     )
                 at = stop
                 continue
@@ -143,9 +144,9 @@ class CriuPages(Store):
             inside = 0 <= j < len(tables.lazy) and tables.lazy[j].start <= at < tables.lazy[j].end
             if not inside:
                 raise StoreError(
+                    errno.EFAULT,
                     f"task {self.pid}: 0x{at:x} is in no lazily restored VMA of "
                     f"{self.images.file(f'mm-{self.pid}.img')}: its bytes are unknown",
-                    code=errno.EFAULT,
                 )
             at = tables.lazy[j].end
             j += 1

@@ -8,20 +8,27 @@ import errno
 import os
 import threading
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
-__all__ = ["Store", "StoreError"]
+__all__ = ["PARALLEL_REQUESTS", "Store", "StoreError", "replacing"]
+
+
+#: How many requests a remote store keeps in flight (its ``parallel_reads``).
+PARALLEL_REQUESTS = 16
 
 
 class StoreError(OSError):
-    """A range of a store could not be read. The handler poisons the page; never zero-fills."""
+    """A range of a store could not be read: ``StoreError(errno.EIO, message)``, in OSError's
+    order (so ``errno`` and ``strerror`` are set, and a pickled one comes back the same). The
+    handler poisons the page; never zero-fills."""
 
-    def __init__(self, message: str, *, code: int = errno.EIO) -> None:
+    def __init__(self, code: int, message: str) -> None:
         super().__init__(code, message)
 
 
 class Store(abc.ABC):
-    """Random-access bytes of a known size.
+    """Random-access bytes of a known size: a store implements :attr:`size` and
+    :meth:`read_range`; :meth:`read_into`, which callers use, checks and clamps the range first.
 
     The fault handler runs in a forked process: it calls :meth:`reopen` there once, so a store
     holding fork-unsafe state (a network session, an event loop) makes a fresh handle.
@@ -38,7 +45,6 @@ class Store(abc.ABC):
     def size(self) -> int:
         """Length in bytes."""
 
-    @abc.abstractmethod
     def read_into(self, offset: int, buffer: memoryview) -> int:
         """Fill ``buffer`` with bytes [offset, offset + len(buffer)).
 
@@ -48,15 +54,29 @@ class Store(abc.ABC):
         count: the caller must be able to trust that the bytes it got are all there are.
         Raises :class:`StoreError` when the range cannot be read (I/O error, corruption, a
         network failure after retries, a source that changed since it was opened) or
-        ``offset`` is negative. :meth:`clamp` does the offset check and the clamping.
+        ``offset`` is negative.
+
+        The check and the clamping happen here, once for every store (:meth:`clamp`); what lies
+        inside the store is read by :meth:`read_range`, which a store implements.
         """
+        length = self.clamp(offset, len(buffer))
+        if length:
+            self.read_range(offset, buffer[:length])
+        return length
+
+    def read_range(self, offset: int, view: memoryview) -> None:
+        """Fill all of ``view`` with bytes [offset, offset + len(view)): a range that
+        :meth:`read_into` checked, inside the store and not empty. Raises :class:`StoreError`
+        when it cannot (never fills part of it silently)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither read_range nor"
+                                  " read_into")  # fmt: skip
 
     def clamp(self, offset: int, length: int) -> int:
-        """How many of the bytes [offset, offset + length) lie inside the store: what
-        :meth:`read_into` must read (``length``, less where the range passes :attr:`size`,
-        0 at or past it). A negative offset is a :class:`StoreError` (EINVAL)."""
+        """How many of the bytes [offset, offset + length) lie inside the store (``length``,
+        less where the range passes :attr:`size`, 0 at or past it). A negative offset is a
+        :class:`StoreError` (EINVAL)."""
         if offset < 0:
-            raise StoreError(f"offset {offset} is negative", code=errno.EINVAL)
+            raise StoreError(errno.EINVAL, f"offset {offset} is negative")
         return max(0, min(length, self.size - offset))
 
     def address(self, offset: int, length: int) -> int | None:
@@ -91,7 +111,7 @@ class Store(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release what the store holds."""
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -61,7 +61,7 @@ class ChunkCache:
         except FileNotFoundError:
             return None
         except OSError as err:
-            raise StoreError(f"chunk cache {path}: {err.strerror}", code=err.errno or 5) from err
+            raise StoreError(err.errno or errno.EIO, f"chunk cache {path}: {err.strerror}") from err
         return data
 
     def put(self, key: str, data: bytes) -> None:
@@ -76,7 +76,7 @@ class ChunkCache:
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 return  # a full disk makes a cache miss, not a failed read
-            raise StoreError(f"chunk cache {path}: {err.strerror}", code=err.errno or 5) from err
+            raise StoreError(err.errno or errno.EIO, f"chunk cache {path}: {err.strerror}") from err
         with self._lock:
             if self._total is None:
                 self._total = self._scan()[0]

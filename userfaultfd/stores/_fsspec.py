@@ -37,17 +37,18 @@ import dataclasses
 import errno
 import os
 import ssl
+import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 import fsspec.asyn
 import fsspec.core
 import fsspec.utils
 
-from ._base import Store, StoreError
+from ._base import PARALLEL_REQUESTS, Store, StoreError
 
 __all__ = ["PARALLEL_REQUESTS", "FsspecStore", "call_with_retries", "connect", "with_timeouts"]
 
@@ -102,9 +103,10 @@ def _refusal(err: BaseException) -> str | None:
 
 
 _S3 = ("s3", "s3a")
-#: How many requests a remote store keeps in flight (its ``parallel_reads``).
-PARALLEL_REQUESTS = 16
 _HTTP = ("http", "https")
+# What the first request brings along, kept by every reopened copy: the format probe, a pack's
+# header, lazy()'s .npy probe (64 KiB) and the first pages, none of which then costs a request.
+_HEAD_BYTES = 64 << 10
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -180,6 +182,73 @@ async def _s3_range(fs: Any, path: str, start: int, end: int, pin: dict[str, str
     finally:
         body.close()
     return data
+
+
+async def _http_first(fs: Any, url: str, length: int) -> tuple[_Version, bytes] | None:
+    """One GET of bytes [0, length) whose answer also gives the size (Content-Range) and the
+    version (ETag, Last-Modified); None when it does not say them (an empty object: 416)."""
+    kwargs = dict(fs.kwargs)
+    headers = {**(kwargs.pop("headers", None) or {}), "Range": f"bytes=0-{length - 1}"}
+    headers["Accept-Encoding"] = "identity"  # the size and the ranges of the bytes as stored
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(url), headers=headers, **kwargs) as response:
+        if response.status == 416:
+            return None
+        if response.status == 404:
+            raise FileNotFoundError(url)
+        response.raise_for_status()
+        if response.status == 206:
+            total = response.headers.get("Content-Range", "").rpartition("/")[2]
+            data = await response.read()
+        else:  # 200: the server ignores Range; the first bytes only, the rest is dropped
+            total = response.headers.get("Content-Length", "")
+            data = await response.content.read(length)
+        if not total.isdigit() or response.headers.get("Content-Encoding", "identity") not in (
+            "identity", ""):  # fmt: skip
+            return None
+        return _version_of("http", response.headers, int(total)), data
+
+
+async def _s3_first(fs: Any, path: str, length: int) -> tuple[_Version, bytes] | None:
+    """One GetObject of bytes [0, length) whose answer also gives the size (ContentRange) and
+    the version (VersionId, ETag); None for an empty object (InvalidRange)."""
+    bucket, key, version_id = fs.split_path(path)
+    pin = {"VersionId": version_id} if version_id else {}
+    try:
+        response = await fs._call_s3(
+            "get_object", Bucket=bucket, Key=key, Range=f"bytes=0-{length - 1}", **pin
+        )
+    except Exception as err:
+        code = _s3_code(err)
+        if code in ("InvalidRange", "416"):
+            return None
+        if code in ("NoSuchKey", "NoSuchBucket", "404"):  # s3fs leaves _call_s3's untranslated
+            raise FileNotFoundError(errno.ENOENT, f"no such object: {path}") from None
+        raise
+    body = response["Body"]
+    try:
+        data: bytes = await body.read()
+    finally:
+        body.close()
+    total = str(response.get("ContentRange") or "").rpartition("/")[2]
+    if not total.isdigit():
+        return None
+    identity = {"ETag": response.get("ETag"), "VersionId": response.get("VersionId")}
+    return _version_of("s3", identity, int(total)), data
+
+
+def _s3_code(err: BaseException) -> str | None:
+    """The S3 error code behind ``err`` (s3fs wraps botocore's ClientError), or None."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            return code if isinstance(code, str) else None
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _precondition_failed(err: BaseException) -> bool:
@@ -267,19 +336,19 @@ def call_with_retries(
             if _precondition_failed(caught):  # a permanent answer: never retried
                 if stale is None:
                     raise StoreError(
-                        f"{url}: {what}: the object changed: {cause}", code=errno.ESTALE
+                        errno.ESTALE, f"{url}: {what}: the object changed: {cause}"
                     ) from caught
                 raise stale(caught) from caught
             refused = _refusal(err)
             if refused is not None:
                 raise StoreError(
+                    errno.EACCES,
                     f"{url}: {what}: the server refused the credentials ({refused}): {cause}",
-                    code=errno.EACCES,
                 ) from caught
             if _untrusted(err):
                 raise StoreError(
+                    errno.EACCES,
                     f"{url}: {what}: the server's TLS certificate is not trusted: {cause}",
-                    code=errno.EACCES,
                 ) from caught
             if _is_transient(err) and attempt < tries:
                 time.sleep(backoff * 2 ** (attempt - 1))
@@ -288,7 +357,7 @@ def call_with_retries(
             code = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
             if isinstance(err, FileNotFoundError):
                 code = errno.ENOENT
-            raise StoreError(f"{url}: {what}{tried}: {cause}", code=code) from caught
+            raise StoreError(code, f"{url}: {what}{tried}: {cause}") from caught
     raise AssertionError("unreachable")
 
 
@@ -300,7 +369,7 @@ def connect(url: str, options: dict[str, Any]) -> tuple[Any, str]:
     try:
         fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
     except (ImportError, ValueError) as err:
-        raise StoreError(f"{url}: {err}", code=errno.EINVAL) from err
+        raise StoreError(errno.EINVAL, f"{url}: {err}") from err
     if protocol in _S3:
         fs.retries = 1  # s3fs's own loop would try 5 times inside each of ours
     _MADE[id(fs)] = fs
@@ -315,9 +384,9 @@ class FsspecStore(Store):
     and so on between tries; then :class:`StoreError` names the URL and the last cause. Each
     HTTP or S3 request is given up after ``timeout`` seconds (unless ``client_kwargs["timeout"]``
     or ``config_kwargs`` say otherwise). Refused credentials are a StoreError with errno EACCES,
-    not retried. The size and the version are read once, at construction, and the store is
-    pinned to that version (see the module docstring): a read or a :meth:`reopen` after the
-    object changed raises StoreError with errno ESTALE.
+    not retried. The size, the version and the first 64 KiB are read once, at construction,
+    in one request (HTTP and S3), and the store is pinned to that version (see the module
+    docstring): a read after the object changed raises StoreError with errno ESTALE.
     """
 
     def __init__(
@@ -338,39 +407,80 @@ class FsspecStore(Store):
         self._backoff = backoff
         self._options = with_timeouts(url, timeout, storage_options)
         self._protocol = fsspec.utils.get_protocol(url)
-        self._version = _Version(0)
+        self._init(_Version(0), b"")
         self._connect()
-        self._version = self._call("size", self._info)
+        self._version, self._head = self._call("open", self._first)
         self._set_conditions()
 
+    def _init(self, version: _Version, head: bytes) -> None:
+        self._version = version
+        self._head = head  # the object's first bytes, of this version
+        self._fs: Any = None  # made at the first request (see reopen)
+        self._path = ""
+        self._read_kwargs: dict[str, Any] = {}
+        self._closed = False
+        self._connecting = threading.Lock()
+
     def _connect(self) -> None:
-        self._fs: Any = None
         self._fs, self._path = connect(self.url, self._options)
+
+    def _filesystem(self) -> Any:
+        """The filesystem, made here at the first request of a reopened copy."""
+        with self._connecting:
+            if self._closed:
+                raise StoreError(errno.EBADF, f"{self.url}: the store is closed")
+            if self._fs is None:
+                self._connect()
+                self._set_conditions()
+            return self._fs
+
+    def _first(self) -> tuple[_Version, bytes]:
+        """The size, the version and the first bytes: one ranged GET over HTTP and S3 (its
+        answer names the size and the version), else ``info()`` and no bytes."""
+        first = None
+        if self._protocol in _HTTP:
+            first = fsspec.asyn.sync(self._fs.loop, _http_first, self._fs, self._path, _HEAD_BYTES)
+        elif self._protocol in _S3:
+            first = fsspec.asyn.sync(self._fs.loop, _s3_first, self._fs, self._path, _HEAD_BYTES)
+        if first is None:
+            return self._info(), b""
+        version, head = first
+        if len(head) != min(_HEAD_BYTES, version.size):
+            raise StoreError(errno.EIO, f"{self.url}: asked for bytes 0..{_HEAD_BYTES}, got "
+                             f"{len(head)} of {version.size} bytes")  # fmt: skip
+        return version, head
 
     def _info(self) -> _Version:
         """The object's size and identity, asked of the server now."""
         info = self._fs.info(self._path)
         size = info.get("size")
         if not isinstance(size, int):
-            raise StoreError(f"{self.url}: the server does not say how large it is")
+            raise StoreError(errno.EIO, f"{self.url}: the server does not say how large it is")
         return _version_of(self._protocol, info, size)
 
     def _current(self) -> _Version:
         """The identity now, of the pinned version where S3 can name it (one HEAD)."""
+        fs = self._filesystem()
         if self._protocol not in _S3:
             return self._info()
-        bucket, key, _ = self._fs.split_path(self._path)
+        bucket, key, _ = fs.split_path(self._path)
         pin = {"VersionId": self._version.version_id} if self._version.version_id else {}
-        head = self._fs.call_s3("head_object", Bucket=bucket, Key=key, **pin)
+        head = fs.call_s3("head_object", Bucket=bucket, Key=key, **pin)
         return _version_of(
             self._protocol,
             {"ETag": head.get("ETag"), "VersionId": head.get("VersionId")},
             int(head.get("ContentLength", -1)),
         )
 
+    def _conditional(self) -> bool:
+        """Whether every read names the version (a changed object then fails it: 412)."""
+        if self._protocol in _HTTP:
+            return bool(_http_conditions(self._version))
+        return self._protocol in _S3 and bool(_s3_pin(self._version))
+
     def _set_conditions(self) -> None:
         """The keyword arguments of every ranged read: the version's preconditions."""
-        self._read_kwargs: dict[str, Any] = {}
+        self._read_kwargs = {}
         if self._protocol in _HTTP:
             conditions = _http_conditions(self._version)
             if conditions:  # cat_file's headers replace the session's: keep those too
@@ -380,8 +490,7 @@ class FsspecStore(Store):
     def _stale(self, what: str, now: _Version | None) -> StoreError:
         changes = ", ".join(self._version.changes(now))
         return StoreError(
-            f"{self.url}: {what}: the object changed since it was opened ({changes})",
-            code=errno.ESTALE,
+            errno.ESTALE, f"{self.url}: {what}: the object changed since it was opened ({changes})"
         )
 
     @property
@@ -394,31 +503,35 @@ class FsspecStore(Store):
         them all on the filesystem's one event loop, so calls from many threads are safe)."""
         return PARALLEL_REQUESTS
 
-    def read_into(self, offset: int, buffer: memoryview) -> int:
-        end = offset + self.clamp(offset, len(buffer))
-        if end == offset:
-            return 0
-        if self._fs is None:
-            raise StoreError(f"{self.url}: the store is closed", code=errno.EBADF)
-        data = self._call(f"bytes {offset}..{end}", lambda: self._fetch(offset, end))
+    def read_range(self, offset: int, view: memoryview) -> None:
+        end = offset + len(view)
+        head = self._head
+        if offset < len(head):  # came with the first request: no request now
+            inside = min(end, len(head))
+            view[: inside - offset] = head[offset:inside]
+            view, offset = view[inside - offset :], inside
+            if offset == end:
+                return
+        if self._closed:
+            raise StoreError(errno.EBADF, f"{self.url}: the store is closed")
+        fs = self._filesystem()
+        data = self._call(f"bytes {offset}..{end}", lambda: self._fetch(fs, offset, end))
         if len(data) != end - offset:
             # A server that ignores Range sends the whole object; a changed object, fewer bytes.
             raise StoreError(
+                errno.EIO,
                 f"{self.url}: asked for bytes {offset}..{end}, got {len(data)} bytes"
-                " (the server ignores Range requests, or the object changed)"
+                " (the server ignores Range requests, or the object changed)",
             )
-        buffer[: end - offset] = data
-        return end - offset
+        view[:] = data
 
-    def _fetch(self, start: int, end: int) -> bytes:
+    def _fetch(self, fs: Any, start: int, end: int) -> bytes:
         """Bytes [start, end) of the pinned version, in one request."""
         if self._protocol in _S3:
             pin = _s3_pin(self._version)
-            data: bytes = fsspec.asyn.sync(
-                self._fs.loop, _s3_range, self._fs, self._path, start, end, pin
-            )
+            data: bytes = fsspec.asyn.sync(fs.loop, _s3_range, fs, self._path, start, end, pin)
             return data
-        data = self._fs.cat_file(self._path, start=start, end=end, **self._read_kwargs)
+        data = fs.cat_file(self._path, start=start, end=end, **self._read_kwargs)
         return data
 
     def _call(self, what: str, fn: Callable[[], _T]) -> _T:
@@ -433,29 +546,24 @@ class FsspecStore(Store):
 
         return call_with_retries(self.url, what, fn, self._tries, self._backoff, stale)
 
-    def __enter__(self) -> Self:
-        return self
-
     def reopen(self) -> FsspecStore:
-        """A new filesystem, loop and session over the same version (same URL, options and size),
-        after one HEAD that checks the version: StoreError ESTALE if the object changed."""
+        """A copy for this process (after fork) over the same version, which keeps what the
+        open learned (size, version, first bytes): no request, and its own filesystem, loop and
+        session are made at its first read past the first bytes. Every such read names the
+        version (If-Match, VersionId), so a changed object fails it with ESTALE. Only where no
+        read can (the server named no version) does reopen ask again (one HEAD) and raise
+        ESTALE at once if the size changed."""
         store = FsspecStore.__new__(FsspecStore)
         store.url, store._tries, store._backoff = self.url, self._tries, self._backoff
-        store._options, store._protocol, store._version = (
-            self._options,
-            self._protocol,
-            self._version,
-        )
-        store._connect()
-        store._set_conditions()
+        store._options, store._protocol = self._options, self._protocol
+        store._init(self._version, self._head)
+        if store._conditional():
+            return store
         try:
             changes = self._version.changes(store._call("reopen", store._current))
             if changes:
-                raise StoreError(
-                    f"{self.url}: reopen: the object changed since it was opened"
-                    f" ({', '.join(changes)})",
-                    code=errno.ESTALE,
-                )
+                raise StoreError(errno.ESTALE, f"{self.url}: reopen: the object changed since"
+                                 f" it was opened ({', '.join(changes)})")  # fmt: skip
         except BaseException:
             store.close()
             raise
@@ -463,6 +571,7 @@ class FsspecStore(Store):
 
     def close(self) -> None:
         # Dropping the filesystem lets fsspec's finalizer close its session on its own loop.
+        self._closed = True
         self._fs = None
 
     def __repr__(self) -> str:

@@ -12,8 +12,7 @@ import errno
 import os
 from typing import Any
 
-from ._base import StoreError, replacing
-from ._fsspec import PARALLEL_REQUESTS, call_with_retries, connect, with_timeouts
+from ._base import PARALLEL_REQUESTS, StoreError, replacing
 
 __all__ = ["Objects", "open_objects"]
 
@@ -57,7 +56,7 @@ class _Local(Objects):
             with open(path, "rb") as f:
                 return f.read()
         except OSError as err:
-            raise StoreError(f"{path}: {err.strerror}", code=err.errno or errno.EIO) from err
+            raise StoreError(err.errno or errno.EIO, f"{path}: {err.strerror}") from err
 
     def put(self, name: str, data: bytes) -> None:
         os.makedirs(self._directory, exist_ok=True)
@@ -82,6 +81,8 @@ class _Remote(Objects):
     def __init__(
         self, prefix: str, options: dict[str, Any], tries: int, backoff: float, timeout: float
     ) -> None:
+        from ._fsspec import connect, with_timeouts  # only for a URL: fsspec adds an at-fork hook
+
         self.where = prefix.rstrip("/") + "/"
         self._raw_options = options
         self._tries, self._backoff, self._timeout = tries, backoff, timeout
@@ -91,6 +92,8 @@ class _Remote(Objects):
         self._path = self._path.rstrip("/")
 
     def _call(self, what: str, fn: Any) -> Any:
+        from ._fsspec import call_with_retries
+
         return call_with_retries(self.where, what, fn, self._tries, self._backoff)
 
     def get(self, name: str) -> bytes:

@@ -9,7 +9,6 @@ from typing import Any
 from ._base import Store
 from ._cache import ChunkCache
 from ._chunked import INDEX_MAGIC, ChunkedStore
-from ._fsspec import FsspecStore
 from ._simple import BytesStore, FileStore
 from ._zstd import MAGIC, ZstdStore
 
@@ -65,6 +64,8 @@ def open_store(
 def open_raw(text: str, options: dict[str, Any]) -> Store:
     """The bytes at a path or URL as they are: a FileStore or an FsspecStore."""
     if _URL.match(text) and not text.startswith("file://"):
+        from ._fsspec import FsspecStore  # only for a URL: fsspec installs an at-fork hook
+
         return FsspecStore(text, **options)
     if options:
         raise TypeError(f"options {sorted(options)} apply only to URLs")

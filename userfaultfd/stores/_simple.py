@@ -25,10 +25,8 @@ class BytesStore(Store):
     def size(self) -> int:
         return len(self._data)
 
-    def read_into(self, offset: int, buffer: memoryview) -> int:
-        length = self.clamp(offset, len(buffer))
-        buffer[:length] = self._data[offset : offset + length]
-        return length
+    def read_range(self, offset: int, view: memoryview) -> None:
+        view[:] = self._data[offset : offset + len(view)]
 
 
 class FileStore(Store):
@@ -86,7 +84,8 @@ class FileStore(Store):
         try:
             return os.fstat(self._fd).st_size
         except OSError as err:
-            raise StoreError(f"{self.path}: fstat: {err.strerror}", code=err.errno or 5) from err
+            message = f"{self.path}: fstat: {err.strerror}"
+            raise StoreError(err.errno or errno.EIO, message) from err
 
     def address(self, offset: int, length: int) -> int | None:
         if offset < 0 or offset + length > self._size or self._fd < 0:
@@ -120,31 +119,29 @@ class FileStore(Store):
     def size(self) -> int:
         return self._size
 
-    def read_into(self, offset: int, buffer: memoryview) -> int:
-        want = self.clamp(offset, len(buffer))
+    def read_range(self, offset: int, view: memoryview) -> None:
         if self._fd < 0:
-            raise StoreError(f"{self.path}: the store is closed", code=errno.EBADF)
+            raise StoreError(errno.EBADF, f"{self.path}: the store is closed")
         done = 0
-        while done < want:
+        while done < len(view):
             try:
-                got = os.preadv(self._fd, [buffer[done:want]], offset + done)
+                got = os.preadv(self._fd, [view[done:]], offset + done)
             except OSError as err:
-                raise StoreError(f"{self.path}: reading at {offset + done}: {err.strerror}",
-                                 code=err.errno or 5) from err  # fmt: skip
+                where = f"{self.path}: reading at {offset + done}"
+                raise StoreError(err.errno or errno.EIO, f"{where}: {err.strerror}") from err
             if got == 0:
                 raise StoreError(
+                    errno.ESTALE,
                     f"{self.path}: reading at {offset + done}: the file ends there now"
                     f" ({self._current_size()} bytes), it was {self._size} bytes when opened",
-                    code=errno.ESTALE,
                 )
             done += got
-        return done
 
     def reopen(self) -> FileStore:
         """A store over the same open file (a duplicate descriptor, with a mapping of its own),
         not over whatever the path names now."""
         if self._fd < 0:
-            raise StoreError(f"{self.path}: the store is closed", code=errno.EBADF)
+            raise StoreError(errno.EBADF, f"{self.path}: the store is closed")
         store = FileStore.__new__(FileStore)
         store._adopt(os.dup(self._fd), self.path, self._size)
         return store

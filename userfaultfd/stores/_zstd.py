@@ -19,14 +19,14 @@ its offset where the next frame starts, and the hash of its zeros), and 2, a dic
 that uses neither is written as version 1, byte for byte what earlier writers wrote, and both
 versions are read.
 
-A reader reads the header, the footer and the index (three reads, whatever the transport; a
-fourth for the dictionary) and checks them against each other and the footer's digest; a
-truncated or foreign file fails there. Every chunk it then serves is decompressed and checked
-against its hash, so a corrupted pack raises :class:`StoreError` naming the chunk: a page fault
-handler poisons that page rather than mapping wrong bytes. A zero chunk is served without any
-read, and :meth:`ZstdStore.known_zero` tells the handler so before it asks. Chunks are
-independent so a random page costs one chunk, and the index sits at the end so :func:`pack` can
-stream the source without knowing compressed sizes up front.
+A reader reads the header, then the index and the footer in one read (the header's chunk count says
+how long the index is; a third read for the dictionary), and checks them against each other and the
+footer's digest; a truncated or foreign file fails there. Every chunk it then serves is
+decompressed and checked against its hash, so a corrupted pack raises :class:`StoreError` naming
+the chunk: a page fault handler poisons that page rather than mapping wrong bytes. A zero chunk is
+served without any read, and :meth:`ZstdStore.known_zero` tells the handler so before it asks.
+Chunks are independent so a random page costs one chunk, and the index sits at the end so
+:func:`pack` can stream the source without knowing compressed sizes up front.
 
 Threads: :meth:`ZstdStore.read_into` may be called from many threads at once (as many as the raw
 store's ``parallel_reads``): the chunk cache is behind a lock, reads and decompression run
@@ -36,12 +36,13 @@ outside it, and every read decodes into buffers of its own.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import BinaryIO, Self
+from typing import BinaryIO
 
 from ._base import Store, StoreError, replacing
 from ._chunks import Codec, PackInfo, digest, is_zero, read_chunks, train
@@ -198,10 +199,8 @@ class ZstdStore(Store):
         step = self.chunk_size
         return 0 not in self._layout.zero[offset // step : (end - 1) // step + 1]
 
-    def read_into(self, offset: int, buffer: memoryview) -> int:
-        end = offset + self.clamp(offset, len(buffer))
-        if end == offset:
-            return 0
+    def read_range(self, offset: int, view: memoryview) -> None:
+        end = offset + len(view)
         step = self.chunk_size
         first, last = offset // step, (end - 1) // step
         chunks = self._chunks(first, last)
@@ -209,10 +208,9 @@ class ZstdStore(Store):
             lo = max(offset, i * step)
             hi = min(end, (i + 1) * step)
             if chunk is None:  # a zero chunk
-                buffer[lo - offset : hi - offset] = bytes(hi - lo)
+                view[lo - offset : hi - offset] = bytes(hi - lo)
             else:
-                buffer[lo - offset : hi - offset] = chunk[lo - i * step : hi - i * step]
-        return end - offset
+                view[lo - offset : hi - offset] = chunk[lo - i * step : hi - i * step]
 
     def _chunks(self, first: int, last: int) -> list[bytes | None]:
         """Decompressed chunks first..last (None for a zero chunk), from the cache or from one
@@ -239,7 +237,9 @@ class ZstdStore(Store):
                 start = offsets[i] - offsets[lo]
                 stop = offsets[i + 1] - offsets[lo]
                 if stop > got:
-                    raise StoreError(f"pack chunk {i}: truncated (the pack ends inside it)")
+                    raise StoreError(
+                        errno.EIO, f"pack chunk {i}: truncated (the pack ends inside it)"
+                    )
                 decoded[i] = self._decode(i, memoryview(frames)[start:stop])
             found.update(decoded)
             with self._lock:
@@ -255,16 +255,13 @@ class ZstdStore(Store):
             return self._raw.read_into(offset, view)
         except StoreError as err:
             which = f"chunk {lo}" if lo == hi else f"chunks {lo}..{hi}"
-            raise StoreError(f"pack {which}: {err.strerror}", code=err.errno or 5) from err
+            raise StoreError(err.errno or errno.EIO, f"pack {which}: {err.strerror}") from err
 
     def _decode(self, i: int, frame: memoryview) -> bytes:
         step = self.chunk_size
         length = min(step, self.size - i * step)
         what = f"pack chunk {i} (bytes {i * step}..)"
         return self._layout.codec.decode(frame, length, self._layout.digests[i], what)
-
-    def __enter__(self) -> Self:
-        return self
 
     def reopen(self) -> ZstdStore:
         # The layout is immutable and shared; only the transport needs a fresh handle, and the
@@ -287,7 +284,9 @@ def read_exact(raw: Store, offset: int, length: int, what: str) -> bytes:
     buf = bytearray(length)
     got = raw.read_into(offset, memoryview(buf))
     if got != length:
-        raise StoreError(f"not a complete pack: {what} is cut short ({got} of {length} bytes)")
+        raise StoreError(
+            errno.EIO, f"not a complete pack: {what} is cut short ({got} of {length} bytes)"
+        )
     return bytes(buf)
 
 
@@ -296,58 +295,81 @@ def _read_layout(raw: Store) -> _Layout:
     total = raw.size
     if total < _HEADER.size + _FOOTER.size:
         if total >= len(MAGIC) and read_exact(raw, 0, len(MAGIC), "magic") != MAGIC:
-            raise StoreError(f"not a uffd zstd pack: no {MAGIC!r} magic at the start")
-        raise StoreError(f"not a complete pack: {total} bytes is shorter than header + footer")
+            raise StoreError(errno.EIO, f"not a uffd zstd pack: no {MAGIC!r} magic at the start")
+        raise StoreError(
+            errno.EIO, f"not a complete pack: {total} bytes is shorter than header + footer"
+        )
     header = read_exact(raw, 0, _HEADER.size, "header")
     magic, version, flags, chunk_size, size, count = _HEADER.unpack(header)
     if magic != MAGIC:
-        raise StoreError(f"not a uffd zstd pack: magic {magic!r}, expected {MAGIC!r}")
+        raise StoreError(errno.EIO, f"not a uffd zstd pack: magic {magic!r}, expected {MAGIC!r}")
     if version not in _VERSIONS:
-        raise StoreError(f"pack format version {version} is not supported (only 1 and 2)")
+        raise StoreError(
+            errno.EIO, f"pack format version {version} is not supported (only 1 and 2)"
+        )
     if version == 1:
         flags = 0  # version 1 wrote 0 and never read them
     elif flags & ~(_ZERO_CHUNKS | _DICTIONARY):
-        raise StoreError(f"pack flags {flags:#x} are not supported (only 0x1 and 0x2)")
+        raise StoreError(errno.EIO, f"pack flags {flags:#x} are not supported (only 0x1 and 0x2)")
     if chunk_size == 0 or count != -(-size // chunk_size):
-        raise StoreError(f"corrupt pack header: {count} chunks of {chunk_size} for {size} bytes")
-    footer = read_exact(raw, total - _FOOTER.size, _FOOTER.size, "footer")
-    index_offset, footer_count, footer_digest, end_magic = _FOOTER.unpack(footer)
+        raise StoreError(
+            errno.EIO, f"corrupt pack header: {count} chunks of {chunk_size} for {size} bytes"
+        )
     index_size = count * _ENTRY.size
+    if _HEADER.size + index_size + _FOOTER.size > total:
+        raise StoreError(errno.EIO, f"not a complete pack: {count} chunks need a {index_size}-byte"
+                         f" index, and the pack has {total} bytes")  # fmt: skip
+    # The header says how long the index is: the index and the footer in one read (one request).
+    tail = read_exact(raw, total - index_size - _FOOTER.size, index_size + _FOOTER.size,
+                      "index and footer")  # fmt: skip
+    index, footer = tail[:index_size], tail[index_size:]
+    index_offset, footer_count, footer_digest, end_magic = _FOOTER.unpack(footer)
     if end_magic != _END_MAGIC or footer_count != count:
-        raise StoreError(f"not a complete pack: no valid footer at the end ({total} bytes)")
+        raise StoreError(
+            errno.EIO, f"not a complete pack: no valid footer at the end ({total} bytes)"
+        )
     if index_offset + index_size + _FOOTER.size != total:
-        raise StoreError(f"not a complete pack: index at {index_offset} does not fit {total} bytes")
-    index = read_exact(raw, index_offset, index_size, "index")
+        raise StoreError(
+            errno.EIO, f"not a complete pack: index at {index_offset} does not fit {total} bytes"
+        )
     entries = list(_ENTRY.iter_unpack(index))
     start = entries[0][0] if entries else index_offset
     section = b""
     if flags & _DICTIONARY:
         if not _HEADER.size + _DICT_LENGTH.size < start <= index_offset:
-            raise StoreError(f"corrupt pack: the dictionary ends at {start}, past the index")
+            raise StoreError(
+                errno.EIO, f"corrupt pack: the dictionary ends at {start}, past the index"
+            )
         section = read_exact(raw, _HEADER.size, start - _HEADER.size, "dictionary")
         (length,) = _DICT_LENGTH.unpack_from(section)
         if length != len(section) - _DICT_LENGTH.size:
-            raise StoreError(f"corrupt pack: a dictionary of {length} bytes in {len(section)}")
+            raise StoreError(
+                errno.EIO, f"corrupt pack: a dictionary of {length} bytes in {len(section)}"
+            )
     if digest(header + section + index, _DIGEST_SIZE) != footer_digest:
-        raise StoreError("corrupt pack: header or index does not match the footer's digest")
+        raise StoreError(
+            errno.EIO, "corrupt pack: header or index does not match the footer's digest"
+        )
     offsets = [_HEADER.size + len(section)]
     zero = bytearray(count)
     zero_digests: dict[int, bytes] = {}
     for i, (offset, length, chunk_digest) in enumerate(entries):
         if offset != offsets[-1]:
-            raise StoreError(f"corrupt pack index: chunk {i} at {offset}, expected {offsets[-1]}")
+            raise StoreError(
+                errno.EIO, f"corrupt pack index: chunk {i} at {offset}, expected {offsets[-1]}"
+            )
         if length == 0:
             # A zero chunk must say so twice: the flag, and the hash of exactly its zeros.
             n = min(chunk_size, size - i * chunk_size)
             if n not in zero_digests:
                 zero_digests[n] = digest(bytes(n), _DIGEST_SIZE)
             if not flags & _ZERO_CHUNKS or chunk_digest != zero_digests[n]:
-                raise StoreError(f"corrupt pack index: chunk {i} has no frame")
+                raise StoreError(errno.EIO, f"corrupt pack index: chunk {i} has no frame")
             zero[i] = 1
         offsets.append(offset + length)
     if offsets[-1] != index_offset:
         raise StoreError(
-            f"corrupt pack index: frames end at {offsets[-1]}, index at {index_offset}"
+            errno.EIO, f"corrupt pack index: frames end at {offsets[-1]}, index at {index_offset}"
         )
     dictionary = section[_DICT_LENGTH.size :]
     return _Layout(size, chunk_size, tuple(offsets), tuple(d for _, _, d in entries), bytes(zero),
