@@ -75,6 +75,28 @@ class _Slow(Store):
                 self.in_flight -= 1
 
 
+class _Logged(_Slow):
+    """A :class:`_Slow` store that logs the size of every read, in pages, in shared memory."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self._log = mmap.mmap(-1, 8 * (PAGES + 1), flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self._log_lock = threading.Lock()
+
+    @property
+    def reads(self) -> list[int]:
+        count = int.from_bytes(self._log[:8], "little")
+        return [int.from_bytes(self._log[8 * i : 8 * i + 8], "little") for i in range(1, count + 1)]
+
+    def read_into(self, offset: int, buffer: memoryview) -> int:
+        with self._log_lock:
+            count = int.from_bytes(self._log[:8], "little") + 1
+            if count <= PAGES:
+                self._log[8 * count : 8 * count + 8] = (len(buffer) // PAGE).to_bytes(8, "little")
+                self._log[:8] = count.to_bytes(8, "little")
+        return super().read_into(offset, buffer)
+
+
 def _first_wrong(data: bytes, pages: range) -> str | None:
     for index in pages:
         got = data[index * PAGE : (index + 1) * PAGE]
@@ -131,6 +153,34 @@ def test_four_threads_fault_at_once_and_their_reads_overlap() -> None:
     wrong, most = in_target(body)
     assert wrong is None, wrong
     assert most > 1, f"at most {most} read in flight: faults were served one at a time"
+
+
+@pytest.mark.timeout(60)
+def test_a_sequential_reader_keeps_its_window_over_a_slow_store() -> None:
+    """Read in order, 10 ms a read, pausing now and then: the window grows to its ceiling and
+    stays there, whatever part of the read-ahead is in by the time the reader goes on. (A
+    read-ahead whose first page was in already had no marker, the next fault was taken for a
+    random access, and the window fell back to one page: a round trip per few pages.)"""
+
+    def body() -> tuple[str | None, list[int]]:
+        store = _Logged(delay=0.01)
+        mapping = memory.anonymous(len(SOURCE))
+        server = serve([mapping], store, policy=Adaptive(max_bytes=16 * PAGE))
+        view = mapping.view
+        for index in range(PAGES):  # in order, a page at a time, as a scan does
+            if index % 32 == 0:
+                time.sleep(0.05)  # work between: the read-ahead is all in when it goes on
+            _ = view[index * PAGE]
+        wrong = _first_wrong(bytes(view), range(PAGES))
+        server.stop()
+        return wrong, store.reads
+
+    wrong, reads = in_target(body)
+    assert wrong is None, wrong
+    ramp = [1, 2, 4, 8, 16]  # pages: 2x a step up to the ceiling of 16 (4x needs a higher one)
+    assert reads[:5] == ramp and min(reads[5:-1]) >= 16, (
+        f"reads of {reads} pages: after the ramp {ramp}, a read smaller than the window"
+    )
 
 
 def test_a_failed_read_ahead_poisons_only_its_own_pages() -> None:

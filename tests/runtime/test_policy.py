@@ -41,8 +41,8 @@ def test_adaptive_keeps_streams_apart() -> None:
     policy = Adaptive(min_pages=2, max_bytes=64 * PAGE)
     assert policy.window(0, 100, PAGE, stream=1) == (0, 2)
     assert policy.window(50, 100, PAGE, stream=2) == (50, 52)
-    assert policy.window(2, 100, PAGE, stream=1) == (2, 6)  # stream 1 went on
-    assert policy.window(52, 100, PAGE, stream=2) == (52, 56)
+    assert policy.window(2, 100, PAGE, stream=1) == (2, 10)  # stream 1 went on (4x: small)
+    assert policy.window(52, 100, PAGE, stream=2) == (52, 60)
 
 
 def test_adaptive_ceiling_is_in_bytes() -> None:
@@ -53,3 +53,30 @@ def test_adaptive_ceiling_is_in_bytes() -> None:
         start, end = policy.window(index, 100, huge)
         index = end
     assert end - start == 4  # 8 MiB of 2 MiB pages
+
+
+def test_adaptive_grows_4x_while_small_then_2x() -> None:
+    policy = Adaptive(min_pages=1, max_bytes=256 * PAGE)  # 4x below 256 / 16 = 16 pages
+    sizes, index = [], 0
+    for _ in range(8):
+        start, end = policy.window(index, 10_000, PAGE)
+        sizes.append(end - start)
+        index = end
+    assert sizes == [1, 4, 16, 32, 64, 128, 256, 256]
+
+
+def test_a_fault_anywhere_in_the_read_ahead_continues_the_stream() -> None:
+    policy = Adaptive(min_pages=1, max_bytes=8 * PAGE, readahead_windows=2)
+    assert policy.window(0, 1000, PAGE) == (0, 1)
+    assert policy.window(1, 1000, PAGE) == (1, 3)
+    assert policy.readahead(1, 1, 3, 1000, PAGE) == (3, 7)  # two windows of 2 pages
+    # The first pages of the read-ahead were in already: the fault came further on.
+    assert policy.window(5, 1000, PAGE) == (5, 9)
+    assert policy.readahead(5, 5, 9, 1000, PAGE) == (9, 17)
+    assert policy.window(17, 1000, PAGE) == (17, 25)  # its very end still counts
+    assert policy.window(40, 1000, PAGE) == (40, 41)  # past it: random access
+
+
+def test_adaptive_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="readahead_windows"):
+        Adaptive(readahead_windows=0)

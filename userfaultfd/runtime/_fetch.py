@@ -15,6 +15,7 @@ only a store that says it can serve reads concurrently (``Store.parallel_reads``
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import threading
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from .._buffer import pinned
 from ..stores import Store, StoreError
 
-__all__ = ["Fetch", "Fetcher"]
+__all__ = ["Fetch", "Fetcher", "read_range"]
 
 
 @dataclass(slots=True, eq=False)
@@ -170,11 +171,18 @@ class Fetcher:
             self._released[slot].wait()
 
     def _read(self, fetch: Fetch, view: memoryview) -> None:
-        inside = max(0, min(fetch.size, self.store.size - fetch.offset))
-        got = self.store.read_into(fetch.offset, view[: fetch.size])
-        if got < inside:
-            raise StoreError(
-                f"short read: {got} of {inside} bytes at offset {fetch.offset}, inside the "
-                f"store's {self.store.size} bytes"
-            )
-        view[got : fetch.size] = bytes(fetch.size - got)  # the last page's tail, past the end
+        read_range(self.store, fetch.offset, view[: fetch.size])
+
+
+def read_range(store: Store, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with store bytes [offset, offset + len(view)): every byte inside the
+    store, or :class:`StoreError`; the last page's tail past the store's end is zeros."""
+    inside = max(0, min(len(view), store.size - offset))
+    got = store.read_into(offset, view)
+    if got < inside:
+        raise StoreError(
+            errno.EIO,
+            f"short read: {got} of {inside} bytes at offset {offset}, inside the store's "
+            f"{store.size} bytes",
+        )
+    view[got:] = bytes(len(view) - got)

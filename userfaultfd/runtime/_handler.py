@@ -59,9 +59,9 @@ from .._core import Userfaultfd
 from .._errors import MappingChangedError, PageExistsError, ProcessGoneError, UserfaultfdError
 from .._events import Event, Fork, PageFault, Remap, Remove, Unmap
 from .._forked import Channel
-from ..stores import Store, StoreError
+from ..stores import Store
 from . import _stats
-from ._fetch import Fetch, Fetcher
+from ._fetch import Fetch, Fetcher, read_range
 from ._policy import Policy
 from ._ranges import RegionMap, RegionState, unsettled_runs
 from ._reports import Adopted, Changed, Closed, Reporter, pack_ranges
@@ -492,9 +492,24 @@ class Handler:
         self._ask(source, region, start, end, demand=False)
         ahead = self.policy.readahead(index, start, end, region.pages, page, region.stream)
         if ahead is not None and ahead[0] < ahead[1]:
-            self._ask(source, region, ahead[0], min(ahead[1], region.pages), demand=False,
-                      marker=region.offset + ahead[0] * page)  # fmt: skip
+            first, last = ahead[0], min(ahead[1], region.pages)
+            self._ask(source, region, first, last, demand=False,
+                      marker=self._marker(source, region, first, last))  # fmt: skip
         return Outcome.DONE
+
+    def _marker(self, source: _Source, region: RegionState, first: int, last: int) -> int:
+        """The store offset of the first page of the read-ahead [first, last) that is not in
+        yet, where the program's fault will ask for the next window (-1: none is left). A
+        read already in flight there carries it; otherwise the read _ask submits does."""
+        assert self._fetcher is not None
+        run = next(unsettled_runs(region, first, last), None)
+        if run is None:
+            return -1
+        offset = region.offset + run[0] * region.page_size
+        covering = self._fetcher.covering(source.key, offset)
+        if covering is not None and covering.marker < 0:
+            covering.marker = offset
+        return offset
 
     def _ask(
         self, source: _Source, region: RegionState, first: int, last: int, *, demand: bool,
@@ -826,14 +841,7 @@ class Handler:
             mapped = self.store.address(offset, size)
             if mapped is not None:
                 return mapped
-            inside = max(0, min(size, self.store.size - offset))
-            got = self.store.read_into(offset, self._view[:size])
-            if got < inside:
-                raise StoreError(
-                    f"short read: {got} of {inside} bytes at offset {offset}, inside the "
-                    f"store's {self.store.size} bytes"
-                )
-            self._view[got:size] = bytes(size - got)  # the last page's tail, past the end
+            read_range(self.store, offset, self._view[:size])
             return self._buffer_address
         except Exception as err:  # any failure of the store is a page it cannot give
             self._failed_quickly = time.monotonic() - self._busy_since < _QUICK_FAILURE

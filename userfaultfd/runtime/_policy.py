@@ -29,8 +29,10 @@ class Policy(abc.ABC):
         self, index: int, start: int, end: int, pages: int, page_size: int, stream: int = 0
     ) -> tuple[int, int] | None:
         """Pages to read ahead of the window [start, end) just chosen for a fault on ``index``,
-        when the store keeps many reads in flight: the handler keeps their first page back
-        until the program faults on it, which asks for the window after. Default: none."""
+        when the store keeps many reads in flight. The handler keeps the first of them that is
+        not in yet (the marker) back until the program faults on it, and that fault asks for
+        the next window: a policy must count a fault anywhere in the read-ahead as the stream
+        going on. Default: none."""
         return None
 
 
@@ -62,33 +64,42 @@ class Window(Policy):
 
 @dataclass(slots=True)
 class _Stream:
-    next_index: int = -1
+    next_index: int = -1  # where the last window ended
+    ahead_end: int = -1  # where its read-ahead ended
     size: int = 1
 
 
 @dataclass
 class Adaptive(Policy):
-    """Readahead for faults: a window that doubles while faults continue where the previous
-    window ended, up to ``max_bytes``, and falls back to ``min_pages`` on a random access."""
+    """Readahead for faults: a window that grows while faults continue where the previous
+    window ended (or anywhere in its read-ahead), up to ``max_bytes``, and falls back to
+    ``min_pages`` on a random access. It grows 4x while small and 2x near the ceiling, as the
+    kernel's readahead does (get_next_ra_size): each step costs a round trip to a remote store.
+    ``readahead_windows``: how many windows of the current size are read ahead of a stream
+    when the store keeps many reads in flight (enough to cover the link's bandwidth-delay
+    product, so the program never waits for a window it is about to reach)."""
 
     min_pages: int = 1
     max_bytes: int = 8 << 20
+    readahead_windows: int = 2
     _streams: dict[int, _Stream] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.min_pages < 1 or self.max_bytes < 1:
+        if self.min_pages < 1 or self.max_bytes < 1 or self.readahead_windows < 1:
             raise ValueError(
-                f"Adaptive needs min_pages >= 1 and max_bytes >= 1, not {self.min_pages} and "
-                f"{self.max_bytes}"
+                f"Adaptive needs min_pages, max_bytes and readahead_windows >= 1, not "
+                f"{self.min_pages}, {self.max_bytes} and {self.readahead_windows}"
             )
 
     def window(self, index: int, pages: int, page_size: int, stream: int = 0) -> tuple[int, int]:
         state = self._streams.setdefault(stream, _Stream(size=self.min_pages))
         ceiling = max(self.min_pages, self.max_bytes // page_size)
-        if index == state.next_index:
-            state.size = min(state.size * 2, ceiling)  # the stream went on: read further ahead
+        if state.next_index <= index <= max(state.next_index, state.ahead_end):
+            grow = 4 if state.size * 16 < ceiling else 2  # the stream went on: read further
+            state.size = min(state.size * grow, ceiling)
         else:
             state.size = self.min_pages
+            state.ahead_end = -1
         end = min(index + state.size, pages)
         state.next_index = end
         return index, end
@@ -96,7 +107,10 @@ class Adaptive(Policy):
     def readahead(
         self, index: int, start: int, end: int, pages: int, page_size: int, stream: int = 0
     ) -> tuple[int, int] | None:
-        """A stream that went on: one more window of the same size, ahead of this one."""
+        """A stream that went on: ``readahead_windows`` more windows of this one's size."""
         if end - start <= self.min_pages or end >= pages:
             return None
-        return end, min(end + (end - start), pages)
+        state = self._streams.setdefault(stream, _Stream(size=self.min_pages))
+        ahead = min(end + self.readahead_windows * (end - start), pages)
+        state.ahead_end = max(state.ahead_end, ahead)
+        return end, ahead
