@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import pickle
@@ -117,6 +118,17 @@ def test_missing_object_and_unknown_protocol() -> None:
         FsspecStore("memory://x", tries=0)
 
 
+def test_reopen_without_a_version_checks_the_size(memory_url: str, payload: bytes) -> None:
+    """memory:// names no version, so no read can be conditional: reopen() asks (info()) and
+    refuses a changed size rather than serve a mix."""
+    store = FsspecStore(memory_url)
+    assert store.reopen().size == len(payload)
+    fsspec.filesystem("memory").pipe_file(memory_url, payload[:1000])
+    with pytest.raises(StoreError, match=rf"reopen: .*\(size {len(payload)} -> 1000\)") as caught:
+        store.reopen()
+    assert caught.value.errno == errno.ESTALE, caught.value
+
+
 def test_closed_store_refuses_reads(memory_url: str) -> None:
     store = FsspecStore(memory_url)
     store.close()
@@ -185,6 +197,9 @@ def test_http_small_object_is_read_whole_by_the_open(served: Served) -> None:
     ], "a small object took more than the open's request"
     empty = FsspecStore(served.url("empty.bin"))  # no byte 0 to range over: 416, then info()
     assert empty.size == 0 and empty.read_into(0, memoryview(bytearray(10))) == 0
+    store.close()
+    with pytest.raises(StoreError, match="closed"):  # the head goes with the store
+        store.read_into(0, memoryview(bytearray(1)))
 
 
 @NETWORK

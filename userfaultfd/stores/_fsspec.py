@@ -17,18 +17,26 @@ Credentials: a refusal (HTTP 401/403, S3's key and signature errors) is EACCES a
 again with the same keys cannot succeed.
 
 Versions: a store is pinned to the version of the object it opened, because a restarted handler
-reopens it later and a page of the new version next to a page of the old is silent corruption.
-At open the store records the identity ``info()`` gives: for HTTP the ETag (or, without one,
+reopens it later and a page of the new version next to a page of the old is silent corruption. At
+open the store records the identity the server gives: for HTTP the ETag (or, without one,
 Last-Modified), for S3 the VersionId when the bucket is versioned, and the ETag, and always the
-size. Every ranged GET carries it as a precondition: HTTP ``If-Match: <etag>`` (a weak ETag
-cannot match, so then ``If-Unmodified-Since: <last-modified>``), S3 ``VersionId`` (the old
-version keeps being served after an overwrite; reading by version needs s3:GetObjectVersion)
-and ``IfMatch``. A server answers 412 Precondition Failed once the object changed: that is
-StoreError ESTALE at once, never retried. :meth:`FsspecStore.reopen` asks for the identity again
-(one HEAD) and raises ESTALE if it changed. A server that sends neither ETag nor Last-Modified
-leaves only the size to check, and one that ignores the preconditions only reopen()'s check.
-nginx's ETag is the file's mtime (in seconds) and size: a same-size rewrite within the same
-second of the original keeps the ETag.
+size. Every ranged GET carries it as a precondition: HTTP ``If-Match: <etag>`` (a weak ETag cannot
+match, so then ``If-Unmodified-Since: <last-modified>``), S3 ``VersionId`` (the old version keeps
+being served after an overwrite; reading by version needs s3:GetObjectVersion) and ``IfMatch``. A
+server answers 412 Precondition Failed once the object changed: that is StoreError ESTALE at once,
+never retried, so :meth:`FsspecStore.reopen` need not ask again. A server that sends neither ETag
+nor Last-Modified leaves only the size to check: reopen() then asks (one HEAD) and raises ESTALE if
+it changed. One that ignores the preconditions is not detected (nor was it by a HEAD at reopen: the
+object can change just after it). nginx's ETag is the file's mtime (in seconds) and size: a
+same-size rewrite within the same second of the original keeps the ETag.
+
+First bytes (issue 12): a GET with ``Range: bytes=0-65535`` answers with Content-Range (the size)
+and the validators (ETag, Last-Modified; for S3, VersionId), so the open is that one request: no
+HEAD, and the format probe, a pack's header, lazy()'s .npy probe and the first pages are read from
+the bytes it brought (which are the opened version's, whatever happens to the object later).
+reopen() carries them, with the size and the version, into the forked handler: it sends nothing,
+and makes its filesystem only at its first read past them. Only another protocol (memory://,
+gcs://, ...) opens with ``info()`` and keeps no bytes.
 """
 
 from __future__ import annotations
@@ -504,6 +512,8 @@ class FsspecStore(Store):
         return PARALLEL_REQUESTS
 
     def read_range(self, offset: int, view: memoryview) -> None:
+        if self._closed:
+            raise StoreError(errno.EBADF, f"{self.url}: the store is closed")
         end = offset + len(view)
         head = self._head
         if offset < len(head):  # came with the first request: no request now
@@ -512,8 +522,6 @@ class FsspecStore(Store):
             view, offset = view[inside - offset :], inside
             if offset == end:
                 return
-        if self._closed:
-            raise StoreError(errno.EBADF, f"{self.url}: the store is closed")
         fs = self._filesystem()
         data = self._call(f"bytes {offset}..{end}", lambda: self._fetch(fs, offset, end))
         if len(data) != end - offset:
