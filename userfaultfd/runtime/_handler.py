@@ -17,21 +17,14 @@ Design note: the invariant, and what the kernel makes a handler do
   mmap_min_addr, where nothing is registered, which answers ENOENT while the process lives.
 - Faults arrive in batches, and several threads may fault on one page: faults are merged per
   page, and a fault on a page already settled is answered with a wake.
-- COPY wakes the threads blocked in the range it fills, so the faulting page is copied first and
-  the rest of the window after it.
-- EEXIST is reported for the first page of a COPY only: that page is there already (another
-  fill won); it is settled, woken, and the copy goes on from the next page.
-- EAGAIN means a FORK, REMAP, REMOVE or UNMAP event is queued and unread (or a multi-page copy
-  stopped at a page already there), with the pages done so far. The fill path only reports
-  this (``Outcome.CHANGED``); the loop owns all event reading: it reads and applies every
-  pending event, then resolves the fault again from the map as it is now. The thread that
-  caused such an event sleeps until the event is read, so events are read promptly, always.
+- Pages are settled by ioctls in ``_fill`` (what COPY, EEXIST, EAGAIN and ESRCH mean there), and
+  reads in flight become pages in ``_inflight``; this loop owns all event reading. After an
+  EAGAIN (``Outcome.CHANGED``) it reads and applies every pending event, then resolves the fault
+  again from the map as it is now. The thread that caused such an event sleeps until the event
+  is read, so events are read promptly, always.
 - REMOVE (MADV_DONTNEED / MADV_REMOVE) drops pages: they read zeros afterwards, exactly as they
   would without a handler, so they are answered with zero pages from then on. UNMAP forgets a
   range, REMAP moves it, FORK adopts the child's uffd (and sends it to the supervisor).
-- Bytes the store cannot give (an exception, a short read inside the store) are never
-  zero-filled: the faulting page is poisoned (SIGBUS), counted and logged. Only the tail of the
-  last page past the store's end is zero-padded.
 - A slow store must not stall the program's munmap() or madvise(): while a store read takes
   longer than a couple of milliseconds, a watcher thread reads the uffds (that read is what lets
   the sleeping thread go on) and stashes the batches, then wakes the loop through a pipe: a
@@ -41,27 +34,23 @@ Design note: the invariant, and what the kernel makes a handler do
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import enum
-import errno
 import logging
 import mmap
 import os
 import select
-import struct
 import threading
 import time
 from collections import deque
-from contextlib import ExitStack
 
-from .._buffer import pinned
 from .._core import Userfaultfd
-from .._errors import MappingChangedError, PageExistsError, ProcessGoneError, UserfaultfdError
+from .._errors import ProcessGoneError, UserfaultfdError
 from .._events import Event, Fork, PageFault, Remap, Remove, Unmap
 from .._forked import Channel
 from ..stores import Store
 from . import _stats
-from ._fetch import Fetch, Fetcher, read_range
+from ._fetch import Fetch, Fetcher
+from ._fill import Fill, Outcome, Source
+from ._inflight import RECORD, InFlight
 from ._policy import Policy
 from ._ranges import RegionMap, RegionState, unsettled_runs
 from ._reports import Adopted, Changed, Closed, Reporter, pack_ranges
@@ -75,24 +64,8 @@ _log = logging.getLogger("userfaultfd.runtime")
 _WATCH_PERIOD = 0.002
 #: The largest read handed to one fetch thread (a window is split into reads this size).
 _FETCH_UNIT = 2 << 20
-#: A working-set record: each fill a fault caused, as (store offset, length), in order.
-_RECORD = struct.Struct("<QQ")
-#: A store read that fails faster than this may be tried again on a smaller range.
-_QUICK_FAILURE = 0.1
 #: How often every source is probed for a process that is gone.
 _PROBE_PERIOD = 0.25
-
-
-def _without_marker(
-    region: RegionState, first: int, last: int, marker: int, waited: set[int]
-) -> list[tuple[int, int]]:
-    """[first, last) as runs to place, with the marker page (at store offset ``marker``) as an
-    empty run (c, c) to hold back, unless a thread already waits on it."""
-    index = (marker - region.offset) // region.page_size if marker >= region.offset else -1
-    if not first <= index < last or region.at(index) in waited:
-        return [(first, last)]
-    runs = [(first, index), (index, index), (index + 1, last)]
-    return [(a, b) for a, b in runs if a < b or a == index]
 
 
 def _probe_address() -> int:
@@ -106,33 +79,7 @@ def _probe_address() -> int:
     return max(page, -(-lowest // page) * page)
 
 
-class Outcome(enum.Enum):
-    """What an attempt to settle pages came to."""
-
-    DONE = enum.auto()  #: the pages are settled (or the store failed for pages nobody waits on)
-    CHANGED = enum.auto()  #: EAGAIN: read the pending events, then try again
-    PROCESS_GONE = enum.auto()  #: ESRCH: the source was released
-    STORE_FAILED = enum.auto()  #: the source bytes could not be read (a mapped store shrank)
-
-
-class _Fill(enum.Enum):
-    COPY = enum.auto()
-    ZERO = enum.auto()
-    POISON = enum.auto()
-
-
-class _Source(RegionMap):
-    """One uffd (the program's, or a forked child's), its key, and the ranges it serves."""
-
-    __slots__ = ("key", "uffd")
-
-    def __init__(self, key: int, uffd: Userfaultfd, regions: list[RegionState]) -> None:
-        super().__init__(regions)
-        self.key = key
-        self.uffd = uffd
-
-
-class Handler:
+class Handler(InFlight):
     """Serves MISSING faults of one or more uffds from ``store``, choosing windows by ``policy``.
 
     ``store`` None: a handler that can only poison (the supervisor's, when no handler can run).
@@ -153,28 +100,21 @@ class Handler:
         record: str | None = None,
         prefetch: str | None = None,
     ) -> None:
-        self.store = store
+        super().__init__(store, stats, buffer_bytes)
         self.policy = policy
-        self.stats = stats
         self.batch = batch
         self._reports = Reporter(reports)
         self._next_key = first_key
-        self._sources: dict[int, _Source] = {}
+        self._sources: dict[int, Source] = {}
         # A FORK event's uffd -> the key it was reported as, and the child's ranges at the fork.
         self._fork_keys: dict[int, tuple[int, list[RegionState]]] = {}
-        self._by_key: dict[int, _Source] = {}
-        self._faults: deque[tuple[_Source, int]] = deque()
+        self._by_key: dict[int, Source] = {}
+        self._faults: deque[tuple[Source, int]] = deque()
         self._streams = 0
-        self._buffer = mmap.mmap(-1, buffer_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self._view = memoryview(self._buffer)
-        self._resources = ExitStack()
-        self._buffer_address, _ = self._resources.enter_context(pinned(self._buffer))
         self._probe_at = _probe_address()
-        self._zero_map: mmap.mmap | None = None
-        self._zero_address = 0
         self._poller = select.poll()
         # Batches the watcher read while the loop was busy, in read order; the pipe wakes the loop.
-        self._stash: deque[tuple[_Source, list[Event]]] = deque()
+        self._stash: deque[tuple[Source, list[Event]]] = deque()
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._poller.register(self._wake_read, select.POLLIN)
         self._read_lock = threading.Lock()
@@ -191,12 +131,8 @@ class Handler:
         self._record = open(record, "ab") if record is not None else None  # noqa: SIM115
         self._prefetch = prefetch
         self._prefetching = False
-        # Only a store that overrides known_zero is asked page by page.
         self._background = False  # b"b": fill every page between faults
         self._cursors: dict[tuple[int, int], int] = {}  # where the background fill got to
-        self._knows_zeros = store is not None and type(store).known_zero is not Store.known_zero
-        self._busy_since = 0.0
-        self._failed_quickly = True
         self._stopping = threading.Event()
 
     # -- sources -----------------------------------------------------------------------------------
@@ -215,13 +151,13 @@ class Handler:
         if key is None:
             key = self._next_key
         self._next_key = max(self._next_key, key + 1)
-        source = _Source(key, uffd, states)
+        source = Source(key, uffd, states)
         self._sources[uffd.fileno()] = source
         self._by_key[key] = source
         self._poller.register(uffd.fileno(), select.POLLIN)
         return key
 
-    def _release(self, source: _Source) -> None:
+    def _release(self, source: Source) -> None:
         """Close a source. Only for one that is settled, or whose process or ranges are gone."""
         with self._read_lock:
             fd = source.uffd.fileno()
@@ -293,7 +229,7 @@ class Handler:
             watcher.join()
             self.close()
 
-    def _serve(self, source: _Source | None) -> None:
+    def _serve(self, source: Source | None) -> None:
         """Answer what is pending: the watcher's batches, a batch from ``source``, their faults."""
         started = time.perf_counter_ns()
         self._apply_all(self._collect([source] if source is not None else []))
@@ -315,7 +251,7 @@ class Handler:
         if self._fetcher is not None:
             self._install_completed()
 
-    def _collect(self, sources: list[_Source]) -> list[tuple[_Source, list[Event]]]:
+    def _collect(self, sources: list[Source]) -> list[tuple[Source, list[Event]]]:
         """The watcher's stashed batches, then one fresh batch from each of ``sources``."""
         with self._read_lock:
             batches = list(self._stash)
@@ -330,7 +266,7 @@ class Handler:
         return batches
 
     def _forward_forks(
-        self, source: _Source, events: list[Event], earlier: list[list[Event]]
+        self, source: Source, events: list[Event], earlier: list[list[Event]]
     ) -> None:
         """For each FORK event, the moment it is read: the child's ranges as they were at the
         fork, and its uffd sent to the supervisor (until then this process holds the child's
@@ -384,13 +320,13 @@ class Handler:
                     with contextlib.suppress(BlockingIOError):
                         os.write(self._wake_write, b"\0")
 
-    def _apply_all(self, batches: list[tuple[_Source, list[Event]]]) -> None:
+    def _apply_all(self, batches: list[tuple[Source, list[Event]]]) -> None:
         for source, events in batches:
             for event in events:
                 if not source.uffd.closed:
                     self._apply(source, event)
 
-    def _apply(self, source: _Source, event: Event) -> None:
+    def _apply(self, source: Source, event: Event) -> None:
         """Queue a fault; apply any other event to the map at once (and tell the supervisor)."""
         if isinstance(event, PageFault):
             self._faults.append((source, event.address))
@@ -437,13 +373,13 @@ class Handler:
                 self._release(source)
         self.close()
 
-    def _settle(self, source: _Source, *, fill: bool) -> Outcome:
+    def _settle(self, source: Source, *, fill: bool) -> Outcome:
         for region in list(source.regions):
             for first, last in list(unsettled_runs(region, 0, region.pages)):
                 if fill:
                     outcome = self._fill(source, region, first, last, must=(first, last))
                 else:
-                    outcome = self._place(source, region, first, last, _Fill.POISON)
+                    outcome = self._place(source, region, first, last, Fill.POISON)
                 if outcome is not Outcome.DONE:
                     return outcome
         return Outcome.DONE
@@ -457,179 +393,9 @@ class Handler:
             self._record.close()
             self._record = None
         if not self._buffer.closed:
-            self._view.release()
-            self._resources.close()
-            self._buffer.close()
-            if self._zero_map is not None:
-                self._zero_map.close()
+            self._close_buffers()
             os.close(self._wake_read)
             os.close(self._wake_write)
-
-    # -- many reads in flight (see _fetch) ------------------------------------------------------
-    def _request(
-        self, source: _Source, region: RegionState, index: int, start: int, end: int
-    ) -> Outcome:
-        """Ask for the faulting page's bytes first, then the rest of the window and, for a
-        sequential stream, the window after it; the fault is answered when its bytes arrive."""
-        assert self._fetcher is not None
-        page = region.page_size
-        offset = region.offset + index * page
-        held = self._held.pop((source.key, offset), None)
-        if held is not None:  # a marker page: its bytes are here already
-            self._view[:page] = held
-            outcome = self._place(source, region, index, index + 1, _Fill.COPY,
-                                  self._buffer_address)  # fmt: skip
-            if outcome is not Outcome.DONE:
-                return outcome
-        else:
-            fetch = self._fetcher.covering(source.key, offset)
-            if fetch is not None:
-                fetch.waiters.append((source.key, region.at(index), time.perf_counter_ns()))
-                self._fetcher.promote(fetch)
-            else:
-                waiter = (source.key, region.at(index), time.perf_counter_ns())
-                self._ask(source, region, index, end, demand=True, waiter=waiter)
-        self._ask(source, region, start, end, demand=False)
-        ahead = self.policy.readahead(index, start, end, region.pages, page, region.stream)
-        if ahead is not None and ahead[0] < ahead[1]:
-            first, last = ahead[0], min(ahead[1], region.pages)
-            self._ask(source, region, first, last, demand=False,
-                      marker=self._marker(source, region, first, last))  # fmt: skip
-        return Outcome.DONE
-
-    def _marker(self, source: _Source, region: RegionState, first: int, last: int) -> int:
-        """The store offset of the first page of the read-ahead [first, last) that is not in
-        yet, where the program's fault will ask for the next window (-1: none is left). A
-        read already in flight there carries it; otherwise the read _ask submits does."""
-        assert self._fetcher is not None
-        run = next(unsettled_runs(region, first, last), None)
-        if run is None:
-            return -1
-        offset = region.offset + run[0] * region.page_size
-        covering = self._fetcher.covering(source.key, offset)
-        if covering is not None and covering.marker < 0:
-            covering.marker = offset
-        return offset
-
-    def _ask(
-        self, source: _Source, region: RegionState, first: int, last: int, *, demand: bool,
-        waiter: tuple[int, int, int] | None = None, marker: int = -1, prefetch: bool = False,
-    ) -> None:  # fmt: skip
-        """Submit reads for the pages of [first, last) that are neither settled nor being read,
-        split at the fetch unit. With ``demand``, only the run that starts at ``first``."""
-        assert self._fetcher is not None and self.store is not None
-        page = region.page_size
-        unit_pages = max(1, self._fetcher.unit // page)
-        for a, b in list(unsettled_runs(region, first, last)):
-            index = a
-            while index < b:
-                offset = region.offset + index * page
-                covering = self._fetcher.covering(source.key, offset)
-                if covering is not None:
-                    index = max(index + 1, -(-(covering.end - region.offset) // page))
-                    continue
-                stop, zero = self._run_of_kind(region, index, min(b, index + unit_pages))
-                size = (stop - index) * page
-                if zero:
-                    self._place(source, region, index, stop, _Fill.ZERO)
-                    self.stats.add(_stats.ZEROS, stop - index)
-                else:
-                    fetch = Fetch(source.key, offset, size, demand, prefetch=prefetch,
-                                  marker=marker if index * page + region.offset <= marker
-                                  < offset + size else -1)  # fmt: skip
-                    if waiter is not None:
-                        fetch.waiters.append(waiter)
-                    self._fetcher.submit(fetch)
-                if demand:
-                    return
-                index = stop
-            if demand:
-                return
-
-    def _install_completed(self) -> None:
-        """Place the bytes of every read that has arrived."""
-        assert self._fetcher is not None
-        while done := [*self._retry, *self._fetcher.completed()]:
-            self._retry.clear()
-            for position, fetch in enumerate(done):
-                outcome = self._install(fetch)
-                if outcome is Outcome.CHANGED:
-                    self._catch_up()
-                    self._retry.extend(done[position:])
-                    break
-                self._fetcher.release(fetch)
-        if self._prefetching and not any(f.prefetch for f in self._fetcher.pending):
-            self._prefetching = False
-            self.stats.set(_stats.PREFETCHING, 0)
-
-    def _install(self, fetch: Fetch) -> Outcome:
-        source = self._by_key.get(fetch.key)
-        if source is None or source.uffd.closed:
-            return Outcome.DONE
-        if fetch.error is not None:
-            return self._fetch_failed(source, fetch)
-        waited = {address for _key, address, _t in fetch.waiters}
-        for region in list(source.regions):
-            page = region.page_size
-            lo, hi = max(fetch.offset, region.offset), min(fetch.end, region.offset + region.length)
-            if lo >= hi:
-                continue
-            first, last = (lo - region.offset) // page, -(-(hi - region.offset) // page)
-            for a, b in list(unsettled_runs(region, first, last)):
-                for c, d in _without_marker(region, a, b, fetch.marker, waited):
-                    src = fetch.address + region.offset + c * page - fetch.offset
-                    if d == c:  # the marker: kept back until the reader faults on it
-                        self._held[(fetch.key, region.offset + c * page)] = ctypes.string_at(
-                            src, page
-                        )
-                        continue
-                    outcome = self._place(source, region, c, d, _Fill.COPY, src,
-                                          wake=not fetch.prefetch)  # fmt: skip
-                    if outcome is not Outcome.DONE:
-                        return outcome
-            if fetch.prefetch:
-                source.uffd.wake(region.at(first), (last - first) * page)
-                self.stats.add(_stats.PREFETCHED, last - first)
-        now = time.perf_counter_ns()
-        for _key, _address, asked in fetch.waiters:
-            self.stats.record_latency(now - asked)
-        return Outcome.DONE
-
-    def _fetch_failed(self, source: _Source, fetch: Fetch) -> Outcome:
-        """The store could not give ``fetch``'s bytes: each page a thread waits on is asked for
-        alone (if the store failed quickly), or poisoned."""
-        assert self._fetcher is not None
-        self._fetcher.release(fetch)  # no longer in flight: its pages may be asked for again
-        self.stats.add(_stats.ERRORS)
-        _log.warning("store %r failed at offset %d (%d bytes): %s: %s; pages that are waited "
-                     "on are poisoned", self.store, fetch.offset, fetch.size,
-                     type(fetch.error).__name__, fetch.error)  # fmt: skip
-        for _key, address, asked in fetch.waiters:
-            region = source.find(address)
-            if region is None:
-                continue
-            index = (address - region.address) // region.page_size
-            if region.settled[index]:
-                continue
-            if fetch.size > region.page_size and fetch.failed_quickly:
-                self._ask(source, region, index, index + 1, demand=True,
-                          waiter=(fetch.key, address, asked))  # fmt: skip
-                continue
-            outcome = self._place(source, region, index, index + 1, _Fill.POISON)
-            if outcome is not Outcome.DONE:
-                return outcome
-        if self._background:  # the fill must end: what the store cannot give is poisoned
-            for region in list(source.regions):
-                page = region.page_size
-                lo = max(fetch.offset, region.offset)
-                hi = min(fetch.end, region.offset + region.length)
-                if lo < hi:
-                    first, last = (lo - region.offset) // page, -(-(hi - region.offset) // page)
-                    for a, b in list(unsettled_runs(region, first, last)):
-                        outcome = self._place(source, region, a, b, _Fill.POISON)
-                        if outcome is not Outcome.DONE:
-                            return outcome
-        return Outcome.DONE
 
     def _background_step(self) -> bool:
         """Fill the next run of pages not filled yet, answering faults first (the loop polls
@@ -681,44 +447,7 @@ class Handler:
             self._faults.clear()  # the drain fills every page: it wakes every fault there is
             self._install_completed()
 
-    def start_prefetch(self) -> None:
-        """Ask for a recorded working set, in its order, behind any demand read. The stats
-        say when it is all in (``PREFETCHING`` back to 0: serve() waits for it)."""
-        if self._prefetch is None or self._fetcher is None:
-            return
-        source = self._by_key.get(1)
-        try:
-            with open(self._prefetch, "rb") as f:
-                data = f.read()
-        except OSError as err:
-            _log.warning("prefetch: cannot read %s: %s", self._prefetch, err)
-            data = b""
-        if source is None or not data:
-            self.stats.set(_stats.PREFETCHING, 0)
-            return
-        self._prefetching = True
-        for offset, length in _RECORD.iter_unpack(data[: len(data) // _RECORD.size * _RECORD.size]):
-            for region in source.regions:
-                page = region.page_size
-                lo = max(offset, region.offset)
-                hi = min(offset + length, region.offset + region.length)
-                if lo < hi:
-                    first, last = (lo - region.offset) // page, -(-(hi - region.offset) // page)
-                    self._ask(source, region, first, last, demand=False, prefetch=True)
-        if not any(f.prefetch for f in self._fetcher.pending):  # all there, or all zero
-            self._prefetching = False
-            self.stats.set(_stats.PREFETCHING, 0)
-
-    # -- filling pages -----------------------------------------------------------------------------
-    def _zeros(self, length: int) -> int:
-        """The address of ``length`` zero bytes (a mapping never written)."""
-        if self._zero_map is None or len(self._zero_map) < length:
-            self._zero_map = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                                       prot=mmap.PROT_READ)  # fmt: skip
-            self._zero_address, _ = self._resources.enter_context(pinned(self._zero_map))
-        return self._zero_address
-
-    def _resolve(self, source: _Source, address: int) -> Outcome:
+    def _resolve(self, source: Source, address: int) -> Outcome:
         region = source.find(address)
         page = mmap.PAGESIZE if region is None else region.page_size
         if region is None:  # no map says where this page comes from: SIGBUS beats a hang
@@ -733,7 +462,7 @@ class Handler:
             source.uffd.wake(region.at(index), page)
             return Outcome.DONE
         if region.removed[index]:
-            return self._place(source, region, index, index + 1, _Fill.ZERO)
+            return self._place(source, region, index, index + 1, Fill.ZERO)
         if self._fetcher is not None:
             offset = region.offset + index * page
             fetch = self._fetcher.covering(source.key, offset)
@@ -746,7 +475,7 @@ class Handler:
         start, end = self.policy.window(index, region.pages, page, region.stream)
         start, end = max(start, 0), min(max(end, index + 1), region.pages)
         if self._record is not None and source.key == 1:
-            self._record.write(_RECORD.pack(region.offset + start * page, (end - start) * page))
+            self._record.write(RECORD.pack(region.offset + start * page, (end - start) * page))
         if self._fetcher is not None:
             return self._request(source, region, index, start, end)
         # The faulting page's run first (it wakes the faulting thread), then the rest.
@@ -759,157 +488,3 @@ class Handler:
                 break
             outcome = self._fill(source, region, first, last, must=(0, 0))
         return outcome
-
-    def _fill(
-        self, source: _Source, region: RegionState, first: int, last: int, must: tuple[int, int]
-    ) -> Outcome:
-        """Copy pages [first, last) of ``region`` from the store. Pages in ``must`` that the
-        store cannot give are poisoned; others are left for a later fault to try again."""
-        assert self.store is not None
-        page = region.page_size
-        chunk = max(1, len(self._view) // page)
-        index = first
-        while index < last:
-            stop, zero = self._run_of_kind(region, index, min(last, index + chunk))
-            offset, size = region.offset + index * page, (stop - index) * page
-            if zero:
-                outcome = self._place(source, region, index, stop, _Fill.ZERO)
-                if outcome is not Outcome.DONE:
-                    return outcome
-                self.stats.add(_stats.ZEROS, stop - index)
-                index = stop
-                continue
-            src = self._read(offset, size)
-            outcome = Outcome.STORE_FAILED
-            if src is not None:
-                outcome = self._place(source, region, index, stop, _Fill.COPY, src)
-            if outcome is Outcome.STORE_FAILED:
-                lo, hi = max(index, must[0]), min(stop, must[1])
-                outcome = Outcome.DONE
-                if lo < hi:
-                    tried = (index, stop) if self._failed_quickly else (lo, hi)
-                    outcome = self._fill_or_poison(source, region, lo, hi, tried)
-            if outcome is not Outcome.DONE:
-                return outcome
-            index = stop
-        return Outcome.DONE
-
-    def _run_of_kind(self, region: RegionState, first: int, last: int) -> tuple[int, bool]:
-        """The longest run [first, end) of pages in [first, last) that the store knows are all
-        zero, or that it does not: (end, whether they are zero)."""
-        assert self.store is not None
-        page = region.page_size
-        if not self._knows_zeros:
-            return last, False
-        if self.store.known_zero(region.offset + first * page, (last - first) * page):
-            return last, True
-        zero = self.store.known_zero(region.offset + first * page, page)
-        end = first + 1
-        while end < last and self.store.known_zero(region.offset + end * page, page) == zero:
-            end += 1
-        return end, zero
-
-    def _fill_or_poison(
-        self, source: _Source, region: RegionState, first: int, last: int, tried: tuple[int, int]
-    ) -> Outcome:
-        """After the store failed for pages ``tried``, fill [first, last) in halves, down to
-        single pages, and poison only the pages it cannot give: a bad chunk of a pack read
-        ahead must not cost the faulting page that lies outside it. A store that fails slowly
-        (a timeout: the network is down) is not asked again: everything left is poisoned."""
-        if tried == (first, last):
-            if last - first == 1 or not self._failed_quickly:
-                return self._place(source, region, first, last, _Fill.POISON)
-            middle = (first + last) // 2
-            outcome = self._fill_or_poison(source, region, first, middle, (first, middle))
-            if outcome is Outcome.DONE:
-                outcome = self._fill_or_poison(source, region, middle, last, (middle, last))
-            return outcome
-        page = region.page_size
-        src = self._read(region.offset + first * page, (last - first) * page)
-        outcome = Outcome.STORE_FAILED
-        if src is not None:
-            outcome = self._place(source, region, first, last, _Fill.COPY, src)
-        if outcome is Outcome.STORE_FAILED:
-            return self._fill_or_poison(source, region, first, last, (first, last))
-        return outcome
-
-    def _read(self, offset: int, size: int) -> int | None:
-        """The address of store bytes [offset, offset + size), or None if the store failed."""
-        assert self.store is not None
-        self._busy_since = time.monotonic()
-        try:
-            mapped = self.store.address(offset, size)
-            if mapped is not None:
-                return mapped
-            read_range(self.store, offset, self._view[:size])
-            return self._buffer_address
-        except Exception as err:  # any failure of the store is a page it cannot give
-            self._failed_quickly = time.monotonic() - self._busy_since < _QUICK_FAILURE
-            self.stats.add(_stats.ERRORS)
-            _log.warning("store %r failed at offset %d (%d bytes): %s: %s; pages that are "
-                         "waited on are poisoned", self.store, offset, size,
-                         type(err).__name__, err)  # fmt: skip
-            return None
-        finally:
-            self._busy_since = 0.0
-
-    def _place(
-        self, source: _Source, region: RegionState, first: int, last: int, how: _Fill,
-        src: int = 0, *, wake: bool = True,
-    ) -> Outcome:  # fmt: skip
-        """Settle pages [first, last) by one ioctl (COPY from ``src``, ZEROPAGE or POISON),
-        going on past pages that are there already."""
-        page = region.page_size
-        while first < last:
-            address, length = region.at(first), (last - first) * page
-            # Counted before the ioctl: it wakes the faulting thread, which may read the stats
-            # at once and must find its page counted.
-            self._count(region, first, last, how)
-            try:
-                if how is _Fill.COPY:
-                    source.uffd.copy(address, src, length, wake=wake)
-                elif how is _Fill.ZERO:  # a COPY of zeros: hugetlbfs ranges have no ZEROPAGE
-                    source.uffd.copy(address, self._zeros(length), length)
-                else:
-                    source.uffd.poison(address, length)
-            except PageExistsError:  # the first page is there already
-                self._count(region, first, last, how, sign=-1)
-                region.settled[first] = 1
-                self.stats.add(_stats.WAKES)
-                source.uffd.wake(address, page)
-                first, src = first + 1, src + page
-                continue
-            except MappingChangedError as err:
-                done = err.done // page
-                self._count(region, first + done, last, how, sign=-1)
-                region.settled[first : first + done] = b"\x01" * done
-                return Outcome.CHANGED
-            except ProcessGoneError:
-                self._count(region, first, last, how, sign=-1)
-                self._release(source)
-                return Outcome.PROCESS_GONE
-            except UserfaultfdError as err:
-                self._count(region, first, last, how, sign=-1)
-                if err.errno == errno.ENOENT:
-                    # Unmapped meanwhile (its UNMAP event follows): nothing there to settle.
-                    region.settled[first:last] = b"\x01" * (last - first)
-                    return Outcome.DONE
-                if err.errno == errno.EFAULT and how is _Fill.COPY:
-                    self.stats.add(_stats.ERRORS)
-                    _log.warning("store %r: its mapped bytes for 0x%x+%d cannot be read (the "
-                                 "file shrank?)", self.store, address, length)  # fmt: skip
-                    return Outcome.STORE_FAILED
-                raise
-            region.settled[first:last] = b"\x01" * (last - first)
-            if how is _Fill.COPY:
-                self.stats.add(_stats.COPIES)
-            return Outcome.DONE
-        return Outcome.DONE
-
-    def _count(self, region: RegionState, first: int, last: int, how: _Fill, sign: int = 1) -> None:
-        pages = sign * max(0, last - first)
-        if how is _Fill.POISON:
-            self.stats.add(_stats.POISONED, pages)
-        elif how is _Fill.COPY:
-            self.stats.add(_stats.PAGES, pages)
-            self.stats.add(_stats.BYTES, pages * region.page_size)

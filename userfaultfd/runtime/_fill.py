@@ -1,0 +1,259 @@
+"""Settling pages: one ioctl per run of pages, COPY from the store's bytes, ZEROPAGE or POISON.
+
+Design note: what the kernel's answers mean to a filler
+--------------------------------------------------------
+- COPY wakes the threads blocked in the range it fills, so the faulting page is copied first and
+  the rest of the window after it.
+- EEXIST is reported for the first page of a COPY only: that page is there already (another
+  fill won); it is settled, woken, and the copy goes on from the next page.
+- EAGAIN means a FORK, REMAP, REMOVE or UNMAP event is queued and unread (or a multi-page copy
+  stopped at a page already there), with the pages done so far. Filling only reports this
+  (``Outcome.CHANGED``): the handler's loop owns all event reading.
+- ESRCH: the process is gone (its address space is torn down); the subclass releases the source.
+- Bytes the store cannot give (an exception, a short read inside the store) are never
+  zero-filled: the faulting page is poisoned (SIGBUS), counted and logged. Only the tail of the
+  last page past the store's end is zero-padded.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import mmap
+import time
+from contextlib import ExitStack
+
+from .._buffer import pinned
+from .._core import Userfaultfd
+from .._errors import MappingChangedError, PageExistsError, ProcessGoneError, UserfaultfdError
+from ..stores import Store
+from . import _stats
+from ._fetch import read_range
+from ._ranges import RegionMap, RegionState
+from ._stats import StatsBlock
+
+__all__ = ["Fill", "Filler", "Outcome", "Source"]
+
+_log = logging.getLogger("userfaultfd.runtime")
+
+#: A store read that fails faster than this may be tried again on a smaller range.
+_QUICK_FAILURE = 0.1
+
+
+class Outcome(enum.Enum):
+    """What an attempt to settle pages came to."""
+
+    DONE = enum.auto()  #: the pages are settled (or the store failed for pages nobody waits on)
+    CHANGED = enum.auto()  #: EAGAIN: read the pending events, then try again
+    PROCESS_GONE = enum.auto()  #: ESRCH: the source was released
+    STORE_FAILED = enum.auto()  #: the source bytes could not be read (a mapped store shrank)
+
+
+class Fill(enum.Enum):
+    COPY = enum.auto()
+    ZERO = enum.auto()
+    POISON = enum.auto()
+
+
+class Source(RegionMap):
+    """One uffd (the program's, or a forked child's), its key, and the ranges it serves."""
+
+    __slots__ = ("key", "uffd")
+
+    def __init__(self, key: int, uffd: Userfaultfd, regions: list[RegionState]) -> None:
+        super().__init__(regions)
+        self.key = key
+        self.uffd = uffd
+
+
+class Filler:
+    """Settles pages of its sources from ``store`` through a buffer of ``buffer_bytes`` (or
+    poisons them): the part of the handler that makes the ioctls. A subclass says how a source
+    is released when its process is gone."""
+
+    def __init__(self, store: Store | None, stats: StatsBlock, buffer_bytes: int) -> None:
+        self.store = store
+        self.stats = stats
+        self._buffer = mmap.mmap(-1, buffer_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._view = memoryview(self._buffer)
+        self._resources = ExitStack()
+        self._buffer_address, _ = self._resources.enter_context(pinned(self._buffer))
+        self._zero_map: mmap.mmap | None = None
+        self._zero_address = 0
+        # Only a store that overrides known_zero is asked page by page.
+        self._knows_zeros = store is not None and type(store).known_zero is not Store.known_zero
+        self._busy_since = 0.0
+        self._failed_quickly = True
+
+    def _release(self, source: Source) -> None:
+        raise NotImplementedError
+
+    def _close_buffers(self) -> None:
+        self._view.release()
+        self._resources.close()
+        self._buffer.close()
+        if self._zero_map is not None:
+            self._zero_map.close()
+
+    def _zeros(self, length: int) -> int:
+        """The address of ``length`` zero bytes (a mapping never written)."""
+        if self._zero_map is None or len(self._zero_map) < length:
+            self._zero_map = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                       prot=mmap.PROT_READ)  # fmt: skip
+            self._zero_address, _ = self._resources.enter_context(pinned(self._zero_map))
+        return self._zero_address
+
+    def _run_of_kind(self, region: RegionState, first: int, last: int) -> tuple[int, bool]:
+        """The longest run [first, end) of pages in [first, last) that the store knows are all
+        zero, or that it does not: (end, whether they are zero)."""
+        assert self.store is not None
+        page = region.page_size
+        if not self._knows_zeros:
+            return last, False
+        if self.store.known_zero(region.offset + first * page, (last - first) * page):
+            return last, True
+        zero = self.store.known_zero(region.offset + first * page, page)
+        end = first + 1
+        while end < last and self.store.known_zero(region.offset + end * page, page) == zero:
+            end += 1
+        return end, zero
+
+    def _fill(
+        self, source: Source, region: RegionState, first: int, last: int, must: tuple[int, int]
+    ) -> Outcome:
+        """Copy pages [first, last) of ``region`` from the store. Pages in ``must`` that the
+        store cannot give are poisoned; others are left for a later fault to try again."""
+        assert self.store is not None
+        page = region.page_size
+        chunk = max(1, len(self._view) // page)
+        index = first
+        while index < last:
+            stop, zero = self._run_of_kind(region, index, min(last, index + chunk))
+            offset, size = region.offset + index * page, (stop - index) * page
+            if zero:
+                outcome = self._place(source, region, index, stop, Fill.ZERO)
+                if outcome is not Outcome.DONE:
+                    return outcome
+                self.stats.add(_stats.ZEROS, stop - index)
+                index = stop
+                continue
+            src = self._read(offset, size)
+            outcome = Outcome.STORE_FAILED
+            if src is not None:
+                outcome = self._place(source, region, index, stop, Fill.COPY, src)
+            if outcome is Outcome.STORE_FAILED:
+                lo, hi = max(index, must[0]), min(stop, must[1])
+                outcome = Outcome.DONE
+                if lo < hi:
+                    tried = (index, stop) if self._failed_quickly else (lo, hi)
+                    outcome = self._fill_or_poison(source, region, lo, hi, tried)
+            if outcome is not Outcome.DONE:
+                return outcome
+            index = stop
+        return Outcome.DONE
+
+    def _fill_or_poison(
+        self, source: Source, region: RegionState, first: int, last: int, tried: tuple[int, int]
+    ) -> Outcome:
+        """After the store failed for pages ``tried``, fill [first, last) in halves, down to
+        single pages, and poison only the pages it cannot give: a bad chunk of a pack read
+        ahead must not cost the faulting page that lies outside it. A store that fails slowly
+        (a timeout: the network is down) is not asked again: everything left is poisoned."""
+        if tried == (first, last):
+            if last - first == 1 or not self._failed_quickly:
+                return self._place(source, region, first, last, Fill.POISON)
+            middle = (first + last) // 2
+            outcome = self._fill_or_poison(source, region, first, middle, (first, middle))
+            if outcome is Outcome.DONE:
+                outcome = self._fill_or_poison(source, region, middle, last, (middle, last))
+            return outcome
+        page = region.page_size
+        src = self._read(region.offset + first * page, (last - first) * page)
+        outcome = Outcome.STORE_FAILED
+        if src is not None:
+            outcome = self._place(source, region, first, last, Fill.COPY, src)
+        if outcome is Outcome.STORE_FAILED:
+            return self._fill_or_poison(source, region, first, last, (first, last))
+        return outcome
+
+    def _read(self, offset: int, size: int) -> int | None:
+        """The address of store bytes [offset, offset + size), or None if the store failed."""
+        assert self.store is not None
+        self._busy_since = time.monotonic()
+        try:
+            mapped = self.store.address(offset, size)
+            if mapped is not None:
+                return mapped
+            read_range(self.store, offset, self._view[:size])
+            return self._buffer_address
+        except Exception as err:  # any failure of the store is a page it cannot give
+            self._failed_quickly = time.monotonic() - self._busy_since < _QUICK_FAILURE
+            self.stats.add(_stats.ERRORS)
+            _log.warning("store %r failed at offset %d (%d bytes): %s: %s; pages that are "
+                         "waited on are poisoned", self.store, offset, size,
+                         type(err).__name__, err)  # fmt: skip
+            return None
+        finally:
+            self._busy_since = 0.0
+
+    def _place(
+        self, source: Source, region: RegionState, first: int, last: int, how: Fill,
+        src: int = 0, *, wake: bool = True,
+    ) -> Outcome:  # fmt: skip
+        """Settle pages [first, last) by one ioctl (COPY from ``src``, ZEROPAGE or POISON),
+        going on past pages that are there already."""
+        page = region.page_size
+        while first < last:
+            address, length = region.at(first), (last - first) * page
+            # Counted before the ioctl: it wakes the faulting thread, which may read the stats
+            # at once and must find its page counted.
+            self._count(region, first, last, how)
+            try:
+                if how is Fill.COPY:
+                    source.uffd.copy(address, src, length, wake=wake)
+                elif how is Fill.ZERO:  # a COPY of zeros: hugetlbfs ranges have no ZEROPAGE
+                    source.uffd.copy(address, self._zeros(length), length)
+                else:
+                    source.uffd.poison(address, length)
+            except PageExistsError:  # the first page is there already
+                self._count(region, first, last, how, sign=-1)
+                region.settled[first] = 1
+                self.stats.add(_stats.WAKES)
+                source.uffd.wake(address, page)
+                first, src = first + 1, src + page
+                continue
+            except MappingChangedError as err:
+                done = err.done // page
+                self._count(region, first + done, last, how, sign=-1)
+                region.settled[first : first + done] = b"\x01" * done
+                return Outcome.CHANGED
+            except ProcessGoneError:
+                self._count(region, first, last, how, sign=-1)
+                self._release(source)
+                return Outcome.PROCESS_GONE
+            except UserfaultfdError as err:
+                self._count(region, first, last, how, sign=-1)
+                if err.errno == errno.ENOENT:
+                    # Unmapped meanwhile (its UNMAP event follows): nothing there to settle.
+                    region.settled[first:last] = b"\x01" * (last - first)
+                    return Outcome.DONE
+                if err.errno == errno.EFAULT and how is Fill.COPY:
+                    self.stats.add(_stats.ERRORS)
+                    _log.warning("store %r: its mapped bytes for 0x%x+%d cannot be read (the "
+                                 "file shrank?)", self.store, address, length)  # fmt: skip
+                    return Outcome.STORE_FAILED
+                raise
+            region.settled[first:last] = b"\x01" * (last - first)
+            if how is Fill.COPY:
+                self.stats.add(_stats.COPIES)
+            return Outcome.DONE
+        return Outcome.DONE
+
+    def _count(self, region: RegionState, first: int, last: int, how: Fill, sign: int = 1) -> None:
+        pages = sign * max(0, last - first)
+        if how is Fill.POISON:
+            self.stats.add(_stats.POISONED, pages)
+        elif how is Fill.COPY:
+            self.stats.add(_stats.PAGES, pages)
+            self.stats.add(_stats.BYTES, pages * region.page_size)

@@ -1,0 +1,259 @@
+"""Reads in flight turned into pages: what a fault asks the fetcher for, and how the bytes that
+arrive are installed.
+
+Design note
+-----------
+- The faulting page's read goes first (demand), then the rest of its window, then, for a
+  sequential stream, the read-ahead the policy chooses. A fault on a page whose read is in
+  flight joins that read; its bytes wake it when they are installed.
+- A sequential stream is told apart by its marker: the first page of the read-ahead that is not
+  in yet is kept back when its bytes arrive, so the reader faults there, and that fault asks for
+  the next window while the bytes are installed from memory (``_held``). Without a marker the
+  reader would run through the read-ahead without a fault and then wait a round trip at its end.
+- A prefetch (a recorded working set) is installed without waking, then one WAKE per run (REAP's
+  order): threads blocked in it wake once the whole run is in.
+- A read that failed poisons only the pages a thread waits on; if it failed quickly, each of
+  them is asked for alone first (a bad chunk of a pack must not cost its neighbours).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import struct
+import time
+from collections import deque
+
+from . import _stats
+from ._fetch import Fetch, Fetcher
+from ._fill import Fill, Filler, Outcome, Source
+from ._policy import Policy
+from ._ranges import RegionState, unsettled_runs
+
+__all__ = ["RECORD", "InFlight"]
+
+_log = logging.getLogger("userfaultfd.runtime")
+
+#: A working-set record: each fill a fault caused, as (store offset, length), in order.
+RECORD = struct.Struct("<QQ")
+
+
+def _without_marker(
+    region: RegionState, first: int, last: int, marker: int, waited: set[int]
+) -> list[tuple[int, int]]:
+    """[first, last) as runs to place, with the marker page (at store offset ``marker``) as an
+    empty run (c, c) to hold back, unless a thread already waits on it."""
+    index = (marker - region.offset) // region.page_size if marker >= region.offset else -1
+    if not first <= index < last or region.at(index) in waited:
+        return [(first, last)]
+    runs = [(first, index), (index, index), (index + 1, last)]
+    return [(a, b) for a, b in runs if a < b or a == index]
+
+
+class InFlight(Filler):
+    """The handler's side of many reads in flight: attributes the handler sets up."""
+
+    policy: Policy
+    _fetcher: Fetcher | None
+    _retry: deque[Fetch]  # fetches whose install met EAGAIN
+    _held: dict[tuple[int, int], bytes]  # marker pages kept back, by (source key, store offset)
+    _prefetch: str | None
+    _prefetching: bool
+    _background: bool
+    _by_key: dict[int, Source]
+
+    def _catch_up(self) -> None:
+        raise NotImplementedError
+
+    def _request(
+        self, source: Source, region: RegionState, index: int, start: int, end: int
+    ) -> Outcome:
+        """Ask for the faulting page's bytes first, then the rest of the window and, for a
+        sequential stream, the window after it; the fault is answered when its bytes arrive."""
+        assert self._fetcher is not None
+        page = region.page_size
+        offset = region.offset + index * page
+        held = self._held.pop((source.key, offset), None)
+        if held is not None:  # a marker page: its bytes are here already
+            self._view[:page] = held
+            outcome = self._place(source, region, index, index + 1, Fill.COPY,
+                                  self._buffer_address)  # fmt: skip
+            if outcome is not Outcome.DONE:
+                return outcome
+        else:
+            fetch = self._fetcher.covering(source.key, offset)
+            if fetch is not None:
+                fetch.waiters.append((source.key, region.at(index), time.perf_counter_ns()))
+                self._fetcher.promote(fetch)
+            else:
+                waiter = (source.key, region.at(index), time.perf_counter_ns())
+                self._ask(source, region, index, end, demand=True, waiter=waiter)
+        self._ask(source, region, start, end, demand=False)
+        ahead = self.policy.readahead(index, start, end, region.pages, page, region.stream)
+        if ahead is not None and ahead[0] < ahead[1]:
+            first, last = ahead[0], min(ahead[1], region.pages)
+            self._ask(source, region, first, last, demand=False,
+                      marker=self._marker(source, region, first, last))  # fmt: skip
+        return Outcome.DONE
+
+    def _marker(self, source: Source, region: RegionState, first: int, last: int) -> int:
+        """The store offset of the first page of the read-ahead [first, last) that is not in
+        yet, where the program's fault will ask for the next window (-1: none is left). A
+        read already in flight there carries it; otherwise the read _ask submits does."""
+        assert self._fetcher is not None
+        run = next(unsettled_runs(region, first, last), None)
+        if run is None:
+            return -1
+        offset = region.offset + run[0] * region.page_size
+        covering = self._fetcher.covering(source.key, offset)
+        if covering is not None and covering.marker < 0:
+            covering.marker = offset
+        return offset
+
+    def _ask(
+        self, source: Source, region: RegionState, first: int, last: int, *, demand: bool,
+        waiter: tuple[int, int, int] | None = None, marker: int = -1, prefetch: bool = False,
+    ) -> None:  # fmt: skip
+        """Submit reads for the pages of [first, last) that are neither settled nor being read,
+        split at the fetch unit. With ``demand``, only the run that starts at ``first``."""
+        assert self._fetcher is not None and self.store is not None
+        page = region.page_size
+        unit_pages = max(1, self._fetcher.unit // page)
+        for a, b in list(unsettled_runs(region, first, last)):
+            index = a
+            while index < b:
+                offset = region.offset + index * page
+                covering = self._fetcher.covering(source.key, offset)
+                if covering is not None:
+                    index = max(index + 1, -(-(covering.end - region.offset) // page))
+                    continue
+                stop, zero = self._run_of_kind(region, index, min(b, index + unit_pages))
+                size = (stop - index) * page
+                if zero:
+                    self._place(source, region, index, stop, Fill.ZERO)
+                    self.stats.add(_stats.ZEROS, stop - index)
+                else:
+                    fetch = Fetch(source.key, offset, size, demand, prefetch=prefetch,
+                                  marker=marker if index * page + region.offset <= marker
+                                  < offset + size else -1)  # fmt: skip
+                    if waiter is not None:
+                        fetch.waiters.append(waiter)
+                    self._fetcher.submit(fetch)
+                if demand:
+                    return
+                index = stop
+            if demand:
+                return
+
+    def _install_completed(self) -> None:
+        """Place the bytes of every read that has arrived."""
+        assert self._fetcher is not None
+        while done := [*self._retry, *self._fetcher.completed()]:
+            self._retry.clear()
+            for position, fetch in enumerate(done):
+                outcome = self._install(fetch)
+                if outcome is Outcome.CHANGED:
+                    self._catch_up()
+                    self._retry.extend(done[position:])
+                    break
+                self._fetcher.release(fetch)
+        if self._prefetching and not any(f.prefetch for f in self._fetcher.pending):
+            self._prefetching = False
+            self.stats.set(_stats.PREFETCHING, 0)
+
+    def _install(self, fetch: Fetch) -> Outcome:
+        source = self._by_key.get(fetch.key)
+        if source is None or source.uffd.closed:
+            return Outcome.DONE
+        if fetch.error is not None:
+            return self._fetch_failed(source, fetch)
+        waited = {address for _key, address, _t in fetch.waiters}
+        for region in list(source.regions):
+            page = region.page_size
+            lo, hi = max(fetch.offset, region.offset), min(fetch.end, region.offset + region.length)
+            if lo >= hi:
+                continue
+            first, last = (lo - region.offset) // page, -(-(hi - region.offset) // page)
+            for a, b in list(unsettled_runs(region, first, last)):
+                for c, d in _without_marker(region, a, b, fetch.marker, waited):
+                    src = fetch.address + region.offset + c * page - fetch.offset
+                    if d == c:  # the marker: kept back until the reader faults on it
+                        self._held[(fetch.key, region.offset + c * page)] = ctypes.string_at(
+                            src, page
+                        )
+                        continue
+                    outcome = self._place(source, region, c, d, Fill.COPY, src,
+                                          wake=not fetch.prefetch)  # fmt: skip
+                    if outcome is not Outcome.DONE:
+                        return outcome
+            if fetch.prefetch:
+                source.uffd.wake(region.at(first), (last - first) * page)
+                self.stats.add(_stats.PREFETCHED, last - first)
+        now = time.perf_counter_ns()
+        for _key, _address, asked in fetch.waiters:
+            self.stats.record_latency(now - asked)
+        return Outcome.DONE
+
+    def _fetch_failed(self, source: Source, fetch: Fetch) -> Outcome:
+        """The store could not give ``fetch``'s bytes: each page a thread waits on is asked for
+        alone (if the store failed quickly), or poisoned."""
+        assert self._fetcher is not None
+        self._fetcher.release(fetch)  # no longer in flight: its pages may be asked for again
+        self.stats.add(_stats.ERRORS)
+        _log.warning("store %r failed at offset %d (%d bytes): %s: %s; pages that are waited "
+                     "on are poisoned", self.store, fetch.offset, fetch.size,
+                     type(fetch.error).__name__, fetch.error)  # fmt: skip
+        for _key, address, asked in fetch.waiters:
+            region = source.find(address)
+            if region is None:
+                continue
+            index = (address - region.address) // region.page_size
+            if region.settled[index]:
+                continue
+            if fetch.size > region.page_size and fetch.failed_quickly:
+                self._ask(source, region, index, index + 1, demand=True,
+                          waiter=(fetch.key, address, asked))  # fmt: skip
+                continue
+            outcome = self._place(source, region, index, index + 1, Fill.POISON)
+            if outcome is not Outcome.DONE:
+                return outcome
+        if self._background:  # the fill must end: what the store cannot give is poisoned
+            for region in list(source.regions):
+                page = region.page_size
+                lo = max(fetch.offset, region.offset)
+                hi = min(fetch.end, region.offset + region.length)
+                if lo < hi:
+                    first, last = (lo - region.offset) // page, -(-(hi - region.offset) // page)
+                    for a, b in list(unsettled_runs(region, first, last)):
+                        outcome = self._place(source, region, a, b, Fill.POISON)
+                        if outcome is not Outcome.DONE:
+                            return outcome
+        return Outcome.DONE
+
+    def start_prefetch(self) -> None:
+        """Ask for a recorded working set, in its order, behind any demand read. The stats
+        say when it is all in (``PREFETCHING`` back to 0: serve() waits for it)."""
+        if self._prefetch is None or self._fetcher is None:
+            return
+        source = self._by_key.get(1)
+        try:
+            with open(self._prefetch, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            _log.warning("prefetch: cannot read %s: %s", self._prefetch, err)
+            data = b""
+        if source is None or not data:
+            self.stats.set(_stats.PREFETCHING, 0)
+            return
+        self._prefetching = True
+        for offset, length in RECORD.iter_unpack(data[: len(data) // RECORD.size * RECORD.size]):
+            for region in source.regions:
+                page = region.page_size
+                lo = max(offset, region.offset)
+                hi = min(offset + length, region.offset + region.length)
+                if lo < hi:
+                    first, last = (lo - region.offset) // page, -(-(hi - region.offset) // page)
+                    self._ask(source, region, first, last, demand=False, prefetch=True)
+        if not any(f.prefetch for f in self._fetcher.pending):  # all there, or all zero
+            self._prefetching = False
+            self.stats.set(_stats.PREFETCHING, 0)
