@@ -9,6 +9,7 @@ from xml.etree import ElementTree
 
 import pytest
 
+from userfaultfd.cli import run_command
 from userfaultfd.cli._model import add_model_commands
 
 
@@ -16,8 +17,7 @@ def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="uffd")
     add_model_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    status: int = args.func(args)
-    return status
+    return run_command(args)  # the CLI's one error boundary: a usage error is status 2
 
 
 def test_list(capsys: pytest.CaptureFixture[str]) -> None:
