@@ -205,15 +205,15 @@ async def _http_first(fs: Any, url: str, length: int) -> tuple[_Version, bytes] 
         if response.status == 404:
             raise FileNotFoundError(url)
         response.raise_for_status()
+        if response.headers.get("Content-Encoding", "identity") not in ("identity", ""):
+            return None  # the lengths would be the encoding's
         if response.status == 206:
             total = response.headers.get("Content-Range", "").rpartition("/")[2]
-            data = await response.read()
-        else:  # 200: the server ignores Range; the first bytes only, the rest is dropped
+        else:  # 200: the server ignores Range (the reads will say so); take the first bytes
             total = response.headers.get("Content-Length", "")
-            data = await response.content.read(length)
-        if not total.isdigit() or response.headers.get("Content-Encoding", "identity") not in (
-            "identity", ""):  # fmt: skip
+        if not total.isdigit():
             return None
+        data = await response.content.readexactly(min(length, int(total)))
         return _version_of("http", response.headers, int(total)), data
 
 
