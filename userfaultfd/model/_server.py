@@ -18,6 +18,7 @@ from .._flags import Mode as _Mode
 from ._fault import pages_text, wake
 from .ops import CopyPages, Label, Protect, Serve, Vma
 from .state import MARKER as _MARKER
+from .state import Event as _Event
 from .state import Frame as _Frame
 from .state import Marker as _Marker
 from .state import Pc as _Pc
@@ -50,15 +51,19 @@ def _read_message(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -
     return Label("read(uffd)", f"{ev.mode.name} message: VMA {ev.vma} page {ev.index}")
 
 
+def _held(k: Kernel, ts: _ThreadState) -> tuple[_Event, Vma]:
+    """The message the server is resolving, and the VMA it is about."""
+    assert ts.event is not None
+    return ts.event, k.vmas[ts.event.vma]
+
+
 def _idle(ts: _ThreadState) -> _ThreadState:
     """The server after a message: waiting for the next one."""
     return _ThreadState(op=ts.op, pc=_Pc.WAIT, faults=ts.faults)
 
 
 def _copy(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
-    ev = ts.event
-    assert ev is not None
-    vma = k.vmas[ev.vma]
+    ev, vma = _held(k, ts)
     result = _copy_page(w, vma, ev.index)
     woken = wake(w, ev.vma, ev.index)
     last = min(ev.index + 1 + op.prefetch, vma.pages)
@@ -68,9 +73,7 @@ def _copy(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
 
 
 def _prefetch(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
-    ev = ts.event
-    assert ev is not None
-    vma = k.vmas[ev.vma]
+    ev, vma = _held(k, ts)
     i = ts.cursor
     result = _copy_page(w, vma, i)
     if result == "EEXIST":
@@ -82,9 +85,7 @@ def _prefetch(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> La
 
 
 def _update(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
-    ev = ts.event
-    assert ev is not None
-    vma = k.vmas[ev.vma]
+    ev, vma = _held(k, ts)
     fi = vma.pgoff + ev.index
     fid = w.cached(vma.file, fi)
     if fid is not None:
@@ -95,9 +96,7 @@ def _update(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Labe
 
 
 def _continue(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label | None:
-    ev = ts.event
-    assert ev is not None
-    vma = k.vmas[ev.vma]
+    ev, vma = _held(k, ts)
     # UFFDIO_CONTINUE -> mfill_atomic_pte_continue(): the cached page, locked, mapped.
     fid = w.cached(vma.file, vma.pgoff + ev.index)
     if fid is None:
@@ -140,9 +139,8 @@ def _save(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
 
 
 def _unprotect_message(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
-    ev = ts.event
-    assert ev is not None
-    result, woken = _unprotect(w, k.vmas[ev.vma], ev.index)
+    ev, vma = _held(k, ts)
+    result, woken = _unprotect(w, vma, ev.index)
     w.set_thread(name, _idle(ts))
     return Label("UFFDIO_WRITEPROTECT", f"page {ev.index}: {result}; woke {pages_text(woken)}")
 

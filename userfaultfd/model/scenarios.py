@@ -5,12 +5,14 @@ No scenario says what its outcome should be: verdicts come only from exploring.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .._flags import Mode as _Mode
 from .kernel import Kernel as _Kernel
 from .ops import CopyPages as _CopyPages
+from .ops import File as _File
+from .ops import Op as _Op
 from .ops import Protect as _Protect
 from .ops import Punch as _Punch
 from .ops import Read as _Read
@@ -18,7 +20,9 @@ from .ops import Serve as _Serve
 from .ops import Write as _Write
 from .presets import UnknownNameError as _UnknownNameError
 from .state import PAGE_SIZE as _PAGE_SIZE
+from .state import Marker as _Marker
 from .state import Present as _Present
+from .state import ThreadState as _ThreadState
 from .state import World as _World
 
 __all__ = ["SCENARIOS", "Scenario", "Sizes", "get_scenario"]
@@ -115,6 +119,30 @@ def _names(base: str, n: int) -> list[str]:
     return [base if i == 0 else f"{base}{i + 1}" for i in range(n)]
 
 
+def _spawn_each(k: _Kernel, base: str, n: int, op: Callable[[int], _Op]) -> None:
+    """Spawn ``n`` threads named after ``base`` (see ``_names``), the j-th running ``op(j)``."""
+    for j, name in enumerate(_names(base, n)):
+        k.spawn(name, op(j))
+
+
+def _spawn_punches(k: _Kernel, f: _File, holes: Sequence[tuple[int, int]]) -> None:
+    """A puncher per hole (first file page, pages): ``punch``, ``punch2``..."""
+    _spawn_each(k, "punch", len(holes), lambda j: _Punch(f.id, *holes[j]))
+
+
+def _done_ops(k: _Kernel, w: _World) -> Iterator[tuple[str, _ThreadState, _Op]]:
+    """(thread, its state, op) for every op a thread has completed in ``w``."""
+    for name, program in k.programs.items():
+        ts = w.thread(name)
+        for op in program[: ts.op]:
+            yield name, ts, op
+
+
+def _ptes_in_order(w: _World) -> list[tuple[tuple[int, int], _Present | _Marker]]:
+    """Every PTE that is not none, by (vma, index), in order (messages name the first)."""
+    return sorted(w.ptes(), key=lambda item: item[0])
+
+
 # -- wp-punch-hole --------------------------------------------------------------------------------
 def _build_wp_punch_hole(k: _Kernel, z: Sizes) -> None:
     assert z.pages is not None and z.readers is not None
@@ -129,13 +157,11 @@ def _build_wp_punch_hole(k: _Kernel, z: Sizes) -> None:
     for t in sorted(set(targets[: z.writers])):
         k.write(v, t, "v1")
         k.writeprotect(v, t)
-    holes = z.punch or tuple((targets[i % len(targets)], 1) for i in range(z.punchers))
-    for name, (start, n) in zip(_names("punch", len(holes)), holes, strict=True):
-        k.spawn(name, _Punch(f.id, start, n))
-    for r, name in enumerate(_names("read", z.readers)):
-        k.spawn(name, _Read(v.id, (2 * r + 2) % pages))
-    for j, name in enumerate(_names("write", z.writers)):
-        k.spawn(name, _Write(v.id, targets[j], "v2"))
+    _spawn_punches(
+        k, f, z.punch or tuple((targets[i % len(targets)], 1) for i in range(z.punchers))
+    )
+    _spawn_each(k, "read", z.readers, lambda r: _Read(v.id, (2 * r + 2) % pages))
+    _spawn_each(k, "write", z.writers, lambda j: _Write(v.id, targets[j], "v2"))
     k.spawn("server", _Serve())
 
 
@@ -174,7 +200,7 @@ def _build_minor_fault_around(k: _Kernel, z: Sizes) -> None:
 
 
 def _unnotified_mapping(k: _Kernel, w: _World) -> str | None:
-    for (vid, i), pte in sorted(w.ptes(), key=lambda item: item[0]):
+    for (vid, i), pte in _ptes_in_order(w):
         if (
             k.vmas[vid].register & _Mode.MINOR
             and isinstance(pte, _Present)
@@ -211,9 +237,8 @@ def _build_missing_shared_cache(k: _Kernel, z: Sizes) -> None:
     reads = min(half + 2, pages)
     for name in _names("read", z.readers):
         k.spawn(name, *(_Read(reader.id, i) for i in range(reads)))
-    for j, name in enumerate(_names("fill", z.writers)):
-        page = (half + 1 + j) % pages
-        k.spawn(name, _Write(filler.id, page, f"a{page}"))
+    fills = [(half + 1 + j) % pages for j in range(z.writers)]
+    _spawn_each(k, "fill", z.writers, lambda j: _Write(filler.id, fills[j], f"a{fills[j]}"))
     k.spawn("server", _Serve())
 
 
@@ -252,13 +277,9 @@ def _build_live_snapshot(k: _Kernel, z: Sizes) -> None:
     # around.
     order = [1, 3, 0, 2, *range(4, pages)]
     targets = [order[j % len(order)] % pages for j in range(max(z.writers, 1))]
-    for j, name in enumerate(_names("write", z.writers)):
-        k.spawn(name, _Write(v.id, targets[j], "v2"))
-    holes = z.punch or tuple(((1 + 2 * i) % pages, 1) for i in range(z.punchers))
-    for name, (start, n) in zip(_names("punch", len(holes)), holes, strict=True):
-        k.spawn(name, _Punch(f.id, start, n))
-    for r, name in enumerate(_names("read", z.readers)):
-        k.spawn(name, _Read(v.id, (2 * r + 2) % pages))
+    _spawn_each(k, "write", z.writers, lambda j: _Write(v.id, targets[j], "v2"))
+    _spawn_punches(k, f, z.punch or tuple(((1 + 2 * i) % pages, 1) for i in range(z.punchers)))
+    _spawn_each(k, "read", z.readers, lambda r: _Read(v.id, (2 * r + 2) % pages))
 
 
 def _stale_snapshot(k: _Kernel, w: _World) -> str | None:
@@ -286,13 +307,10 @@ def _build_pmd_edge(k: _Kernel, z: Sizes) -> None:
     v = k.mmap(f, _BASE - 2 * _PAGE_SIZE, 4, register=_Mode.WP)
     k.write(v, 2, "v1")
     k.writeprotect(v, 2)
-    for name in _names("punch", z.punchers):
-        k.spawn(name, _Punch(f.id, 2, 1))
+    _spawn_punches(k, f, ((2, 1),) * z.punchers)
     # read faults on page 1 (the other page table) first, then on page 3 (the same one)
-    for r, name in enumerate(_names("read", z.readers)):
-        k.spawn(name, _Read(v.id, (1, 3, 0)[r % 3]))
-    for name in _names("write", z.writers):
-        k.spawn(name, _Write(v.id, 2, "v2"))
+    _spawn_each(k, "read", z.readers, lambda r: _Read(v.id, (1, 3, 0)[r % 3]))
+    _spawn_each(k, "write", z.writers, lambda j: _Write(v.id, 2, "v2"))
     k.spawn("server", _Serve())
 
 
@@ -301,17 +319,15 @@ def _build_minor_continue_punch(k: _Kernel, z: Sizes) -> None:
     assert z.pages is not None and z.readers is not None and z.punchers is not None
     f = k.shmem_file(z.pages, cached=range(z.pages))
     v = k.mmap(f, _BASE, z.pages, register=_Mode.MINOR)
-    for r, name in enumerate(_names("read", z.readers)):
-        k.spawn(name, _Read(v.id, (1 + 2 * r) % z.pages))
-    holes = z.punch or tuple(((1 + 2 * i) % z.pages, 1) for i in range(z.punchers))
-    for name, (start, n) in zip(_names("punch", len(holes)), holes, strict=True):
-        k.spawn(name, _Punch(f.id, start, n))
+    pages = z.pages
+    _spawn_each(k, "read", z.readers, lambda r: _Read(v.id, (1 + 2 * r) % pages))
+    _spawn_punches(k, f, z.punch or tuple(((1 + 2 * i) % pages, 1) for i in range(z.punchers)))
     k.spawn("server", _Serve())
 
 
 def _stale_mapping(k: _Kernel, w: _World) -> str | None:
     # After truncation no PTE of a shared mapping may map a frame the page cache dropped.
-    for (vid, i), pte in sorted(w.ptes(), key=lambda item: item[0]):
+    for (vid, i), pte in _ptes_in_order(w):
         v = k.vmas[vid]
         if not (v.shared and isinstance(pte, _Present)):
             continue
@@ -336,36 +352,27 @@ def _build_private_cow_punch(k: _Kernel, z: Sizes) -> None:
     shared = k.mmap(f, _BASE + z.pages * _PAGE_SIZE, z.pages)
     k.write(private, 1, "c1")  # a private copy of page 1 before the punch
     k.read(shared, 2)  # the shared mapping has faulted pages in around page 2
-    holes = z.punch or ((0, z.pages),) * z.punchers
-    for name, (start, n) in zip(_names("punch", len(holes)), holes, strict=True):
-        k.spawn(name, _Punch(f.id, start, n))
-    for r, name in enumerate(_names("read", z.readers)):
-        k.spawn(name, _Read(private.id, (1 + 2 * r) % z.pages))
-    for j, name in enumerate(_names("write", z.writers)):
-        page = (3 + 2 * j) % z.pages
-        k.spawn(name, _Write(private.id, page, f"c{page}"))
+    pages = z.pages
+    _spawn_punches(k, f, z.punch or ((0, pages),) * z.punchers)
+    _spawn_each(k, "read", z.readers, lambda r: _Read(private.id, (1 + 2 * r) % pages))
+    writes = [(3 + 2 * j) % pages for j in range(z.writers)]
+    _spawn_each(k, "write", z.writers, lambda j: _Write(private.id, writes[j], f"c{writes[j]}"))
 
 
 def _lost_private_write(k: _Kernel, w: _World) -> str | None:
     # A private (COW) page keeps what was written to it: unmap_mapping_range(even_cows=0) and
     # truncation leave anonymous copies mapped.
     written = {(1, "c1")}  # the setup's write
-    for name, program in k.programs.items():
-        ts = w.thread(name)
-        for op in program[: ts.op]:
-            if isinstance(op, _Write):
-                written.add((op.index, op.data))
+    written |= {(op.index, op.data) for _, _, op in _done_ops(k, w) if isinstance(op, _Write)}
     private = next(v for v in k.vmas if not v.shared)
     for i, data in sorted(written):
         pte = w.pte(private.id, i)
         got = w.frame(pte.frame).data if isinstance(pte, _Present) else None
         if got != data:
             return f"private page {i} was written {data!r} but now reads as {got!r}"
-    for name, program in k.programs.items():
-        ts = w.thread(name)
-        for op in program[: ts.op]:
-            if isinstance(op, _Read) and (op.index, ts.value) not in written and op.index == 1:
-                return f"{name} read {ts.value!r} from private page 1, written 'c1'"
+    for name, ts, op in _done_ops(k, w):
+        if isinstance(op, _Read) and (op.index, ts.value) not in written and op.index == 1:
+            return f"{name} read {ts.value!r} from private page 1, written 'c1'"
     return None
 
 
@@ -383,33 +390,29 @@ def _build_missing_fill(k: _Kernel, z: Sizes) -> None:
     k.write(other, 1, "a1")  # another process filled page 1 before
     k.spawn("handler", _Serve(prefetch=2))
     k.spawn("other", _Write(other.id, 1, "b1"))  # ... and writes it again during the run
-    for r, name in enumerate(_names("read", z.readers)):
-        k.spawn(name, _Read(lazy.id, (2 * r) % pages))
-    for j, name in enumerate(_names("write", z.writers)):
-        page = (1 + 2 * j) % pages
-        k.spawn(name, _Write(lazy.id, page, f"w{page}"))
+    _spawn_each(k, "read", z.readers, lambda r: _Read(lazy.id, (2 * r) % pages))
+    writes = [(1 + 2 * j) % pages for j in range(z.writers)]
+    _spawn_each(k, "write", z.writers, lambda j: _Write(lazy.id, writes[j], f"w{writes[j]}"))
 
 
 def _unfilled_read(k: _Kernel, w: _World) -> str | None:
     # A load returns the store's contents (the handler's copy), or what someone wrote there:
     # never zeros (a page the kernel allocated behind the handler's back).
-    for name, program in k.programs.items():
-        ts = w.thread(name)
-        for op in program[: ts.op]:
-            if not isinstance(op, _Read):
-                continue
-            v = k.vmas[op.vma]
-            fi = v.pgoff + op.index
-            legit = {f"s{fi}"} | ({"a1"} if fi == 1 else set())  # the setup's write
-            legit |= {
-                o.data
-                for p in k.programs.values()
-                for o in p
-                if isinstance(o, _Write) and k.vmas[o.vma].pgoff + o.index == fi
-            }
-            if ts.value not in legit:
-                what = "zeros" if ts.value == "0" else repr(ts.value)
-                return f"{name} read {what} from page {op.index}, which nobody put there"
+    for name, ts, op in _done_ops(k, w):
+        if not isinstance(op, _Read):
+            continue
+        v = k.vmas[op.vma]
+        fi = v.pgoff + op.index
+        legit = {f"s{fi}"} | ({"a1"} if fi == 1 else set())  # the setup's write
+        legit |= {
+            o.data
+            for p in k.programs.values()
+            for o in p
+            if isinstance(o, _Write) and k.vmas[o.vma].pgoff + o.index == fi
+        }
+        if ts.value not in legit:
+            what = "zeros" if ts.value == "0" else repr(ts.value)
+            return f"{name} read {what} from page {op.index}, which nobody put there"
     return None
 
 
