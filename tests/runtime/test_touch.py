@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pytest
 
+from tests import _packs
 from tests._target import PAGE, pattern
 from userfaultfd.runtime import PageUnreadableError, Single, touch_pages
 from userfaultfd.stores import BytesStore, pack
@@ -22,13 +22,7 @@ def packed(tmp_path: Path, corrupt_chunk: int | None = None) -> Path:
     path = tmp_path / "data.pack"
     pack(BytesStore(DATA), path, chunk_size=CHUNK)
     if corrupt_chunk is not None:
-        raw = bytearray(path.read_bytes())
-        # The pack's footer and index (see userfaultfd/stores/_zstd.py): <QQ> index offset and
-        # chunk count in the last 40 bytes; <QI> offset and length of each chunk, 28 bytes apart.
-        index, _count = struct.unpack_from("<QQ", raw, len(raw) - 40)
-        offset, length = struct.unpack_from("<QI", raw, index + corrupt_chunk * 28)
-        raw[offset + length // 2] ^= 0xFF
-        path.write_bytes(raw)
+        _packs.corrupt_chunk(path, corrupt_chunk)
     return path
 
 
