@@ -17,6 +17,7 @@ Design note: what the kernel's answers mean to a filler
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import logging
@@ -92,7 +93,10 @@ class Filler:
     def _close_buffers(self) -> None:
         self._view.release()
         self._resources.close()
-        self._buffer.close()
+        # A store's exception kept somewhere (a log handler's record) may still hold a view of
+        # the buffer through its traceback: then the buffer is freed when this process exits.
+        with contextlib.suppress(BufferError):
+            self._buffer.close()
         if self._zero_map is not None:
             self._zero_map.close()
 
@@ -192,7 +196,7 @@ class Filler:
             self.stats.add(_stats.ERRORS)
             _log.warning("store %r failed at offset %d (%d bytes): %s: %s; pages that are "
                          "waited on are poisoned", self.store, offset, size,
-                         type(err).__name__, err)  # fmt: skip
+                         type(err).__name__, str(err))  # fmt: skip
             return None
         finally:
             self._busy_since = 0.0
