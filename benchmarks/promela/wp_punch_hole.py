@@ -28,7 +28,7 @@ from userfaultfd.model.state import Marker, Present
 # "p<i>" (setup contents of page i) as 10 + i.
 _DATA = {"0": 3, "v1": 1, "v2": 2}
 
-# Reader/writer program counters, as kernel.py names them.
+# Reader/writer program counters, as the model names them (state.Pc values).
 _PCS = (
     "access",
     "fault_around",
