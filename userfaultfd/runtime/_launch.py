@@ -16,6 +16,7 @@ forks it, then exits at once. So
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -49,6 +50,15 @@ class Launched:
             os.killpg(self.group, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        self.reap()
+
+    def reap(self) -> None:
+        """Wait for the short-lived middle process, this process's child, to finish exiting.
+        Called once the handshake with the server is done, so that its exit (the teardown of a
+        copy of the program's address space: milliseconds for a large one) overlaps the
+        server's start instead of delaying it. Idempotent."""
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.group, 0)  # setsid made the middle process's pid the group id
 
 
 def _let_go_of_streams() -> None:
@@ -65,7 +75,8 @@ def _let_go_of_streams() -> None:
 
 
 def launch(body: Callable[[Channel], None], timeout: float = 30.0) -> Launched:
-    """Run ``body(channel)`` in a new daemon process; returns once it runs."""
+    """Run ``body(channel)`` in a new daemon process; returns once it runs. Call
+    :meth:`Launched.reap` after the handshake (or :meth:`Launched.kill`)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     middle = os.fork()
     if middle == 0:
@@ -88,7 +99,6 @@ def launch(body: Callable[[Channel], None], timeout: float = 30.0) -> Launched:
     theirs.close()
     channel = Channel(ours)
     try:
-        os.waitpid(middle, 0)
         (what, pid), _ = channel.recv(timeout=timeout)
         if what != "pid":
             raise RuntimeError(f"the server process did not start: {what}")
@@ -102,5 +112,7 @@ def launch(body: Callable[[Channel], None], timeout: float = 30.0) -> Launched:
             os.killpg(with_group, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(middle, 0)
         raise
-    return Launched(pid, pidfd, middle, channel)
+    return Launched(pid, pidfd, middle, channel)  # the caller reaps the middle process

@@ -316,6 +316,7 @@ def start(
         (ready, _pid), _ = launched.channel.recv(timeout=30)
         if ready != "ready":
             raise RuntimeError(f"the handler did not start: {ready}")
+        launched.reap()
         if options.prefetch is not None:
             _wait_for_prefetch(options.stats, launched, prefetch_timeout)
     except BaseException:

@@ -289,6 +289,7 @@ def snapshot(
         ready, _ = handler.channel.recv(timeout=30)
         if ready != "ready":
             raise RuntimeError(f"the snapshot handler did not start: {ready}")
+        handler.reap()
     except BaseException:
         handler.kill()
         os.close(handler.pidfd)
