@@ -24,6 +24,7 @@ NGINX = "/usr/sbin/nginx"
 
 # Method, path, status, Range header ("-" when absent) and body bytes: what the tests check.
 # keepalive_requests: a lazy mapping's handler keeps one connection for all its range requests.
+# /moved.bin redirects to /data.bin (the direct HTTP path leaves redirects to fsspec).
 _NGINX_CONF = """\
 daemon off;
 master_process off;
@@ -44,6 +45,7 @@ http {{
     server {{
         listen {address}:{port}{ssl};
 {extra}        root {root};
+        location = /moved.bin {{ return 302 /data.bin; }}
     }}
 }}
 """

@@ -37,6 +37,11 @@ the bytes it brought (which are the opened version's, whatever happens to the ob
 reopen() carries them, with the size and the version, into the forked handler: it sends nothing,
 and makes its filesystem only at its first read past them. Only another protocol (memory://,
 gcs://, ...) opens with ``info()`` and keeps no bytes.
+
+Reads over HTTP (issue 12) skip fsspec where the options allow: ``_http`` sends the same ranged,
+conditional GETs on a keep-alive ``http.client`` connection per fetch thread and reads each body
+straight into the handler's buffer (one copy, no event-loop thread in the way); other options
+and redirects go through fsspec's client as before.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ import fsspec.core
 import fsspec.utils
 
 from ._base import PARALLEL_REQUESTS, Store, StoreError
+from ._http import HTTPStatusError, RangeReader, RedirectedError, range_reader
 
 __all__ = ["PARALLEL_REQUESTS", "FsspecStore", "call_with_retries", "connect", "with_timeouts"]
 
@@ -99,7 +105,7 @@ def _refusal(err: BaseException) -> str | None:
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
         status = getattr(cause, "status", None)
-        if status in (401, 403) and hasattr(cause, "request_info"):  # aiohttp's response error
+        if status in (401, 403) and _is_http_answer(cause):
             return f"HTTP {status}"
         response = getattr(cause, "response", None)
         if isinstance(response, dict):  # botocore's ClientError
@@ -115,6 +121,8 @@ _HTTP = ("http", "https")
 # What the first request brings along, kept by every reopened copy: the format probe, a pack's
 # header, lazy()'s .npy probe (64 KiB) and the first pages, none of which then costs a request.
 _HEAD_BYTES = 64 << 10
+#: Seconds before a request is given up, unless the caller says otherwise.
+_DEFAULT_TIMEOUT = 10.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -259,13 +267,18 @@ def _s3_code(err: BaseException) -> str | None:
     return None
 
 
+def _is_http_answer(err: BaseException) -> bool:
+    """Whether ``err`` is a server's HTTP status (aiohttp's response error, or ours)."""
+    return isinstance(err, HTTPStatusError) or hasattr(err, "request_info")
+
+
 def _precondition_failed(err: BaseException) -> bool:
     """Whether the server answered 412 Precondition Failed (the object changed)."""
     seen: set[int] = set()
     cause: BaseException | None = err
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if getattr(cause, "status", None) == 412 and hasattr(cause, "request_info"):
+        if getattr(cause, "status", None) == 412 and _is_http_answer(cause):
             return True
         response = getattr(cause, "response", None)
         code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
@@ -403,7 +416,7 @@ class FsspecStore(Store):
         *,
         tries: int = 3,
         backoff: float = 0.2,
-        timeout: float = 10.0,
+        timeout: float = _DEFAULT_TIMEOUT,
         **storage_options: Any,
     ) -> None:
         if tries < 1:
@@ -426,6 +439,10 @@ class FsspecStore(Store):
         self._fs: Any = None  # made at the first request (see reopen)
         self._path = ""
         self._read_kwargs: dict[str, Any] = {}
+        self._conditions = _http_conditions(version) if self._protocol in _HTTP else {}  # pins
+        # HTTP reads straight into the buffer (see _http), unless the options or a redirect
+        # need fsspec's client: None until the first read, False when they do.
+        self._reader: RangeReader | bool | None = None
         self._closed = False
         self._connecting = threading.Lock()
 
@@ -490,7 +507,7 @@ class FsspecStore(Store):
         """The keyword arguments of every ranged read: the version's preconditions."""
         self._read_kwargs = {}
         if self._protocol in _HTTP:
-            conditions = _http_conditions(self._version)
+            conditions = self._conditions = _http_conditions(self._version)
             if conditions:  # cat_file's headers replace the session's: keep those too
                 headers = dict(self._fs.kwargs.get("headers") or {})
                 self._read_kwargs["headers"] = {**headers, **conditions}
@@ -522,6 +539,8 @@ class FsspecStore(Store):
             view, offset = view[inside - offset :], inside
             if offset == end:
                 return
+        if self._protocol in _HTTP and self._read_directly(offset, view):
+            return
         fs = self._filesystem()
         data = self._call(f"bytes {offset}..{end}", lambda: self._fetch(fs, offset, end))
         if len(data) != end - offset:
@@ -532,6 +551,32 @@ class FsspecStore(Store):
                 " (the server ignores Range requests, or the object changed)",
             )
         view[:] = data
+
+    def _read_directly(self, offset: int, view: memoryview) -> bool:
+        """Bytes [offset, offset + len(view)) into ``view`` by :mod:`._http`; False where that
+        path cannot serve this store (then fsspec does, from now on)."""
+        with self._connecting:
+            if self._closed:
+                raise StoreError(errno.EBADF, f"{self.url}: the store is closed")
+            if self._reader is None:
+                options = {k: v for k, v in self._options.items() if k != "client_kwargs"}
+                client = dict(self._options.get("client_kwargs") or {})
+                self._reader = range_reader(self.url, options, client, _DEFAULT_TIMEOUT) or False
+            reader = self._reader
+        if not isinstance(reader, RangeReader):
+            return False
+
+        def read() -> bool:
+            try:
+                reader.get_into(offset, view, self._conditions)
+            except RedirectedError:
+                return False
+            return True
+
+        if self._call(f"bytes {offset}..{offset + len(view)}", read):
+            return True
+        self._reader = False  # redirected: fsspec's client follows redirects
+        return False
 
     def _fetch(self, fs: Any, start: int, end: int) -> bytes:
         """Bytes [start, end) of the pinned version, in one request."""
@@ -581,6 +626,8 @@ class FsspecStore(Store):
         # Dropping the filesystem lets fsspec's finalizer close its session on its own loop.
         self._closed = True
         self._fs = None
+        if isinstance(self._reader, RangeReader):
+            self._reader.close()
 
     def __repr__(self) -> str:
         return f"<FsspecStore {self.url!r} {self.size} bytes>"
