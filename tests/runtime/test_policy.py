@@ -80,3 +80,15 @@ def test_a_fault_anywhere_in_the_read_ahead_continues_the_stream() -> None:
 def test_adaptive_refuses_nonsense() -> None:
     with pytest.raises(ValueError, match="readahead_windows"):
         Adaptive(readahead_windows=0)
+
+
+def test_a_fault_on_a_marker_inside_the_window_continues_the_stream() -> None:
+    """The handler keeps back the first page of every read of the read-ahead: the reader's
+    fault there may land inside the window the last such fault chose."""
+    policy = Adaptive(min_pages=1, max_bytes=8 * PAGE, readahead_windows=2)
+    assert policy.window(0, 1000, PAGE) == (0, 1)
+    assert policy.window(1, 1000, PAGE) == (1, 3)
+    assert policy.readahead(1, 1, 3, 1000, PAGE) == (3, 7)
+    assert policy.window(3, 1000, PAGE) == (3, 7)
+    assert policy.window(4, 1000, PAGE) == (4, 12)  # past the window's start: still the stream
+    assert policy.window(4, 1000, PAGE) == (4, 5)  # the same page again: not a stream going on

@@ -6,10 +6,12 @@ Design note
 - The faulting page's read goes first (demand), then the rest of its window, then, for a
   sequential stream, the read-ahead the policy chooses. A fault on a page whose read is in
   flight joins that read; its bytes wake it when they are installed.
-- A sequential stream is told apart by its marker: the first page of the read-ahead that is not
-  in yet is kept back when its bytes arrive, so the reader faults there, and that fault asks for
-  the next window while the bytes are installed from memory (``_held``). Without a marker the
-  reader would run through the read-ahead without a fault and then wait a round trip at its end.
+- A sequential stream is followed by markers: the first page of each read of the read-ahead is
+  kept back when its bytes arrive, so the reader faults there, and that fault tops the read-ahead
+  up by what the reader has consumed while the page is installed from memory (``_held``). So the
+  requests keep pace with the reader, a read at a time, and the read-ahead never drains. Without
+  markers the reader would run through the read-ahead without a fault and then wait a round
+  trip at its end.
 - A prefetch (a recorded working set) is installed without waking, then one WAKE per run (REAP's
   order): threads blocked in it wake once the whole run is in.
 - A read that failed poisons only the pages a thread waits on; if it failed quickly, each of
@@ -92,30 +94,17 @@ class InFlight(Filler):
         ahead = self.policy.readahead(index, start, end, region.pages, page, region.stream)
         if ahead is not None and ahead[0] < ahead[1]:
             first, last = ahead[0], min(ahead[1], region.pages)
-            self._ask(source, region, first, last, demand=False,
-                      marker=self._marker(source, region, first, last))  # fmt: skip
+            self._ask(source, region, first, last, demand=False, markers=True)
         return Outcome.DONE
-
-    def _marker(self, source: Source, region: RegionState, first: int, last: int) -> int:
-        """The store offset of the first page of the read-ahead [first, last) that is not in
-        yet, where the program's fault will ask for the next window (-1: none is left). A
-        read already in flight there carries it; otherwise the read _ask submits does."""
-        assert self._fetcher is not None
-        run = next(unsettled_runs(region, first, last), None)
-        if run is None:
-            return -1
-        offset = region.offset + run[0] * region.page_size
-        covering = self._fetcher.covering(source.key, offset)
-        if covering is not None and covering.marker < 0:
-            covering.marker = offset
-        return offset
 
     def _ask(
         self, source: Source, region: RegionState, first: int, last: int, *, demand: bool,
-        waiter: tuple[int, int, int] | None = None, marker: int = -1, prefetch: bool = False,
+        waiter: tuple[int, int, int] | None = None, markers: bool = False,
+        prefetch: bool = False,
     ) -> None:  # fmt: skip
         """Submit reads for the pages of [first, last) that are neither settled nor being read,
-        split at the fetch unit. With ``demand``, only the run that starts at ``first``."""
+        split at the fetch unit. With ``demand``, only the run that starts at ``first``; with
+        ``markers``, each read's first page is its marker."""
         assert self._fetcher is not None and self.store is not None
         page = region.page_size
         unit_pages = max(1, self._fetcher.unit // page)
@@ -127,6 +116,9 @@ class InFlight(Filler):
                 if covering is not None:
                     index = max(index + 1, -(-(covering.end - region.offset) // page))
                     continue
+                if (source.key, offset) in self._held:  # a marker: its bytes are here
+                    index += 1
+                    continue
                 stop, zero = self._run_of_kind(region, index, min(b, index + unit_pages))
                 size = (stop - index) * page
                 if zero:
@@ -134,8 +126,7 @@ class InFlight(Filler):
                     self.stats.add(_stats.ZEROS, stop - index)
                 else:
                     fetch = Fetch(source.key, offset, size, demand, prefetch=prefetch,
-                                  marker=marker if index * page + region.offset <= marker
-                                  < offset + size else -1)  # fmt: skip
+                                  marker=offset if markers else -1)  # fmt: skip
                     if waiter is not None:
                         fetch.waiters.append(waiter)
                     self._fetcher.submit(fetch)

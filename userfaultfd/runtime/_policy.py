@@ -64,15 +64,16 @@ class Window(Policy):
 
 @dataclass(slots=True)
 class _Stream:
-    next_index: int = -1  # where the last window ended
+    start: int = -1  # where the last window started
+    next_index: int = -1  # where it ended
     ahead_end: int = -1  # where its read-ahead ended
     size: int = 1
 
 
 @dataclass
 class Adaptive(Policy):
-    """Readahead for faults: a window that grows while faults continue where the previous
-    window ended (or anywhere in its read-ahead), up to ``max_bytes``, and falls back to
+    """Readahead for faults: a window that grows while faults continue past the start of the
+    previous window, up to the end of its read-ahead, up to ``max_bytes``, and falls back to
     ``min_pages`` on a random access. It grows 4x while small and 2x near the ceiling, as the
     kernel's readahead does (get_next_ra_size): each step costs a round trip to a remote store.
     ``readahead_windows``: how many windows of the current size are read ahead of a stream
@@ -94,14 +95,14 @@ class Adaptive(Policy):
     def window(self, index: int, pages: int, page_size: int, stream: int = 0) -> tuple[int, int]:
         state = self._streams.setdefault(stream, _Stream(size=self.min_pages))
         ceiling = max(self.min_pages, self.max_bytes // page_size)
-        if state.next_index <= index <= max(state.next_index, state.ahead_end):
+        if state.start < index <= max(state.next_index, state.ahead_end):
             grow = 4 if state.size * 16 < ceiling else 2  # the stream went on: read further
             state.size = min(state.size * grow, ceiling)
         else:
             state.size = self.min_pages
             state.ahead_end = -1
         end = min(index + state.size, pages)
-        state.next_index = end
+        state.start, state.next_index = index, end
         return index, end
 
     def readahead(

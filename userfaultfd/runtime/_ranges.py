@@ -119,12 +119,18 @@ class RegionMap:
 
 def unsettled_runs(region: RegionState, start: int, end: int) -> Iterator[tuple[int, int]]:
     """Runs [a, b) of pages in [start, end) that are neither settled nor removed."""
+    settled, removed = region.settled, region.removed  # bytes 0 or 1: searched in C, not looped
     index = start
     while index < end:
-        if region.settled[index] or region.removed[index]:
-            index += 1
+        run = settled.find(0, index, end)
+        if run < 0:
+            return
+        if removed[run]:
+            index = run + 1
             continue
-        run = index
-        while index < end and not region.settled[index] and not region.removed[index]:
-            index += 1
-        yield run, index
+        stop = settled.find(1, run, end)
+        stop = end if stop < 0 else stop
+        gone = removed.find(1, run, stop)
+        stop = stop if gone < 0 else gone
+        yield run, stop
+        index = stop
