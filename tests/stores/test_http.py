@@ -43,7 +43,9 @@ def test_other_options_are_left_to_fsspec(
 def test_ssl_false_means_no_verification_as_in_aiohttp() -> None:
     reader = range_reader("https://127.0.0.1:1/x", {"ssl": False}, {}, 10.0)
     assert isinstance(reader, RangeReader)
-    assert (reader._context.verify_mode, reader._context.check_hostname) == (ssl.CERT_NONE, False)
+    context = reader._context
+    assert context is not None, "ssl=False made no context"
+    assert (context.verify_mode, context.check_hostname) == (ssl.CERT_NONE, False)
 
 
 def test_a_redirect_is_followed_by_fsspec_from_then_on(served: Served) -> None:

@@ -429,7 +429,6 @@ class FsspecStore(Store):
         self._options = with_timeouts(url, timeout, storage_options)
         self._protocol = fsspec.utils.get_protocol(url)
         self._init(_Version(0), b"")
-        self._connect()
         self._version, self._head = self._call("open", self._first)
         self._set_conditions()
 
@@ -461,12 +460,26 @@ class FsspecStore(Store):
 
     def _first(self) -> tuple[_Version, bytes]:
         """The size, the version and the first bytes: one ranged GET over HTTP and S3 (its
-        answer names the size and the version), else ``info()`` and no bytes."""
-        first = None
-        if self._protocol in _HTTP:
-            first = fsspec.asyn.sync(self._fs.loop, _http_first, self._fs, self._path, _HEAD_BYTES)
-        elif self._protocol in _S3:
-            first = fsspec.asyn.sync(self._fs.loop, _s3_first, self._fs, self._path, _HEAD_BYTES)
+        answer names the size and the version), else ``info()`` and no bytes. Over HTTP by
+        :mod:`._http` where it can: then this process makes no filesystem at all."""
+        first: tuple[_Version, bytes] | None = None
+        reader = self._range_reader() if self._protocol in _HTTP else None
+        if reader is not None:
+            try:
+                answer = reader.first(_HEAD_BYTES)
+            except RedirectedError:
+                self._reader = False  # fsspec's client follows redirects: it does the rest
+            else:
+                if answer is None:
+                    return self._info(), b""
+                size, validators, head = answer
+                first = _version_of("http", validators, size), head
+        if first is None and self._protocol in _HTTP:
+            fs = self._filesystem()
+            first = fsspec.asyn.sync(fs.loop, _http_first, fs, self._path, _HEAD_BYTES)
+        elif first is None and self._protocol in _S3:
+            fs = self._filesystem()
+            first = fsspec.asyn.sync(fs.loop, _s3_first, fs, self._path, _HEAD_BYTES)
         if first is None:
             return self._info(), b""
         version, head = first
@@ -477,7 +490,7 @@ class FsspecStore(Store):
 
     def _info(self) -> _Version:
         """The object's size and identity, asked of the server now."""
-        info = self._fs.info(self._path)
+        info = self._filesystem().info(self._path)
         size = info.get("size")
         if not isinstance(size, int):
             raise StoreError(errno.EIO, f"{self.url}: the server does not say how large it is")
@@ -508,7 +521,7 @@ class FsspecStore(Store):
         self._read_kwargs = {}
         if self._protocol in _HTTP:
             conditions = self._conditions = _http_conditions(self._version)
-            if conditions:  # cat_file's headers replace the session's: keep those too
+            if conditions and self._fs is not None:  # cat_file's headers replace the session's
                 headers = dict(self._fs.kwargs.get("headers") or {})
                 self._read_kwargs["headers"] = {**headers, **conditions}
 
@@ -552,9 +565,9 @@ class FsspecStore(Store):
             )
         view[:] = data
 
-    def _read_directly(self, offset: int, view: memoryview) -> bool:
-        """Bytes [offset, offset + len(view)) into ``view`` by :mod:`._http`; False where that
-        path cannot serve this store (then fsspec does, from now on)."""
+    def _range_reader(self) -> RangeReader | None:
+        """The :mod:`._http` reader of this store, made at its first use; None where that path
+        cannot serve it (its options, or a redirect: then fsspec does, from then on)."""
         with self._connecting:
             if self._closed:
                 raise StoreError(errno.EBADF, f"{self.url}: the store is closed")
@@ -562,8 +575,13 @@ class FsspecStore(Store):
                 options = {k: v for k, v in self._options.items() if k != "client_kwargs"}
                 client = dict(self._options.get("client_kwargs") or {})
                 self._reader = range_reader(self.url, options, client, _DEFAULT_TIMEOUT) or False
-            reader = self._reader
-        if not isinstance(reader, RangeReader):
+            return self._reader if isinstance(self._reader, RangeReader) else None
+
+    def _read_directly(self, offset: int, view: memoryview) -> bool:
+        """Bytes [offset, offset + len(view)) into ``view`` by :mod:`._http`; False where that
+        path cannot serve this store (then fsspec does, from now on)."""
+        reader = self._range_reader()
+        if reader is None:
             return False
 
         def read() -> bool:

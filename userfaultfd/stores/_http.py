@@ -57,7 +57,7 @@ class RangeReader:
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._headers = headers
         self._timeout = timeout
-        self._context = context if context is not None else ssl.create_default_context()
+        self._context = context  # None: the default one, made at the first HTTPS connection
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[http.client.HTTPConnection] = []
@@ -67,6 +67,8 @@ class RangeReader:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if conn is None:
             if self._https:
+                if self._context is None:  # loading the system's CAs takes tens of ms
+                    self._context = ssl.create_default_context()
                 conn = http.client.HTTPSConnection(
                     self._host, self._port, timeout=self._timeout, context=self._context
                 )
@@ -133,6 +135,60 @@ class RangeReader:
                 raise TimeoutError(f"{got} of {len(view)} bytes in {self._timeout:g} s")
         if response.read(1):
             raise ValueError(f"the server sent more than the {len(view)} bytes asked for")
+
+    def first(self, length: int) -> tuple[int, dict[str, str], bytes] | None:
+        """One GET of bytes [0, length): the object's size, the response's headers (its
+        validators) and those bytes; None when the answer does not say the size (an empty
+        object's 416, an encoded body). A 200 (Range ignored) gives the first bytes too."""
+        try:
+            return self._first(length)
+        except BaseException:
+            self._drop()
+            raise
+
+    def _first(self, length: int) -> tuple[int, dict[str, str], bytes] | None:
+        conn = self._connection()
+        headers = {**self._headers, "Range": f"bytes=0-{length - 1}"}
+        conn.request("GET", self._target, headers=headers)
+        response = conn.getresponse()
+        validators = {  # case-insensitive lookups, under the names _version_of asks for
+            name: value
+            for name in ("ETag", "Last-Modified")
+            if (value := response.getheader(name)) is not None
+        }
+        if response.status == 206:
+            total = (response.getheader("Content-Range") or "").rpartition("/")[2]
+        elif response.status == 200:
+            total = response.getheader("Content-Length") or ""
+        else:
+            response.read()
+            if 300 <= response.status < 400:
+                raise RedirectedError(response.getheader("Location") or "")
+            if response.status == 404:
+                raise FileNotFoundError(f"HTTP 404 {response.reason}")
+            if response.status == 416:
+                return None
+            raise HTTPStatusError(response.status, response.reason)
+        if not total.isdigit() or response.getheader("Content-Encoding", "identity") not in (
+            "identity",
+            "",
+        ):
+            self._drop()  # the body is not read: the connection is not reusable
+            return None
+        want = min(length, int(total))
+        data = bytearray(want)
+        view = memoryview(data)
+        got = 0
+        while got < want:
+            n = response.readinto(view[got:])
+            if not n:
+                raise http.client.IncompleteRead(bytes(data[:got]), want - got)
+            got += n
+        if response.status == 200 and int(total) > want:
+            self._drop()  # the rest of the object is on the way: drop it with the connection
+        elif response.read(1):
+            raise ValueError(f"the server sent more than the {want} bytes asked for")
+        return int(total), validators, bytes(data)
 
     def close(self) -> None:
         with self._lock:
