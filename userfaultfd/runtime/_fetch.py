@@ -62,7 +62,7 @@ class Fetch:
 
 
 class Fetcher:
-    """``depth`` worker threads reading ``store`` into buffers of ``unit`` bytes."""
+    """Up to ``depth`` worker threads reading ``store`` into buffers of ``unit`` bytes."""
 
     def __init__(self, store: Store, depth: int, unit: int, wake: int) -> None:
         self.store = store
@@ -79,25 +79,33 @@ class Fetcher:
         self._buffers: list[mmap.mmap] = []
         self._addresses: list[int] = []
         self._released: list[threading.Event] = []
-        for _ in range(depth):
-            buffer = mmap.mmap(-1, unit, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            self._buffers.append(buffer)
-            self._addresses.append(self._resources.enter_context(pinned(buffer))[0])
-            self._released.append(threading.Event())
         self.workers = depth
-        self._threads = [
-            threading.Thread(target=self._work, args=(n,), name=f"uffd-fetch-{n}", daemon=True)
-            for n in range(depth)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # started workers waiting for a fetch
+
+    def _start_worker(self) -> None:
+        """One more worker, with its buffer. Workers start as reads come in, not all at once:
+        starting sixteen threads took the first fault milliseconds."""
+        slot = len(self._threads)
+        buffer = mmap.mmap(-1, self.unit, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._buffers.append(buffer)
+        self._addresses.append(self._resources.enter_context(pinned(buffer))[0])
+        self._released.append(threading.Event())
+        thread = threading.Thread(
+            target=self._work, args=(slot,), name=f"uffd-fetch-{slot}", daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
 
     def submit(self, fetch: Fetch) -> None:
         assert 0 < fetch.size <= self.unit
         with self._lock:
             self.pending.append(fetch)
             (self._demand if fetch.demand else self._ahead).append(fetch)
+            more = len(self._demand) + len(self._ahead) > self._idle
             self._lock.notify()
+        if more and len(self._threads) < self.workers:
+            self._start_worker()
 
     def covering(self, key: int, offset: int) -> Fetch | None:
         for fetch in self.pending:
@@ -150,8 +158,10 @@ class Fetcher:
         view = memoryview(self._buffers[slot])
         while True:
             with self._lock:
+                self._idle += 1
                 while not (self._stopping or self._demand or self._ahead):
                     self._lock.wait()
+                self._idle -= 1
                 if self._stopping:
                     return
                 fetch = (self._demand or self._ahead).popleft()
