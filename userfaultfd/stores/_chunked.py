@@ -44,6 +44,7 @@ from ._chunked_index import HASH_SIZE, INDEX_MAGIC, NAME_SIZE, Index, parse_inde
 from ._chunked_writer import write_chunked  # pack() imports it from here
 from ._chunks import Codec
 from ._objects import is_url
+from ._retries import call_with_retries
 
 __all__ = ["INDEX_MAGIC", "ChunkedStore", "write_chunked"]
 
@@ -88,7 +89,6 @@ class _Ranges:
         else:
             if self._fs is None:
                 raise StoreError(errno.EBADF, f"{self.where}: the store is closed")
-            from ._fsspec import call_with_retries
 
             fs, path = self._fs, f"{self._path}/{name}"
 

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from ._base import PARALLEL_REQUESTS, StoreError, replacing
+from ._retries import call_with_retries
 
 __all__ = ["Objects", "open_objects"]
 
@@ -92,7 +93,6 @@ class _Remote(Objects):
         self._path = self._path.rstrip("/")
 
     def _call(self, what: str, fn: Any) -> Any:
-        from ._fsspec import call_with_retries
 
         return call_with_retries(self.where, what, fn, self._tries, self._backoff)
 
