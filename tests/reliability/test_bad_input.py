@@ -174,8 +174,8 @@ def test_serve_refuses_bad_regions(
 
 
 def test_serve_refuses_overlapping_regions() -> None:
-    """Two regions sharing a page give it two sources. Today serve() accepts them and the first
-    region silently wins (pages of the second read other store bytes than it asked for)."""
+    """Two regions sharing a page would give it two sources, and the first would silently win
+    (pages of the second would read other store bytes than it asked for): refused."""
 
     def call() -> object:
         mapping = memory.anonymous(4 * PAGE)

@@ -25,7 +25,7 @@ def test_window_needs_a_page() -> None:
         Window(0)
 
 
-def test_adaptive_doubles_on_a_stream_and_resets_on_a_jump() -> None:
+def test_adaptive_grows_on_a_stream_and_resets_on_a_jump() -> None:
     policy = Adaptive(min_pages=1, max_bytes=8 * PAGE)
     windows = []
     index = 0
@@ -33,7 +33,7 @@ def test_adaptive_doubles_on_a_stream_and_resets_on_a_jump() -> None:
         start, end = policy.window(index, 1000, PAGE)
         windows.append((start, end))
         index = end  # the next fault lands where the window ended: a sequential stream
-    assert windows == [(0, 1), (1, 3), (3, 7), (7, 15), (15, 23), (23, 31)]
+    assert windows == [(0, 1), (1, 5), (5, 13), (13, 21), (21, 29), (29, 37)]
     assert policy.window(500, 1000, PAGE) == (500, 501)  # random access: back to one page
 
 
@@ -55,26 +55,26 @@ def test_adaptive_ceiling_is_in_bytes() -> None:
     assert end - start == 4  # 8 MiB of 2 MiB pages
 
 
-def test_adaptive_grows_4x_while_small_then_2x() -> None:
-    policy = Adaptive(min_pages=1, max_bytes=256 * PAGE)  # 4x below 256 / 16 = 16 pages
+def test_adaptive_grows_4x_a_step_up_to_its_ceiling() -> None:
+    policy = Adaptive(min_pages=1, max_bytes=200 * PAGE)
     sizes, index = [], 0
-    for _ in range(8):
+    for _ in range(7):
         start, end = policy.window(index, 10_000, PAGE)
         sizes.append(end - start)
         index = end
-    assert sizes == [1, 4, 16, 32, 64, 128, 256, 256]
+    assert sizes == [1, 4, 16, 64, 200, 200, 200]
 
 
 def test_a_fault_anywhere_in_the_read_ahead_continues_the_stream() -> None:
     policy = Adaptive(min_pages=1, max_bytes=8 * PAGE, readahead_windows=2)
     assert policy.window(0, 1000, PAGE) == (0, 1)
-    assert policy.window(1, 1000, PAGE) == (1, 3)
-    assert policy.readahead(1, 1, 3, 1000, PAGE) == (3, 7)  # two windows of 2 pages
+    assert policy.window(1, 1000, PAGE) == (1, 5)
+    assert policy.readahead(1, 1, 5, 1000, PAGE) == (5, 13)  # two windows of 4 pages
     # The first pages of the read-ahead were in already: the fault came further on.
-    assert policy.window(5, 1000, PAGE) == (5, 9)
-    assert policy.readahead(5, 5, 9, 1000, PAGE) == (9, 17)
-    assert policy.window(17, 1000, PAGE) == (17, 25)  # its very end still counts
-    assert policy.window(40, 1000, PAGE) == (40, 41)  # past it: random access
+    assert policy.window(9, 1000, PAGE) == (9, 17)
+    assert policy.readahead(9, 9, 17, 1000, PAGE) == (17, 33)
+    assert policy.window(33, 1000, PAGE) == (33, 41)  # its very end still counts
+    assert policy.window(60, 1000, PAGE) == (60, 61)  # past it: random access
 
 
 def test_adaptive_refuses_nonsense() -> None:
@@ -87,8 +87,7 @@ def test_a_fault_on_a_marker_inside_the_window_continues_the_stream() -> None:
     fault there may land inside the window the last such fault chose."""
     policy = Adaptive(min_pages=1, max_bytes=8 * PAGE, readahead_windows=2)
     assert policy.window(0, 1000, PAGE) == (0, 1)
-    assert policy.window(1, 1000, PAGE) == (1, 3)
-    assert policy.readahead(1, 1, 3, 1000, PAGE) == (3, 7)
-    assert policy.window(3, 1000, PAGE) == (3, 7)
-    assert policy.window(4, 1000, PAGE) == (4, 12)  # past the window's start: still the stream
-    assert policy.window(4, 1000, PAGE) == (4, 5)  # the same page again: not a stream going on
+    assert policy.window(1, 1000, PAGE) == (1, 5)
+    assert policy.readahead(1, 1, 5, 1000, PAGE) == (5, 13)
+    assert policy.window(3, 1000, PAGE) == (3, 11)  # past the window's start: still the stream
+    assert policy.window(3, 1000, PAGE) == (3, 4)  # the same page again: not a stream going on
