@@ -22,7 +22,7 @@ import ssl
 import threading
 import time
 import urllib.parse
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["HTTPStatusError", "RangeReader", "RedirectedError", "range_reader"]
 
@@ -42,6 +42,17 @@ class HTTPStatusError(Exception):
 
 class RedirectedError(Exception):
     """The server redirected the request: fsspec (aiohttp) follows redirects, this path not."""
+
+
+def _refused(response: http.client.HTTPResponse) -> NoReturn:
+    """Raise what an answer other than the bytes asked for means (its body is read first, so the
+    connection stays usable)."""
+    response.read()
+    if 300 <= response.status < 400:
+        raise RedirectedError(response.getheader("Location") or "")
+    if response.status == 404:
+        raise FileNotFoundError(f"HTTP 404 {response.reason}")
+    raise HTTPStatusError(response.status, response.reason)
 
 
 class RangeReader:
@@ -114,17 +125,20 @@ class RangeReader:
         conn.request("GET", self._target, headers=headers)
         response = conn.getresponse()
         if response.status != 206:
-            response.read()  # the connection stays usable
-            if 300 <= response.status < 400:
-                raise RedirectedError(response.getheader("Location") or "")
-            if response.status == 404:
-                raise FileNotFoundError(f"HTTP 404 {response.reason}")
-            raise HTTPStatusError(response.status, response.reason)
+            _refused(response)
         expected = f"bytes {start}-{end - 1}/"
         content_range = response.getheader("Content-Range") or ""
         if not content_range.startswith(expected):
             response.read()
             raise ValueError(f"asked for {expected}..., the server sent {content_range!r}")
+        self._read_body(response, view, deadline)
+        if response.read(1):
+            raise ValueError(f"the server sent more than the {len(view)} bytes asked for")
+
+    def _read_body(
+        self, response: http.client.HTTPResponse, view: memoryview, deadline: float
+    ) -> None:
+        """Exactly ``len(view)`` bytes of ``response``'s body into ``view``, by ``deadline``."""
         got = 0
         while got < len(view):
             n = response.readinto(view[got:])
@@ -133,8 +147,6 @@ class RangeReader:
             got += n
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{got} of {len(view)} bytes in {self._timeout:g} s")
-        if response.read(1):
-            raise ValueError(f"the server sent more than the {len(view)} bytes asked for")
 
     def first(self, length: int) -> tuple[int, dict[str, str], bytes] | None:
         """One GET of bytes [0, length): the object's size, the response's headers (its
@@ -160,15 +172,11 @@ class RangeReader:
             total = (response.getheader("Content-Range") or "").rpartition("/")[2]
         elif response.status == 200:
             total = response.getheader("Content-Length") or ""
-        else:
+        elif response.status == 416:  # an empty object has no byte 0
             response.read()
-            if 300 <= response.status < 400:
-                raise RedirectedError(response.getheader("Location") or "")
-            if response.status == 404:
-                raise FileNotFoundError(f"HTTP 404 {response.reason}")
-            if response.status == 416:
-                return None
-            raise HTTPStatusError(response.status, response.reason)
+            return None
+        else:
+            _refused(response)
         if not total.isdigit() or response.getheader("Content-Encoding", "identity") not in (
             "identity",
             "",
@@ -178,12 +186,7 @@ class RangeReader:
         want = min(length, int(total))
         data = bytearray(want)
         view = memoryview(data)
-        got = 0
-        while got < want:
-            n = response.readinto(view[got:])
-            if not n:
-                raise http.client.IncompleteRead(bytes(data[:got]), want - got)
-            got += n
+        self._read_body(response, view, time.monotonic() + self._timeout)
         if response.status == 200 and int(total) > want:
             self._drop()  # the rest of the object is on the way: drop it with the connection
         elif response.read(1):
