@@ -51,6 +51,21 @@ http {{
 """
 
 
+def settled_log(path: Path, quiet: float = 0.05, timeout: float = 2.0) -> str:
+    """The text of a server's request log once it has stopped growing for ``quiet`` seconds: a
+    server writes a request's line after it sent the answer, so a client that has its bytes may
+    read the log before the line is there."""
+    deadline = time.monotonic() + timeout
+    text = path.read_text() if path.exists() else ""
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = path.read_text() if path.exists() else ""
+        if now == text:
+            return now
+        text = now
+    return text
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,7 +150,7 @@ class Nginx:
     def requests(self, name: str) -> list[tuple[str, int, str, int]]:
         """(method, status, range header or "-", body bytes) of every request for ``/name``."""
         rows = []
-        for line in self.access_log.read_text().splitlines():
+        for line in settled_log(self.access_log).splitlines():
             method, uri, status, rng, sent = line.split(" ")
             if uri == f"/{name}":
                 rows.append((method, int(status), rng.strip('"') or "-", int(sent)))

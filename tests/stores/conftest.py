@@ -83,7 +83,8 @@ class S3:
 
     def requests(self, key: str) -> list[tuple[str, int]]:
         """(method, status) of every request for ``key`` in bucket ``test``, in order."""
-        found = re.findall(rf'"(\w+) /test/{re.escape(key)}[ ?][^"]*" (\d+)', self.log.read_text())
+        log = _servers.settled_log(self.log)
+        found = re.findall(rf'"(\w+) /test/{re.escape(key)}[ ?][^"]*" (\d+)', log)
         return [(method, int(status)) for method, status in found]
 
 
