@@ -147,10 +147,12 @@ class Nginx:
                 raise RuntimeError(f"nginx did not listen on {self.url}: {log}")
             time.sleep(0.02)
 
-    def requests(self, name: str) -> list[tuple[str, int, str, int]]:
-        """(method, status, range header or "-", body bytes) of every request for ``/name``."""
+    def requests(self, name: str, *, settled: bool = True) -> list[tuple[str, int, str, int]]:
+        """(method, status, range header or "-", body bytes) of every request for ``/name``;
+        ``settled``: once the log has stopped growing (not for polling while clients run)."""
         rows = []
-        for line in settled_log(self.access_log).splitlines():
+        log = settled_log(self.access_log) if settled else self.access_log.read_text()
+        for line in log.splitlines():
             method, uri, status, rng, sent = line.split(" ")
             if uri == f"/{name}":
                 rows.append((method, int(status), rng.strip('"') or "-", int(sent)))

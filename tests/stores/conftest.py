@@ -6,6 +6,7 @@ import dataclasses
 import os
 import random
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,11 +82,16 @@ class S3:
     payload: bytes
     log: Path  # moto's request log: one line per request, method, path and status
 
-    def requests(self, key: str) -> list[tuple[str, int]]:
-        """(method, status) of every request for ``key`` in bucket ``test``, in order."""
-        log = _servers.settled_log(self.log)
-        found = re.findall(rf'"(\w+) /test/{re.escape(key)}[ ?][^"]*" (\d+)', log)
-        return [(method, int(status)) for method, status in found]
+    def requests(self, key: str, *, at_least: int = 0) -> list[tuple[str, int]]:
+        """(method, status) of every request for ``key`` in bucket ``test``, in order, once there
+        are ``at_least`` of them (or 10 s passed): moto writes a request's line a while after
+        its answer, under load more than 100 ms after."""
+        deadline = time.monotonic() + 10
+        while True:
+            log = _servers.settled_log(self.log)
+            found = re.findall(rf'"(\w+) /test/{re.escape(key)}[ ?][^"]*" (\d+)', log)
+            if len(found) >= at_least or time.monotonic() > deadline:
+                return [(method, int(status)) for method, status in found]
 
 
 @pytest.fixture(scope="session")

@@ -106,13 +106,14 @@ class RangeReader:
         (If-Match, ...) make the server refuse another version with 412."""
         reused = getattr(self._local, "conn", None) is not None
         try:
-            self._get_into(start, view, conditions)
-        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-            self._drop()
-            if not reused:
-                raise
-            # The server closed the idle keep-alive connection: one fresh try, no backoff.
-            self._get_into(start, view, conditions)
+            try:
+                self._get_into(start, view, conditions)
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                if not reused:
+                    raise
+                # The server closed the idle keep-alive connection: one fresh try, no backoff.
+                self._drop()
+                self._get_into(start, view, conditions)
         except BaseException:
             self._drop()  # a half-read response leaves the connection unusable
             raise
