@@ -129,9 +129,11 @@ class RangeReader:
             _refused(response)
         expected = f"bytes {start}-{end - 1}/"
         content_range = response.getheader("Content-Range") or ""
-        if not content_range.startswith(expected):
+        encoding = response.getheader("Content-Encoding") or "identity"
+        if not content_range.startswith(expected) or encoding != "identity":
             response.read()
-            raise ValueError(f"asked for {expected}..., the server sent {content_range!r}")
+            raise ValueError(f"asked for {expected}..., the server sent {content_range!r}"
+                             f" ({encoding})")  # fmt: skip
         self._read_body(response, view, deadline)
         if response.read(1):
             raise ValueError(f"the server sent more than the {len(view)} bytes asked for")
