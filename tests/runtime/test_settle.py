@@ -14,7 +14,7 @@ import pytest
 
 from tests._target import PAGE, Channel, Target
 from userfaultfd import memory
-from userfaultfd.runtime import Single, Window, serve
+from userfaultfd.runtime import Adaptive, Policy, Single, Window, serve
 from userfaultfd.stores import Store, StoreError
 
 PAGES = 64
@@ -191,15 +191,22 @@ def test_lazy_works_for_an_unprivileged_user(tmp_path_factory: pytest.TempPathFa
     )
 
 
-@pytest.mark.parametrize("fetches", [None, 4], ids=["one-read", "reads-in-flight"])
-def test_a_background_fill_brings_every_page_in_and_ends(fetches: int | None) -> None:
+@pytest.mark.parametrize(
+    ("fetches", "policy", "first"),
+    [(None, Single(), 3), (4, Single(), 3), (4, Adaptive(max_bytes=16 * PAGE), 40)],
+    ids=["one-read", "reads-in-flight", "read-ahead-markers"],
+)
+def test_a_background_fill_brings_every_page_in_and_ends(
+    fetches: int | None, policy: Policy, first: int
+) -> None:
     """fill_in_background(): faults are still answered; the handler ends once every page is
-    in, and the memory then reads right with nobody serving it."""
+    in, and the memory then reads right with nobody serving it. A sequential start leaves
+    read-ahead markers held back (no fault will ask for them): the fill places them too."""
 
     def body(channel: Channel) -> None:
         mapping = memory.anonymous(len(SOURCE))
-        server = serve([mapping], _Flaky(), policy=Single(), fetches=fetches)
-        wrong = _first_wrong(mapping.view, range(3))
+        server = serve([mapping], _Flaky(), policy=policy, fetches=fetches)
+        wrong = _first_wrong(mapping.view, range(first))
         server.fill_in_background()
         wrong = wrong or _first_wrong(mapping.view, range(PAGES - 3, PAGES))
         deadline = time.monotonic() + 10

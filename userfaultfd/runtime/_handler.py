@@ -417,6 +417,9 @@ class Handler(InFlight):
                     covering = self._fetcher.covering(source.key, region.offset + first * page)
                     if covering is None:
                         last = min(last, first + max(1, self._fetcher.unit // page))
+                        if self._install_held(source, region, first, last) is Outcome.CHANGED:
+                            self._catch_up()
+                            return True
                         self._ask(source, region, first, last, demand=False)
                     else:
                         last = -(-(covering.end - region.offset) // page)
@@ -437,6 +440,8 @@ class Handler(InFlight):
         assert self._fetcher is not None
         for source in list(self._sources.values()):
             for region in list(source.regions):
+                if self._install_held(source, region, 0, region.pages) is Outcome.CHANGED:
+                    self._catch_up()
                 self._ask(source, region, 0, region.pages, demand=False)
         while self._fetcher.pending and self._sources:
             ready = select.select([self._wake_read], [], [], 0.05)[0]

@@ -97,6 +97,20 @@ class InFlight(Filler):
             self._ask(source, region, first, last, demand=False, markers=True)
         return Outcome.DONE
 
+    def _install_held(self, source: Source, region: RegionState, first: int, last: int) -> Outcome:
+        """Place the marker pages kept back in [first, last): for a fill that must end (in the
+        background, a drain), which no reader's fault will ask for."""
+        page = region.page_size
+        for index in range(first, last):
+            held = self._held.pop((source.key, region.offset + index * page), None)
+            if held is not None:
+                self._view[:page] = held
+                outcome = self._place(source, region, index, index + 1, Fill.COPY,
+                                      self._buffer_address)  # fmt: skip
+                if outcome is not Outcome.DONE:
+                    return outcome
+        return Outcome.DONE
+
     def _ask(
         self, source: Source, region: RegionState, first: int, last: int, *, demand: bool,
         waiter: tuple[int, int, int] | None = None, markers: bool = False,
