@@ -29,9 +29,9 @@ class Policy(abc.ABC):
         self, index: int, start: int, end: int, pages: int, page_size: int, stream: int = 0
     ) -> tuple[int, int] | None:
         """Pages to read ahead of the window [start, end) just chosen for a fault on ``index``,
-        when the store keeps many reads in flight. The handler keeps the first of them that is
-        not in yet (the marker) back until the program faults on it, and that fault asks for
-        the next window: a policy must count a fault anywhere in the read-ahead as the stream
+        when the store keeps many reads in flight. The handler keeps the first page of each of
+        their reads (a marker) back until the program faults on it, and that fault tops the
+        read-ahead up: a policy must count a fault anywhere in the read-ahead as the stream
         going on. Default: none."""
         return None
 
