@@ -101,14 +101,15 @@ class InFlight(Filler):
         """Place the marker pages kept back in [first, last): for a fill that must end (in the
         background, a drain), which no reader's fault will ask for."""
         page = region.page_size
-        for index in range(first, last):
-            held = self._held.pop((source.key, region.offset + index * page), None)
-            if held is not None:
-                self._view[:page] = held
-                outcome = self._place(source, region, index, index + 1, Fill.COPY,
-                                      self._buffer_address)  # fmt: skip
-                if outcome is not Outcome.DONE:
-                    return outcome
+        lo, hi = region.offset + first * page, region.offset + last * page
+        # The held pages are few (one a read of the read-ahead): look at them, not the range.
+        for key, offset in sorted(k for k in self._held if k[0] == source.key and lo <= k[1] < hi):
+            self._view[:page] = self._held.pop((key, offset))
+            index = (offset - region.offset) // page
+            outcome = self._place(source, region, index, index + 1, Fill.COPY,
+                                  self._buffer_address)  # fmt: skip
+            if outcome is not Outcome.DONE:
+                return outcome
         return Outcome.DONE
 
     def _ask(

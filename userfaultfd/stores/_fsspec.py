@@ -423,6 +423,8 @@ class FsspecStore(Store):
     def _range_reader(self) -> RangeReader | None:
         """The :mod:`._http` reader of this store, made at its first use; None where that path
         cannot serve it (its options, or a redirect: then fsspec does, from then on)."""
+        if isinstance(self._reader, RangeReader) and not self._closed:
+            return self._reader  # every read after the first: no lock on the fault path
         with self._connecting:
             if self._closed:
                 raise StoreError(errno.EBADF, f"{self.url}: the store is closed")
