@@ -23,8 +23,8 @@ def add_store_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
             "Compress SOURCE (a path or a URL such as s3://bucket/key) into a pack of"
             " independently compressed chunks that any store can serve page by page."
             " With --layout chunks, DEST is the index of a content-addressed pack (a path or a"
-            " URL such as s3://bucket/images/vm.index) and every chunk an object in chunks/ next"
-            " to it, uploaded only if no earlier pack there has it."
+            " URL such as s3://bucket/images/vm.index) and the pages no earlier pack there has go,"
+            " compressed a chunk at a time, into bundles/ next to it."
         ),
     )
     p.add_argument("source", metavar="SOURCE", help="a path or a URL")

@@ -31,10 +31,11 @@ def pack(
 
     ``layout="file"``: one file at the local path ``dest`` (format in stores/_zstd.py), written
     under a temporary name and renamed at the end, so a failed pack leaves no half-written file.
-    ``layout="chunks"``: content-addressed (format in stores/_chunked.py): ``dest`` names the
-    pack's index (a local path or an fsspec URL such as ``s3://bucket/images/vm.index``, with
-    ``storage_options``); every chunk is an object named by its hash in ``chunks/`` next to it,
-    uploaded only if no earlier pack put it there, and the index is written last.
+    ``layout="chunks"``: content-addressed (described in stores/_chunked.py, the index's format
+    in stores/_chunked_index.py): ``dest`` names the pack's index (a local path or an fsspec URL
+    such as ``s3://bucket/images/vm.index``, with ``storage_options``); the pages that no earlier
+    pack in that directory stored are compressed a chunk at a time into bundles, objects named by
+    their hash in ``bundles/`` next to it, and the index is written last.
     ``PackInfo.unique_bytes`` says how many bytes were new.
 
     Chunks that are all zero get no frame. ``dictionary``: the size of a zstd dictionary to
