@@ -1,13 +1,20 @@
-"""lazy(): a NumPy array (or a memoryview) whose pages fill on demand from a source."""
+"""lazy(): a NumPy array (or a memoryview) whose pages fill on demand from a source.
+
+Two paths (runtime/_direct.py has the design note): a plain local file, when nothing that needs
+a handler is asked for, is mapped directly by the kernel (private, copy on write); everything
+else is anonymous memory registered with a uffd and served by a handler process (serve()).
+"""
 
 from __future__ import annotations
 
 import ctypes
 import io
+import os
 from typing import Any
 
 from .. import memory
-from ..stores import ChunkCache, Store, open_store
+from ..stores import ChunkCache, FileStore, Store, open_store
+from ._direct import handler_needed, map_file
 from ._policy import Policy
 from ._server import Region, Server, serve
 
@@ -24,6 +31,7 @@ def lazy(
     dtype: Any = None,
     policy: Policy | None = None,
     cache: ChunkCache | None = None,
+    direct: bool | None = None,
     **serve_options: Any,
 ) -> Any:
     """Memory whose pages fill from ``source`` when first touched.
@@ -31,24 +39,54 @@ def lazy(
     ``source``: a path, an fsspec URL, a bytes-like object or a :class:`Store`; a ``.npy``
     file's header gives the shape and dtype. Returns a NumPy array of ``shape`` and ``dtype``
     (flat, when only a dtype is given), or a writable memoryview of the bytes when neither a
-    dtype nor a .npy header says what they are. The handler serves the memory as long as it
-    is mapped in this process or in a child forked from it; dropping the last view of it
-    unmaps it here, and the handler ends once no process has it any more. ``cache``: a
-    :class:`~userfaultfd.stores.ChunkCache` in front of a content-addressed pack. Other options
-    go to :func:`serve` (``fetches``, ``record``, ``prefetch``, ``cpu``, ...).
+    dtype nor a .npy header says what they are. Writes to it stay private to the process.
+
+    ``direct``: None (the default) maps a path to a plain local file directly with the kernel's
+    own private file mapping (page cache and read-ahead, no handler) when no option that needs a
+    handler is given (``policy``, ``cache``, or any option of :func:`serve`); True requires that
+    (ValueError saying why it cannot); False always serves through a handler. Mapped directly,
+    a page not written yet shows writes made to the file in place, and truncating the file
+    raises SIGBUS on its pages past the new end.
+
+    Through a handler, it serves the memory as long as it is mapped in this process or in a
+    child forked from it; dropping the last view of it unmaps it here, and the handler ends
+    once no process has it any more. ``cache``: a :class:`~userfaultfd.stores.ChunkCache` in
+    front of a content-addressed pack. Other options go to :func:`serve` (``fetches``,
+    ``record``, ``prefetch``, ``cpu``, ...).
     """
     store = open_store(source) if cache is None else open_store(source, cache=cache)
     try:
-        return _map(store, shape, dtype, policy, serve_options)
+        offset, shape, dtype, nbytes = _layout(store, shape, dtype)
+        if direct is False:
+            holder = _served(store, offset, nbytes, policy, serve_options)
+        else:
+            options = dict(serve_options, policy=policy) if policy is not None else serve_options
+            why = handler_needed(source, store, cache, options)
+            if why is not None and direct:
+                path = isinstance(source, str | os.PathLike)
+                name = repr(os.fspath(source)) if path else f"a {type(source).__name__}"
+                raise ValueError(f"direct=True cannot map {name}: {why}")
+            if why is None:
+                assert isinstance(store, FileStore)
+                holder = map_file(store, offset, nbytes)
+            else:
+                holder = _served(store, offset, nbytes, policy, serve_options)
     finally:
         if store is not source:
-            store.close()  # the supervisor has its own handle; this process needs none
+            store.close()  # the supervisor (or the mapping) has its own handle; this needs none
+    raw = memoryview(holder).cast("B")
+    if dtype is None:
+        return raw
+    import numpy as np
+
+    array = np.frombuffer(raw, dtype=dtype)
+    return array.reshape(shape) if shape is not None else array
 
 
-def _map(
-    store: Store, shape: int | tuple[int, ...] | None, dtype: Any, policy: Policy | None,
-    serve_options: dict[str, Any],
-) -> Any:  # fmt: skip
+def _layout(
+    store: Store, shape: int | tuple[int, ...] | None, dtype: Any
+) -> tuple[int, int | tuple[int, ...] | None, Any, int]:
+    """(offset, shape, dtype, length in bytes) of the memory ``store`` is mapped as."""
     offset, header_shape, header_dtype = _npy_header(store)
     if header_dtype is not None:
         if dtype is not None or shape is not None:
@@ -66,6 +104,14 @@ def _map(
                              f"{store.size - offset}")  # fmt: skip
     if nbytes <= 0:
         raise ValueError("the source is empty: there is nothing to map")
+    return offset, shape, dtype, nbytes
+
+
+def _served(
+    store: Store, offset: int, nbytes: int, policy: Policy | None, serve_options: dict[str, Any]
+) -> Any:
+    """``nbytes`` of anonymous memory served from ``store`` at ``offset`` by a handler: a ctypes
+    array that owns the mapping and the server."""
     page = memory.page_size()
     # No commit charge up front: a source may be larger than memory; pages count as they fill.
     mapping = memory.anonymous(-(-nbytes // page) * page, noreserve=True)
@@ -81,22 +127,23 @@ def _map(
     # the server; the handler still serves forked children that have a copy.
     holder.mapping = mapping  # type: ignore[attr-defined]
     holder.server = server  # type: ignore[attr-defined]
-    raw = memoryview(holder).cast("B")
-    if dtype is None:
-        return raw
-    import numpy as np
-
-    array = np.frombuffer(raw, dtype=dtype)
-    return array.reshape(shape) if shape is not None else array
+    return holder
 
 
 def server_of(array: Any) -> Server:
-    """The handler behind an object :func:`lazy` returned (for its ``stats()``)."""
+    """The handler behind an object :func:`lazy` returned (for its ``stats()``). ValueError
+    for memory the kernel maps directly from a file (no handler: ``lazy(..., direct=False)``
+    serves it through one)."""
     base = array
-    while base is not None and not hasattr(base, "server"):
+    while base is not None and not hasattr(base, "mapping"):
         base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
     if base is None:
         raise ValueError("not memory returned by lazy()")
+    if hasattr(base, "direct"):
+        raise ValueError(
+            f"this memory is mapped directly from {base.direct} by the kernel: there is no"
+            " handler; lazy(..., direct=False) serves it through one"
+        )
     server: Server = base.server
     return server
 
