@@ -56,21 +56,20 @@ def lazy(
     """
     store = open_store(source) if cache is None else open_store(source, cache=cache)
     try:
-        offset, shape, dtype, nbytes = _layout(store, shape, dtype)
-        if direct is False:
-            holder = _served(store, offset, nbytes, policy, serve_options)
-        else:
+        why: str | None = "direct=False"
+        if direct is not False:
             options = dict(serve_options, policy=policy) if policy is not None else serve_options
             why = handler_needed(source, store, cache, options)
             if why is not None and direct:
                 path = isinstance(source, str | os.PathLike)
                 name = repr(os.fspath(source)) if path else f"a {type(source).__name__}"
                 raise ValueError(f"direct=True cannot map {name}: {why}")
-            if why is None:
-                assert isinstance(store, FileStore)
-                holder = map_file(store, offset, nbytes)
-            else:
-                holder = _served(store, offset, nbytes, policy, serve_options)
+        offset, shape, dtype, nbytes = _layout(store, shape, dtype)
+        if why is None:
+            assert isinstance(store, FileStore)
+            holder = map_file(store, offset, nbytes)
+        else:
+            holder = _served(store, offset, nbytes, policy, serve_options)
     finally:
         if store is not source:
             store.close()  # the supervisor (or the mapping) has its own handle; this needs none
