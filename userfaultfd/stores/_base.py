@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import abc
-import contextlib
 import errno
-import os
-import threading
-from collections.abc import Iterator
-from typing import BinaryIO, Self
+from typing import Self
 
-__all__ = ["PARALLEL_REQUESTS", "Store", "StoreError", "replacing"]
+__all__ = ["PARALLEL_REQUESTS", "Store", "StoreError"]
 
 
 #: How many requests a remote store keeps in flight (its ``parallel_reads``).
@@ -116,24 +112,3 @@ class Store(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@contextlib.contextmanager
-def replacing(dest: str, *, durable: bool = True) -> Iterator[BinaryIO]:
-    """A file to write that appears at ``dest`` only once complete: it is written under a
-    temporary name in the same directory (unique to this process and thread) and renamed over
-    ``dest`` at the end (after an fsync, if ``durable``); on any failure it is removed. Readers,
-    other processes included, see the old file or the whole new one, never a part."""
-    folder, name = os.path.split(dest)
-    tmp = os.path.join(folder or ".", f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as out:
-            yield out
-            if durable:
-                out.flush()
-                os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -22,7 +22,8 @@ import os
 import threading
 import time
 
-from ._base import StoreError, replacing
+from .._replacing import replacing
+from ._base import StoreError
 
 __all__ = ["ChunkCache"]
 

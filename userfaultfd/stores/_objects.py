@@ -12,7 +12,8 @@ import errno
 import os
 from typing import Any
 
-from ._base import PARALLEL_REQUESTS, StoreError, replacing
+from .._replacing import replacing
+from ._base import PARALLEL_REQUESTS, StoreError
 from ._retries import call_with_retries
 
 __all__ = ["Objects", "open_objects"]

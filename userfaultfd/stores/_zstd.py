@@ -44,7 +44,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import BinaryIO
 
-from ._base import Store, StoreError, replacing
+from .._replacing import replacing
+from ._base import Store, StoreError
 from ._chunks import Codec, PackInfo, digest, is_zero, read_chunks, train
 
 __all__ = ["MAGIC", "ZstdStore", "write_pack"]

@@ -16,12 +16,12 @@ import os
 import struct
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Final
+from typing import Final
 
 from .. import memory
+from .._replacing import replacing
 from ._dirty import DirtyTracker
 
 __all__ = ["DeltaInfo", "restore", "snapshot_delta", "snapshot_full"]
@@ -55,7 +55,7 @@ def snapshot_full(source: DirtyTracker | memory.Mapping, path: str | os.PathLike
     if isinstance(source, DirtyTracker):
         source.dirty_ranges(reset=True)
     view = source.view
-    with _atomic(path) as out:
+    with replacing(path) as out:
         for offset in range(0, len(view), _CHUNK):
             with view[offset : offset + _CHUNK] as chunk:
                 out.write(chunk)
@@ -77,7 +77,7 @@ def snapshot_delta(tracker: DirtyTracker, path: str | os.PathLike[str]) -> Delta
     digest = hashlib.blake2b(digest_size=_DIGEST_SIZE)
     size = 0
     view = tracker.view
-    with _atomic(path) as out:
+    with replacing(path) as out:
 
         def emit(data: bytes | memoryview) -> None:
             nonlocal size
@@ -209,17 +209,3 @@ def _read_exactly(
         if not got:
             raise ValueError(f"{path}: ended early, {end - start} bytes short")
         start += got
-
-
-@contextmanager
-def _atomic(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """Write to a temporary name beside ``path``; rename over ``path`` only on success."""
-    final = os.fspath(path)
-    temporary = f"{final}.tmp{os.getpid()}"
-    try:
-        with open(temporary, "wb") as out:
-            yield out
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    os.replace(temporary, final)
