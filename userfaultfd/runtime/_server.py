@@ -2,7 +2,7 @@
 
 Why another process, and why this order:
 - A Python thread faulting on registered memory holds the GIL (see userfaultfd._core), so the
-  handler is a separate process (a daemon: see _launch).
+  handler is a separate process (a daemon: see userfaultfd._handshake).
 - The supervisor is started *before* the memory is registered, and receives the uffd over a
   Unix socket (SCM_RIGHTS). Forking after registration would itself be a fork of registered
   memory: with EVENT_FORK requested, fork() would block until someone reads the Fork event.
@@ -27,7 +27,7 @@ import select
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .. import _abi, _libc, memory
@@ -36,9 +36,9 @@ from .._core import Userfaultfd, supported_features
 from .._errors import UserfaultfdPermissionError
 from .._flags import Feature, Mode
 from .._forked import Channel
+from .._handshake import FirstMessage, Launched, launch
 from ..stores import Store
 from . import _stats
-from ._launch import Launched, launch
 from ._policy import Adaptive, Policy
 from ._stats import Stats, StatsBlock
 from ._supervisor import Options, supervise
@@ -301,37 +301,32 @@ def start(
         os.close(control_write)
         supervise(channel, control_read, options, handler_cpu)
 
+    @contextlib.contextmanager
+    def first(_pid: int) -> Iterator[FirstMessage]:
+        uffd, features = hand_over()
+        with uffd:  # closed once the supervisor holds it
+            ranges = [(r.address, r.length, r.offset, r.page_size) for r in resolved]
+            yield (int(features), ranges), [uffd.fileno()]
+
     launched: Launched | None = None
     try:
         # The supervisor first: a fork of registered memory would wait for its Fork event.
-        launched = launch(body)
+        launched = launch(body, first, name="the handler")
         os.close(control_read)
         control_read = -1
-        uffd, features = hand_over()
-        with uffd:
-            launched.channel.send(
-                (int(features), [(r.address, r.length, r.offset, r.page_size) for r in resolved]),
-                [uffd.fileno()],
-            )
-        (ready, _pid), _ = launched.channel.recv(timeout=30)
-        if ready != "ready":
-            raise RuntimeError(f"the handler did not start: {ready}")
-        launched.reap()
         if options.prefetch is not None:
             _wait_for_prefetch(options.stats, launched, prefetch_timeout)
     except BaseException:
         if launched is not None:
             launched.kill()
-            os.close(launched.pidfd)
+            launched.close()
         for fd in (control_read, control_write):
             if fd >= 0:
                 os.close(fd)
         if pinned_thread is not None:
             _unpin(pinned_thread)
         raise
-    finally:
-        if launched is not None:
-            launched.channel.sock.close()
+    launched.channel.sock.close()  # the supervisor closed its end after Ready
     return Server(launched, control_write, options.stats, resolved, pinned_thread)
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from .._core import Userfaultfd
 from .._flags import Feature
 from .._forked import Channel
+from .._handshake import Ready
 from ..stores import Store
 from . import _stats
 from ._handler import Handler
@@ -110,7 +111,7 @@ def supervise(channel: Channel, control: int, options: Options, cpu: int | None)
         if command:
             _tell(commands, command)
         if channel.sock.fileno() >= 0:
-            channel.send(("ready", os.getpid()))
+            channel.send(Ready(os.getpid()))
             channel.sock.close()  # the program has what it needs
         ended, listening, received = _watch(pid, commands, control, listening, reports, sources)
         command = received or command

@@ -15,10 +15,10 @@ This is QEMU's background snapshot, the use the seed's WP mode exists for:
   tracer (PR_SET_PTRACER), which Yama requires when ptrace_scope is 1.
 - The owner keeps no uffd of its own: if the handler dies, the kernel drops the protection and
   writers go on (the snapshot fails, the program does not hang).
-- The handler is a daemon started by the runtime's one launch sequence (runtime/_launch): a
-  Ctrl-C or SIGTERM sent to the program's process group does not reach it, and the program's own
-  ``os.wait()`` cannot reap it. Not being our child, it reports how it ended over the channel
-  (("done", None) once the image is on disk, or ("failed", reason)); its pidfd shows when it ended,
+- The handler is a daemon started by the package's one fork-and-handshake (userfaultfd._handshake):
+  a Ctrl-C or SIGTERM sent to the program's process group does not reach it, and the program's
+  own ``os.wait()`` cannot reap it. Not being our child, it reports how it ended over the channel
+  (``_DONE`` once the image is on disk, or ``Failed(reason)``); its pidfd shows when it ended,
   and an end with no report is a death (SIGKILL, the OOM killer).
 - The image is written to DEST.partial (a URL's to a local temp file, uploaded to URL.partial)
   and renamed to DEST only when complete: a failed snapshot leaves nothing at DEST, and nothing
@@ -39,9 +39,9 @@ import select
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, final
 
 from .. import _libc, memory
 from .._closing import Closing
@@ -51,15 +51,18 @@ from .._errors import ProcessGoneError
 from .._events import PageFault
 from .._flags import FaultFlag, Feature, Mode
 from .._forked import Channel
-from ..runtime._launch import Launched, launch
+from .._handshake import Failed, FirstMessage, Launched, Ready, launch
 
 __all__ = ["Snapshot", "SnapshotStats", "check_destination", "snapshot"]
 
-_SAVED, _EARLY, _FAULTS, _BYTES = range(4)
+_SAVED, _EARLY, _FAULTS = range(3)
+#: The handler's report once the image is on disk (a failure is reported as ``Failed``).
+_DONE = "done"
 _PR_SET_PTRACER = 0x59616D61
 _CHUNK_BYTES = 1 << 20
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class SnapshotStats:
     """What a snapshot did."""
@@ -154,6 +157,7 @@ def check_destination(dest: str) -> None:
     _Destination(dest).discard()
 
 
+@final
 class Snapshot(Closing):
     """A snapshot in progress. ``wait()`` until it is written (leaving a ``with`` block waits
     too); ``stats()`` at any time."""
@@ -215,8 +219,7 @@ class Snapshot(Closing):
             self._outcome = err
             raise
         finally:
-            self._handler.channel.sock.close()
-            os.close(self._handler.pidfd)
+            self._handler.close()
         self._outcome = True
         if progress is not None:
             progress(self.pages, self.pages)
@@ -225,10 +228,12 @@ class Snapshot(Closing):
     def _failure(self) -> str:
         """Empty if the ended handler reported its image complete; else what went wrong."""
         try:
-            (what, reason), _ = self._handler.channel.recv(timeout=0)
+            report, _ = self._handler.channel.recv(timeout=0)
         except (OSError, EOFError):  # no report (TimeoutError is an OSError): it was killed
             return "it ended without a report (killed by a signal)"
-        return "" if what == "done" else str(reason)
+        if isinstance(report, Failed):
+            return report.reason
+        return "" if report == _DONE else f"it reported {report!r}"
 
     def close(self) -> None:
         """:meth:`wait` for the image: what leaving a ``with`` block does."""
@@ -261,39 +266,34 @@ def snapshot(
         destination.discard()
         raise _cannot_write(dest, err) from err
     local = destination.local
-    counters = SharedCounters(4)
+    counters = SharedCounters(3)
     owner = os.getpid()
 
     def body(channel: Channel) -> None:
         try:
             _handler(channel, owner, local, counters, max(page, chunk_bytes))
-        except BaseException as err:  # the owner's wait() reports it
+        except BaseException as err:  # launch() or the owner's wait() reports it
             with contextlib.suppress(Exception):
-                channel.send(("failed", f"{type(err).__name__}: {err}"))
+                channel.send(Failed(f"{type(err).__name__}: {err}"))
             return
-        channel.send(("done", None))
+        channel.send(_DONE)
 
     wanted = Feature.PAGEFAULT_FLAG_WP | Feature.WP_UNPOPULATED | Feature.WP_HUGETLBFS_SHMEM
-    try:
-        handler = launch(body)
-    except BaseException:
-        destination.discard()
-        raise
-    try:
-        _allow_tracer(handler.pid)
-        with Userfaultfd(wanted & supported_features()) as uffd:
+    started = 0.0
+
+    @contextlib.contextmanager
+    def first(pid: int) -> Iterator[FirstMessage]:
+        nonlocal started
+        _allow_tracer(pid)
+        with Userfaultfd(wanted & supported_features()) as uffd:  # the handler's copy only
             uffd.register(address, length, Mode.WP)
             uffd.writeprotect(address, length)  # the protect instant
             started = time.monotonic()
-            handler.channel.send((address, length, page), [uffd.fileno()])
-        ready, _ = handler.channel.recv(timeout=30)
-        if ready != "ready":
-            raise RuntimeError(f"the snapshot handler did not start: {ready}")
-        handler.reap()
+            yield (address, length, page), [uffd.fileno()]
+
+    try:
+        handler = launch(body, first, name="the snapshot handler")
     except BaseException:
-        handler.kill()
-        os.close(handler.pidfd)
-        handler.channel.sock.close()
         destination.discard()
         raise
     return Snapshot(handler, counters, length // page, started, destination)
@@ -317,7 +317,7 @@ def _handler(channel: Channel, owner: int, path: str, counters: SharedCounters,
     view = memoryview(bytearray(chunk_bytes))
     mem = os.open(f"/proc/{owner}/mem", os.O_RDONLY | os.O_CLOEXEC)
     image = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    channel.send("ready")
+    channel.send(Ready(os.getpid()))
     # Two threads: one answers WP faults at once, one copies the rest in order. The copies
     # release the GIL (preadv, pwrite), so a writer waits for one page, not for a chunk.
     lock = threading.Lock()
