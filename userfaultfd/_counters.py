@@ -7,6 +7,7 @@ two of nanoseconds, so a percentile is known within 19%.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 
@@ -23,6 +24,11 @@ class SharedCounters:
         self._count = count
         self._mmap = mmap.mmap(-1, 8 * (count + _BUCKETS))  # MAP_SHARED: survives fork
         self._words = memoryview(self._mmap).cast("Q")
+        # The words' address, for native code that counts too (the mapping is never closed:
+        # it lives as long as this object, in every process that has a copy).
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
+        #: Where the histogram's buckets start, in words.
+        self.histogram_index = count
 
     def add(self, counter: int, amount: int = 1) -> None:
         self._words[counter] = (self._words[counter] + amount) % (1 << 64)

@@ -9,7 +9,8 @@ Design note: what the kernel's answers mean to a filler
 - EAGAIN means a FORK, REMAP, REMOVE or UNMAP event is queued and unread (or a multi-page copy
   stopped at a page already there), with the pages done so far. Filling only reports this
   (``Outcome.CHANGED``): the handler's loop owns all event reading.
-- ESRCH: the process is gone (its address space is torn down); the subclass releases the source.
+- ESRCH: the process is gone (its address space is torn down). The filler only reports it
+  (``Outcome.PROCESS_GONE``, and the source in :attr:`Filler.gone`): the loop releases it.
 - Bytes the store cannot give (an exception, a short read inside the store) are never
   zero-filled: the faulting page is poisoned (SIGBUS), counted and logged. Only the tail of the
   last page past the store's end is zero-padded.
@@ -24,6 +25,8 @@ import logging
 import mmap
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import final
 
 from .._buffer import pinned
 from .._core import Userfaultfd
@@ -34,7 +37,10 @@ from ._fetch import read_range
 from ._ranges import RegionMap, RegionState
 from ._stats import StatsBlock
 
-__all__ = ["Fill", "Filler", "Outcome", "Source"]
+__all__ = ["PROGRAM", "Fill", "Filler", "Outcome", "Source"]
+
+#: The key of the program's own source (its forked children's come after it).
+PROGRAM = 1
 
 _log = logging.getLogger("userfaultfd.runtime")
 
@@ -47,7 +53,7 @@ class Outcome(enum.Enum):
 
     DONE = enum.auto()  #: the pages are settled (or the store failed for pages nobody waits on)
     CHANGED = enum.auto()  #: EAGAIN: read the pending events, then try again
-    PROCESS_GONE = enum.auto()  #: ESRCH: the source was released
+    PROCESS_GONE = enum.auto()  #: ESRCH: the process is gone (the source is in Filler.gone)
     STORE_FAILED = enum.auto()  #: the source bytes could not be read (a mapped store shrank)
 
 
@@ -57,21 +63,21 @@ class Fill(enum.Enum):
     POISON = enum.auto()
 
 
-class Source(RegionMap):
-    """One uffd (the program's, or a forked child's), its key, and the ranges it serves."""
+@dataclass(slots=True, eq=False)
+class Source:
+    """One uffd (the program's, or a forked child's), its key, and the map of its ranges."""
 
-    __slots__ = ("key", "uffd")
-
-    def __init__(self, key: int, uffd: Userfaultfd, regions: list[RegionState]) -> None:
-        super().__init__(regions)
-        self.key = key
-        self.uffd = uffd
+    key: int
+    uffd: Userfaultfd
+    map: RegionMap
 
 
+@final
 class Filler:
-    """Settles pages of its sources from ``store`` through a buffer of ``buffer_bytes`` (or
-    poisons them): the part of the handler that makes the ioctls. A subclass says how a source
-    is released when its process is gone."""
+    """Settles pages of a source from ``store`` through a buffer of ``buffer_bytes`` (or
+    poisons them): the part of the handler that makes the ioctls. It answers with an
+    :class:`Outcome` and never acts on one: a source whose process is gone is only noted in
+    :attr:`gone`, for the loop to release."""
 
     def __init__(self, store: Store | None, stats: StatsBlock, buffer_bytes: int) -> None:
         self.store = store
@@ -84,13 +90,27 @@ class Filler:
         self._zero_address = 0
         # Only a store that overrides known_zero is asked page by page.
         self._knows_zeros = store is not None and type(store).known_zero is not Store.known_zero
-        self._busy_since = 0.0
+        #: When the store read in progress started (0: none): the watcher reads events meanwhile.
+        self.busy_since = 0.0
         self._failed_quickly = True
+        #: Sources an ioctl found gone (ESRCH), for the loop to release.
+        self.gone: list[Source] = []
 
-    def _release(self, source: Source) -> None:
-        raise NotImplementedError
+    @property
+    def closed(self) -> bool:
+        return self._buffer.closed
 
-    def _close_buffers(self) -> None:
+    @property
+    def buffer_bytes(self) -> int:
+        """The most one read of the store may bring in."""
+        return len(self._view)
+
+    def buffer(self, data: bytes) -> int:
+        """The buffer's address, holding ``data`` (a page kept back, placed later)."""
+        self._view[: len(data)] = data
+        return self._buffer_address
+
+    def close(self) -> None:
         self._view.release()
         self._resources.close()
         # A store's exception kept somewhere (a log handler's record) may still hold a view of
@@ -100,7 +120,7 @@ class Filler:
         if self._zero_map is not None:
             self._zero_map.close()
 
-    def _zeros(self, length: int) -> int:
+    def zeros(self, length: int) -> int:
         """The address of ``length`` zero bytes (a mapping never written)."""
         if self._zero_map is None or len(self._zero_map) < length:
             self._zero_map = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
@@ -108,7 +128,7 @@ class Filler:
             self._zero_address, _ = self._resources.enter_context(pinned(self._zero_map))
         return self._zero_address
 
-    def _run_of_kind(self, region: RegionState, first: int, last: int) -> tuple[int, bool]:
+    def run_of_kind(self, region: RegionState, first: int, last: int) -> tuple[int, bool]:
         """The longest run [first, end) of pages in [first, last) that the store knows are all
         zero, or that it does not: (end, whether they are zero)."""
         assert self.store is not None
@@ -123,7 +143,7 @@ class Filler:
             end += 1
         return end, zero
 
-    def _fill(
+    def fill(
         self, source: Source, region: RegionState, first: int, last: int, must: tuple[int, int]
     ) -> Outcome:
         """Copy pages [first, last) of ``region`` from the store. Pages in ``must`` that the
@@ -133,19 +153,19 @@ class Filler:
         chunk = max(1, len(self._view) // page)
         index = first
         while index < last:
-            stop, zero = self._run_of_kind(region, index, min(last, index + chunk))
+            stop, zero = self.run_of_kind(region, index, min(last, index + chunk))
             offset, size = region.offset + index * page, (stop - index) * page
             if zero:
-                outcome = self._place(source, region, index, stop, Fill.ZERO)
+                outcome = self.place(source, region, index, stop, Fill.ZERO)
                 if outcome is not Outcome.DONE:
                     return outcome
                 self.stats.add(_stats.ZEROS, stop - index)
                 index = stop
                 continue
-            src = self._read(offset, size)
+            src = self.read(offset, size)
             outcome = Outcome.STORE_FAILED
             if src is not None:
-                outcome = self._place(source, region, index, stop, Fill.COPY, src)
+                outcome = self.place(source, region, index, stop, Fill.COPY, src)
             if outcome is Outcome.STORE_FAILED:
                 lo, hi = max(index, must[0]), min(stop, must[1])
                 outcome = Outcome.DONE
@@ -166,25 +186,25 @@ class Filler:
         (a timeout: the network is down) is not asked again: everything left is poisoned."""
         if tried == (first, last):
             if last - first == 1 or not self._failed_quickly:
-                return self._place(source, region, first, last, Fill.POISON)
+                return self.place(source, region, first, last, Fill.POISON)
             middle = (first + last) // 2
             outcome = self._fill_or_poison(source, region, first, middle, (first, middle))
             if outcome is Outcome.DONE:
                 outcome = self._fill_or_poison(source, region, middle, last, (middle, last))
             return outcome
         page = region.page_size
-        src = self._read(region.offset + first * page, (last - first) * page)
+        src = self.read(region.offset + first * page, (last - first) * page)
         outcome = Outcome.STORE_FAILED
         if src is not None:
-            outcome = self._place(source, region, first, last, Fill.COPY, src)
+            outcome = self.place(source, region, first, last, Fill.COPY, src)
         if outcome is Outcome.STORE_FAILED:
             return self._fill_or_poison(source, region, first, last, (first, last))
         return outcome
 
-    def _read(self, offset: int, size: int) -> int | None:
+    def read(self, offset: int, size: int) -> int | None:
         """The address of store bytes [offset, offset + size), or None if the store failed."""
         assert self.store is not None
-        self._busy_since = time.monotonic()
+        self.busy_since = time.monotonic()
         try:
             mapped = self.store.address(offset, size)
             if mapped is not None:
@@ -192,16 +212,16 @@ class Filler:
             read_range(self.store, offset, self._view[:size])
             return self._buffer_address
         except Exception as err:  # any failure of the store is a page it cannot give
-            self._failed_quickly = time.monotonic() - self._busy_since < _QUICK_FAILURE
+            self._failed_quickly = time.monotonic() - self.busy_since < _QUICK_FAILURE
             self.stats.add(_stats.ERRORS)
             _log.warning("store %r failed at offset %d (%d bytes): %s: %s; pages that are "
                          "waited on are poisoned", self.store, offset, size,
                          type(err).__name__, str(err))  # fmt: skip
             return None
         finally:
-            self._busy_since = 0.0
+            self.busy_since = 0.0
 
-    def _place(
+    def place(
         self, source: Source, region: RegionState, first: int, last: int, how: Fill,
         src: int = 0, *, wake: bool = True,
     ) -> Outcome:  # fmt: skip
@@ -217,7 +237,7 @@ class Filler:
                 if how is Fill.COPY:
                     source.uffd.copy(address, src, length, wake=wake)
                 elif how is Fill.ZERO:  # a COPY of zeros: hugetlbfs ranges have no ZEROPAGE
-                    source.uffd.copy(address, self._zeros(length), length)
+                    source.uffd.copy(address, self.zeros(length), length)
                 else:
                     source.uffd.poison(address, length)
             except PageExistsError:  # the first page is there already
@@ -234,7 +254,8 @@ class Filler:
                 return Outcome.CHANGED
             except ProcessGoneError:
                 self._count(region, first, last, how, sign=-1)
-                self._release(source)
+                if source not in self.gone:
+                    self.gone.append(source)
                 return Outcome.PROCESS_GONE
             except UserfaultfdError as err:
                 self._count(region, first, last, how, sign=-1)

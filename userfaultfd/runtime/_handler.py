@@ -17,10 +17,15 @@ Design note: the invariant, and what the kernel makes a handler do
   mmap_min_addr, where nothing is registered, which answers ENOENT while the process lives.
 - Faults arrive in batches, and several threads may fault on one page: faults are merged per
   page, and a fault on a page already settled is answered with a wake.
-- Pages are settled by ioctls in ``_fill`` (what COPY, EEXIST, EAGAIN and ESRCH mean there), and
-  reads in flight become pages in ``_inflight``; this loop owns all event reading. After an
-  EAGAIN (``Outcome.CHANGED``) it reads and applies every pending event, then resolves the fault
-  again from the map as it is now. The thread that caused such an event sleeps until the event
+- The handler is a composition: this loop owns the sources, all event reading and every
+  decision; it holds a :class:`~._fill.Filler` (the ioctls and the buffer: what COPY, EEXIST,
+  EAGAIN and ESRCH mean), a :class:`~._inflight.Reads` when reads are kept in flight, and an
+  answerer (``_answer``) that reads a batch of events and answers the faults it can from bytes
+  at hand (the native fast path, or nothing: then this loop resolves each fault). The parts
+  answer with an :class:`~._fill.Outcome` and never call back: after an EAGAIN
+  (``Outcome.CHANGED``) this loop reads and applies every pending event, then resolves the fault
+  again from the map as it is now; a source whose process is gone (``Filler.gone``) is released
+  here. The thread that caused such an event sleeps until the event
   is read, so events are read promptly, always.
 - REMOVE (MADV_DONTNEED / MADV_REMOVE) drops pages: they read zeros afterwards, exactly as they
   would without a handler, so they are answered with zero pages from then on. UNMAP forgets a
@@ -41,6 +46,7 @@ import select
 import threading
 import time
 from collections import deque
+from typing import final
 
 from .._core import Userfaultfd
 from .._errors import ProcessGoneError, UserfaultfdError
@@ -48,9 +54,10 @@ from .._events import Event, Fork, PageFault, Remap, Remove, Unmap
 from .._forked import Channel
 from ..stores import Store
 from . import _stats
-from ._fetch import Fetch, Fetcher
-from ._fill import Fill, Outcome, Source
-from ._inflight import RECORD, InFlight
+from ._answer import NATIVE, Answerer, answerer_for
+from ._fetch import Fetcher
+from ._fill import PROGRAM, Fill, Filler, Outcome, Source
+from ._inflight import RECORD, Reads
 from ._policy import Policy
 from ._ranges import RegionMap, RegionState, unsettled_runs
 from ._reports import Adopted, Changed, Closed, Reporter, pack_ranges
@@ -79,7 +86,8 @@ def _probe_address() -> int:
     return max(page, -(-lowest // page) * page)
 
 
-class Handler(InFlight):
+@final
+class Handler:
     """Serves MISSING faults of one or more uffds from ``store``, choosing windows by ``policy``.
 
     ``store`` None: a handler that can only poison (the supervisor's, when no handler can run).
@@ -95,13 +103,15 @@ class Handler(InFlight):
         batch: int = 64,
         buffer_bytes: int = 8 << 20,
         reports: Channel | None = None,
-        first_key: int = 1,
+        first_key: int = PROGRAM,
         fetches: int | None = None,
         record: str | None = None,
         prefetch: str | None = None,
     ) -> None:
-        super().__init__(store, stats, buffer_bytes)
+        self.store = store
+        self.stats = stats
         self.policy = policy
+        self._filler = Filler(store, stats, buffer_bytes)
         self.batch = batch
         self._reports = Reporter(reports)
         self._next_key = first_key
@@ -112,25 +122,25 @@ class Handler(InFlight):
         self._faults: deque[tuple[Source, int]] = deque()
         self._streams = 0
         self._probe_at = _probe_address()
-        self._poller = select.poll()
         # Batches the watcher read while the loop was busy, in read order; the pipe wakes the loop.
         self._stash: deque[tuple[Source, list[Event]]] = deque()
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._poller.register(self._wake_read, select.POLLIN)
         self._read_lock = threading.Lock()
         # Many reads in flight, for a store that serves them concurrently (see _fetch).
         depth = fetches if fetches is not None else (store.parallel_reads if store else 1)
         if prefetch is not None:
             depth = max(depth, 2)  # a prefetch reads behind the faults, never in their way
-        self._fetcher = (
-            Fetcher(store, depth, max(_FETCH_UNIT, buffer_bytes // depth), self._wake_write)
+        self._reads = (
+            Reads(Fetcher(store, depth, max(_FETCH_UNIT, buffer_bytes // depth), self._wake_write),
+                  self._filler, policy, stats, self._by_key, prefetch)
             if store is not None and depth > 1 else None
         )  # fmt: skip
-        self._retry: deque[Fetch] = deque()  # fetches whose install met EAGAIN
-        self._held: dict[tuple[int, int], bytes] = {}  # marker pages kept back, by store offset
         self._record = open(record, "ab") if record is not None else None  # noqa: SIM115
-        self._prefetch = prefetch
-        self._prefetching = False
+        self._answer: Answerer = answerer_for(
+            store, policy, stats, record=record is not None, in_flight=self._reads is not None
+        )
+        if store is not None:  # (the supervisor's poisoning handler serves nothing)
+            stats.set(_stats.NATIVE, int(self._answer.path == NATIVE))
         self._background = False  # b"b": fill every page between faults
         self._cursors: dict[tuple[int, int], int] = {}  # where the background fill got to
         self._stopping = threading.Event()
@@ -151,21 +161,26 @@ class Handler(InFlight):
         if key is None:
             key = self._next_key
         self._next_key = max(self._next_key, key + 1)
-        source = Source(key, uffd, states)
+        source = Source(key, uffd, RegionMap(states))
         self._sources[uffd.fileno()] = source
         self._by_key[key] = source
-        self._poller.register(uffd.fileno(), select.POLLIN)
         return key
 
     def _release(self, source: Source) -> None:
         """Close a source. Only for one that is settled, or whose process or ranges are gone."""
+        if source.uffd.closed:
+            return
         with self._read_lock:
             fd = source.uffd.fileno()
-            self._poller.unregister(fd)
             del self._sources[fd]
             self._by_key.pop(source.key, None)
             source.uffd.close()
         self._reports.send(Closed(source.key))
+
+    def _release_gone(self) -> None:
+        """Release the sources the filler found gone (ESRCH)."""
+        while self._filler.gone:
+            self._release(self._filler.gone.pop())
 
     def _next_stream(self) -> int:
         self._streams += 1
@@ -180,19 +195,26 @@ class Handler(InFlight):
         ``commands`` comes from the supervisor. When it closes (the supervisor died), the
         handler goes on alone and takes its commands from the program's ``control`` pipe."""
         listening = commands if commands is not None else control
-        if listening is not None:
-            self._poller.register(listening, select.POLLIN)
         watcher = threading.Thread(target=self._watch, name="uffd-event-watcher", daemon=True)
         watcher.start()
-        self.start_prefetch()
+        if self._reads is not None:
+            self._reads.start_prefetch()
         try:
             probed = time.monotonic()
             while self._sources:
                 if self._background and not self._background_step():
+                    self._release_gone()
                     self.finish(fill=True)  # every page is in
                     return
-                idle = 0 if self._background else _PROBE_PERIOD * 1000
-                for fd, _mask in self._poller.poll(idle):
+                idle = 0 if self._background else int(_PROBE_PERIOD * 1000)
+                others = [self._wake_read] if listening is None else [self._wake_read, listening]
+                ready, left = self._answer.wait(
+                    list(self._sources.values()), others, idle, self.batch
+                )
+                for fd, events in left:  # events the answerer read and left to this loop
+                    if (source := self._sources.get(fd)) is not None:
+                        self._serve(source, events)
+                for fd in ready:
                     if fd == self._wake_read:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._wake_read, 4096)
@@ -204,14 +226,13 @@ class Handler(InFlight):
                             return
                         if command == b"b":
                             self._background = True
+                            if self._reads is not None:
+                                self._reads.background = True
                             continue
-                        self._poller.unregister(fd)  # EOF
-                        listening = None
+                        listening = None  # EOF
                         if fd == commands:  # the supervisor is gone: go on alone
                             self._reports.orphaned()
-                            if control is not None:
-                                self._poller.register(control, select.POLLIN)
-                                listening = control
+                            listening = control
                     elif (source := self._sources.get(fd)) is not None:
                         self._serve(source)
                 if time.monotonic() - probed >= _PROBE_PERIOD:
@@ -229,36 +250,53 @@ class Handler(InFlight):
             watcher.join()
             self.close()
 
-    def _serve(self, source: Source | None) -> None:
-        """Answer what is pending: the watcher's batches, a batch from ``source``, their faults."""
+    def _serve(self, source: Source | None, read: list[Event] | None = None) -> None:
+        """Answer what is pending: the watcher's batches, a batch from ``source`` (``read``, if
+        the answerer read it already), their faults."""
         started = time.perf_counter_ns()
-        self._apply_all(self._collect([source] if source is not None else []))
+        self._apply_all(self._collect([source] if source is not None else [], read))
         answered: set[tuple[int, int]] = set()  # threads faulting on one page: answer once
         while self._faults:
             owner, address = self._faults.popleft()
             if owner.uffd.closed or (owner.key, address) in answered:
                 continue
             outcome = self._resolve(owner, address)
+            self._release_gone()
             if outcome is Outcome.CHANGED:
                 self._catch_up()
                 self._faults.appendleft((owner, address))  # resolve it again, from the new map
                 continue
             answered.add((owner.key, address))
-            if self._fetcher is None:
+            if self._reads is None:
                 self.stats.record_latency(time.perf_counter_ns() - started)
             if self._stash:
                 self._apply_all(self._collect([]))
-        if self._fetcher is not None:
+        if self._reads is not None:
             self._install_completed()
 
-    def _collect(self, sources: list[Source]) -> list[tuple[Source, list[Event]]]:
-        """The watcher's stashed batches, then one fresh batch from each of ``sources``."""
+    def _install_completed(self) -> None:
+        """Place the bytes of every read that has arrived, reading events whenever an install
+        meets EAGAIN."""
+        assert self._reads is not None
+        while self._reads.install_completed() is Outcome.CHANGED:
+            self._release_gone()
+            self._catch_up()
+        self._release_gone()
+
+    def _collect(
+        self, sources: list[Source], read: list[Event] | None = None
+    ) -> list[tuple[Source, list[Event]]]:
+        """The watcher's stashed batches, then one fresh batch from each of ``sources`` (for a
+        single source, ``read`` if given: a batch read already)."""
         with self._read_lock:
             batches = list(self._stash)
             self._stash.clear()
             for source in sources:
                 if not source.uffd.closed:
-                    events = source.uffd.read_events(self.batch)
+                    if read is not None:
+                        events, read = read, None
+                    else:
+                        events = self._answer.serve(source, self.batch)
                     if events:
                         earlier = [batch for owner, batch in batches if owner is source]
                         self._forward_forks(source, events, earlier)
@@ -278,7 +316,7 @@ class Handler(InFlight):
         before the FORK but not applied yet (``earlier`` batches, and this one's) applied."""
         if not any(isinstance(event, Fork) for event in events):
             return
-        at_fork = RegionMap([r.piece(r.address, r.end) for r in source.regions])
+        at_fork = RegionMap([r.piece(r.address, r.end) for r in source.map.regions])
         for event in [e for batch in earlier for e in batch if not isinstance(e, Fork)] + events:
             if isinstance(event, Remove | Unmap | Remap):
                 at_fork.change(event)
@@ -303,7 +341,7 @@ class Handler(InFlight):
     def _watch(self) -> None:
         """While the loop is busy (a slow store read), read the events it cannot."""
         while not self._stopping.wait(_WATCH_PERIOD):
-            busy = self._busy_since
+            busy = self._filler.busy_since
             if not busy or time.monotonic() - busy < _WATCH_PERIOD:
                 continue
             with self._read_lock:
@@ -338,9 +376,9 @@ class Handler(InFlight):
             self.add(child, copies, key=key)
             return
         if isinstance(event, Remove | Unmap | Remap):
-            source.change(event)
+            source.map.change(event)
             self._reports.send(Changed(source.key, event))
-            if not source.regions:  # every range unmapped: nothing left to serve there
+            if not source.map.regions:  # every range unmapped: nothing left to serve there
                 self._release(source)
 
     def _probe(self) -> None:
@@ -360,7 +398,7 @@ class Handler(InFlight):
         """Settle every page of every source, then close them: the only way a source whose
         process lives is closed. ``fill``: from the store, poisoning what it cannot give;
         otherwise poison every page not filled yet."""
-        if fill and self._fetcher is not None:
+        if fill and self._reads is not None:
             self._drain_in_flight()
         while self._sources:
             self._catch_up()  # events first: a FORK adds a source, a REMAP moves a range
@@ -369,31 +407,32 @@ class Handler(InFlight):
             if source is None:
                 break
             outcome = self._settle(source, fill=fill and self.store is not None)
+            self._release_gone()
             if outcome is Outcome.DONE:
                 self._release(source)
         self.close()
 
     def _settle(self, source: Source, *, fill: bool) -> Outcome:
-        for region in list(source.regions):
+        for region in list(source.map.regions):
             for first, last in list(unsettled_runs(region, 0, region.pages)):
                 if fill:
-                    outcome = self._fill(source, region, first, last, must=(first, last))
+                    outcome = self._filler.fill(source, region, first, last, must=(first, last))
                 else:
-                    outcome = self._place(source, region, first, last, Fill.POISON)
+                    outcome = self._filler.place(source, region, first, last, Fill.POISON)
                 if outcome is not Outcome.DONE:
                     return outcome
         return Outcome.DONE
 
     def close(self) -> None:
         """Release the buffer. Sources still open are left to whoever holds their copies."""
-        if self._fetcher is not None:
-            self._fetcher.close()
-            self._fetcher = None
+        if self._reads is not None:
+            self._reads.close()
+            self._reads = None
         if self._record is not None:
             self._record.close()
             self._record = None
-        if not self._buffer.closed:
-            self._close_buffers()
+        if not self._filler.closed:
+            self._filler.close()
             os.close(self._wake_read)
             os.close(self._wake_write)
 
@@ -401,34 +440,39 @@ class Handler(InFlight):
         """Fill the next run of pages not filled yet, answering faults first (the loop polls
         between steps); False once every page is in."""
         for source in list(self._sources.values()):
-            for region in list(source.regions):
+            for region in list(source.map.regions):
                 cursor = (source.key, region.offset)
                 start = self._cursors.get(cursor, 0)
                 for first, last in unsettled_runs(region, start, region.pages):
                     page = region.page_size
-                    if self._fetcher is None:
-                        last = min(last, first + max(1, len(self._view) // page))
-                        outcome = self._fill(source, region, first, last, must=(first, last))
+                    if self._reads is None:
+                        last = min(last, first + max(1, self._filler.buffer_bytes // page))
+                        outcome = self._filler.fill(source, region, first, last,
+                                                    must=(first, last))  # fmt: skip
+                        self._release_gone()
                         if outcome is Outcome.CHANGED:
                             self._catch_up()
                         return True
-                    if len(self._fetcher.pending) >= self._fetcher.workers:
+                    fetcher = self._reads.fetcher
+                    if len(fetcher.pending) >= fetcher.workers:
                         return True  # enough in flight: wait for them
-                    covering = self._fetcher.covering(source.key, region.offset + first * page)
+                    covering = fetcher.covering(source.key, region.offset + first * page)
                     if covering is None:
-                        last = min(last, first + max(1, self._fetcher.unit // page))
-                        if self._install_held(source, region, first, last) is Outcome.CHANGED:
+                        last = min(last, first + max(1, fetcher.unit // page))
+                        outcome = self._reads.install_held(source, region, first, last)
+                        self._release_gone()
+                        if outcome is Outcome.CHANGED:
                             self._catch_up()
                             return True
-                        self._ask(source, region, first, last, demand=False)
+                        self._reads.ask(source, region, first, last, demand=False)
                     else:
                         last = -(-(covering.end - region.offset) // page)
                     self._cursors[cursor] = last
                     return True
                 self._cursors[cursor] = region.pages
-        if self._fetcher is not None and self._fetcher.pending:
+        if self._reads is not None and not self._reads.idle:
             return True
-        regions = [r for source in self._sources.values() for r in source.regions]
+        regions = [r for source in self._sources.values() for r in source.map.regions]
         if any(next(unsettled_runs(r, 0, r.pages), None) for r in regions):
             self._cursors.clear()  # pages the store failed on, or ranges that moved: go again
             return True
@@ -437,13 +481,15 @@ class Handler(InFlight):
     def _drain_in_flight(self) -> None:
         """Fill every page not filled yet with many reads in flight (before finish's own pass,
         which then only settles what this could not: pages the store failed on)."""
-        assert self._fetcher is not None
+        assert self._reads is not None
         for source in list(self._sources.values()):
-            for region in list(source.regions):
-                if self._install_held(source, region, 0, region.pages) is Outcome.CHANGED:
+            for region in list(source.map.regions):
+                outcome = self._reads.install_held(source, region, 0, region.pages)
+                self._release_gone()
+                if outcome is Outcome.CHANGED:
                     self._catch_up()
-                self._ask(source, region, 0, region.pages, demand=False)
-        while self._fetcher.pending and self._sources:
+                self._reads.ask(source, region, 0, region.pages, demand=False)
+        while not self._reads.idle and self._sources:
             ready = select.select([self._wake_read], [], [], 0.05)[0]
             if ready:
                 with contextlib.suppress(BlockingIOError):
@@ -453,7 +499,7 @@ class Handler(InFlight):
             self._install_completed()
 
     def _resolve(self, source: Source, address: int) -> Outcome:
-        region = source.find(address)
+        region = source.map.find(address)
         page = mmap.PAGESIZE if region is None else region.page_size
         if region is None:  # no map says where this page comes from: SIGBUS beats a hang
             self.stats.add(_stats.ERRORS)
@@ -467,29 +513,29 @@ class Handler(InFlight):
             source.uffd.wake(region.at(index), page)
             return Outcome.DONE
         if region.removed[index]:
-            return self._place(source, region, index, index + 1, Fill.ZERO)
-        if self._fetcher is not None:
+            return self._filler.place(source, region, index, index + 1, Fill.ZERO)
+        if self._reads is not None:
             offset = region.offset + index * page
-            fetch = self._fetcher.covering(source.key, offset)
+            fetch = self._reads.fetcher.covering(source.key, offset)
             if fetch is not None and fetch.marker != offset:
                 # Its bytes are on the way: wait for them. The policy is not asked, since this
                 # is no new access, only the program catching up with the read-ahead.
                 fetch.waiters.append((source.key, region.at(index), time.perf_counter_ns()))
-                self._fetcher.promote(fetch)
+                self._reads.fetcher.promote(fetch)
                 return Outcome.DONE
         start, end = self.policy.window(index, region.pages, page, region.stream)
         start, end = max(start, 0), min(max(end, index + 1), region.pages)
-        if self._record is not None and source.key == 1:
+        if self._record is not None and source.key == PROGRAM:
             self._record.write(RECORD.pack(region.offset + start * page, (end - start) * page))
-        if self._fetcher is not None:
-            return self._request(source, region, index, start, end)
+        if self._reads is not None:
+            return self._reads.request(source, region, index, start, end)
         # The faulting page's run first (it wakes the faulting thread), then the rest.
         run_end = index
         while run_end < end and not region.settled[run_end] and not region.removed[run_end]:
             run_end += 1
-        outcome = self._fill(source, region, index, run_end, must=(index, index + 1))
+        outcome = self._filler.fill(source, region, index, run_end, must=(index, index + 1))
         for first, last in list(unsettled_runs(region, start, end)):
             if outcome is not Outcome.DONE:
                 break
-            outcome = self._fill(source, region, first, last, must=(0, 0))
+            outcome = self._filler.fill(source, region, first, last, must=(0, 0))
         return outcome

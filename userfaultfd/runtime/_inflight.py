@@ -25,14 +25,16 @@ import logging
 import struct
 import time
 from collections import deque
+from typing import final
 
 from . import _stats
 from ._fetch import Fetch, Fetcher
-from ._fill import Fill, Filler, Outcome, Source
+from ._fill import PROGRAM, Fill, Filler, Outcome, Source
 from ._policy import Policy
 from ._ranges import RegionState, unsettled_runs
+from ._stats import StatsBlock
 
-__all__ = ["RECORD", "InFlight"]
+__all__ = ["RECORD", "Reads"]
 
 _log = logging.getLogger("userfaultfd.runtime")
 
@@ -52,67 +54,85 @@ def _without_marker(
     return [(a, b) for a, b in runs if a < b or a == index]
 
 
-class InFlight(Filler):
-    """The handler's side of many reads in flight: attributes the handler sets up."""
+@final
+class Reads:
+    """Reads in flight and what becomes of them: the fetcher, the marker pages held back, the
+    installs to try again, the prefetch. It places pages through ``filler`` and answers with an
+    :class:`Outcome`: ``CHANGED`` asks the loop to read the pending events and call again; it
+    never reads events itself. ``sources`` is the loop's map of sources by key (read only)."""
 
-    policy: Policy
-    _fetcher: Fetcher | None
-    _retry: deque[Fetch]  # fetches whose install met EAGAIN
-    _held: dict[tuple[int, int], bytes]  # marker pages kept back, by (source key, store offset)
-    _prefetch: str | None
-    _prefetching: bool
-    _background: bool
-    _by_key: dict[int, Source]
+    def __init__(
+        self, fetcher: Fetcher, filler: Filler, policy: Policy, stats: StatsBlock,
+        sources: dict[int, Source], prefetch: str | None,
+    ) -> None:  # fmt: skip
+        self.fetcher = fetcher
+        self.policy = policy
+        self.stats = stats
+        self._filler = filler
+        self._by_key = sources
+        self._retry: deque[Fetch] = deque()  # fetches whose install met EAGAIN
+        self._held: dict[tuple[int, int], bytes] = {}  # marker pages kept back, by store offset
+        self._prefetch = prefetch
+        self._prefetching = False
+        #: A fill that must end (in the background): what the store cannot give is poisoned.
+        self.background = False
 
-    def _catch_up(self) -> None:
-        raise NotImplementedError
+    @property
+    def idle(self) -> bool:
+        return not self.fetcher.pending
 
-    def _request(
+    def close(self) -> None:
+        self.fetcher.close()
+
+    def request(
         self, source: Source, region: RegionState, index: int, start: int, end: int
     ) -> Outcome:
         """Ask for the faulting page's bytes first, then the rest of the window and, for a
         sequential stream, the window after it; the fault is answered when its bytes arrive."""
-        assert self._fetcher is not None
         page = region.page_size
         offset = region.offset + index * page
         held = self._held.pop((source.key, offset), None)
         if held is not None:  # a marker page: its bytes are here already
-            self._view[:page] = held
-            outcome = self._place(source, region, index, index + 1, Fill.COPY,
-                                  self._buffer_address)  # fmt: skip
+            outcome = self._filler.place(source, region, index, index + 1, Fill.COPY,
+                                         self._filler.buffer(held))  # fmt: skip
             if outcome is not Outcome.DONE:
                 return outcome
         else:
-            fetch = self._fetcher.covering(source.key, offset)
+            fetch = self.fetcher.covering(source.key, offset)
             if fetch is not None:
                 fetch.waiters.append((source.key, region.at(index), time.perf_counter_ns()))
-                self._fetcher.promote(fetch)
+                self.fetcher.promote(fetch)
             else:
                 waiter = (source.key, region.at(index), time.perf_counter_ns())
-                self._ask(source, region, index, end, demand=True, waiter=waiter)
-        self._ask(source, region, start, end, demand=False)
+                self.ask(source, region, index, end, demand=True, waiter=waiter)
+        self.ask(source, region, start, end, demand=False)
         ahead = self.policy.readahead(index, start, end, region.pages, page, region.stream)
         if ahead is not None and ahead[0] < ahead[1]:
             first, last = ahead[0], min(ahead[1], region.pages)
-            self._ask(source, region, first, last, demand=False, markers=True)
+            self.ask(source, region, first, last, demand=False, markers=True)
         return Outcome.DONE
 
-    def _install_held(self, source: Source, region: RegionState, first: int, last: int) -> Outcome:
+    def install_held(self, source: Source, region: RegionState, first: int, last: int) -> Outcome:
         """Place the marker pages kept back in [first, last): for a fill that must end (in the
         background, a drain), which no reader's fault will ask for."""
         page = region.page_size
         lo, hi = region.offset + first * page, region.offset + last * page
         # The held pages are few (one a read of the read-ahead): look at them, not the range.
         for key, offset in sorted(k for k in self._held if k[0] == source.key and lo <= k[1] < hi):
-            self._view[:page] = self._held.pop((key, offset))
             index = (offset - region.offset) // page
-            outcome = self._place(source, region, index, index + 1, Fill.COPY,
-                                  self._buffer_address)  # fmt: skip
+            outcome = self._filler.place(
+                source,
+                region,
+                index,
+                index + 1,
+                Fill.COPY,
+                self._filler.buffer(self._held.pop((key, offset))),
+            )
             if outcome is not Outcome.DONE:
                 return outcome
         return Outcome.DONE
 
-    def _ask(
+    def ask(
         self, source: Source, region: RegionState, first: int, last: int, *, demand: bool,
         waiter: tuple[int, int, int] | None = None, markers: bool = False,
         prefetch: bool = False,
@@ -120,52 +140,51 @@ class InFlight(Filler):
         """Submit reads for the pages of [first, last) that are neither settled nor being read,
         split at the fetch unit. With ``demand``, only the run that starts at ``first``; with
         ``markers``, each read's first page is its marker."""
-        assert self._fetcher is not None and self.store is not None
+        assert self._filler.store is not None
         page = region.page_size
-        unit_pages = max(1, self._fetcher.unit // page)
+        unit_pages = max(1, self.fetcher.unit // page)
         for a, b in list(unsettled_runs(region, first, last)):
             index = a
             while index < b:
                 offset = region.offset + index * page
-                covering = self._fetcher.covering(source.key, offset)
+                covering = self.fetcher.covering(source.key, offset)
                 if covering is not None:
                     index = max(index + 1, -(-(covering.end - region.offset) // page))
                     continue
                 if (source.key, offset) in self._held:  # a marker: its bytes are here
                     index += 1
                     continue
-                stop, zero = self._run_of_kind(region, index, min(b, index + unit_pages))
+                stop, zero = self._filler.run_of_kind(region, index, min(b, index + unit_pages))
                 size = (stop - index) * page
                 if zero:
-                    self._place(source, region, index, stop, Fill.ZERO)
+                    self._filler.place(source, region, index, stop, Fill.ZERO)
                     self.stats.add(_stats.ZEROS, stop - index)
                 else:
                     fetch = Fetch(source.key, offset, size, demand, prefetch=prefetch,
                                   marker=offset if markers else -1)  # fmt: skip
                     if waiter is not None:
                         fetch.waiters.append(waiter)
-                    self._fetcher.submit(fetch)
+                    self.fetcher.submit(fetch)
                 if demand:
                     return
                 index = stop
             if demand:
                 return
 
-    def _install_completed(self) -> None:
-        """Place the bytes of every read that has arrived."""
-        assert self._fetcher is not None
-        while done := [*self._retry, *self._fetcher.completed()]:
+    def install_completed(self) -> Outcome:
+        """Place the bytes of every read that has arrived. ``CHANGED``: an install met EAGAIN;
+        it is kept to try again once the loop has read the pending events and calls again."""
+        while done := [*self._retry, *self.fetcher.completed()]:
             self._retry.clear()
             for position, fetch in enumerate(done):
-                outcome = self._install(fetch)
-                if outcome is Outcome.CHANGED:
-                    self._catch_up()
+                if self._install(fetch) is Outcome.CHANGED:
                     self._retry.extend(done[position:])
-                    break
-                self._fetcher.release(fetch)
-        if self._prefetching and not any(f.prefetch for f in self._fetcher.pending):
+                    return Outcome.CHANGED
+                self.fetcher.release(fetch)
+        if self._prefetching and not any(f.prefetch for f in self.fetcher.pending):
             self._prefetching = False
             self.stats.set(_stats.PREFETCHING, 0)
+        return Outcome.DONE
 
     def _install(self, fetch: Fetch) -> Outcome:
         source = self._by_key.get(fetch.key)
@@ -174,7 +193,7 @@ class InFlight(Filler):
         if fetch.error is not None:
             return self._fetch_failed(source, fetch)
         waited = {address for _key, address, _t in fetch.waiters}
-        for region in list(source.regions):
+        for region in list(source.map.regions):
             page = region.page_size
             lo, hi = max(fetch.offset, region.offset), min(fetch.end, region.offset + region.length)
             if lo >= hi:
@@ -188,7 +207,7 @@ class InFlight(Filler):
                             src, page
                         )
                         continue
-                    outcome = self._place(source, region, c, d, Fill.COPY, src,
+                    outcome = self._filler.place(source, region, c, d, Fill.COPY, src,
                                           wake=not fetch.prefetch)  # fmt: skip
                     if outcome is not Outcome.DONE:
                         return outcome
@@ -203,35 +222,34 @@ class InFlight(Filler):
     def _fetch_failed(self, source: Source, fetch: Fetch) -> Outcome:
         """The store could not give ``fetch``'s bytes: each page a thread waits on is asked for
         alone (if the store failed quickly), or poisoned."""
-        assert self._fetcher is not None
-        self._fetcher.release(fetch)  # no longer in flight: its pages may be asked for again
+        self.fetcher.release(fetch)  # no longer in flight: its pages may be asked for again
         self.stats.add(_stats.ERRORS)
         _log.warning("store %r failed at offset %d (%d bytes): %s: %s; pages that are waited "
-                     "on are poisoned", self.store, fetch.offset, fetch.size,
+                     "on are poisoned", self._filler.store, fetch.offset, fetch.size,
                      type(fetch.error).__name__, fetch.error)  # fmt: skip
         for _key, address, asked in fetch.waiters:
-            region = source.find(address)
+            region = source.map.find(address)
             if region is None:
                 continue
             index = (address - region.address) // region.page_size
             if region.settled[index]:
                 continue
             if fetch.size > region.page_size and fetch.failed_quickly:
-                self._ask(source, region, index, index + 1, demand=True,
+                self.ask(source, region, index, index + 1, demand=True,
                           waiter=(fetch.key, address, asked))  # fmt: skip
                 continue
-            outcome = self._place(source, region, index, index + 1, Fill.POISON)
+            outcome = self._filler.place(source, region, index, index + 1, Fill.POISON)
             if outcome is not Outcome.DONE:
                 return outcome
-        if self._background:  # the fill must end: what the store cannot give is poisoned
-            for region in list(source.regions):
+        if self.background:  # the fill must end: what the store cannot give is poisoned
+            for region in list(source.map.regions):
                 page = region.page_size
                 lo = max(fetch.offset, region.offset)
                 hi = min(fetch.end, region.offset + region.length)
                 if lo < hi:
                     first, last = (lo - region.offset) // page, -(-(hi - region.offset) // page)
                     for a, b in list(unsettled_runs(region, first, last)):
-                        outcome = self._place(source, region, a, b, Fill.POISON)
+                        outcome = self._filler.place(source, region, a, b, Fill.POISON)
                         if outcome is not Outcome.DONE:
                             return outcome
         return Outcome.DONE
@@ -239,9 +257,9 @@ class InFlight(Filler):
     def start_prefetch(self) -> None:
         """Ask for a recorded working set, in its order, behind any demand read. The stats
         say when it is all in (``PREFETCHING`` back to 0: serve() waits for it)."""
-        if self._prefetch is None or self._fetcher is None:
+        if self._prefetch is None:
             return
-        source = self._by_key.get(1)
+        source = self._by_key.get(PROGRAM)
         try:
             with open(self._prefetch, "rb") as f:
                 data = f.read()
@@ -253,13 +271,13 @@ class InFlight(Filler):
             return
         self._prefetching = True
         for offset, length in RECORD.iter_unpack(data[: len(data) // RECORD.size * RECORD.size]):
-            for region in source.regions:
+            for region in source.map.regions:
                 page = region.page_size
                 lo = max(offset, region.offset)
                 hi = min(offset + length, region.offset + region.length)
                 if lo < hi:
                     first, last = (lo - region.offset) // page, -(-(hi - region.offset) // page)
-                    self._ask(source, region, first, last, demand=False, prefetch=True)
-        if not any(f.prefetch for f in self._fetcher.pending):  # all there, or all zero
+                    self.ask(source, region, first, last, demand=False, prefetch=True)
+        if not any(f.prefetch for f in self.fetcher.pending):  # all there, or all zero
             self._prefetching = False
             self.stats.set(_stats.PREFETCHING, 0)

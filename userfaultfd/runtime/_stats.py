@@ -41,19 +41,23 @@ class Stats:
     latency_p50_us: float
     latency_p90_us: float
     latency_p99_us: float
+    #: How the running handler answers faults: "native" (the C fast path answers those it
+    #: can from the store's mapping) or "python" (see runtime/_answer.py).
+    path: str = "python"
 
 
 class StatsBlock(SharedCounters):
     """The runtime handler's counters."""
 
     def __init__(self) -> None:
-        # and the running handler's pid, and whether a prefetch is still on its way
-        super().__init__(len(_COUNTERS) + 2)
+        # and the running handler's pid, whether a prefetch is still on its way, and its path
+        super().__init__(len(_COUNTERS) + 3)
 
     def snapshot(self) -> Stats:
         counts = [self.value(i) for i in range(len(_COUNTERS))]
-        return Stats(*counts, *(self.percentile_us(q) for q in (0.5, 0.9, 0.99)))
+        path = "native" if self.value(NATIVE) else "python"
+        return Stats(*counts, *(self.percentile_us(q) for q in (0.5, 0.9, 0.99)), path=path)
 
 
 (FAULTS, PAGES, BYTES, ERRORS, EVENTS, WAKES, POISONED, COPIES, RESTARTS, ZEROS, PREFETCHED,
- HANDLER_PID, PREFETCHING) = range(len(_COUNTERS) + 2)  # fmt: skip
+ HANDLER_PID, PREFETCHING, NATIVE) = range(len(_COUNTERS) + 3)  # fmt: skip

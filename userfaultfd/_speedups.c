@@ -1,0 +1,476 @@
+/* The native fast path: answers page faults from bytes already in this process.
+ *
+ * An optional twin of the pure-Python path (userfaultfd/runtime/_answer.py says when it is used,
+ * and the package works without it). One call reads a batch of uffd messages and answers every
+ * fault it can the way the Python handler would: a page already settled gets a WAKE, a missing
+ * page gets UFFDIO_COPY of its window straight from a mapping of the store (the faulting page's
+ * run first, since COPY wakes the faulting thread), and the map's `settled` bytes and the shared
+ * counters are updated. Whatever needs a decision is handed back untouched, in read order, as raw
+ * uffd_msg records for the Python loop: any non-fault event (and everything read after it), a
+ * fault outside every region, on a page the program dropped, past the store's mapping, or whose
+ * COPY met EAGAIN, ESRCH, ENOENT, EFAULT or anything unexpected. So the never-zeros invariant is
+ * kept by the same Python code as without this module.
+ *
+ * Kernel facts it relies on (fs/userfaultfd.c, mm/userfaultfd.c):
+ * - UFFDIO_COPY reports EEXIST for its first page only (that page is there: wake it, go on);
+ *   EAGAIN while a non-fault event is queued and unread, with `copy` the bytes done.
+ * - read() on a uffd returns fault messages before events; a nonblocking uffd answers EAGAIN
+ *   when nothing is pending.
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <errno.h>
+#include <linux/userfaultfd.h>
+#include <math.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+
+#define MSG_SIZE ((Py_ssize_t)sizeof(struct uffd_msg))
+#define MAX_BATCH 512
+#define MAX_REGIONS 64
+#define STREAMS 64
+#define HIST_BUCKETS 256
+
+enum { POLICY_SINGLE = 0, POLICY_WINDOW = 1, POLICY_ADAPTIVE = 2 };
+
+typedef struct {
+    long long start, next_index, ahead_end, size;
+    long long id; /* the stream id kept in this slot, or -1 */
+} Stream;
+
+typedef struct {
+    uint64_t address, length, offset, page;
+    long long stream;
+    char *settled, *removed;
+    Py_ssize_t pages;
+} Region;
+
+typedef struct {
+    PyObject_HEAD
+    char *src;          /* the store's bytes, mapped in this process */
+    uint64_t src_length;
+    uint64_t *counters; /* shared with the program (runtime/_stats.py) */
+    int faults, pages, bytes, wakes, copies, hist;
+    int policy;
+    long long window, min_pages, max_bytes;
+    Stream streams[STREAMS];
+} Answerer;
+
+static inline void count(Answerer *self, int index, uint64_t amount) {
+    __atomic_fetch_add(&self->counters[index], amount, __ATOMIC_RELAXED);
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void record_latency(Answerer *self, uint64_t ns) {
+    /* The same log-linear histogram as userfaultfd/_counters.py: four buckets per power of 2. */
+    int bucket = ns > 0 ? (int)(4.0 * log2((double)ns)) : 0;
+    if (bucket > HIST_BUCKETS - 1) bucket = HIST_BUCKETS - 1;
+    if (bucket < 0) bucket = 0;
+    count(self, self->hist + bucket, 1);
+}
+
+static Stream *stream_of(Answerer *self, long long id) {
+    Stream *s = &self->streams[(unsigned long long)id % STREAMS];
+    if (s->id != id) {
+        s->id = id;
+        s->start = s->next_index = s->ahead_end = -1;
+        s->size = self->min_pages;
+    }
+    return s;
+}
+
+/* The window [*start, *end) for a fault on page `index` (runtime/_policy.py, the same rules). */
+static void choose(Answerer *self, Region *r, long long index, long long *start, long long *end) {
+    long long pages = (long long)r->pages;
+    if (self->policy == POLICY_WINDOW) {
+        *start = index - index % self->window;
+        *end = *start + self->window;
+    } else if (self->policy == POLICY_ADAPTIVE) {
+        Stream *s = stream_of(self, r->stream);
+        long long ceiling = self->max_bytes / (long long)r->page;
+        long long reach = s->next_index > s->ahead_end ? s->next_index : s->ahead_end;
+        if (ceiling < self->min_pages) ceiling = self->min_pages;
+        if (s->start < index && index <= reach) {
+            s->size = s->size * 4 < ceiling ? s->size * 4 : ceiling;
+        } else {
+            s->size = self->min_pages;
+            s->ahead_end = -1;
+        }
+        *start = index;
+        *end = index + s->size < pages ? index + s->size : pages;
+        s->start = index;
+        s->next_index = *end;
+    } else {
+        *start = index;
+        *end = index + 1;
+    }
+    if (*start < 0) *start = 0;
+    if (*end < index + 1) *end = index + 1;
+    if (*end > pages) *end = pages;
+}
+
+/* What one COPY came to. */
+enum { PLACED = 0, CHANGED = 1, REFER = 2 };
+
+/* COPY pages [first, last) of `r`, going on past pages that are there already. */
+static int place(Answerer *self, int fd, Region *r, long long first, long long last) {
+    while (first < last) {
+        struct uffdio_copy copy;
+        uint64_t length = (uint64_t)(last - first) * r->page;
+        copy.dst = r->address + (uint64_t)first * r->page;
+        copy.src = (uint64_t)(uintptr_t)(self->src + r->offset + (uint64_t)first * r->page);
+        copy.len = length;
+        copy.mode = 0;
+        copy.copy = 0;
+        /* Counted before the ioctl: it wakes the faulting thread, which may read the stats. */
+        count(self, self->pages, (uint64_t)(last - first));
+        count(self, self->bytes, length);
+        if (ioctl(fd, UFFDIO_COPY, &copy) == 0) {
+            memset(r->settled + first, 1, (size_t)(last - first));
+            count(self, self->copies, 1);
+            return PLACED;
+        }
+        int err = errno;
+        long long done = copy.copy > 0 ? copy.copy / (long long)r->page : 0;
+        if (err == EAGAIN) {
+            memset(r->settled + first, 1, (size_t)done);
+            count(self, self->pages, (uint64_t)-(last - first - done));
+            count(self, self->bytes, (uint64_t)-((uint64_t)(last - first - done) * r->page));
+            return CHANGED;
+        }
+        count(self, self->pages, (uint64_t)-(last - first));
+        count(self, self->bytes, (uint64_t)-length);
+        if (err != EEXIST) return REFER; /* ESRCH, ENOENT, EFAULT...: the Python path decides */
+        struct uffdio_range wake = {copy.dst, r->page};
+        r->settled[first] = 1;
+        count(self, self->wakes, 1);
+        if (ioctl(fd, UFFDIO_WAKE, &wake) != 0) return REFER;
+        first += 1;
+    }
+    return PLACED;
+}
+
+static Region *find(Region *regions, int n, uint64_t address) {
+    for (int i = 0; i < n; i++)
+        if (regions[i].address <= address && address < regions[i].address + regions[i].length)
+            return &regions[i];
+    return NULL;
+}
+
+/* Answer one fault; PLACED when it is answered, else the Python path takes it. */
+static int answer(Answerer *self, int fd, Region *r, uint64_t address) {
+    long long index = (long long)((address - r->address) / r->page);
+    if (r->settled[index]) {
+        struct uffdio_range wake = {r->address + (uint64_t)index * r->page, r->page};
+        if (ioctl(fd, UFFDIO_WAKE, &wake) != 0) return REFER;
+        count(self, self->faults, 1);
+        count(self, self->wakes, 1);
+        return PLACED;
+    }
+    if (r->removed[index]) return REFER; /* zero pages: the Python path */
+    long long start, end;
+    choose(self, r, index, &start, &end);
+    while (r->offset + (uint64_t)end * r->page > self->src_length) end--;
+    if (end <= index) return REFER; /* past the mapping: the Python path reads and pads */
+    /* Map the source pages with one call, rather than one fault each inside the COPY (which
+     * then retries page by page outside the mmap lock). Linux 5.14+; without it, faults do. */
+    uintptr_t from = (uintptr_t)(self->src + r->offset + (uint64_t)start * r->page);
+    uintptr_t lo = from & ~(uintptr_t)4095;
+    madvise((void *)lo, from - lo + (uint64_t)(end - start) * r->page, MADV_POPULATE_READ);
+    long long run_end = index;
+    while (run_end < end && !r->settled[run_end] && !r->removed[run_end]) run_end++;
+    int outcome = place(self, fd, r, index, run_end);
+    if (outcome != PLACED) return outcome;
+    count(self, self->faults, 1);
+    /* The rest of the window; a failure here costs nothing the program waits on. */
+    for (long long a = start; a < end;) {
+        while (a < end && (r->settled[a] || r->removed[a])) a++;
+        long long b = a;
+        while (b < end && !r->settled[b] && !r->removed[b]) b++;
+        if (a < b && place(self, fd, r, a, b) != PLACED) break;
+        a = b;
+    }
+    return PLACED;
+}
+
+static int load_regions(PyObject *list, Region *out, Py_buffer *views, int *held) {
+    Py_ssize_t n = PyList_Size(list);
+    if (n < 0) return -1;
+    if (n > MAX_REGIONS) n = MAX_REGIONS; /* the rest are answered by the Python path */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(list, i);
+        static const char *names[] = {"address", "length", "offset", "page_size", "stream"};
+        uint64_t values[5];
+        for (int k = 0; k < 5; k++) {
+            PyObject *v = PyObject_GetAttrString(item, names[k]);
+            if (v == NULL) return -1;
+            values[k] = (uint64_t)PyLong_AsUnsignedLongLong(v);
+            Py_DECREF(v);
+            if (PyErr_Occurred()) return -1;
+        }
+        Region *r = &out[i];
+        r->address = values[0];
+        r->length = values[1];
+        r->offset = values[2];
+        r->page = values[3];
+        r->stream = (long long)values[4];
+        r->pages = (Py_ssize_t)(r->length / r->page);
+        static const char *maps[] = {"settled", "removed"};
+        for (int k = 0; k < 2; k++) {
+            PyObject *v = PyObject_GetAttrString(item, maps[k]);
+            if (v == NULL) return -1;
+            int got = PyObject_GetBuffer(v, &views[*held], PyBUF_WRITABLE);
+            Py_DECREF(v);
+            if (got != 0) return -1;
+            if (views[*held].len < r->pages) {
+                (*held)++;
+                PyErr_SetString(PyExc_ValueError, "a region's page map is shorter than it");
+                return -1;
+            }
+            if (k == 0) r->settled = views[*held].buf;
+            else r->removed = views[*held].buf;
+            (*held)++;
+        }
+    }
+    return (int)n;
+}
+
+/* Read and answer batches from `fd` until one needs the Python path or nothing is pending.
+ * Returns the messages left (a new bytes object, empty when all were answered), or NULL. */
+static PyObject *serve_one(Answerer *self, int fd, Region *regions, int n, int batch) {
+    struct uffd_msg msgs[MAX_BATCH];
+    for (int round = 0; round < 8; round++) {
+        ssize_t got;
+        do {
+            got = read(fd, msgs, (size_t)batch * sizeof(struct uffd_msg));
+        } while (got < 0 && errno == EINTR);
+        if (got < 0) {
+            if (errno == EAGAIN) break;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        uint64_t read_at = now_ns();
+        int count_read = (int)(got / MSG_SIZE);
+        for (int i = 0; i < count_read; i++) {
+            struct uffd_msg *m = &msgs[i];
+            int outcome = REFER;
+            if (m->event == UFFD_EVENT_PAGEFAULT) {
+                uint64_t address = m->arg.pagefault.address;
+                Region *r = find(regions, n, address);
+                if (r != NULL) {
+                    /* Several threads on one page: answered once, like the Python loop. */
+                    uint64_t page_of = (address - r->address) / r->page;
+                    int seen = 0;
+                    for (int j = 0; j < i && !seen; j++) {
+                        uint64_t other = msgs[j].arg.pagefault.address;
+                        seen = find(regions, n, other) == r &&
+                               (other - r->address) / r->page == page_of;
+                    }
+                    outcome = seen ? PLACED : answer(self, fd, r, address);
+                    if (outcome == PLACED && !seen) record_latency(self, now_ns() - read_at);
+                }
+            }
+            if (outcome != PLACED)
+                return PyBytes_FromStringAndSize((const char *)m, (count_read - i) * MSG_SIZE);
+        }
+        if (count_read < batch) break;
+    }
+    return PyBytes_FromStringAndSize(NULL, 0);
+}
+
+PyDoc_STRVAR(serve_doc,
+"serve(fd, regions, batch) -> bytes\n\n"
+"Read batches of up to `batch` messages from the uffd `fd` (nonblocking) and answer the faults\n"
+"the store's mapping can answer; `regions` are the source's RegionState objects (their\n"
+"`settled` bytes are updated). Returns the messages left for the Python path, in read order\n"
+"(b\"\" when nothing was pending or everything was answered).");
+
+static PyObject *Answerer_serve(Answerer *self, PyObject *args) {
+    int fd, batch;
+    PyObject *list;
+    if (!PyArg_ParseTuple(args, "iO!i", &fd, &PyList_Type, &list, &batch)) return NULL;
+    if (batch < 1 || batch > MAX_BATCH) {
+        PyErr_Format(PyExc_ValueError, "batch must be in [1, %d], not %d", MAX_BATCH, batch);
+        return NULL;
+    }
+    Region regions[MAX_REGIONS];
+    Py_buffer views[2 * MAX_REGIONS];
+    int held = 0;
+    int n = load_regions(list, regions, views, &held);
+    PyObject *result = n < 0 ? NULL : serve_one(self, fd, regions, n, batch);
+    for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    return result;
+}
+
+#define MAX_SOURCES 16
+#define MAX_OTHERS 8
+
+PyDoc_STRVAR(wait_doc,
+"wait(sources, others, timeout_ms, batch) -> (list[int], list[tuple[int, bytes]])\n\n"
+"Poll the uffds of `sources` (a list of (fd, regions)) and the descriptors `others`, answering\n"
+"faults as serve() does, until a descriptor of `others` is ready, a uffd has messages left for\n"
+"the Python path or reports an error, or `timeout_ms` passes. Returns the ready descriptors\n"
+"(of `others`, and any uffd whose poll reported an error) and each uffd's messages left. The\n"
+"GIL is released while it polls.");
+
+static PyObject *Answerer_wait(Answerer *self, PyObject *args) {
+    PyObject *sources, *others;
+    int timeout_ms, batch;
+    if (!PyArg_ParseTuple(args, "O!O!ii", &PyList_Type, &sources, &PyList_Type, &others,
+                          &timeout_ms, &batch))
+        return NULL;
+    Py_ssize_t ns = PyList_GET_SIZE(sources), no = PyList_GET_SIZE(others);
+    if (ns > MAX_SOURCES || no > MAX_OTHERS || batch < 1 || batch > MAX_BATCH) {
+        PyErr_SetString(PyExc_ValueError, "too many descriptors, or a batch out of range");
+        return NULL;
+    }
+    struct pollfd fds[MAX_SOURCES + MAX_OTHERS];
+    int starts[MAX_SOURCES + 1];
+    static Region regions[MAX_SOURCES * MAX_REGIONS];
+    static Py_buffer views[2 * MAX_SOURCES * MAX_REGIONS];
+    int held = 0, total = 0;
+    PyObject *ready = NULL, *left = NULL, *result = NULL;
+    for (Py_ssize_t i = 0; i < ns; i++) {
+        PyObject *entry = PyList_GET_ITEM(sources, i), *list;
+        int fd;
+        if (!PyArg_ParseTuple(entry, "iO!", &fd, &PyList_Type, &list)) goto done;
+        starts[i] = total;
+        int n = load_regions(list, regions + total, views, &held);
+        if (n < 0) goto done;
+        total += n;
+        fds[i].fd = fd;
+        fds[i].events = POLLIN;
+    }
+    starts[ns] = total;
+    for (Py_ssize_t i = 0; i < no; i++) {
+        fds[ns + i].fd = (int)PyLong_AsLong(PyList_GET_ITEM(others, i));
+        fds[ns + i].events = POLLIN;
+        if (PyErr_Occurred()) goto done;
+    }
+    if ((ready = PyList_New(0)) == NULL || (left = PyList_New(0)) == NULL) goto done;
+    uint64_t deadline = now_ns() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000u;
+    for (;;) {
+        uint64_t now = now_ns();
+        int wait_ms = now >= deadline ? 0 : (int)((deadline - now + 999999) / 1000000);
+        int got;
+        Py_BEGIN_ALLOW_THREADS
+        got = poll(fds, (nfds_t)(ns + no), wait_ms);
+        Py_END_ALLOW_THREADS
+        if (got < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0) goto done;
+                continue;
+            }
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+        if (got == 0) break;
+        for (Py_ssize_t i = 0; i < ns + no; i++) {
+            if (!fds[i].revents) continue;
+            if (i >= ns || (fds[i].revents & (POLLERR | POLLHUP | POLLNVAL))) {
+                PyObject *fd = PyLong_FromLong(fds[i].fd);
+                if (fd == NULL || PyList_Append(ready, fd) < 0) { Py_XDECREF(fd); goto done; }
+                Py_DECREF(fd);
+                continue;
+            }
+            PyObject *rest = serve_one(self, fds[i].fd, regions + starts[i],
+                                       starts[i + 1] - starts[i], batch);
+            if (rest == NULL) goto done;
+            if (PyBytes_GET_SIZE(rest) > 0) {
+                PyObject *pair = Py_BuildValue("(iN)", fds[i].fd, rest);
+                if (pair == NULL || PyList_Append(left, pair) < 0) { Py_XDECREF(pair); goto done; }
+                Py_DECREF(pair);
+            } else {
+                Py_DECREF(rest);
+            }
+        }
+        if (PyList_GET_SIZE(ready) || PyList_GET_SIZE(left)) break;
+    }
+    result = PyTuple_Pack(2, ready, left);
+done:
+    Py_XDECREF(ready);
+    Py_XDECREF(left);
+    for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    return result;
+}
+
+static int Answerer_init(Answerer *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"src", "src_length", "counters", "indices", "policy", "window",
+                             "min_pages", "max_bytes", NULL};
+    unsigned long long src, counters, src_length;
+    PyObject *indices;
+    long long window = 1, min_pages = 1, max_bytes = 8 << 20;
+    int policy;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKKO!i|LLL", kwlist, &src, &src_length,
+                                     &counters, &PyTuple_Type, &indices, &policy, &window,
+                                     &min_pages, &max_bytes))
+        return -1;
+    if (!PyArg_ParseTuple(indices, "iiiiii", &self->faults, &self->pages, &self->bytes,
+                          &self->wakes, &self->copies, &self->hist))
+        return -1;
+    if (policy < POLICY_SINGLE || policy > POLICY_ADAPTIVE || window < 1 || min_pages < 1 ||
+        max_bytes < 1) {
+        PyErr_SetString(PyExc_ValueError, "unknown policy or a window of less than one page");
+        return -1;
+    }
+    self->src = (char *)(uintptr_t)src;
+    self->src_length = src_length;
+    self->counters = (uint64_t *)(uintptr_t)counters;
+    self->policy = policy;
+    self->window = window;
+    self->min_pages = min_pages;
+    self->max_bytes = max_bytes;
+    for (int i = 0; i < STREAMS; i++) self->streams[i].id = -1;
+    return 0;
+}
+
+static PyMethodDef Answerer_methods[] = {
+    {"serve", (PyCFunction)Answerer_serve, METH_VARARGS, serve_doc},
+    {"wait", (PyCFunction)Answerer_wait, METH_VARARGS, wait_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject AnswererType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "userfaultfd._speedups.Answerer",
+    .tp_doc = PyDoc_STR("Answers faults from a mapping of the store (see the module's text)."),
+    .tp_basicsize = sizeof(Answerer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Answerer_init,
+    .tp_methods = Answerer_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "userfaultfd._speedups",
+    "The native fast path of the fault handler (optional; see runtime/_answer.py).", -1, NULL,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    if (PyType_Ready(&AnswererType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&AnswererType);
+    if (PyModule_AddObject(m, "Answerer", (PyObject *)&AnswererType) < 0) {
+        Py_DECREF(&AnswererType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

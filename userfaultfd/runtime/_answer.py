@@ -1,0 +1,160 @@
+"""The part of the handler that reads a batch of events and answers what it can from bytes at hand.
+
+Design note: one narrow interface, two implementations
+-------------------------------------------------------
+An answerer's :meth:`~Answerer.serve` reads one batch of a source's events and returns, in read
+order, the events it left for the handler's loop. The pure-Python answerer answers nothing: it
+reads, and the loop resolves every fault (that loop is the reference). The native one
+(``userfaultfd._speedups``, built with the package where a C compiler exists) answers every fault
+it can the way the loop would: a wake for a page already settled, a COPY of the policy's window
+from the store's mapping for a missing one. It hands back anything else (a non-fault event and
+all that was read after it, a dropped page, a page past the mapping, an ioctl that did not
+simply succeed), so every decision that keeps the never-zeros invariant stays in one place.
+
+The native path is used where it can answer from bytes in this process: a store mapped whole
+(a local file), no per-page zero map, no reads in flight, no recording, and one of the built-in
+policies (it keeps its own Adaptive stream state; the Python path's is separate, which only
+changes window sizes, never bytes). ``UFFD_NATIVE=0`` in the environment forces the Python path
+(the tests run both).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import select
+from types import ModuleType
+from typing import Protocol, final
+
+from .._events import Event, parse_events
+from ..stores import Store
+from . import _stats
+from ._fill import Source
+from ._policy import Adaptive, Policy, Single, Window
+from ._stats import StatsBlock
+
+__all__ = ["Answerer", "answerer_for", "native_available"]
+
+_speedups: ModuleType | None
+try:
+    from .. import _speedups
+except ImportError:  # built without a compiler: the pure-Python path serves
+    _speedups = None
+
+#: The paths a handler can take, as ``Stats.path`` names them.
+PYTHON, NATIVE = "python", "native"
+
+
+def native_available() -> bool:
+    """Whether the native fast path was built and is not switched off (``UFFD_NATIVE=0``)."""
+    return _speedups is not None and os.environ.get("UFFD_NATIVE", "1") != "0"
+
+
+#: What :meth:`Answerer.wait` found: descriptors ready (of ``others``, or a uffd whose poll
+#: reported an error, or, for the Python answerer, any readable uffd), and each uffd's events
+#: left for the loop.
+Waited = tuple[list[int], list[tuple[int, list[Event]]]]
+
+
+class Answerer(Protocol):
+    """Reads a batch of a source's events and answers the faults it can (see the module text)."""
+
+    path: str
+
+    def serve(self, source: Source, batch: int) -> list[Event]:
+        """One batch of ``source``'s events, less the faults answered, in read order."""
+
+    def wait(self, sources: list[Source], others: list[int], timeout_ms: int, batch: int) -> Waited:
+        """Wait up to ``timeout_ms`` for the uffds of ``sources`` or the descriptors ``others``,
+        answering what it can meanwhile (the native one loops in C: no Python per fault)."""
+
+
+@final
+class ReadOnly:
+    """The pure-Python answerer: reads, and leaves every fault to the loop."""
+
+    path = PYTHON
+
+    def __init__(self) -> None:
+        self._polled: tuple[int, ...] = ()
+        self._poller = select.poll()
+
+    def serve(self, source: Source, batch: int) -> list[Event]:
+        return source.uffd.read_events(batch)
+
+    def wait(self, sources: list[Source], others: list[int], timeout_ms: int, batch: int) -> Waited:
+        fds = (*(s.uffd.fileno() for s in sources), *others)
+        if fds != self._polled:
+            self._poller = select.poll()
+            for fd in fds:
+                self._poller.register(fd, select.POLLIN)
+            self._polled = fds
+        return [fd for fd, _mask in self._poller.poll(timeout_ms)], []
+
+
+@final
+class Native:
+    """The native answerer over ``store``'s mapping at ``address`` (``length`` bytes)."""
+
+    path = NATIVE
+
+    def __init__(self, address: int, length: int, stats: StatsBlock, policy: Policy) -> None:
+        kind, window, min_pages, max_bytes = _policy_parameters(policy)
+        indices = (_stats.FAULTS, _stats.PAGES, _stats.BYTES, _stats.WAKES, _stats.COPIES,
+                   stats.histogram_index)  # fmt: skip
+        assert _speedups is not None
+        self._native = _speedups.Answerer(
+            address, length, stats.address, indices, kind, window, min_pages, max_bytes
+        )
+
+    def serve(self, source: Source, batch: int) -> list[Event]:
+        left: bytes = self._native.serve(source.uffd.fileno(), source.map.regions, batch)
+        return parse_events(left) if left else []
+
+    def wait(self, sources: list[Source], others: list[int], timeout_ms: int, batch: int) -> Waited:
+        entries = [(s.uffd.fileno(), s.map.regions) for s in sources]
+        ready, left = self._native.wait(entries, others, timeout_ms, batch)
+        return ready, [(fd, parse_events(data)) for fd, data in left]
+
+
+def _policy_parameters(policy: Policy) -> tuple[int, int, int, int]:
+    """The native policy's (kind, window pages, min_pages, max_bytes)."""
+    if type(policy) is Window:
+        return 1, policy.pages, 1, 1
+    if type(policy) is Adaptive:
+        return 2, 1, policy.min_pages, policy.max_bytes
+    return 0, 1, 1, 1
+
+
+def _mapped_whole(store: Store) -> tuple[int, int] | None:
+    """Where the whole of ``store`` lies in this process, if it is mapped in one piece.
+
+    Asked through :meth:`Store.address` for the first and the last page only (each call maps
+    and populates just the pages it is asked for): the bytes lie in one mapping exactly when
+    the last page's address is the first's plus its offset."""
+    page = mmap.PAGESIZE
+    size = store.size
+    if size <= 0:
+        return None
+    first = store.address(0, min(page, size))
+    tail = size - (size - 1) % page - 1 if size > page else 0
+    last = store.address(tail, size - tail)
+    if first is None or last is None or last != first + tail:
+        return None
+    return first, -(-size // page) * page  # the kernel maps the file's last page whole
+
+
+def answerer_for(
+    store: Store | None, policy: Policy, stats: StatsBlock, *, record: bool, in_flight: bool
+) -> Answerer:
+    """The native answerer where it can serve (see the module text), else the Python one."""
+    if store is None or record or in_flight or not native_available():
+        return ReadOnly()
+    if type(policy) not in (Single, Window, Adaptive):
+        return ReadOnly()
+    if type(store).known_zero is not Store.known_zero:
+        return ReadOnly()
+    mapped = _mapped_whole(store)
+    if mapped is None:
+        return ReadOnly()
+    return Native(*mapped, stats, policy)
