@@ -2,7 +2,7 @@
 
     python3 fuzz/fuzz_decoders.py --target pack -atheris_runs=1000000
 
-Targets: events (parse_events), regions (runtime.parse_regions), pack (ZstdStore over a pack),
+Targets: events (parse_events), regions (firecracker.parse_regions), pack (ZstdStore over a pack),
 delta (tools.restore over delta files). Each input is used both as raw bytes and, for the
 structured targets, as a recipe of mutations applied to a valid message (see ``_mutated``), so
 libFuzzer reaches the code behind magic numbers and checksums. Whether a result is right is
@@ -25,7 +25,7 @@ import atheris  # type: ignore[import-untyped, import-not-found, unused-ignore]
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 with atheris.instrument_imports(include=["userfaultfd"]):  # every module the checks reach
-    import userfaultfd.runtime
+    import userfaultfd.runtime.firecracker
     import userfaultfd.stores
     import userfaultfd.tools  # noqa: F401 - instrumented here, used through the checks
 

@@ -128,9 +128,9 @@ def test_subpackage_surfaces() -> None:
     import userfaultfd.tools
 
     assert sorted(userfaultfd.runtime.__all__) == [
-        "Adaptive", "DEFAULT_CPU", "GuestRegion", "Handler", "PageUnreadableError", "Policy",
-        "Region", "Server", "Single", "Stats", "TouchResult", "Window", "lazy", "parse_regions",
-        "serve", "serve_socket", "server_of", "touch_pages",
+        "Adaptive", "DEFAULT_CPU", "PageUnreadableError", "Policy", "Region", "Server", "Single",
+        "Stats", "TouchResult", "Window", "lazy", "serve", "serve_adopted", "server_of",
+        "touch_pages",
     ]  # fmt: skip
     assert sorted(userfaultfd.tools.__all__) == [
         "DeltaInfo", "DirtyStats", "DirtyTracker", "Snapshot", "SnapshotDemoResult",

@@ -4,7 +4,7 @@ and never decode to something other than what they say.
 The decoders and what each promises:
 
 - ``parse_events`` (uffd_msg records from read()): a list of events, or ValueError.
-- ``runtime.parse_regions`` (a client's JSON message): a list of regions, or ValueError.
+- ``runtime.firecracker.parse_regions`` (a client's JSON message): a list of regions, or ValueError.
 - ``ZstdStore`` over pack bytes, and its ``read_into``: StoreError (an OSError) for anything
   wrong with the bytes; ValueError is kept for bad arguments (``cache_chunks``), never for data.
   A read that does not raise returns the original bytes: a mutation is detected, never served.
@@ -51,7 +51,7 @@ from userfaultfd import (
     memory,
     parse_events,
 )
-from userfaultfd.runtime import GuestRegion, parse_regions
+from userfaultfd.runtime.firecracker import GuestRegion, parse_regions
 from userfaultfd.stores import BytesStore, StoreError, ZstdStore, pack
 from userfaultfd.tools import restore, snapshot_delta, track
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,8 +20,9 @@ from hypothesis import strategies as st
 
 from tests._target import PAGE, Channel, Target
 from userfaultfd import Mode, Userfaultfd, memory
-from userfaultfd.runtime import GuestRegion, parse_regions
 from userfaultfd.runtime._socket import check_regions
+from userfaultfd.runtime.firecracker import GuestRegion, parse_regions, serve_socket
+from userfaultfd.stores import BytesStore
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -326,3 +328,58 @@ def test_a_stale_socket_is_replaced(
     finally:
         process.kill()
         process.wait(10)
+
+
+# -- what serve_socket leaves to its caller -------------------------------------------------------
+
+
+def test_serve_socket_leaves_sigchld_and_the_callers_children_alone(
+    tmp_path: os.PathLike[str],
+) -> None:
+    """serve_socket set SIGCHLD to SIG_IGN for the whole process: afterwards waitpid failed with
+    ECHILD and subprocess reported return code 0 for any child, ``false`` included."""
+    path = os.path.join(os.fspath(tmp_path), "once.sock")
+    data = guest_bytes(4 * PAGE)
+
+    def program(channel: Channel) -> None:  # serves one client in this process, then returns
+        serve_socket(path, BytesStore(data), once=True, on_listening=lambda: channel.send("up"))
+        false = subprocess.run(["false"], timeout=30).returncode
+        channel.send((signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL, false))
+
+    with Target(program, timeout=60) as server:
+        assert server.recv(timeout=30)[0] == "up"
+        assert serve_client(path, [{"base_host_virt_addr": 0, "size": 4 * PAGE, "offset": 0,
+                                    "page_size": PAGE}], 4) == ("served", data)  # fmt: skip
+        (default, false), _ = server.recv(timeout=30)
+        assert server.exit_code() == 0
+    assert false == 1, f"after serve_socket, subprocess said `false` returned {false}, not 1"
+    assert default, "serve_socket left SIGCHLD changed in the process that called it"
+
+
+def test_served_clients_leave_no_zombie(server: str, store_file: tuple[str, bytes]) -> None:
+    _path, data = store_file
+    region = [{"base_host_virt_addr": 0, "size": 4 * PAGE, "offset": 0, "page_size": PAGE}]
+    for _ in range(3):
+        assert serve_client(server, region, 4) == ("served", data[: 4 * PAGE])
+    listening = next(
+        int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _listens(int(pid), server)
+    )
+    deadline = time.monotonic() + 10
+    while (children := _children(listening)) and time.monotonic() < deadline:
+        time.sleep(0.01)  # a client's server may still be exiting
+    assert children == [], f"uffd serve ({listening}) keeps children: {children}"
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _listens(pid: int, socket_path: str) -> bool:
+    """Whether process ``pid`` runs ``uffd serve --socket socket_path``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"serve" in words and os.fsencode(socket_path) in words

@@ -8,7 +8,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from ..runtime import serve_socket, touch_pages
+from ..runtime import touch_pages
+from ..runtime.firecracker import serve_socket
 from ..stores import open_store
 from ._args import cpu, parse_policy, positive
 from ._progress import ProgressBar, show_cursor

@@ -15,6 +15,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import final
 
 from . import _wire
 
@@ -59,6 +60,7 @@ class CriuImageError(ValueError):
     """An image file that is missing, truncated or malformed; the message names the file."""
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Inventory:
     """inventory.img: the image set's version (2 for every CRIU since 1.x)."""
@@ -66,6 +68,7 @@ class Inventory:
     img_version: int
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class PstreeEntry:
     """One task of pstree.img."""
@@ -77,6 +80,7 @@ class PstreeEntry:
     threads: tuple[int, ...]
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Vma:
     """One VMA of mm-PID.img: [start, end), its mmap prot and flags, CRIU's status bits."""
@@ -102,6 +106,7 @@ class Vma:
         )
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class PagemapEntry:
     """One run of pagemap-PID.img: ``nr_pages`` pages from ``vaddr``, with PE_* ``flags``."""
@@ -125,6 +130,7 @@ class PagemapEntry:
         return bool(self.flags & PE_LAZY)
 
 
+@final
 class Images:
     """A CRIU images directory, read on demand."""
 

@@ -14,9 +14,10 @@ Design note
   address (CriuPages): a pagemap run that crosses an mprotect split is thus served VMA by VMA
   (one UFFDIO_COPY cannot cross a VMA: ENOENT). Addresses in a lazy VMA but not in the pagemap
   read zeros (never touched, or only read); IN_PARENT runs are refused when the images are read.
-- Background fill, after RSTF (on by default, as in CRIU): each server is stopped with
-  ``drain``, which fills every page not filled yet while faults go on being answered, then
-  ends. Without it, each task is served on demand until it exits.
+- Background fill, after RSTF (on by default, as in CRIU): each server is told to
+  ``fill_in_background()`` (not stopped): its handler fills every page not filled yet between
+  the task's faults, which are answered first, and ends once every page is in. Without it,
+  each task is served on demand until it exits.
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ import select
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, final
 
 from .._core import Userfaultfd
-from ..runtime import Policy, Region, Server, Stats
-from ..runtime._adopt import serve_adopted
+from ..runtime import Policy, Region, Server, Stats, serve_adopted
 from ._handoff import Handoff, adopted_features
 from ._images import CriuImageError, Images
 from ._store import CriuPages
@@ -41,6 +41,7 @@ __all__ = ["SOCKET_NAME", "Summary", "lazy_pages"]
 SOCKET_NAME = "lazy-pages.socket"
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Summary:
     """What a lazy restore took."""

@@ -7,7 +7,7 @@ import errno
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, final
 
 from ..stores import Store, StoreError, open_store
 from ._images import CriuImageError, Images, PagemapEntry, Vma
@@ -17,6 +17,7 @@ __all__ = ["CriuPages", "LazyRange"]
 PAGE = 4096
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class LazyRange:
     """A piece of a lazily restored VMA: the unit the restore registers (runs of the pagemap
@@ -37,6 +38,7 @@ class _Tables:
     lazy: list[LazyRange]
 
 
+@final
 class CriuPages(Store):
     """Task ``pid`` of the dump in ``images``: reading [offset, offset + n) reads the task's
     memory at those addresses as dumped. PRESENT pagemap runs come from the pages image
@@ -96,15 +98,6 @@ class CriuPages(Store):
     def lazy_ranges(self) -> list[LazyRange]:
         """The lazily restored VMAs, in address order."""
         return list(self._tables.lazy)
-
-    def present_pages(self) -> int:
-        """Pages of lazy VMAs that are in the pages image."""
-        return sum(
-            (min(end, r.end) - max(start, r.start)) // PAGE
-            for start, end, _ in self._tables.runs
-            for r in self._tables.lazy
-            if start < r.end and r.start < end
-        )
 
     def read_into(self, offset: int, buffer: memoryview) -> int:
         length = self.clamp(offset, len(buffer))

@@ -1,11 +1,13 @@
 """Memory filled on demand, out of process, with a fault-around policy chosen in userspace.
 
 :func:`serve` registers ranges of this process and forks a handler that fills their pages from
-a :class:`~userfaultfd.stores.Store` as they fault; :func:`lazy` wraps that into a NumPy array;
-:func:`touch_pages` reads every page of one, as ``uffd lazy`` does.
+a :class:`~userfaultfd.stores.Store` as they fault; :func:`serve_adopted` serves a uffd another
+process registered (CRIU's lazy restore); :func:`lazy` wraps :func:`serve` into a NumPy array;
+:func:`touch_pages` reads every page of one, as ``uffd lazy`` does. Firecracker's socket
+protocol is in :mod:`userfaultfd.runtime.firecracker`.
 """
 
-from ._handler import Handler as Handler
+from ._adopt import serve_adopted as serve_adopted
 from ._lazy import lazy as lazy
 from ._lazy import server_of as server_of
 from ._policy import Adaptive as Adaptive
@@ -16,9 +18,6 @@ from ._server import DEFAULT_CPU as DEFAULT_CPU
 from ._server import Region as Region
 from ._server import Server as Server
 from ._server import serve as serve
-from ._socket import GuestRegion as GuestRegion
-from ._socket import parse_regions as parse_regions
-from ._socket import serve_socket as serve_socket
 from ._stats import Stats as Stats
 from ._touch import PageUnreadableError as PageUnreadableError
 from ._touch import TouchResult as TouchResult
@@ -27,8 +26,6 @@ from ._touch import touch_pages as touch_pages
 __all__ = [
     "DEFAULT_CPU",
     "Adaptive",
-    "GuestRegion",
-    "Handler",
     "PageUnreadableError",
     "Policy",
     "Region",
@@ -38,9 +35,8 @@ __all__ = [
     "TouchResult",
     "Window",
     "lazy",
-    "parse_regions",
     "serve",
-    "serve_socket",
+    "serve_adopted",
     "server_of",
     "touch_pages",
 ]

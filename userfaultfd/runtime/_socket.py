@@ -4,7 +4,9 @@ A client (a VMM, or any program in any language) connects and sends one message:
 of regions, ``[{"base_host_virt_addr": A, "size": N, "offset": O, "page_size": P}, ...]``, with
 its userfaultfd attached as SCM_RIGHTS. Region byte i then comes from store byte O + i. The
 server serves that client until it closes the connection; each client gets its own process,
-so one client's faults never wait behind another's.
+so one client's faults never wait behind another's. That process is not this one's child (an
+intermediate child forks it and exits at once, reaped here): nothing is left to reap, and the
+caller's SIGCHLD disposition and its own children's exit statuses are left alone.
 
 A client is refused at the handshake, before any of its faults is served, when its message is
 malformed or a region reaches past the end of the store (those bytes would be served as zeros):
@@ -17,12 +19,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import socket
 import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import final
 
 from .._core import Userfaultfd
 from ..stores import Store
@@ -36,6 +38,7 @@ _MAX_MESSAGE = 1 << 20
 _FIELDS = ("base_host_virt_addr", "size", "offset", "page_size")
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class GuestRegion:
     """One region of a client's message."""
@@ -125,7 +128,8 @@ def serve_socket(
 ) -> None:
     """Listen on ``path`` and serve every client that connects (``once``: only the first
     client not refused, in this process). Each other client is served by a forked process of
-    its own. A stale socket at ``path`` is replaced; anything else there is an OSError."""
+    its own (not a child of this one: nothing to reap). A stale socket at ``path`` is
+    replaced; anything else there is an OSError."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         _remove_stale_socket(path)
         try:
@@ -136,7 +140,6 @@ def serve_socket(
         listener.listen(8)
         if on_listening is not None:
             on_listening()
-        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # reap client processes automatically
         while True:
             connection, _ = listener.accept()
             if once:
@@ -146,17 +149,20 @@ def serve_socket(
                         continue
                     _serve_client(connection, store, policy_factory(), *handshake)
                 return
-            if os.fork() == 0:
+            middle = os.fork()
+            if middle == 0:
                 status = 1
                 try:
                     listener.close()
-                    handshake = _handshake(connection, store, on_refused)
-                    if handshake is not None:
-                        _serve_client(connection, store.reopen(), policy_factory(), *handshake)
+                    if os.fork() == 0:  # the client's server, reaped by init
+                        handshake = _handshake(connection, store, on_refused)
+                        if handshake is not None:
+                            _serve_client(connection, store.reopen(), policy_factory(), *handshake)
                     status = 0
                 finally:
                     os._exit(status)
             connection.close()
+            os.waitpid(middle, 0)  # at once: it only forks
 
 
 def _handshake(

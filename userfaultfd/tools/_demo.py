@@ -12,6 +12,7 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import final
 
 from .. import memory
 from ._live import SnapshotStats, check_destination, snapshot
@@ -19,6 +20,7 @@ from ._live import SnapshotStats, check_destination, snapshot
 __all__ = ["SnapshotDemoResult", "snapshot_demo"]
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class SnapshotDemoResult:
     """What :func:`snapshot_demo` did, and whether the image was exact."""

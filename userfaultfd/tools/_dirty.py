@@ -48,7 +48,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, final
 
 from .. import memory
 from .._closing import Closing
@@ -66,6 +66,7 @@ _SCAN_RESET: Final = ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC
 _MAX_VECTOR_REGIONS: Final = 1 << 17
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class DirtyStats:
     """What a tracker has done: scans run, pages they reported, seconds spent in them."""
@@ -75,6 +76,7 @@ class DirtyStats:
     seconds: float
 
 
+@final
 class DirtyTracker(Closing):
     """Pages of one range of this process written since the last reset. Make it with :func:`track`.
 
