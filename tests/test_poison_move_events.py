@@ -125,7 +125,7 @@ def test_remap_event_reports_old_and_new_address() -> None:
         # Reserve a destination, then move the registered range on top of it.
         destination = mmap.mmap(-1, 4 * PAGE)
         anonymous = memory.MappingKind.ANONYMOUS
-        with memory.Mapping(destination, 4 * PAGE, kind=anonymous, shared=False) as spot:
+        with memory.Mapping(destination, 4 * PAGE, kind=anonymous) as spot:
             new = spot.address
         # The reservation is unmapped again; MREMAP_FIXED takes the address regardless.
         return _libc.mremap(mapping.address, 4 * PAGE, 4 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, new)

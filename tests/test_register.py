@@ -78,7 +78,7 @@ def test_regular_file_is_refused() -> None:
 
 def _register_file_mapping(fd: int) -> None:
     with mmap.mmap(fd, 4 * PAGE) as mm, Userfaultfd() as uffd:
-        mapping = memory.Mapping(mm, 4 * PAGE, kind="file", shared=True)
+        mapping = memory.Mapping(mm, 4 * PAGE, kind="file")
         with pytest.raises(UserfaultfdError, match="anonymous, shmem/memfd and hugetlbfs"):
             uffd.register(mapping.address, mapping.length, Mode.MISSING)
         mapping.view.release()

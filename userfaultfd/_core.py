@@ -28,8 +28,9 @@ import fcntl
 import operator
 import os
 import struct
+import warnings
 from collections.abc import Callable
-from typing import Final
+from typing import Final, final
 
 from . import _abi, _libc
 from ._buffer import pinned
@@ -152,6 +153,7 @@ def _index(value: int, what: str) -> int:
         raise TypeError(f"{what} must be an int, not {type(value).__name__}") from None
 
 
+@final
 class Userfaultfd(Closing):
     """A userfaultfd: register memory, read its fault events, resolve them.
 
@@ -221,11 +223,6 @@ class Userfaultfd(Closing):
     def closed(self) -> bool:
         return self._fd < 0
 
-    @property
-    def nonblocking(self) -> bool:
-        """Whether read_events() returns at once when nothing is pending (O_NONBLOCK, as now)."""
-        return bool(fcntl.fcntl(self._require_open(), fcntl.F_GETFL) & os.O_NONBLOCK)
-
     def close(self) -> None:
         """Close the descriptor. Idempotent.
 
@@ -237,7 +234,11 @@ class Userfaultfd(Closing):
             os.close(fd)
 
     def __del__(self) -> None:
-        self.close()
+        """Close a descriptor nobody closed, with a ResourceWarning, as io.FileIO does: the
+        moment a uffd closes decides whether blocked faults get their pages or zeros."""
+        if getattr(self, "_fd", -1) >= 0:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
+            self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"

@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from typing import final as _final
 
 from . import _abi, _libc
 from ._buffer import pinned as _pinned
@@ -94,6 +95,7 @@ class MappingKind(enum.StrEnum):
         return cls.HUGETLBFS if value == "hugetlb" else None
 
 
+@_final
 class Mapping(_Closing):
     """A mapping this process owns: ``address``, ``length``, a writable ``view`` of its bytes.
 
@@ -111,7 +113,6 @@ class Mapping(_Closing):
         kind: MappingKind | str,
         fd: int | None = None,
         owns_fd: bool = False,
-        shared: bool,
     ) -> None:
         self._mmap = mm
         with _pinned(mm, writable=True) as (address, _size):
@@ -119,7 +120,6 @@ class Mapping(_Closing):
         self.length = length
         self.kind = MappingKind(kind)
         self.fd = fd
-        self.shared = shared
         self._owns_fd = owns_fd
         self.view: memoryview = memoryview(mm)
 
@@ -138,7 +138,7 @@ class Mapping(_Closing):
             raise ValueError("alias() needs a memfd-backed mapping; this one is anonymous")
         flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
         mm = mmap.mmap(self.fd, self.length, flags=flags, prot=_PROT_RW)
-        return Mapping(mm, self.length, kind=self.kind, fd=self.fd, shared=shared)
+        return Mapping(mm, self.length, kind=self.kind, fd=self.fd)
 
     def numpy(self, dtype: Any = "uint8") -> Any:
         """A NumPy array over this memory (needs NumPy)."""
@@ -205,7 +205,7 @@ def anonymous(length: int, *, noreserve: bool = False) -> Mapping:
     _check_length(length, page_size(), "anonymous mapping")
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_abi.MAP_NORESERVE if noreserve else 0)
     mm = _map(lambda: mmap.mmap(-1, length, flags=flags, prot=_PROT_RW), "anonymous mapping")
-    return Mapping(mm, length, kind=MappingKind.ANONYMOUS, shared=False)
+    return Mapping(mm, length, kind=MappingKind.ANONYMOUS)
 
 
 def hugetlb(length: int) -> Mapping:
@@ -213,7 +213,7 @@ def hugetlb(length: int) -> Mapping:
     _check_length(length, huge_page_size(), "hugetlb mapping")
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _abi.MAP_HUGETLB
     mm = _map(lambda: mmap.mmap(-1, length, flags=flags, prot=_PROT_RW), "huge page mapping")
-    return Mapping(mm, length, kind=MappingKind.HUGETLBFS, shared=False)
+    return Mapping(mm, length, kind=MappingKind.HUGETLBFS)
 
 
 def memfd(
@@ -236,7 +236,7 @@ def memfd(
         os.close(fd)
         raise
     kind = MappingKind.HUGETLBFS if hugetlb else MappingKind.SHMEM
-    return Mapping(mm, length, kind=kind, fd=fd, owns_fd=True, shared=shared)
+    return Mapping(mm, length, kind=kind, fd=fd, owns_fd=True)
 
 
 @contextmanager

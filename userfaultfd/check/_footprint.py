@@ -79,7 +79,7 @@ def _footprint_child(kind: str, mode: Mode | None, scratch: str, channel: Channe
     os.pwrite(fd, b"\x5a" * length, 0)  # every page in the page cache, uptodate
     flags = mmap.MAP_PRIVATE if kind == "shmem-private" else mmap.MAP_SHARED
     what = memory.MappingKind.FILE if kind == "file" else memory.MappingKind.SHMEM
-    mapping = memory.Mapping(mmap.mmap(fd, length, flags=flags), length, kind=what, shared=True)
+    mapping = memory.Mapping(mmap.mmap(fd, length, flags=flags), length, kind=what)
     if mode is None:
         channel.send("ready")
     else:
