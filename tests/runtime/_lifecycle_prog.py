@@ -114,7 +114,7 @@ def exit_code(status: int) -> int:
 # -- 1. a forked child exits while the parent uses the array ------------------------------------
 def child_exits(args: list[str]) -> None:
     npy, how = args
-    a = lazy(npy)
+    a = lazy(npy, direct=False)
     pids(a)
     verify(a, 0, N // 4, "parent before the fork")
     pid = os.fork()
@@ -138,7 +138,7 @@ def child_exits(args: list[str]) -> None:
 # -- 2. the parent exits while a forked child (or a daemon grandchild) uses the array -----------
 def parent_exits(args: list[str]) -> None:
     npy, how = args
-    a = lazy(npy)
+    a = lazy(npy, direct=False)
     pids(a)
     verify(a, 0, N // 4, "parent")
     gone_r, gone_w = os.pipe()  # EOF once the parent is gone (nobody else holds the write end)
@@ -183,7 +183,7 @@ def _check_slice(bounds: tuple[int, int]) -> dict[str, Any]:
 def pool(args: list[str]) -> None:
     global _shared
     (npy,) = args
-    a = _shared = lazy(npy)
+    a = _shared = lazy(npy, direct=False)
     pids(a)
     verify(a, 0, N // 4, "parent before the pool")
     context = multiprocessing.get_context("fork")
@@ -227,7 +227,7 @@ def slow_load(args: list[str]) -> None:
 # -- 6. a forked child reads its copy after a handler restart -----------------------------------
 def restart_then_child(args: list[str]) -> None:
     npy, delay = args[0], float(args[1])
-    a = lazy(npy)
+    a = lazy(npy, direct=False)
     pids(a)
     verify(a, 0, N // 4, "parent before the fork")
     go_r, go_w = os.pipe()
@@ -266,7 +266,7 @@ def truncated(args: list[str]) -> None:
 
 def replaced(args: list[str]) -> None:
     (npy,) = args
-    a = lazy(npy)
+    a = lazy(npy, direct=False)
     pids(a)
     verify(a, 0, N // 4, "before the replacement")
     other = npy + ".other.npy"
@@ -279,7 +279,7 @@ def replaced(args: list[str]) -> None:
 
 def unlinked(args: list[str]) -> None:
     (npy,) = args
-    a = lazy(npy)
+    a = lazy(npy, direct=False)
     pids(a)
     verify(a, 0, N // 4, "before the unlink")
     os.unlink(npy)
@@ -339,8 +339,8 @@ def flaky_store(args: list[str]) -> None:
 # -- 8. two arrays, one dropped; a double stop --------------------------------------------------
 def two_arrays(args: list[str]) -> None:
     (npy,) = args
-    a = lazy(npy)
-    b = lazy(npy)
+    a = lazy(npy, direct=False)
+    b = lazy(npy, direct=False)
     pids(a, "a")
     pids(b, "b")
     verify(a, 0, N // 4, "a")
@@ -353,7 +353,7 @@ def two_arrays(args: list[str]) -> None:
 
 def double_stop(args: list[str]) -> None:
     (npy,) = args
-    a = lazy(npy)
+    a = lazy(npy, direct=False)
     pids(a)
     server = server_of(a)
     verify(a, 0, N, "before the stops")
@@ -405,7 +405,7 @@ def cycles(args: list[str]) -> None:
     elements = (os.path.getsize(small) - 128) // 4
     wrong: list[tuple[int, int, int]] = []
     for cycle in range(count):
-        a = lazy(small)
+        a = lazy(small, direct=False)
         index = (cycle * PER_PAGE + cycle) % elements
         held = int(a[index])
         if held != index + 1:
@@ -426,7 +426,7 @@ def cycles(args: list[str]) -> None:
 def stop_order(args: list[str]) -> None:
     (small,) = args
     before = sorted(os.sched_getaffinity(0))
-    first, second = lazy(small), lazy(small)
+    first, second = lazy(small, direct=False), lazy(small, direct=False)
     pids(first, "first")
     pids(second, "second")
     during = sorted(os.sched_getaffinity(0))
@@ -450,7 +450,7 @@ def sparse(args: list[str]) -> None:
         for page in SPARSE_PAGES:
             os.pwrite(f.fileno(), sparse_pattern(page), page * PAGE)
     started = time.monotonic()
-    a = lazy(path, dtype=np.uint8)
+    a = lazy(path, dtype=np.uint8, direct=False)
     say("opened", seconds=time.monotonic() - started, length=len(a))
     pids(a)
     for page in SPARSE_PAGES:

@@ -72,23 +72,25 @@ def test_a_pack_over_http_is_served(sources: tuple[Path, bytes], http: str) -> N
     assert digest_of(f"{http}/data.pack", POLICIES[2]) == hashlib.sha256(data).hexdigest()
 
 
-def test_npy_header_gives_shape_and_dtype(sources: tuple[Path, bytes]) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "handler"])
+def test_npy_header_gives_shape_and_dtype(sources: tuple[Path, bytes], direct: bool) -> None:
     root, _ = sources
     path = str(root / "matrix.npy")
 
     def body() -> tuple[tuple[int, ...], str, bool]:
-        array = lazy(path)
+        array = lazy(path, direct=direct)
         return array.shape, str(array.dtype), bool(np.array_equal(array, np.load(path)))
 
     assert in_target(body) == ((600, 500), "float32", True)
 
 
-def test_dtype_and_shape_view_raw_bytes(sources: tuple[Path, bytes]) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "handler"])
+def test_dtype_and_shape_view_raw_bytes(sources: tuple[Path, bytes], direct: bool) -> None:
     root, data = sources
     path = str(root / "data.bin")
 
     def body() -> tuple[tuple[int, ...], int]:
-        array = lazy(path, dtype=np.uint32, shape=(4, 1024))
+        array = lazy(path, dtype=np.uint32, shape=(4, 1024), direct=direct)
         return array.shape, int(array[1, 0])
 
     first_word = int.from_bytes(data[4096:4100], "little")
@@ -99,7 +101,7 @@ def test_the_handler_stops_when_the_array_goes(sources: tuple[Path, bytes]) -> N
     root, _ = sources
 
     def body() -> tuple[bool, bool]:
-        view = lazy(str(root / "data.bin"))
+        view = lazy(str(root / "data.bin"), direct=False)
         server = server_of(view)
         _ = view[0]
         pid = server.pid
@@ -136,11 +138,12 @@ def test_bad_requests_are_clear_errors(sources: tuple[Path, bytes], tmp_path: Pa
         server_of(np.zeros(3))
 
 
-def test_memoryview_length_is_the_source_length(sources: tuple[Path, bytes]) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "handler"])
+def test_memoryview_length_is_the_source_length(sources: tuple[Path, bytes], direct: bool) -> None:
     root, data = sources
 
     def body() -> tuple[int, bytes]:
-        view = lazy(str(root / "data.bin"))
+        view = lazy(str(root / "data.bin"), direct=direct)
         return len(view), bytes(view[-1234:])
 
     assert in_target(body) == (len(data), b"x" * 1234)

@@ -154,7 +154,7 @@ class _Touch:
             os._exit(status)
 
     def _touch(self) -> TouchResult:
-        data = lazy(self.store, **self.options)
+        data = lazy(self.store, direct=False, **self.options)
         server = server_of(data)
         base = server.regions[0].offset  # a .npy's data starts after its header
         view = memoryview(data).cast("B")  # bytes, whatever the dtype and shape of a .npy
