@@ -216,14 +216,20 @@ def test_a_write_to_the_file_in_place_shows_through_the_direct_mapping(copy: Pat
     assert now[100, 0] == 3_000_001 and now[50, 0] == 2_000_001, "the writes did not happen"
 
 
-def test_truncating_the_file_gives_sigbus(copy: Path) -> None:
+@pytest.mark.parametrize("before", ["read", "written"])
+def test_truncating_the_file_gives_sigbus(copy: Path, before: str) -> None:
+    """Past the new end, a page read before the truncation and a page the process wrote (its
+    private copy) both go: the kernel drops them from every mapping of the file."""
+
     def child(channel: Channel) -> None:
         array = lazy(copy)
         assert is_direct(array)
         channel.send(("read", first_wrong(array, VALUES.reshape(SHAPE))))  # every page read
+        if before == "written":
+            array[200] = -array[200]
         os.truncate(copy, data_offset(copy) + 128 * PAGE)  # half the rows remain
         channel.send(("kept", first_wrong(array[:128], VALUES[: 128 * PER_PAGE])))
-        _ = int(array[200, 0])  # a page read before, now past the end: SIGBUS
+        _ = int(array[200, 0])  # a page past the new end: SIGBUS
         channel.send(("past the end", int(array[200, 0])))
 
     with Target(child, timeout=20) as target:
@@ -233,5 +239,20 @@ def test_truncating_the_file_gives_sigbus(copy: Path) -> None:
         assert not kept, f"a page before the new end, after the truncation: {kept}"
         status = target.wait()
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS, (
-        f"reading a page past the new end ended with wait status {status}, not SIGBUS"
+        f"reading a page {before} before, past the new end, ended with wait status {status},"
+        " not SIGBUS"
     )
+
+
+def test_a_file_replaced_or_unlinked_after_the_open_is_still_the_one_mapped(copy: Path) -> None:
+    array = lazy(copy)  # no page read yet
+    assert is_direct(array)
+    other = copy.with_name("other.npy")
+    np.save(other, (VALUES + 5_000_000).reshape(SHAPE))  # other values, none zero
+    os.replace(other, copy)
+    assert not (wrong := first_wrong(array, VALUES)), f"after the file was replaced: {wrong}"
+    unlinked = lazy(copy)  # the new file, no page read yet
+    assert is_direct(unlinked)
+    os.unlink(copy)
+    wrong = first_wrong(unlinked, VALUES + 5_000_000)
+    assert not wrong, f"after the file was unlinked: {wrong}"
