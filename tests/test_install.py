@@ -59,12 +59,16 @@ def test_the_environment_is_the_one_constraints_txt_describes() -> None:
 
 
 @pytest.mark.timeout(300)
-def test_the_wheel_carries_the_package_and_runs_check(tmp_path: Path) -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["with-native", "without-native"])
+def test_the_wheel_carries_the_package_and_runs_check(tmp_path: Path, native: bool) -> None:
+    # Without the native fast path (UFFD_BUILD_NATIVE=0, as on a machine with no compiler) the
+    # wheel is pure Python and the handler serves through the Python path.
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
         capture_output=True,
         text=True,
         timeout=240,
+        env={**os.environ, "UFFD_BUILD_NATIVE": "1" if native else "0"},
     )
     assert built.returncode == 0, built.stderr
     (wheel,) = tmp_path.glob("userfaultfd-*.whl")
@@ -73,11 +77,18 @@ def test_the_wheel_carries_the_package_and_runs_check(tmp_path: Path) -> None:
     sources = {
         path.relative_to(ROOT).as_posix()
         for path in (ROOT / "userfaultfd").rglob("*")
-        if path.is_file() and "__pycache__" not in path.parts
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".so"
     }
     missing = sorted(sources - carried)
     assert not missing, f"the wheel lacks {missing}"
     assert "userfaultfd/py.typed" in carried
+    extensions = sorted(name for name in carried if name.endswith(".so"))
+    if native:
+        assert len(extensions) == 1 and "_speedups" in extensions[0], extensions
+        assert not wheel.name.endswith("-none-any.whl"), f"{wheel.name}: tagged pure Python"
+    else:
+        assert not extensions, f"UFFD_BUILD_NATIVE=0, yet the wheel carries {extensions}"
+        assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
 
     target = tmp_path / "site"
     installed = subprocess.run(
@@ -118,3 +129,9 @@ def test_the_wheel_carries_the_package_and_runs_check(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]
+    path = subprocess.run(
+        [sys.executable, "-c",
+         "from userfaultfd.runtime._answer import native_available; print(native_available())"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert path.stdout.strip() == str(native), path
