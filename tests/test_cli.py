@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import re
@@ -12,9 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests import _packs
+from tests.criu.test_images import BASE, LAZY, _dump
 from userfaultfd import Feature, memory, supported_features
-from userfaultfd.cli import main, run_command
-from userfaultfd.stores import BytesStore, pack
+from userfaultfd.cli import build_parser, main, run_command
+from userfaultfd.cli._criu import add_criu_commands
+from userfaultfd.cli._stores import add_store_commands
+from userfaultfd.stores import BytesStore, ZstdStore, open_store, pack
 
 PAGE = memory.page_size()
 
@@ -163,3 +167,39 @@ def test_run_command_is_the_boundary_for_a_parser_of_ones_own(
     assert run_command(parser.parse_args(["model", "replay", "wp-punch-hole", "fly*3"])) == 2
     [printed] = capsys.readouterr().err.splitlines()
     assert printed.startswith("uffd model: ") and "fly" in printed, printed
+
+
+# -- each command defines its own options: no order between the groups ----------------------------
+@pytest.mark.parametrize("criu_first", [False, True], ids=["stores-first", "criu-first"])
+def test_pack_criu_is_accepted_whatever_order_the_groups_are_added_in(criu_first: bool) -> None:
+    """_criu added --criu to the pack parser _stores had made: with _criu added first, --criu
+    silently did not exist (``pack --criu`` was a usage error)."""
+    parser = argparse.ArgumentParser(prog="uffd")
+    commands = parser.add_subparsers(dest="command", required=True)
+    groups = [add_store_commands, add_criu_commands]
+    for add in reversed(groups) if criu_first else groups:
+        add(commands)
+    args = parser.parse_args(["pack", "--criu", "IMAGES", "DEST"])
+    assert (args.command, args.criu, args.source, args.dest) == ("pack", True, "IMAGES", "DEST")
+
+
+def test_pack_criu_through_main_packs_each_pages_image(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``uffd pack --criu IMAGES DEST`` writes DEST/pages-1.img, a pack of the dump's pages-1.img
+    (images written here, no CRIU), with pack's --chunk-size."""
+    (tmp_path / "images").mkdir()
+    images = _dump(tmp_path / "images", [(BASE, 3, LAZY), (BASE + 6 * PAGE, 4, LAZY)])
+    dest = tmp_path / "packs"
+    assert build_parser().parse_args(["pack", "--criu", str(images), str(dest)]).criu is True
+    assert main(["pack", "--criu", str(images), str(dest), "--chunk-size", "8K"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith(" s\n") and "uffd pack --criu: 1 pages images in " in out, out
+    raw = (images / "pages-1.img").read_bytes()
+    assert len(raw) == 7 * PAGE
+    with open_store(dest / "pages-1.img") as store:
+        assert isinstance(store, ZstdStore) and store.chunk_size == 8192, store
+        assert store.size == len(raw)
+        got = bytearray(store.size)
+        store.read_into(0, memoryview(got))
+    assert bytes(got) == raw

@@ -1,11 +1,10 @@
-"""``uffd lazy-pages`` and ``uffd pack --criu``: argument parsing for userfaultfd.criu."""
+"""``uffd lazy-pages``: argument parsing for userfaultfd.criu (``uffd pack --criu`` is an
+option of ``pack``, in ``_stores``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 from ._args import UsageError, parse_policy, storage_option
@@ -62,42 +61,6 @@ def add_criu_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--socket", metavar="PATH", help="default: IMAGES_DIR/lazy-pages.socket")
     p.add_argument("--cpu", type=int, default=None, help="pin the handlers to this CPU")
     p.set_defaults(func=_lazy_pages)
-    _add_pack_criu(subparsers)
-
-
-def _add_pack_criu(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``uffd pack --criu IMAGES_DIR DEST``: an option of the stores' ``pack`` command, which
-    keeps its own arguments (--chunk-size, --level) and runs as before without it."""
-    pack = subparsers.choices.get("pack")
-    if pack is None:
-        return
-    pack.add_argument(
-        "--criu",
-        action="store_true",
-        help=(
-            "SOURCE is a CRIU images directory: pack each pages-ID.img of the dump into the"
-            " directory DEST, for uffd lazy-pages --pages DEST"
-        ),
-    )
-    plain: Callable[[argparse.Namespace], int] = pack.get_default("func")
-
-    def either(args: argparse.Namespace) -> int:
-        return _pack_criu(args) if args.criu else plain(args)
-
-    pack.set_defaults(func=either)
-
-
-def _pack_criu(args: argparse.Namespace) -> int:
-    from ..criu import pack_images
-
-    started = time.monotonic()
-    infos = pack_images(args.source, args.dest, chunk_size=getattr(args, "chunk_size", None),
-                        level=getattr(args, "level", 3))  # fmt: skip
-    for info in infos:
-        print(f"{info.path}: {info.size} bytes -> {info.packed_size} (ratio {info.ratio:.2f}x), "
-              f"{info.chunks} chunks")  # fmt: skip
-    print(f"uffd pack --criu: {len(infos)} pages images in {time.monotonic() - started:.2f} s")
-    return 0
 
 
 def _nested_options(pairs: list[tuple[list[str], Any]]) -> dict[str, Any]:

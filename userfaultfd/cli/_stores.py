@@ -1,4 +1,5 @@
-"""``uffd pack``: argument parsing and a progress bar; the work is in userfaultfd.stores.pack."""
+"""``uffd pack``: argument parsing and a progress bar; the work is in userfaultfd.stores.pack
+(and, with ``--criu``, in userfaultfd.criu.pack_images)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ __all__ = ["add_store_commands"]
 
 
 def add_store_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``pack SOURCE DEST [--chunk-size N] [--level N] [--layout L] [--dictionary N]`` to
-    ``subparsers``."""
+    """Add ``pack SOURCE DEST [--chunk-size N] [--level N] [--layout L] [--dictionary N]
+    [--criu]`` to ``subparsers``."""
     p = subparsers.add_parser(
         "pack",
         help="compress a file or URL into a seekable zstd pack",
@@ -52,6 +53,14 @@ def add_store_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         help="train a zstd dictionary of N bytes on the source and store it (file layout only;"
         " default: none)",
     )
+    p.add_argument(
+        "--criu",
+        action="store_true",
+        help=(
+            "SOURCE is a CRIU images directory: pack each pages-ID.img of the dump into the"
+            " directory DEST, for uffd lazy-pages --pages DEST"
+        ),
+    )
     p.set_defaults(func=_pack)
 
 
@@ -64,6 +73,8 @@ def _human(n: float) -> str:
 
 
 def _pack(args: argparse.Namespace) -> int:
+    if args.criu:
+        return _pack_criu(args)
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -108,4 +119,18 @@ def _pack(args: argparse.Namespace) -> int:
         f" {_human(info.unique_bytes)} written, {seconds:.2f} s",
         file=sys.stdout,
     )
+    return 0
+
+
+def _pack_criu(args: argparse.Namespace) -> int:
+    """``pack --criu IMAGES_DIR DEST``: --chunk-size and --level apply; --layout and
+    --dictionary do not."""
+    from ..criu import pack_images
+
+    started = time.monotonic()
+    infos = pack_images(args.source, args.dest, chunk_size=args.chunk_size, level=args.level)
+    for info in infos:
+        print(f"{info.path}: {info.size} bytes -> {info.packed_size} (ratio {info.ratio:.2f}x), "
+              f"{info.chunks} chunks")  # fmt: skip
+    print(f"uffd pack --criu: {len(infos)} pages images in {time.monotonic() - started:.2f} s")
     return 0
