@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import final
 
 from . import _abi
 from ._flags import FaultFlag
@@ -10,6 +11,7 @@ from ._flags import FaultFlag
 __all__ = ["Event", "Fork", "PageFault", "Remap", "Remove", "Unmap", "parse_events"]
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class PageFault:
     """A thread faulted on a registered page and waits until the handler resolves it."""
@@ -22,6 +24,7 @@ class PageFault:
     thread_id: int
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Fork:
     """The process forked; ``uffd`` is a new descriptor, in the reader's process, for the child."""
@@ -29,6 +32,7 @@ class Fork:
     uffd: int
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Remap:
     """mremap() moved ``length`` bytes of registered memory from ``old`` to ``new``."""
@@ -38,6 +42,7 @@ class Remap:
     length: int
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Remove:
     """[start, end) was dropped (MADV_DONTNEED / MADV_REMOVE / hole punch): it will fault again."""
@@ -46,6 +51,7 @@ class Remove:
     end: int
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Unmap:
     """[start, end) was unmapped: it is no longer registered."""
@@ -54,6 +60,7 @@ class Unmap:
     end: int
 
 
+#: Any record parse_events() returns: for annotations, and isinstance() against the union.
 Event = PageFault | Fork | Remap | Remove | Unmap
 
 

@@ -13,6 +13,7 @@ import fcntl
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import final
 
 from . import _abi
 from ._buffer import pinned
@@ -26,6 +27,7 @@ __all__ = ["ALL_CATEGORIES", "PageRegion", "PageScanner", "ScanResult"]
 ALL_CATEGORIES = PageCategory(0xFF)
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class PageRegion:
     """A run of pages [start, end) sharing ``categories``."""
@@ -35,6 +37,7 @@ class PageRegion:
     categories: PageCategory
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class ScanResult:
     """What PAGEMAP_SCAN found, and where its walk stopped (``walk_end`` < end: stopped early)."""

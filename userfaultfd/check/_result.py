@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import final
 
 __all__ = ["CheckOptions", "CheckResult", "Status"]
 
 
 class Status(enum.Enum):
+    """The verdict of one check: it passed, failed, or could not run here (and why)."""
+
     PASS = "PASS"
     FAIL = "FAIL"
     SKIP = "SKIP"
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class CheckResult:
     """One case of one check: its verdict and the one-line reason behind it."""
@@ -27,6 +31,7 @@ class CheckResult:
     seconds: float = 0.0
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class CheckOptions:
     """Bounds and knobs; the defaults keep a whole run under a minute on a 2-CPU machine."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import final
 
 __all__ = ["Adaptive", "Policy", "Single", "Window"]
 
@@ -36,6 +37,7 @@ class Policy(abc.ABC):
         return None
 
 
+@final
 class Single(Policy):
     """One page per fault."""
 
@@ -46,6 +48,7 @@ class Single(Policy):
         return "Single()"
 
 
+@final
 class Window(Policy):
     """A naturally aligned window of ``pages`` pages around the fault, clipped to the region."""
 
@@ -71,6 +74,7 @@ class _Stream:
 
 
 @dataclass
+@final
 class Adaptive(Policy):
     """Readahead for faults: a window that grows while faults continue past the start of the
     previous window, up to the end of its read-ahead, up to ``max_bytes``, and falls back to

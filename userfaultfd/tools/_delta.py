@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, final
 
 from .. import memory
 from .._replacing import replacing
@@ -36,6 +36,7 @@ _DELTA_HEADER: Final = struct.Struct("<8sQQQ")
 _DIGEST_SIZE: Final = 16
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class DeltaInfo:
     """One delta written: pages in it, bytes of the file, seconds it took (scan and copy)."""
