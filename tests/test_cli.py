@@ -203,3 +203,25 @@ def test_pack_criu_through_main_packs_each_pages_image(
         got = bytearray(store.size)
         store.read_into(0, memoryview(got))
     assert bytes(got) == raw
+
+
+@pytest.mark.parametrize(
+    ("argv", "name", "value"),
+    [
+        (["features", "--json"], "json", True),
+        (["check", "--json"], "json", True),
+        (["model", "list"], "model_command", "list"),
+        (["serve", "--socket", "S", "STORE"], "socket", "S"),
+        (["lazy", "SOURCE", "--order", "random"], "order", "random"),
+        (["pack", "SRC", "DEST", "--level", "5"], "level", 5),
+        (["snapshot", "DEST", "--writers", "3"], "writers", 3),
+        (["lazy-pages", "IMAGES", "--no-background"], "background", False),
+    ],
+)
+def test_each_command_has_its_options_once_it_is_parsed(
+    argv: list[str], name: str, value: object
+) -> None:
+    """build_parser() defines a command's options only when the command is parsed (the table
+    in cli/_commands.py names the function that defines them): each is there then."""
+    args = build_parser().parse_args(argv)
+    assert (args.command, getattr(args, name)) == (argv[0], value)

@@ -286,8 +286,12 @@ def test_missing_privileges_from_the_cli_are_one_line(public_dir: Path) -> None:
     log = public_dir / "stderr.txt"
 
     def body(channel: Channel) -> None:
+        import rich.progress  # noqa: F401
+
         from userfaultfd.cli import main
 
+        # uffd lazy imports rich when it runs, not before; nobody cannot read this
+        # interpreter's standard library (under /root): rich is imported while we still can.
         with open(log, "w") as err, contextlib.redirect_stderr(err):
             os.setgid(65534)
             os.setuid(65534)

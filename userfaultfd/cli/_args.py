@@ -1,13 +1,15 @@
-"""Argument types shared by the commands: each turns one string into a value or says why not."""
+"""Argument types shared by the commands: each turns one string into a value or says why not.
+Importing this imports no part of the library (every command's parser imports it)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..runtime import Adaptive, Policy, Single, Window
+if TYPE_CHECKING:
+    from ..runtime import Policy
 
 __all__ = [
     "UsageError",
@@ -43,6 +45,8 @@ def parse_size(text: str) -> int:
 
 def parse_policy(text: str) -> Policy:
     """``single``, ``window:N`` or ``adaptive[:MAX_BYTES]``."""
+    from ..runtime import Adaptive, Single, Window  # the runtime only for a command that runs it
+
     name, _, argument = text.partition(":")
     try:
         if name == "single" and not argument:

@@ -6,18 +6,21 @@ import argparse
 import sys
 
 from .. import check as _checks
+from ._commands import add_command
 
-__all__ = ["add_check_command"]
+__all__ = ["add_check_command", "define_check"]
 
 _DEFAULTS = _checks.CheckOptions()
 
 
 def add_check_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``check [--only NAME]... [--json] [--seed N] [--layouts N] [--race-seconds S]
-    [--race-iterations N]`` to ``commands``."""
-    check = commands.add_parser(
-        "check", help="prove on this kernel that userspace governs every page of a uffd range"
-    )
+    """Add ``check`` to ``commands``, defined at once (for a parser of one's own)."""
+    add_command(commands, "check")
+
+
+def define_check(check: argparse.ArgumentParser) -> None:
+    """Define ``check [--only NAME]... [--json] [--seed N] [--layouts N] [--race-seconds S]
+    [--race-iterations N]`` on its parser."""
     check.add_argument(
         "--only",
         action="append",

@@ -1,29 +1,37 @@
 """``uffd lazy-pages``: argument parsing for userfaultfd.criu (``uffd pack --criu`` is an
-option of ``pack``, in ``_stores``)."""
+option of ``pack``, in ``_stores``).
+
+userfaultfd.criu and the runtime are imported by the command that runs, not by its parser."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._args import UsageError, parse_policy, storage_option
+from ._commands import add_command
 
-__all__ = ["add_criu_commands"]
+if TYPE_CHECKING:
+    from ..runtime import Server
+
+__all__ = ["add_criu_commands", "define_lazy_pages"]
 
 
 def add_criu_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``lazy-pages [--policy P] [--no-background] [--pages URL] IMAGES_DIR``."""
-    p = subparsers.add_parser(
-        "lazy-pages",
-        help="serve a CRIU lazy restore (a drop-in for criu lazy-pages -D IMAGES_DIR)",
-        description=(
-            "Listen on IMAGES_DIR/lazy-pages.socket, then serve the page faults of every task"
-            " that `criu restore --lazy-pages -D IMAGES_DIR` restores, from the dump's pages"
-            " (or from --pages). After the restore, the pages left are filled in the background"
-            " unless --no-background. Exits when every task is gone or every page is in, with"
-            " a one-line summary."
-        ),
+    """Add ``lazy-pages`` to ``subparsers``, defined at once (for a parser of one's own)."""
+    add_command(subparsers, "lazy-pages")
+
+
+def define_lazy_pages(p: argparse.ArgumentParser) -> None:
+    """Define ``lazy-pages [--policy P] [--no-background] [--pages URL] [--storage-option KV]...
+    [--socket PATH] [--cpu N] IMAGES_DIR`` on its parser."""
+    p.description = (
+        "Listen on IMAGES_DIR/lazy-pages.socket, then serve the page faults of every task"
+        " that `criu restore --lazy-pages -D IMAGES_DIR` restores, from the dump's pages"
+        " (or from --pages). After the restore, the pages left are filled in the background"
+        " unless --no-background. Exits when every task is gone or every page is in, with"
+        " a one-line summary."
     )
     p.add_argument("images", metavar="IMAGES_DIR", help="the directory criu dump wrote")
     p.add_argument(
@@ -82,7 +90,6 @@ def _nested_options(pairs: list[tuple[list[str], Any]]) -> dict[str, Any]:
 
 def _lazy_pages(args: argparse.Namespace) -> int:
     from ..criu import lazy_pages
-    from ..runtime import Server
 
     policy = parse_policy(args.policy)
 

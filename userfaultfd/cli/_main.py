@@ -1,5 +1,6 @@
 """The ``uffd`` parser, its ``features`` command, and ``main``: the one place a failure becomes a
-line on stderr and an exit status."""
+line on stderr and an exit status. The other commands are in their own modules, imported only
+when they are parsed (``_commands``)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,9 @@ from collections.abc import Sequence
 
 from .._features import feature_table as _feature_table
 from ._args import UsageError
-from ._check import add_check_command as _add_check_command
-from ._criu import add_criu_commands as _add_criu_commands
-from ._model import add_model_commands as _add_model_commands
-from ._runtime import add_runtime_commands as _add_runtime_commands
-from ._stores import add_store_commands as _add_store_commands
-from ._tools import add_tool_commands as _add_tool_commands
+from ._commands import add_commands as _add_commands
 
-__all__ = ["build_parser", "main", "run_command"]
+__all__ = ["build_parser", "define_features", "main", "run_command"]
 
 
 def _features(args: argparse.Namespace) -> int:
@@ -50,19 +46,17 @@ def _features(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uffd", description="Linux userfaultfd toolkit")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    features = commands.add_parser("features", help="the userfaultfd features of this kernel")
+def define_features(features: argparse.ArgumentParser) -> None:
+    """Define ``features [--json]`` on its parser."""
     features.add_argument("--json", action="store_true", help="print JSON instead of a table")
     features.set_defaults(func=_features)
 
-    _add_check_command(commands)
-    _add_model_commands(commands)
-    _add_runtime_commands(commands)
-    _add_store_commands(commands)
-    _add_tool_commands(commands)
-    _add_criu_commands(commands)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``uffd`` parser. Each command's arguments are defined, and its module imported, when
+    the command is parsed (see ``_commands``): building it imports no command."""
+    parser = argparse.ArgumentParser(prog="uffd", description="Linux userfaultfd toolkit")
+    _add_commands(parser)
     return parser
 
 

@@ -9,16 +9,20 @@ import subprocess
 from .. import model
 from ..model import diagram, report
 from ._args import UsageError
+from ._commands import add_command
 
-__all__ = ["add_model_commands"]
+__all__ = ["add_model_commands", "define_model"]
 
 
 def add_model_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``model`` with its sub-commands (list, run, table, replay) to ``subparsers``."""
-    parser = subparsers.add_parser(
-        "model",
-        help="explore the executable model of the seed's fault-around race",
-        description="Explore thread interleavings of the kernel model under each kernel policy.",
+    """Add ``model`` to ``subparsers``, defined at once (for a parser of one's own)."""
+    add_command(subparsers, "model")
+
+
+def define_model(parser: argparse.ArgumentParser) -> None:
+    """Define ``model`` with its sub-commands (list, run, table, replay) on its parser."""
+    parser.description = (
+        "Explore thread interleavings of the kernel model under each kernel policy."
     )
     sub = parser.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
 

@@ -1,23 +1,23 @@
-"""``uffd serve`` and ``uffd lazy``: argument parsing for the runtime, and the stats table."""
+"""``uffd serve`` and ``uffd lazy``: argument parsing for the runtime, and the stats table.
+
+The runtime, the stores and rich are imported by the command that runs, not by its parser:
+``uffd serve --help`` imports none of them."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from rich.console import Console
-from rich.table import Table
-
-from ..runtime import touch_pages
-from ..runtime.firecracker import serve_socket
-from ..stores import open_store
 from ._args import cpu, parse_policy, positive
-from ._progress import ProgressBar, show_cursor
+from ._commands import add_command
 
-__all__ = ["add_runtime_commands"]
+__all__ = ["add_runtime_commands", "define_lazy", "define_serve"]
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from ..runtime.firecracker import serve_socket
+    from ..stores import open_store
+
     store = open_store(args.store)
     parse_policy(args.policy)  # a bad policy fails now, not when the first client comes
 
@@ -30,6 +30,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _lazy(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..runtime import touch_pages
+    from ._progress import ProgressBar, show_cursor
+
     try:
         result = touch_pages(
             args.source,
@@ -68,16 +74,23 @@ def _lazy(args: argparse.Namespace) -> int:
 
 
 def add_runtime_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    serve_cmd = commands.add_parser(
-        "serve", help="serve page faults of clients (Firecracker's handler protocol) from a store"
-    )
+    """Add ``serve`` and ``lazy`` to ``commands``, defined at once (for a parser of one's own)."""
+    add_command(commands, "serve")
+    add_command(commands, "lazy")
+
+
+def define_serve(serve_cmd: argparse.ArgumentParser) -> None:
+    """Define ``serve --socket PATH [--policy P] [--once] STORE`` on its parser."""
     serve_cmd.add_argument("--socket", required=True, help="Unix socket path to listen on")
     serve_cmd.add_argument("store", help="a path, an fsspec URL, or a pack made by uffd pack")
     serve_cmd.add_argument("--policy", default="adaptive", help="single, window:N or adaptive")
     serve_cmd.add_argument("--once", action="store_true", help="serve one client, then exit")
     serve_cmd.set_defaults(func=_serve)
 
-    lazy_cmd = commands.add_parser("lazy", help="map a source lazily and touch its pages")
+
+def define_lazy(lazy_cmd: argparse.ArgumentParser) -> None:
+    """Define ``lazy SOURCE [--order O] [--policy P] [--pages N] [--cpu C] [--seed N]
+    [--record PATH] [--prefetch PATH]`` on its parser."""
     lazy_cmd.add_argument("source", help="a path, an fsspec URL, a .npy file or a pack")
     lazy_cmd.add_argument("--order", choices=["seq", "random"], default="seq")
     lazy_cmd.add_argument("--policy", default="adaptive", help="single, window:N or adaptive")

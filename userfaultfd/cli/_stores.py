@@ -10,23 +10,25 @@ import time
 from ..stores import open_store, pack
 from ..stores._pack import DEFAULT_CHUNK_SIZE
 from ._args import parse_size
+from ._commands import add_command
 
-__all__ = ["add_store_commands"]
+__all__ = ["add_store_commands", "define_pack"]
 
 
 def add_store_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``pack SOURCE DEST [--chunk-size N] [--level N] [--layout L] [--dictionary N]
-    [--criu]`` to ``subparsers``."""
-    p = subparsers.add_parser(
-        "pack",
-        help="compress a file or URL into a seekable zstd pack",
-        description=(
-            "Compress SOURCE (a path or a URL such as s3://bucket/key) into a pack of"
-            " independently compressed chunks that any store can serve page by page."
-            " With --layout chunks, DEST is the index of a content-addressed pack (a path or a"
-            " URL such as s3://bucket/images/vm.index) and the pages no earlier pack there has go,"
-            " compressed a chunk at a time, into bundles/ next to it."
-        ),
+    """Add ``pack`` to ``subparsers``, defined at once (for a parser of one's own)."""
+    add_command(subparsers, "pack")
+
+
+def define_pack(p: argparse.ArgumentParser) -> None:
+    """Define ``pack SOURCE DEST [--chunk-size N] [--level N] [--layout L] [--dictionary N]
+    [--criu]`` on its parser."""
+    p.description = (
+        "Compress SOURCE (a path or a URL such as s3://bucket/key) into a pack of"
+        " independently compressed chunks that any store can serve page by page."
+        " With --layout chunks, DEST is the index of a content-addressed pack (a path or a"
+        " URL such as s3://bucket/images/vm.index) and the pages no earlier pack there has go,"
+        " compressed a chunk at a time, into bundles/ next to it."
     )
     p.add_argument("source", metavar="SOURCE", help="a path or a URL")
     p.add_argument("dest", metavar="DEST", help="the pack file (or the index) to write")

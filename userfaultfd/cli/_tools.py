@@ -1,17 +1,21 @@
-"""``uffd snapshot``: argument parsing for the write-protect tools, and the summary line."""
+"""``uffd snapshot``: argument parsing for the write-protect tools, and the summary line.
+
+The tools and rich are imported by the command that runs, not by its parser."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..tools import snapshot_demo
 from ._args import count, parse_size
-from ._progress import ProgressBar
+from ._commands import add_command
 
-__all__ = ["add_tool_commands"]
+__all__ = ["add_tool_commands", "define_snapshot"]
 
 
 def _snapshot_demo(args: argparse.Namespace) -> int:
+    from ..tools import snapshot_demo
+    from ._progress import ProgressBar
+
     bar = ProgressBar("snapshot")
     try:
         result = snapshot_demo(args.dest, parse_size(args.size), writers=args.writers, progress=bar)
@@ -33,9 +37,12 @@ def _snapshot_demo(args: argparse.Namespace) -> int:
 
 
 def add_tool_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    snap = commands.add_parser(
-        "snapshot", help="live snapshot of a demo region while threads keep writing to it"
-    )
+    """Add ``snapshot`` to ``commands``, defined at once (for a parser of one's own)."""
+    add_command(commands, "snapshot")
+
+
+def define_snapshot(snap: argparse.ArgumentParser) -> None:
+    """Define ``snapshot DEST [--size SIZE] [--writers N]`` on its parser."""
     snap.add_argument("dest", help="image path, or an fsspec URL to upload it to")
     snap.add_argument("--size", default="256M", help="demo region size, e.g. 256M or 1G")
     snap.add_argument("--writers", type=count, default=2, help="writer threads during the snapshot")
