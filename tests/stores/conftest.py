@@ -7,14 +7,14 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.stores import _servers
-from userfaultfd.stores import pack
+from userfaultfd.stores import FsspecStore, HttpStore, Store, pack
 
 #: Chunk size of the served pack: small, so short ranges cross chunk boundaries.
 PACK_CHUNK = 64 << 10
@@ -52,6 +52,14 @@ def _write_files(root: Path, payload: bytes) -> None:
     root.mkdir(parents=True, exist_ok=True)
     (root / "data.bin").write_bytes(payload)
     pack(root / "data.bin", root / "data.pack", chunk_size=PACK_CHUNK)
+
+
+@pytest.fixture(scope="session", params=[HttpStore, FsspecStore], ids=["HttpStore", "FsspecStore"])
+def http_store(request: pytest.FixtureRequest) -> Callable[..., Store]:
+    """Each store that reads HTTP: the direct one (what open_store gives), and fsspec's (what it
+    gives for options the direct one does not take)."""
+    made: Callable[..., Store] = request.param
+    return made
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""FsspecStore over memory://, file://, a real nginx (http://) and moto's S3 (s3://)."""
+"""FsspecStore over memory://, file://, a real nginx (http://) and moto's S3 (s3://); HttpStore
+over the same nginx, by the same tests."""
 
 from __future__ import annotations
 
@@ -19,8 +20,16 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.stores._checks import assert_range, ranges
 from tests.stores.conftest import PACK_CHUNK, S3, Served
-from userfaultfd.stores import FileStore, FsspecStore, Store, StoreError, ZstdStore, open_store
-from userfaultfd.stores._fsspec import _HEAD_BYTES
+from userfaultfd.stores import (
+    FileStore,
+    FsspecStore,
+    HttpStore,
+    Store,
+    StoreError,
+    ZstdStore,
+    open_store,
+)
+from userfaultfd.stores._pinning import HEAD_BYTES as _HEAD_BYTES
 
 NETWORK = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -141,15 +150,17 @@ def test_closed_store_refuses_reads(memory_url: str) -> None:
 
 @NETWORK
 @given(rng=ranges(700_001, 300_000))
-def test_http_round_trip(served: Served, rng: tuple[int, int]) -> None:
-    store = FsspecStore(served.url("data.bin"))
+def test_http_round_trip(
+    http_store: Callable[..., Store], served: Served, rng: tuple[int, int]
+) -> None:
+    store = http_store(served.url("data.bin"))
     assert store.size == len(served.payload)
     assert_range(store, served.payload, *rng)
 
 
-def test_http_reads_are_range_requests(served: Served) -> None:
+def test_http_reads_are_range_requests(http_store: Callable[..., Store], served: Served) -> None:
     before = len(served.server.requests("data.bin"))
-    store = FsspecStore(served.url("data.bin"))
+    store = http_store(served.url("data.bin"))
     for offset in (0, 4096, _HEAD_BYTES - 100, 500_000, len(served.payload) - 100):
         assert_range(store, served.payload, offset, 4096)
     rows = served.server.requests("data.bin")[before:]
@@ -167,36 +178,43 @@ def test_http_reads_are_range_requests(served: Served) -> None:
     assert not [row for row in rows if row[0] == "HEAD"], f"the open asked twice: {rows}"
 
 
-def test_http_open_is_one_request_and_reopen_none(served: Served) -> None:
+def test_http_open_is_one_request_and_reopen_none(
+    http_store: Callable[..., Store], served: Served
+) -> None:
     """The first byte fast (issue 12): the size, the version and the first 64 KiB come in one
     GET; reopen() (the handler's, after fork) sends nothing; reads inside the head send
     nothing either."""
     # A file of its own: a read another test left in flight cannot be logged among these.
-    (served.root / "open-once.bin").write_bytes(served.payload)
-    store = FsspecStore(served.url("open-once.bin"))
+    once = f"open-once-{http_store.__name__}.bin"
+    (served.root / once).write_bytes(served.payload)
+    store = http_store(served.url(once))
     assert store.size == len(served.payload)
     again = store.reopen()
     assert_range(again, served.payload, 0, 8)  # the format probe
     assert_range(again, served.payload, 0, _HEAD_BYTES)  # lazy()'s .npy probe
     assert_range(again, served.payload, 3 * 4096, 4096)  # a first page fault
-    rows = served.server.requests("open-once.bin")
+    rows = served.server.requests(once)
     assert rows == [("GET", 206, f"bytes=0-{_HEAD_BYTES - 1}", _HEAD_BYTES)], rows
-    assert again._fs is None, "reopen() made a filesystem (a loop, a session) it did not need"
+    made = getattr(again, "_fs", None)
+    assert made is None, "reopen() made a filesystem (a loop, a session) it did not need"
     assert_range(again, served.payload, _HEAD_BYTES, 10)
-    rows = served.server.requests("open-once.bin")
+    rows = served.server.requests(once)
     assert rows[1:] == [("GET", 206, f"bytes={_HEAD_BYTES}-{_HEAD_BYTES + 9}", 10)], rows
 
 
-def test_http_small_object_is_read_whole_by_the_open(served: Served) -> None:
-    (served.root / "small.bin").write_bytes(served.payload[:1000])
+def test_http_small_object_is_read_whole_by_the_open(
+    http_store: Callable[..., Store], served: Served
+) -> None:
+    small = f"small-{http_store.__name__}.bin"
+    (served.root / small).write_bytes(served.payload[:1000])
     (served.root / "empty.bin").write_bytes(b"")
-    store = FsspecStore(served.url("small.bin"))
+    store = http_store(served.url(small))
     assert store.size == 1000
     assert_range(store.reopen(), served.payload[:1000], 0, 4096)
-    assert served.server.requests("small.bin") == [
-        ("GET", 206, f"bytes=0-{_HEAD_BYTES - 1}", 1000)
-    ], "a small object took more than the open's request"
-    empty = FsspecStore(served.url("empty.bin"))  # no byte 0 to range over: 416, then info()
+    assert served.server.requests(small) == [("GET", 206, f"bytes=0-{_HEAD_BYTES - 1}", 1000)], (
+        "a small object took more than the open's request"
+    )
+    empty = http_store(served.url("empty.bin"))  # no byte 0 to range over: 416, then info()
     assert empty.size == 0 and empty.read_into(0, memoryview(bytearray(10))) == 0
     store.close()
     with pytest.raises(StoreError, match="closed"):  # the head goes with the store
@@ -231,17 +249,19 @@ def test_http_pack_reads_only_ranges(served: Served) -> None:
     assert sum(sent for *_, sent in rows) < packed_size / 2
 
 
-def test_http_404_is_a_store_error_at_once(served: Served) -> None:
+def test_http_404_is_a_store_error_at_once(
+    http_store: Callable[..., Store], served: Served
+) -> None:
     url = served.url("no-such-file")
     started = time.monotonic()
     with pytest.raises(StoreError, match=f"{url}: open: FileNotFoundError") as caught:
-        FsspecStore(url, backoff=10)
+        http_store(url, backoff=10)
     assert caught.value.errno == 2
     assert time.monotonic() - started < 5
 
 
-def test_http_server_killed_mid_test(own_nginx: Served) -> None:
-    store = FsspecStore(own_nginx.url("data.bin"), tries=3, backoff=0.05)
+def test_http_server_killed_mid_test(http_store: Callable[..., Store], own_nginx: Served) -> None:
+    store = http_store(own_nginx.url("data.bin"), tries=3, backoff=0.05)
     assert_range(store, own_nginx.payload, _HEAD_BYTES, 4096)
     own_nginx.server.kill()
     assert_range(store, own_nginx.payload, 0, 4096)  # the head, read at the open
@@ -300,7 +320,7 @@ def _read(store: Store, offset: int, length: int) -> bytes:
     return bytes(buffer[:got])
 
 
-# Options the direct path (stores/_http.py) honours, and one it leaves to fsspec's client.
+# Options the direct path (HttpStore) honours, and one it leaves to fsspec's client (FsspecStore).
 DIRECT: dict[str, Any] = {}
 VIA_FSSPEC: dict[str, Any] = {"client_kwargs": {"trust_env": False}}
 
@@ -308,10 +328,11 @@ VIA_FSSPEC: dict[str, Any] = {"client_kwargs": {"trust_env": False}}
 @pytest.mark.parametrize("options", [DIRECT, VIA_FSSPEC], ids=["direct", "via-fsspec"])
 def test_reopen_after_fork_reads_in_the_child(served: Served, options: dict[str, Any]) -> None:
     # Only the list holds the store, so the child can drop it as a fault handler does.
-    holder: list[Store] = [FsspecStore(served.url("data.bin"), **options)]
+    holder: list[Store] = [open_store(served.url("data.bin"), **options)]
+    assert isinstance(holder[0], HttpStore if options is DIRECT else FsspecStore), holder[0]
     # Use the parent's filesystem first, so its loop thread and session exist at fork.
     assert _read(holder[0], 0, 4096) == served.payload[:4096]
-    parent_fs = holder[0]._fs  # type: ignore[attr-defined]
+    parent_fs = getattr(holder[0], "_fs", None)
     # Garbage of earlier tests (their own filesystems) is collected here, where its loops run:
     # in the child its finalizers would stall on loops that are not there, and that is not what
     # this test is about.
@@ -322,7 +343,7 @@ def test_reopen_after_fork_reads_in_the_child(served: Served, options: dict[str,
         holder[0] = holder[0].reopen()  # the handler's `store = store.reopen()`
         gc.collect()  # the parent's store is garbage now; its filesystem must not be finalized
         got = _read(holder[0], 100_000, 200_000) + _read(holder[0], len(served.payload) - 5, 100)
-        made = holder[0]._fs  # type: ignore[attr-defined]
+        made = getattr(holder[0], "_fs", None)
         if options is DIRECT:  # http.client connections of its own, and no filesystem at all
             assert made is None, f"the child made a filesystem: {made}"
         else:

@@ -8,11 +8,12 @@ import fsspec
 import pytest
 
 from tests.stores._checks import assert_range
-from tests.stores.conftest import make_payload
+from tests.stores.conftest import Served, make_payload
 from userfaultfd.stores import (
     BytesStore,
     FileStore,
     FsspecStore,
+    HttpStore,
     StoreError,
     ZstdStore,
     open_store,
@@ -86,3 +87,15 @@ def test_missing_path_and_misplaced_options(tmp_path: Path) -> None:
         open_store(tmp_path / "missing", anon=True)
     with pytest.raises(TypeError, match="apply only to URLs"):
         open_store(b"abc", anon=True)
+
+
+def test_http_urls_give_http_stores_unless_the_options_need_fsspec(served: Served) -> None:
+    url = served.url("data.bin")
+    for options in ({}, {"tries": 1, "timeout": 5.0, "headers": {"X-Trace": "open"}}):
+        with open_store(url, **options) as direct:
+            assert isinstance(direct, HttpStore), f"{options}: {direct!r}"
+            assert_range(direct, served.payload, 70_000, 4096)
+    # An option only aiohttp takes: fsspec's client, pinned and read the same way.
+    with open_store(url, client_kwargs={"trust_env": False}) as via:
+        assert isinstance(via, FsspecStore), via
+        assert_range(via, served.payload, 70_000, 4096)

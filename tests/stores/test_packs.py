@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
@@ -26,7 +27,6 @@ from userfaultfd.stores import (
     ChunkCache,
     ChunkedStore,
     FileStore,
-    FsspecStore,
     Store,
     StoreError,
     ZstdStore,
@@ -641,8 +641,8 @@ def test_chunked_store_with_a_cache_from_8_threads(cas: Path, tmp_path: Path) ->
         _hammer(store, SOURCE)
 
 
-def test_packs_over_http_from_8_threads(served: Served) -> None:
-    raw = FsspecStore(served.url("data.pack"))
+def test_packs_over_http_from_8_threads(http_store: Callable[..., Store], served: Served) -> None:
+    raw = http_store(served.url("data.pack"))
     assert raw.parallel_reads == 16
     with ZstdStore(raw, cache_chunks=2) as store:
         assert store.parallel_reads == 16, "a pack over HTTP takes the raw store's value"

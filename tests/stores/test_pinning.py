@@ -10,7 +10,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import fsspec
@@ -29,7 +29,9 @@ from userfaultfd.stores import (
     open_store,
     pack,
 )
-from userfaultfd.stores._fsspec import _HEAD_BYTES, _http_conditions, _Version
+from userfaultfd.stores._pinning import HEAD_BYTES as _HEAD_BYTES
+from userfaultfd.stores._pinning import Version as _Version
+from userfaultfd.stores._pinning import http_conditions as _http_conditions
 
 PAGE = mmap.PAGESIZE
 #: The first page a remote store's open did not bring along: reading it sends a request.
@@ -221,11 +223,11 @@ def replace_and_age(path: Path, data: bytes) -> None:
 
 @pytest.mark.timeout(60)
 def test_http_replaced_file_is_estale_never_the_new_bytes(
-    web: tuple[_servers.Nginx, Path],
+    http_store: Callable[..., Store], web: tuple[_servers.Nginx, Path]
 ) -> None:
     server, path = web
     url = f"{server.url}/data.bin"
-    store = FsspecStore(url, tries=3, backoff=5)  # a retry would take 5 s
+    store = http_store(url, tries=3, backoff=5)  # a retry would take 5 s
     old_etag = fsspec.filesystem("http", skip_instance_cache=True).info(url)["ETag"]
     assert read(store, FAR, PAGE) == OLD[FAR : FAR + PAGE]
     replace_and_age(path, NEW)
@@ -258,13 +260,15 @@ def test_http_replaced_file_is_estale_never_the_new_bytes(
 
 
 @pytest.mark.timeout(60)
-def test_http_reopen_of_an_unchanged_file_reads(web: tuple[_servers.Nginx, Path]) -> None:
+def test_http_reopen_of_an_unchanged_file_reads(
+    http_store: Callable[..., Store], web: tuple[_servers.Nginx, Path]
+) -> None:
     server, _ = web
-    store = FsspecStore(f"{server.url}/data.bin", headers={"X-Trace": "pinning"})
-    etag = store._version.etag
-    assert etag is not None, "nginx sent no ETag"
+    store = http_store(f"{server.url}/data.bin", headers={"X-Trace": "pinning"})
+    version = getattr(store, "_version", None)
+    assert isinstance(version, _Version) and version.etag is not None, "nginx sent no ETag"
     # Every read carries the condition, next to the caller's headers (tests/stores/test_http.py).
-    assert store._conditions == {"If-Match": etag}, store._conditions
+    assert _http_conditions(version) == {"If-Match": version.etag}, version
     with store.reopen() as again:
         assert read(again, 0, len(OLD)) == OLD, "an unchanged file read wrong"
     rows = server.requests("data.bin")
@@ -308,9 +312,11 @@ def test_replaced_between_open_and_the_handlers_first_read_poisons(
 
 
 @pytest.mark.timeout(60)
-def test_http_shrunk_file_is_estale(web: tuple[_servers.Nginx, Path]) -> None:
+def test_http_shrunk_file_is_estale(
+    http_store: Callable[..., Store], web: tuple[_servers.Nginx, Path]
+) -> None:
     server, path = web
-    store = FsspecStore(f"{server.url}/data.bin")
+    store = http_store(f"{server.url}/data.bin")
     replace_and_age(path, OLD[: FAR + 2 * PAGE])
     with pytest.raises(StoreError, match="changed since it was opened") as caught:
         store.read_into(FAR, memoryview(bytearray(PAGE)))  # inside the new file too: stale

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import userfaultfd.stores
-from userfaultfd.stores import StoreError
+from tests.stores.conftest import Served
+from userfaultfd.stores import BytesStore, StoreError, pack
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,6 +24,7 @@ def test_stores_surface() -> None:
         "ChunkedStore",
         "FileStore",
         "FsspecStore",
+        "HttpStore",
         "PackInfo",
         "Store",
         "StoreError",
@@ -65,6 +67,54 @@ def test_a_local_store_does_not_import_fsspec(tmp_path: Path) -> None:
     (tmp_path / "local").write_bytes(b"local bytes")
     done = subprocess.run(
         [sys.executable, "-c", _NO_FSSPEC, str(tmp_path / "local")],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# Run in a fresh interpreter: opens http:// URLs (a file, a single-file pack, a content-addressed
+# pack) with open_store, reads them whole, and fails naming who imported fsspec or aiohttp.
+_NO_FSSPEC_OVER_HTTP = """
+import sys, traceback
+
+class Spy:
+    who = None
+
+    def find_spec(self, name, path=None, target=None):
+        if Spy.who is None and name.split(".")[0] in ("fsspec", "aiohttp"):
+            frames = [f for f in traceback.extract_stack() if "/userfaultfd/" in f.filename]
+            where = [f"{f.filename}:{f.lineno}: {f.line}" for f in frames[-3:]]
+            Spy.who = f"{name}: " + "; ".join(where)
+        return None
+
+sys.meta_path.insert(0, Spy())
+from userfaultfd.stores import ChunkedStore, HttpStore, ZstdStore, open_store
+base, expected = sys.argv[1], open(sys.argv[2], "rb").read()
+kinds = {"data.bin": HttpStore, "data.pack": ZstdStore, "nofs/c.index": ChunkedStore}
+for name, kind in kinds.items():
+    with open_store(f"{base}/{name}") as store:
+        assert isinstance(store, kind), (name, store)
+        buffer = bytearray(store.size)
+        assert store.read_into(0, memoryview(buffer)) == len(expected), name
+        assert buffer == expected, f"{name}: wrong bytes"
+        if name == "data.bin":
+            again = store.reopen()
+            assert again.read_into(len(expected) - 10, memoryview(buffer)) == 10, "reopened"
+            again.close()
+if Spy.who is not None:
+    sys.exit(f"imported by {Spy.who}")
+"""
+
+
+def test_http_urls_import_no_fsspec(served: Served, tmp_path: Path) -> None:
+    """open_store over HTTP (plain options) gives stores that read by http.client: neither
+    fsspec nor aiohttp is imported, so no at-fork hook of theirs runs in the program or its
+    handler."""
+    if not (served.root / "nofs" / "c.index").exists():
+        pack(BytesStore(served.payload), served.root / "nofs" / "c.index", layout="chunks")
+    (tmp_path / "expected").write_bytes(served.payload)
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_FSSPEC_OVER_HTTP, served.server.url, str(tmp_path / "expected")],
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]

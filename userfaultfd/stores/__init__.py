@@ -3,8 +3,9 @@
 One small interface, :class:`Store` (``size``, ``read_into(offset, buffer)``), and its
 implementations. :func:`open_store` picks one for a path, a URL or a bytes-like object.
 
-:class:`FsspecStore` is imported when first named, and fsspec only when a URL is opened:
-importing fsspec registers an at-fork hook in every process that does, local files or not.
+:class:`FsspecStore` is imported when first named, and fsspec only when a URL other than plain
+HTTP is opened (:class:`HttpStore` reads HTTP without it): importing fsspec registers an at-fork
+hook in every process that does, local files or not.
 """
 
 import typing
@@ -14,6 +15,7 @@ from ._base import StoreError as StoreError
 from ._cache import ChunkCache as ChunkCache
 from ._chunked import ChunkedStore as ChunkedStore
 from ._chunks import PackInfo as PackInfo
+from ._http_store import HttpStore as HttpStore
 from ._open import open_store as open_store
 from ._pack import pack as pack
 from ._simple import BytesStore as BytesStore
@@ -26,6 +28,7 @@ __all__ = [
     "ChunkedStore",
     "FileStore",
     "FsspecStore",
+    "HttpStore",
     "PackInfo",
     "Store",
     "StoreError",

@@ -2,9 +2,10 @@
 
 Layout: ``pack(source, "DIR/NAME.index", layout="chunks")`` writes bundles of new pages into
 ``DIR/bundles/`` and then ``DIR/NAME.index``; DIR is a local directory or an fsspec prefix
-(s3://bucket/images, memory://...). Packs written into the same DIR share their pages, so a new
-version of an image uploads only the pages that changed (``PackInfo.unique_bytes``), however
-scattered, and a reader's :class:`ChunkCache` keeps a frame once for every pack that has it.
+(s3://bucket/images, memory://...), which a reader may also read over HTTP (stores/_objects.py).
+Packs written into the same DIR share their pages, so a new version of an image uploads only the
+pages that changed (``PackInfo.unique_bytes``), however scattered, and a reader's
+:class:`ChunkCache` keeps a frame once for every pack that has it.
 
 Granularity. Deduplication is per page (4 KiB, or the whole chunk when the chunk size is not a
 multiple of 4 KiB): a page that a pack in DIR already stored is not stored again. Compression and
@@ -38,78 +39,18 @@ import threading
 from collections import OrderedDict
 from typing import Any, Self
 
-from ._base import PARALLEL_REQUESTS, Store, StoreError
+from ._base import Store, StoreError
 from ._cache import ChunkCache
 from ._chunked_index import HASH_SIZE, INDEX_MAGIC, NAME_SIZE, Index, parse_index, split_location
 from ._chunked_writer import write_chunked  # pack() imports it from here
 from ._chunks import Codec
-from ._objects import is_url
-from ._retries import call_with_retries
+from ._objects import Objects, open_objects
+from ._raw import open_raw
 
 __all__ = ["INDEX_MAGIC", "ChunkedStore", "write_chunked"]
 
 _GAP = 16 << 10  # frames this close in one bundle are fetched in one GET (the gap too)
 _MAX_RUN = 8 << 20  # but one GET brings at most about this many bytes
-
-
-class _Ranges:
-    """Byte ranges of the immutable objects under one prefix: a local directory or any fsspec
-    URL, read with the same deadlines, retries and error mapping as :class:`FsspecStore`. No
-    version pinning: an object's name is its hash, and the reader checks what it got."""
-
-    def __init__(self, prefix: str, options: dict[str, Any]) -> None:
-        self.where = prefix.rstrip("/") + "/"
-        self._options = options
-        self._local = not is_url(prefix)
-        self._fs: Any = None
-        if self._local:
-            if options:
-                raise TypeError(f"options {sorted(options)} apply only to URLs")
-            self._path = prefix.removeprefix("file://").rstrip("/")
-            self.parallel_reads = 1
-        else:
-            from ._fsspec import connect, with_timeouts
-
-            self._fs, path = connect(self.where, with_timeouts(prefix, 10.0, options))
-            self._path = path.rstrip("/")
-            self.parallel_reads = PARALLEL_REQUESTS
-
-    def read(self, name: str, start: int, stop: int) -> bytes:
-        """Bytes [start, stop) of object ``name``, in one request; StoreError if fewer."""
-        if self._local:
-            path = os.path.join(self._path, name)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    data = os.pread(fd, stop - start, start)
-                finally:
-                    os.close(fd)
-            except OSError as err:
-                raise StoreError(err.errno or errno.EIO, f"{path}: {err.strerror}") from err
-        else:
-            if self._fs is None:
-                raise StoreError(errno.EBADF, f"{self.where}: the store is closed")
-
-            fs, path = self._fs, f"{self._path}/{name}"
-
-            def fetch() -> bytes:
-                got: bytes = fs.cat_file(path, start=start, end=stop)
-                return got
-
-            data = call_with_retries(self.where, f"{name} bytes {start}..{stop}", fetch, 3, 0.2)
-        if len(data) != stop - start:
-            raise StoreError(
-                errno.EIO,
-                f"{self.where}{name}: bytes {start}..{stop}: got {len(data)} bytes"
-                " (the object is shorter than the index says)",
-            )
-        return bytes(data)
-
-    def reopen(self) -> _Ranges:
-        return _Ranges(self.where if not self._local else self._path, self._options)
-
-    def close(self) -> None:
-        self._fs = None
 
 
 class ChunkedStore(Store):
@@ -128,15 +69,13 @@ class ChunkedStore(Store):
         cache_chunks: int = 8,
         **storage_options: Any,
     ) -> None:
-        from ._open import open_raw
-
         location = os.fspath(index)
         raw = open_raw(location, storage_options)
         try:
             store = ChunkedStore.over(raw, location, storage_options, cache, cache_chunks)
         finally:
             raw.close()
-        self._init(store._index, store._ranges, cache, cache_chunks)
+        self._init(store._index, store._bundles, cache, cache_chunks)
 
     @classmethod
     def over(
@@ -155,18 +94,21 @@ class ChunkedStore(Store):
             raise StoreError(errno.EIO, f"{location}: not a complete pack index ({got} bytes)")
         index = parse_index(bytes(buffer))
         parent, _ = split_location(location)
-        ranges = _Ranges(f"{parent}/{index.prefix}", options)
+        # The bundles are read as the index was: with the same retries, deadline and options.
+        policy = {k: options[k] for k in ("tries", "backoff", "timeout") if k in options}
+        transport = {k: v for k, v in options.items() if k not in policy}
+        bundles = open_objects(f"{parent}/{index.prefix}", transport, **policy)
         store = cls.__new__(cls)
-        store._init(index, ranges, cache, cache_chunks)
+        store._init(index, bundles, cache, cache_chunks)
         return store
 
     def _init(
-        self, index: Index, ranges: _Ranges, cache: ChunkCache | None, cache_chunks: int
+        self, index: Index, bundles: Objects, cache: ChunkCache | None, cache_chunks: int
     ) -> None:
         if cache_chunks < 1:
             raise ValueError(f"cache_chunks must be at least 1, not {cache_chunks}")
         self._index = index
-        self._ranges = ranges
+        self._bundles = bundles
         self._disk = cache
         self._codec = Codec(b"", NAME_SIZE if index.version == 1 else HASH_SIZE)
         self._cache_chunks = cache_chunks
@@ -203,7 +145,7 @@ class ChunkedStore(Store):
 
     @property
     def parallel_reads(self) -> int:
-        return self._ranges.parallel_reads
+        return self._bundles.parallel_reads
 
     def known_zero(self, offset: int, length: int) -> bool:
         end = offset + self.clamp(offset, length)
@@ -300,7 +242,7 @@ class ChunkedStore(Store):
         start = index.frame_offset[run[0]]
         stop = index.frame_offset[run[-1]] + index.frame_length[run[-1]]
         try:
-            data = self._ranges.read(name, start, stop)
+            data = self._bundles.read(name, start, stop)
         except StoreError as err:
             raise StoreError(
                 err.errno or errno.EIO, f"{self._what(needed[run[0]])}: {err.strerror}"
@@ -329,7 +271,7 @@ class ChunkedStore(Store):
         else:
             name = index.names[index.frame_object[f]]
             start = index.frame_offset[f]
-            what += f": frame {f} ({self._ranges.where}{name} bytes {start}..)"
+            what += f": frame {f} ({self._bundles.where}{name} bytes {start}..)"
         return self._codec.decode(frame, index.frame_raw[f], index.frame_hash[f], what + where)
 
     def __enter__(self) -> Self:
@@ -340,14 +282,14 @@ class ChunkedStore(Store):
         this process. The index's bytes were read whole at open, so no source is pinned."""
         store = ChunkedStore.__new__(ChunkedStore)
         cache = self._disk.reopen() if self._disk is not None else None
-        store._init(self._index, self._ranges.reopen(), cache, self._cache_chunks)
+        store._init(self._index, self._bundles.reopen(), cache, self._cache_chunks)
         return store
 
     def close(self) -> None:
         with self._lock:
             self._memory.clear()
-        self._ranges.close()
+        self._bundles.close()
 
     def __repr__(self) -> str:
         return (f"<ChunkedStore {self.size} bytes, {self._index.pages} pages in "
-                f"{len(self._index.frame_raw)} frames in {self._ranges.where!r}>")  # fmt: skip
+                f"{len(self._index.frame_raw)} frames in {self._bundles.where!r}>")  # fmt: skip

@@ -40,7 +40,7 @@ import zstandard
 
 from ._base import StoreError
 from ._chunks import MAX_CHUNK_SIZE, digest
-from ._objects import is_url
+from ._location import is_url, local_path
 
 __all__ = ["INDEX_MAGIC", "Frame", "Index", "index_bytes", "parse_index", "split_location"]
 
@@ -68,7 +68,7 @@ def split_location(dest: str) -> tuple[str, str]:
     if is_url(dest):
         parent, _, name = dest.rpartition("/")
         return parent, name
-    dest = os.path.abspath(dest.removeprefix("file://"))
+    dest = os.path.abspath(local_path(dest))
     return os.path.dirname(dest), os.path.basename(dest)
 
 

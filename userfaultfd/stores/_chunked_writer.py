@@ -38,7 +38,8 @@ from ._chunked_index import (
     split_location,
 )
 from ._chunks import MAX_CHUNK_SIZE, Codec, PackInfo, digest, is_zero, read_chunks
-from ._objects import Objects, is_url, open_objects
+from ._location import is_http
+from ._objects import Objects, open_objects
 
 __all__ = ["page_size_for", "write_chunked"]
 
@@ -208,9 +209,7 @@ def write_chunked(
     options: dict[str, Any],
 ) -> PackInfo:
     """The content-addressed pack of ``store`` with its index at ``dest`` (see :func:`pack`)."""
-    import fsspec.utils  # here: reading a local pack must not import fsspec (an at-fork hook)
-
-    if is_url(dest) and fsspec.utils.get_protocol(dest) in ("http", "https"):
+    if is_http(dest):
         raise ValueError(f"{dest}: HTTP is read-only; write the pack locally or to S3")
     parent, name = split_location(dest)
     if not name:

@@ -1,4 +1,4 @@
-"""Ranged HTTP GETs read straight into the caller's buffer: the fast path of FsspecStore.
+"""Ranged HTTP GETs read straight into the caller's buffer: the transport of HttpStore.
 
 Design note
 -----------
@@ -6,13 +6,16 @@ fsspec's HTTP filesystem runs every request of a process on one asyncio thread: 
 each response into chunks, joins them into one bytes object, and the store copies that into
 the handler's buffer. With sixteen 2 MiB reads in flight that one thread is the handler's
 bottleneck (a Python handler on this 2-vCPU VM moved 256 MiB at about 0.6x a plain GET). Here
-each fetch thread keeps an ``http.client`` connection of its own (keep-alive) and reads the body
-with ``readinto`` into the buffer it was given: the socket's bytes are copied once, by the
-kernel, with the GIL released while it waits. The requests are the same ranged GETs with the
-same headers (the pinning preconditions included), so servers see no difference.
+each fetch thread keeps an ``http.client`` connection of its own per server (keep-alive) and
+reads the body with ``readinto`` into the buffer it was given: the socket's bytes are copied
+once, by the kernel, with the GIL released while it waits. The requests are the ranged GETs
+fsspec would send, with the same headers (the pinning preconditions included), and redirects
+are followed as aiohttp follows them (up to 10; the Authorization header is not sent to another
+origin), so servers see no difference. No fsspec, no aiohttp: a program reading over HTTP
+installs no at-fork hook of theirs.
 
 Only plain options take this path (headers, a TLS context or ``ssl=False``, a timeout); anything
-else (aiohttp auth objects, connectors, proxies, cookies) and any redirect is left to fsspec.
+else (aiohttp auth objects, connectors, proxies, cookies) is left to FsspecStore.
 """
 
 from __future__ import annotations
@@ -24,12 +27,17 @@ import time
 import urllib.parse
 from typing import Any, NoReturn
 
-__all__ = ["HTTPStatusError", "RangeReader", "RedirectedError", "range_reader"]
+__all__ = ["HTTPStatusError", "RangeReader", "direct_reader", "range_reader"]
 
 #: Request options fsspec would hand to aiohttp that this path can honour.
 _REQUEST_OPTIONS = frozenset({"headers", "ssl"})
 #: ``client_kwargs`` (aiohttp.ClientSession's) that this path can honour.
 _SESSION_OPTIONS = frozenset({"headers", "timeout"})
+#: Redirects followed for one request, as aiohttp's default ``max_redirects``.
+_MAX_REDIRECTS = 10
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+_Origin = tuple[str, str, int | None]
 
 
 class HTTPStatusError(Exception):
@@ -40,32 +48,33 @@ class HTTPStatusError(Exception):
         self.status = status
 
 
-class RedirectedError(Exception):
-    """The server redirected the request: fsspec (aiohttp) follows redirects, this path not."""
-
-
 def _refused(response: http.client.HTTPResponse) -> NoReturn:
     """Raise what an answer other than the bytes asked for means (its body is read first, so the
     connection stays usable)."""
     response.read()
-    if 300 <= response.status < 400:
-        raise RedirectedError(response.getheader("Location") or "")
     if response.status == 404:
         raise FileNotFoundError(f"HTTP 404 {response.reason}")
     raise HTTPStatusError(response.status, response.reason)
 
 
+def _origin(url: str) -> _Origin:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), parts.hostname or "", parts.port
+
+
+def _target(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
 class RangeReader:
-    """GETs of byte ranges of ``url`` into buffers, one keep-alive connection per thread."""
+    """GETs of byte ranges of ``url`` (or of objects under it) into buffers, one keep-alive
+    connection per thread and server."""
 
     def __init__(
         self, url: str, headers: dict[str, str], timeout: float, context: ssl.SSLContext | None
     ) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname or ""
-        self._port = parts.port
-        self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.url = url
         self._headers = headers
         self._timeout = timeout
         self._context = context  # None: the default one, made at the first HTTPS connection
@@ -74,69 +83,97 @@ class RangeReader:
         self._connections: list[http.client.HTTPConnection] = []
         self._closed = False
 
-    def _connection(self) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+    def _mine(self) -> dict[_Origin, http.client.HTTPConnection]:
+        mine: dict[_Origin, http.client.HTTPConnection] | None = getattr(self._local, "conns", None)
+        if mine is None:
+            mine = self._local.conns = {}
+        return mine
+
+    def _connection(self, origin: _Origin) -> http.client.HTTPConnection:
+        mine = self._mine()
+        conn = mine.get(origin)
         if conn is None:
-            if self._https:
+            scheme, host, port = origin
+            if scheme == "https":
                 if self._context is None:  # loading the system's CAs takes tens of ms
                     self._context = ssl.create_default_context()
                 conn = http.client.HTTPSConnection(
-                    self._host, self._port, timeout=self._timeout, context=self._context
+                    host, port, timeout=self._timeout, context=self._context
                 )
+            elif scheme == "http":
+                conn = http.client.HTTPConnection(host, port, timeout=self._timeout)
             else:
-                conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+                raise ValueError(f"a redirect to {scheme}:, not HTTP")
             with self._lock:
                 if self._closed:
                     raise ConnectionError("the store is closed")
                 self._connections.append(conn)
-            self._local.conn = conn
+            mine[origin] = conn
         return conn
 
     def _drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            self._local.conn = None
+        """Close this thread's connections (a half-read response leaves one unusable)."""
+        mine = self._mine()
+        dropped = list(mine.values())
+        mine.clear()
+        for conn in dropped:
             conn.close()
-            with self._lock:
-                if conn in self._connections:
-                    self._connections.remove(conn)
+        with self._lock:
+            self._connections = [c for c in self._connections if c not in dropped]
 
-    def get_into(self, start: int, view: memoryview, conditions: dict[str, str]) -> None:
-        """Bytes [start, start + len(view)) into ``view``, in one request; ``conditions``
-        (If-Match, ...) make the server refuse another version with 412."""
-        reused = getattr(self._local, "conn", None) is not None
+    def _request(self, method: str, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+        """The answer to ``method url``, redirects followed; one fresh try when the server had
+        closed this thread's idle keep-alive connection."""
+        reused = bool(self._mine())
         try:
-            try:
-                self._get_into(start, view, conditions)
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                if not reused:
-                    raise
-                # The server closed the idle keep-alive connection: one fresh try, no backoff.
-                self._drop()
-                self._get_into(start, view, conditions)
-        except BaseException:
-            self._drop()  # a half-read response leaves the connection unusable
-            raise
+            return self._follow(method, url, headers)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            if not reused:
+                raise
+            self._drop()  # the server closed the idle connection: one fresh try, no backoff
+            return self._follow(method, url, headers)
 
-    def _get_into(self, start: int, view: memoryview, conditions: dict[str, str]) -> None:
+    def _follow(self, method: str, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+        for _ in range(_MAX_REDIRECTS + 1):
+            conn = self._connection(_origin(url))
+            conn.request(method, _target(url), headers=headers)
+            response = conn.getresponse()
+            location = response.getheader("Location")
+            if response.status not in _REDIRECTS or not location:
+                return response
+            response.read()
+            moved = urllib.parse.urljoin(url, location)
+            if _origin(moved) != _origin(url):  # as aiohttp: no credentials to another origin
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url = moved
+        raise ValueError(f"more than {_MAX_REDIRECTS} redirects")
+
+    def get_into(
+        self, start: int, view: memoryview, conditions: dict[str, str], name: str = ""
+    ) -> None:
+        """Bytes [start, start + len(view)) of the object (``name``: of the object ``name``
+        under the reader's URL, a prefix) into ``view``, in one request; ``conditions``
+        (If-Match, ...) make the server refuse another version with 412."""
         end = start + len(view)
         deadline = time.monotonic() + self._timeout
-        conn = self._connection()
         headers = {**self._headers, **conditions, "Range": f"bytes={start}-{end - 1}"}
-        conn.request("GET", self._target, headers=headers)
-        response = conn.getresponse()
-        if response.status != 206:
-            _refused(response)
-        expected = f"bytes {start}-{end - 1}/"
-        content_range = response.getheader("Content-Range") or ""
-        encoding = response.getheader("Content-Encoding") or "identity"
-        if not content_range.startswith(expected) or encoding != "identity":
-            response.read()
-            raise ValueError(f"asked for {expected}..., the server sent {content_range!r}"
-                             f" ({encoding})")  # fmt: skip
-        self._read_body(response, view, deadline)
-        if response.read(1):
-            raise ValueError(f"the server sent more than the {len(view)} bytes asked for")
+        try:
+            response = self._request("GET", self.url + name, headers)
+            if response.status != 206:
+                _refused(response)
+            expected = f"bytes {start}-{end - 1}/"
+            content_range = response.getheader("Content-Range") or ""
+            encoding = response.getheader("Content-Encoding") or "identity"
+            if not content_range.startswith(expected) or encoding != "identity":
+                response.read()
+                raise ValueError(f"asked for {expected}..., the server sent {content_range!r}"
+                                 f" ({encoding})")  # fmt: skip
+            self._read_body(response, view, deadline)
+            if response.read(1):
+                raise ValueError(f"the server sent more than the {len(view)} bytes asked for")
+        except BaseException:
+            self._drop()
+            raise
 
     def _read_body(
         self, response: http.client.HTTPResponse, view: memoryview, deadline: float
@@ -162,15 +199,9 @@ class RangeReader:
             raise
 
     def _first(self, length: int) -> tuple[int, dict[str, str], bytes] | None:
-        conn = self._connection()
         headers = {**self._headers, "Range": f"bytes=0-{length - 1}"}
-        conn.request("GET", self._target, headers=headers)
-        response = conn.getresponse()
-        validators = {  # case-insensitive lookups, under the names _version_of asks for
-            name: value
-            for name in ("ETag", "Last-Modified")
-            if (value := response.getheader(name)) is not None
-        }
+        response = self._request("GET", self.url, headers)
+        validators = _validators(response)
         if response.status == 206:
             total = (response.getheader("Content-Range") or "").rpartition("/")[2]
         elif response.status == 200:
@@ -196,12 +227,34 @@ class RangeReader:
             raise ValueError(f"the server sent more than the {want} bytes asked for")
         return int(total), validators, bytes(data)
 
+    def head(self) -> tuple[int | None, dict[str, str]]:
+        """One HEAD: the object's size (None when the server does not say it) and validators."""
+        try:
+            response = self._request("HEAD", self.url, dict(self._headers))
+            if response.status != 200:
+                _refused(response)
+            response.read()
+        except BaseException:
+            self._drop()
+            raise
+        length = response.getheader("Content-Length") or ""
+        return (int(length) if length.isdigit() else None), _validators(response)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
             connections, self._connections = self._connections, []
         for conn in connections:
             conn.close()
+
+
+def _validators(response: http.client.HTTPResponse) -> dict[str, str]:
+    """ETag and Last-Modified (case-insensitive lookups, under the names version_of asks for)."""
+    return {
+        name: value
+        for name in ("ETag", "Last-Modified")
+        if (value := response.getheader(name)) is not None
+    }
 
 
 def range_reader(url: str, request_options: dict[str, Any], client_options: dict[str, Any],
@@ -227,3 +280,11 @@ def range_reader(url: str, request_options: dict[str, Any], client_options: dict
     elif context is not None and not isinstance(context, ssl.SSLContext):
         return None
     return RangeReader(url, headers, total if isinstance(total, (int, float)) else timeout, context)
+
+
+def direct_reader(url: str, options: dict[str, Any], timeout: float) -> RangeReader | None:
+    """A reader of ``url`` with these storage options (fsspec's names: request options and
+    ``client_kwargs``), or None where this path cannot honour them."""
+    request = {k: v for k, v in options.items() if k != "client_kwargs"}
+    client = dict(options.get("client_kwargs") or {})
+    return range_reader(url, request, client, timeout)

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 from ._base import Store
 from ._cache import ChunkCache
 from ._chunked import INDEX_MAGIC, ChunkedStore
-from ._simple import BytesStore, FileStore
+from ._raw import open_raw
+from ._simple import BytesStore
 from ._zstd import MAGIC, ZstdStore
 
-__all__ = ["open_raw", "open_store"]
-
-# A scheme as RFC 3986 spells it; fsspec chains ("simplecache::s3://...") start with one too.
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*(://|::)")
+__all__ = ["open_store"]
 
 assert len(MAGIC) == len(INDEX_MAGIC)
 
@@ -33,8 +30,10 @@ def open_store(
     - a path or a ``file://`` URL: a :class:`FileStore`, inside a :class:`ZstdStore` if the file
       starts with the pack magic, or a :class:`ChunkedStore` if it is a content-addressed
       pack's index;
-    - any other URL: an :class:`FsspecStore` (``options`` are its storage options), inside a
-      :class:`ZstdStore` or read as a :class:`ChunkedStore` index likewise.
+    - an ``http://`` or ``https://`` URL: an :class:`HttpStore` (no fsspec), or an
+      :class:`FsspecStore` where the options need fsspec's client (aiohttp objects, proxies,
+      cookies); any other URL: an :class:`FsspecStore`. ``options`` are its storage options
+      (and ``tries``, ``backoff``, ``timeout``); a pack over it is opened as over a file.
 
     ``cache``: where a content-addressed pack keeps the chunks it fetched (other sources do
     not use it).
@@ -59,14 +58,3 @@ def open_store(
         raw.close()
         raise
     return raw
-
-
-def open_raw(text: str, options: dict[str, Any]) -> Store:
-    """The bytes at a path or URL as they are: a FileStore or an FsspecStore."""
-    if _URL.match(text) and not text.startswith("file://"):
-        from ._fsspec import FsspecStore  # only for a URL: fsspec installs an at-fork hook
-
-        return FsspecStore(text, **options)
-    if options:
-        raise TypeError(f"options {sorted(options)} apply only to URLs")
-    return FileStore(text.removeprefix("file://"))
