@@ -15,11 +15,12 @@ import argparse
 import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, final
 
 __all__ = ["COMMANDS", "Command", "Commands", "add_command", "add_commands"]
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Command:
     """One ``uffd`` command, as the top-level parser knows it."""
@@ -62,6 +63,7 @@ else:
     _SubParsers = argparse._SubParsersAction
 
 
+@final
 class Commands(_SubParsers):
     """The subparsers action of ``uffd``: a command's parser is made with its help at once, and
     its arguments are defined (its module imported) when the command's name is parsed."""
