@@ -9,6 +9,7 @@ handler's memory is never touched in the pytest process (it is, in forked target
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ import pytest
 
 from tests._target import PAGE, Channel, Target
 from tests.runtime.test_serve import in_target
-from userfaultfd.runtime import Single, lazy, server_of
+from userfaultfd.runtime import Single, _lazy, lazy, server_of
 from userfaultfd.stores import FileStore, pack
 
 COUNT = 256 * PAGE // 4  # 256 pages of int32
@@ -147,6 +148,30 @@ def test_direct_true_refuses_what_needs_a_handler(sources: Path) -> None:
     array = lazy(sources / "values.npy", direct=True)
     assert is_direct(array), "direct=True on a plain .npy went through a handler"
     assert not (wrong := first_wrong(array, VALUES)), wrong
+
+
+def test_a_file_the_kernel_refuses_to_map_goes_through_a_handler(
+    sources: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mmap fails with ENODEV on a file system that cannot map files (sysfs, some FUSE); none
+    is at hand that also reads as a whole file, so the refusal is made here."""
+
+    def refuse(store: FileStore, offset: int, nbytes: int) -> Any:
+        raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+
+    monkeypatch.setattr(_lazy, "map_file", refuse)
+    with pytest.raises(ValueError, match=r"the kernel refuses to map it \(No such device\)"):
+        lazy(sources / "values.npy", direct=True)
+
+    def body() -> tuple[bool, str]:
+        array = lazy(sources / "values.npy")
+        if is_direct(array):
+            return True, ""
+        return False, first_wrong(array, VALUES)
+
+    direct, wrong = in_target(body)
+    assert not direct, "a file mmap refused was mapped directly"
+    assert not wrong, f"served by the handler instead: {wrong}"
 
 
 def test_writes_stay_private_to_the_memory(copy: Path) -> None:

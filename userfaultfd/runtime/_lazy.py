@@ -61,14 +61,18 @@ def lazy(
             options = dict(serve_options, policy=policy) if policy is not None else serve_options
             why = handler_needed(source, store, cache, options)
             if why is not None and direct:
-                path = isinstance(source, str | os.PathLike)
-                name = repr(os.fspath(source)) if path else f"a {type(source).__name__}"
-                raise ValueError(f"direct=True cannot map {name}: {why}")
+                raise ValueError(f"direct=True cannot map {_name(source)}: {why}")
         offset, shape, dtype, nbytes = _layout(store, shape, dtype)
+        holder = None
         if why is None:
             assert isinstance(store, FileStore)
-            holder = map_file(store, offset, nbytes)
-        else:
+            try:
+                holder = map_file(store, offset, nbytes)
+            except OSError as err:  # a file system that cannot map files (sysfs, some FUSE)
+                if direct:
+                    raise ValueError(f"direct=True cannot map {_name(source)}: the kernel "
+                                     f"refuses to map it ({err.strerror})") from err  # fmt: skip
+        if holder is None:
             holder = _served(store, offset, nbytes, policy, serve_options)
     finally:
         if store is not source:
@@ -80,6 +84,13 @@ def lazy(
 
     array = np.frombuffer(raw, dtype=dtype)
     return array.reshape(shape) if shape is not None else array
+
+
+def _name(source: Any) -> str:
+    """``source`` as an error message names it."""
+    if isinstance(source, str | os.PathLike):
+        return repr(os.fspath(source))
+    return f"a {type(source).__name__}"
 
 
 def _layout(
