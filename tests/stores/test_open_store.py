@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pytest
@@ -91,7 +92,8 @@ def test_missing_path_and_misplaced_options(tmp_path: Path) -> None:
 
 def test_http_urls_give_http_stores_unless_the_options_need_fsspec(served: Served) -> None:
     url = served.url("data.bin")
-    for options in ({}, {"tries": 1, "timeout": 5.0, "headers": {"X-Trace": "open"}}):
+    plain: dict[str, Any] = {"tries": 1, "timeout": 5.0, "headers": {"X-Trace": "open"}}
+    for options in ({}, plain):
         with open_store(url, **options) as direct:
             assert isinstance(direct, HttpStore), f"{options}: {direct!r}"
             assert_range(direct, served.payload, 70_000, 4096)
