@@ -193,9 +193,13 @@ def measure(size: int, repeat: int, directory: str) -> list[Row]:
 
     def add(what: str, order: str, page: int, runs: Callable[[], tuple[float, int, str]]) -> None:
         results = []
-        for _ in range(repeat):
-            warm(source)
-            results.append(runs())
+        try:
+            for _ in range(repeat):
+                warm(source)
+                results.append(runs())
+        except (OSError, RuntimeError) as err:  # e.g. huge pages taken by another program
+            print(f"  {what} {order} {_page(page)}: not measured: {err}", file=sys.stderr)
+            return
         path = results[0][2]
         label = what.replace("{path}", path)
         rates = tuple(size // page / seconds for seconds, _, _ in results)
