@@ -464,6 +464,24 @@ def test_a_missing_bundle_is_enoent(cas: Path) -> None:
         assert caught.value.errno == errno.ENOENT
 
 
+def test_over_http_a_short_bundle_is_eio_and_a_missing_one_enoent(served: Served) -> None:
+    """The bundles of a pack read over HTTP (stores/_objects.py, by ranged GETs): a bundle
+    shorter than the index says is EIO, one that is gone ENOENT, each naming the page."""
+    where = served.root / f"cas-broken-{os.getpid()}"
+    pack(BytesStore(SOURCE), where / "c.index", chunk_size=CHUNK, layout="chunks")
+    bundle, at, _ = _frame_file(where, 28)
+    with open_store(served.url(f"{where.name}/c.index")) as store:
+        assert_range(store, SOURCE, 28 * PAGE, PAGE)  # whole: read right
+        bundle.write_bytes(bundle.read_bytes()[: at + 1])  # page 28's frame cut after a byte
+        with pytest.raises(StoreError, match="pack page 28 ") as cut:
+            store.reopen().read_into(28 * PAGE, memoryview(bytearray(PAGE)))
+        assert cut.value.errno == errno.EIO, str(cut.value)
+        bundle.unlink()
+        with pytest.raises(StoreError, match="pack page 28 ") as missing:
+            store.reopen().read_into(28 * PAGE, memoryview(bytearray(PAGE)))
+        assert missing.value.errno == errno.ENOENT, str(missing.value)
+
+
 def test_a_corrupted_manifest_stops_the_next_pack(cas: Path) -> None:
     (manifest,) = (cas / "bundles").glob("*.pages")
     data = bytearray(manifest.read_bytes())
