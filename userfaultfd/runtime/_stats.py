@@ -54,9 +54,11 @@ class StatsBlock(SharedCounters):
         super().__init__(len(_COUNTERS) + 3)
 
     def snapshot(self) -> Stats:
-        counts = [self.value(i) for i in range(len(_COUNTERS))]
+        counts = {name: self.value(i) for i, name in enumerate(_COUNTERS)}
+        p50, p90, p99 = (self.percentile_us(q) for q in (0.5, 0.9, 0.99))
         path = "native" if self.value(NATIVE) else "python"
-        return Stats(*counts, *(self.percentile_us(q) for q in (0.5, 0.9, 0.99)), path=path)
+        return Stats(**counts, latency_p50_us=p50, latency_p90_us=p90, latency_p99_us=p99,
+                     path=path)  # fmt: skip
 
 
 (FAULTS, PAGES, BYTES, ERRORS, EVENTS, WAKES, POISONED, COPIES, RESTARTS, ZEROS, PREFETCHED,
