@@ -96,9 +96,6 @@ NOT_FINAL_YET = {
     "userfaultfd.stores.ZstdStore", "userfaultfd.stores.ChunkedStore",
     "userfaultfd.stores.ChunkCache", "userfaultfd.stores.FsspecStore",
     "userfaultfd.stores.HttpStore", "userfaultfd.stores.PackInfo",
-    # in runtime files being rewritten now (_server, _stats, _touch)
-    "userfaultfd.runtime.Region", "userfaultfd.runtime.Server", "userfaultfd.runtime.Stats",
-    "userfaultfd.runtime.TouchResult",
 }  # fmt: skip
 
 

@@ -5,11 +5,21 @@ from typing import final
 @final
 class Answerer:
     def __init__(
-        self, src: int, src_length: int, counters: int, indices: tuple[int, int, int, int, int, int],
-        policy: int, window: int = 1, min_pages: int = 1, max_bytes: int = 8388608,
+        self,
+        src: int,
+        src_length: int,
+        counters: int,
+        indices: tuple[int, int, int, int, int, int],
+        policy: int,
+        window: int = 1,
+        min_pages: int = 1,
+        max_bytes: int = 8388608,
     ) -> None: ...
     def serve(self, fd: int, regions: Sequence[object], batch: int) -> bytes: ...
     def wait(
-        self, sources: list[tuple[int, Sequence[object]]], others: list[int], timeout_ms: int,
+        self,
+        sources: list[tuple[int, Sequence[object]]],
+        others: list[int],
+        timeout_ms: int,
         batch: int,
     ) -> tuple[list[int], list[tuple[int, bytes]]]: ...

@@ -2,7 +2,8 @@
 
 :func:`serve` registers ranges of this process and forks a handler that fills their pages from
 a :class:`~userfaultfd.stores.Store` as they fault; :func:`serve_adopted` serves a uffd another
-process registered (CRIU's lazy restore); :func:`lazy` wraps :func:`serve` into a NumPy array;
+process registered (CRIU's lazy restore); :func:`lazy` gives a NumPy array over a source: the
+kernel's own mapping of a plain local file, or memory :func:`serve` fills for everything else;
 :func:`touch_pages` reads every page of one, as ``uffd lazy`` does. Firecracker's socket
 protocol is in :mod:`userfaultfd.runtime.firecracker`.
 """

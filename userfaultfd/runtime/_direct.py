@@ -79,6 +79,5 @@ def map_file(store: FileStore, offset: int, nbytes: int) -> Any:
 
 def _descriptor(store: FileStore) -> int:
     # The store's own open file, so the file mapped is the file the store opened and checked (a
-    # path opened again could name another file by now). FileStore has no public accessor.
-    fd: int = store._fd
-    return fd
+    # path opened again could name another file by now).
+    return store.fileno()

@@ -29,6 +29,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import final
 
 from .. import _abi, _libc, memory
 from .._closing import Closing
@@ -55,6 +56,7 @@ _WANTED = (
 )  # fmt: skip
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Region:
     """A range of this process's memory, filled from ``store`` bytes starting at ``offset``."""
@@ -70,6 +72,7 @@ class Region:
         return cls(mapping.address, mapping.length, offset, mapping.page_size)
 
 
+@final
 class Server(Closing):
     """A running supervisor (``pid``) and its handler (``handler_pid``). ``stop()`` (or leaving
     the ``with`` block) settles the pages not filled yet and ends both; ``stats()`` reads the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import final
 
 from .._counters import SharedCounters
 
@@ -12,6 +13,7 @@ _COUNTERS = ("faults", "pages", "bytes", "errors", "events", "wakes", "poisoned"
              "restarts", "zeros", "prefetched")  # fmt: skip
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Stats:
     """A snapshot of what a handler did."""

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, final
 
 from .. import memory
 from ..stores import Store, StoreError, open_store
@@ -38,6 +38,7 @@ _NOTE_SIZE = 1 << 16
 _AHEAD = 8 << 20  # how far past the page a handler's read-ahead window may have reached
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class TouchResult:
     """What :func:`touch_pages` did."""

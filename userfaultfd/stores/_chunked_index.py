@@ -38,9 +38,9 @@ from collections.abc import Iterable
 
 import zstandard
 
+from .._location import is_url, local_path
 from ._base import StoreError
 from ._chunks import MAX_CHUNK_SIZE, digest
-from ._location import is_url, local_path
 
 __all__ = ["INDEX_MAGIC", "Frame", "Index", "index_bytes", "parse_index", "split_location"]
 

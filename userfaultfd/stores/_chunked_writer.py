@@ -26,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from .._location import is_http
 from ._base import Store, StoreError
 from ._chunked_index import (
     HASH_SIZE,
@@ -38,7 +39,6 @@ from ._chunked_index import (
     split_location,
 )
 from ._chunks import MAX_CHUNK_SIZE, Codec, PackInfo, digest, is_zero, read_chunks
-from ._location import is_http
 from ._objects import Objects, open_objects
 
 __all__ = ["page_size_for", "write_chunked"]

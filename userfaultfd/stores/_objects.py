@@ -16,10 +16,10 @@ import errno
 import os
 from typing import Any
 
+from .._location import is_http, is_url, local_path
 from .._replacing import replacing
 from ._base import PARALLEL_REQUESTS, StoreError
 from ._http import RangeReader, direct_reader
-from ._location import is_http, is_url, local_path
 from ._retries import call_with_retries
 
 __all__ = ["Objects", "open_objects"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._location import is_http, is_url, local_path
 from ._base import Store
 from ._http import direct_reader
 from ._http_store import HttpStore
-from ._location import is_http, is_url, local_path
 from ._pinning import DEFAULT_TIMEOUT
 from ._simple import FileStore
 

@@ -115,6 +115,12 @@ class FileStore(Store):
             self._map.madvise(_MADV_POPULATE_READ, start, populate)
         return self._base + offset
 
+    def fileno(self) -> int:
+        """The descriptor of the file this store opened (what a direct mapping maps)."""
+        if self._fd < 0:
+            raise StoreError(errno.EBADF, f"{self.path}: the store is closed")
+        return self._fd
+
     @property
     def size(self) -> int:
         return self._size

@@ -52,6 +52,7 @@ from .._events import PageFault
 from .._flags import FaultFlag, Feature, Mode
 from .._forked import Channel
 from .._handshake import Failed, FirstMessage, Launched, Ready, launch
+from .._location import is_url
 
 __all__ = ["Snapshot", "SnapshotStats", "check_destination", "snapshot"]
 
@@ -104,7 +105,7 @@ class _Destination:
         self.dest = dest
         self._fs: object | None = None
         try:
-            if "://" in dest:
+            if is_url(dest):
                 import fsspec
 
                 fs, self._path = fsspec.core.url_to_fs(dest)
