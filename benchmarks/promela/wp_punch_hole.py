@@ -22,7 +22,7 @@ import sys
 
 from userfaultfd._flags import Mode
 from userfaultfd.model import Kernel, Punch, Read, Serve, Sizes, Write, build
-from userfaultfd.model.state import Marker, Present
+from userfaultfd.model._state import Marker, Present
 
 # Data values: "0" (a new zero page), "v1" (protected contents), "v2" (the writers' store),
 # "p<i>" (setup contents of page i) as 10 + i.

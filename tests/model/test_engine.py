@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from userfaultfd.model import ScheduleError, engine
+from userfaultfd.model import ScheduleError
+from userfaultfd.model import _engine as engine
 
 
 @dataclass(frozen=True)

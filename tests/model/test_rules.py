@@ -17,7 +17,7 @@ from userfaultfd.model import (
     WouldBlock,
     Write,
 )
-from userfaultfd.model.state import Pc
+from userfaultfd.model._state import Pc
 
 BASE = 0x1000_0000
 

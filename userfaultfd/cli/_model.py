@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 from .. import model
-from ..model import diagram, report
+from ..model import _diagram, _report
 from ._args import UsageError
 from ._commands import add_command
 
@@ -106,7 +106,7 @@ def _usage(err: Exception) -> UsageError:
 
 
 def _list(args: argparse.Namespace) -> int:
-    print(report.render_list())
+    print(_report.render_list())
     return 0
 
 
@@ -124,9 +124,9 @@ def _run(args: argparse.Namespace) -> int:
         )
     except (model.UnknownNameError, ValueError) as err:
         raise _usage(err) from err
-    print(report.render_result(result))
+    print(_report.render_result(result))
     if args.svg or args.png:
-        drawing = diagram.violation_svg(result)
+        drawing = _diagram.violation_svg(result)
         if drawing is None:
             print("no counterexample: nothing to draw")
             return 0
@@ -151,7 +151,7 @@ def _table(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise _usage(err) from err
-    print(report.render_table(rows))
+    print(_report.render_table(rows))
     return 0
 
 
@@ -166,5 +166,5 @@ def _replay(args: argparse.Namespace) -> int:
         )
     except (model.UnknownNameError, ValueError) as err:
         raise _usage(err) from err
-    print(report.render_replay(run))
+    print(_report.render_replay(run))
     return 0

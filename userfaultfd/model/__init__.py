@@ -13,40 +13,40 @@ domain-free explorer (:mod:`.engine`) search every interleaving under each kerne
     'untracked write'
 """
 
-from .engine import REDUCTIONS as REDUCTIONS
-from .engine import ScheduleError as ScheduleError
-from .explorer import Replay as Replay
-from .explorer import Result as Result
-from .explorer import TableRow as TableRow
-from .explorer import TraceStep as TraceStep
-from .explorer import Violation as Violation
-from .explorer import build as build
-from .explorer import explore as explore
-from .explorer import replay as replay
-from .explorer import table as table
-from .kernel import Kernel as Kernel
-from .ops import File as File
-from .ops import Label as Label
-from .ops import Punch as Punch
-from .ops import Read as Read
-from .ops import Serve as Serve
-from .ops import SigBusError as SigBusError
-from .ops import Vma as Vma
-from .ops import WouldBlock as WouldBlock
-from .ops import Write as Write
-from .presets import PRESETS as PRESETS
-from .presets import Preset as Preset
-from .presets import UnknownNameError as UnknownNameError
-from .presets import get_preset as get_preset
-from .scenarios import SCENARIOS as SCENARIOS
-from .scenarios import Scenario as Scenario
-from .scenarios import Sizes as Sizes
-from .scenarios import get_scenario as get_scenario
-from .state import PAGE_SIZE as PAGE_SIZE
-from .state import PTRS_PER_PTE as PTRS_PER_PTE
-from .state import Frame as Frame
-from .state import Marker as Marker
-from .state import Present as Present
+from ._engine import REDUCTIONS as REDUCTIONS
+from ._engine import ScheduleError as ScheduleError
+from ._explorer import Replay as Replay
+from ._explorer import Result as Result
+from ._explorer import TableRow as TableRow
+from ._explorer import TraceStep as TraceStep
+from ._explorer import Violation as Violation
+from ._explorer import build as build
+from ._explorer import explore as explore
+from ._explorer import replay as replay
+from ._explorer import table as table
+from ._kernel import Kernel as Kernel
+from ._ops import File as File
+from ._ops import Label as Label
+from ._ops import Punch as Punch
+from ._ops import Read as Read
+from ._ops import Serve as Serve
+from ._ops import SigBusError as SigBusError
+from ._ops import Vma as Vma
+from ._ops import WouldBlock as WouldBlock
+from ._ops import Write as Write
+from ._presets import PRESETS as PRESETS
+from ._presets import Preset as Preset
+from ._presets import UnknownNameError as UnknownNameError
+from ._presets import get_preset as get_preset
+from ._scenarios import SCENARIOS as SCENARIOS
+from ._scenarios import Scenario as Scenario
+from ._scenarios import Sizes as Sizes
+from ._scenarios import get_scenario as get_scenario
+from ._state import PAGE_SIZE as PAGE_SIZE
+from ._state import PTRS_PER_PTE as PTRS_PER_PTE
+from ._state import Frame as Frame
+from ._state import Marker as Marker
+from ._state import Present as Present
 
 __all__ = [
     "PAGE_SIZE",

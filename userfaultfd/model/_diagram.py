@@ -14,18 +14,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
-from . import engine
-from .explorer import Result as _Result
-from .explorer import build as _build
-from .kernel import Kernel as _Kernel
-from .ops import Label as _Label
-from .presets import Preset as _Preset
-from .scenarios import Scenario as _Scenario
-from .scenarios import Sizes as _Sizes
-from .scenarios import get_scenario as _get_scenario
-from .state import Marker as _Marker
-from .state import Present as _Present
-from .state import World as _World
+from . import _engine as engine
+from ._explorer import Result as _Result
+from ._explorer import build as _build
+from ._kernel import Kernel as _Kernel
+from ._ops import Label as _Label
+from ._presets import Preset as _Preset
+from ._scenarios import Scenario as _Scenario
+from ._scenarios import Sizes as _Sizes
+from ._scenarios import get_scenario as _get_scenario
+from ._state import Marker as _Marker
+from ._state import Present as _Present
+from ._state import World as _World
 
 __all__ = ["Drawn", "frames", "render_svg", "violation_svg"]
 

@@ -6,17 +6,17 @@ import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from . import engine
-from .kernel import Kernel as _Kernel
-from .ops import Label as _Label
-from .presets import PRESETS as _PRESETS
-from .presets import Preset as _Preset
-from .presets import get_preset as _get_preset
-from .scenarios import SCENARIOS as _SCENARIOS
-from .scenarios import Scenario as _Scenario
-from .scenarios import Sizes as _Sizes
-from .scenarios import get_scenario as _get_scenario
-from .state import World as _World
+from . import _engine as engine
+from ._kernel import Kernel as _Kernel
+from ._ops import Label as _Label
+from ._presets import PRESETS as _PRESETS
+from ._presets import Preset as _Preset
+from ._presets import get_preset as _get_preset
+from ._scenarios import SCENARIOS as _SCENARIOS
+from ._scenarios import Scenario as _Scenario
+from ._scenarios import Sizes as _Sizes
+from ._scenarios import get_scenario as _get_scenario
+from ._state import World as _World
 
 __all__ = [
     "Replay",

@@ -13,19 +13,19 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .._flags import Mode as _Mode
-from .ops import Label, Read, Vma, Write
-from .state import ASLEEP as _ASLEEP
-from .state import Event as _Event
-from .state import Frame as _Frame
-from .state import Marker as _Marker
-from .state import Pc as _Pc
-from .state import Present as _Present
-from .state import Step as _Step
-from .state import ThreadState as _ThreadState
-from .state import World as _World
+from ._ops import Label, Read, Vma, Write
+from ._state import ASLEEP as _ASLEEP
+from ._state import Event as _Event
+from ._state import Frame as _Frame
+from ._state import Marker as _Marker
+from ._state import Pc as _Pc
+from ._state import Present as _Present
+from ._state import Step as _Step
+from ._state import ThreadState as _ThreadState
+from ._state import World as _World
 
 if TYPE_CHECKING:
-    from .kernel import Kernel
+    from ._kernel import Kernel
 
 __all__ = ["STEPS", "access", "in_hole", "pages_text", "userfault", "wake"]
 

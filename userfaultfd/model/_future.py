@@ -13,15 +13,15 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from .._flags import Mode as _Mode
+from ._ops import CopyPages, Op, Protect, Punch, Read, Serve, Write
 from ._punch import victims
-from .ops import CopyPages, Op, Protect, Punch, Read, Serve, Write
-from .state import Frame as _Frame
-from .state import Pc as _Pc
-from .state import ThreadState as _ThreadState
-from .state import World as _World
+from ._state import Frame as _Frame
+from ._state import Pc as _Pc
+from ._state import ThreadState as _ThreadState
+from ._state import World as _World
 
 if TYPE_CHECKING:
-    from .kernel import Kernel
+    from ._kernel import Kernel
 
 __all__ = ["enablers", "future"]
 

@@ -68,33 +68,32 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 
 from .._flags import Mode as _Mode
-from . import _fault, _future, _punch, _server
-from . import engine as _engine
-from .ops import CopyPages as _CopyPages
-from .ops import File as _File
-from .ops import Label as _Label
-from .ops import Op as _Op
-from .ops import Protect as _Protect
-from .ops import Punch as _Punch
-from .ops import Read as _Read
-from .ops import Serve as _Serve
-from .ops import SigBusError as _SigBusError
-from .ops import Vma as _Vma
-from .ops import WouldBlock as _WouldBlock
-from .ops import Write as _Write
-from .presets import Preset as _Preset
-from .presets import get_preset as _get_preset
-from .state import ASLEEP as _ASLEEP
-from .state import MARKER as _MARKER
-from .state import PAGE_SIZE as _PAGE_SIZE
-from .state import PTRS_PER_PTE as _PTRS_PER_PTE
-from .state import Frame as _Frame
-from .state import Pc as _Pc
-from .state import Present as _Present
-from .state import Pte as _Pte
-from .state import Step as _Step
-from .state import ThreadState as _ThreadState
-from .state import World as _World
+from . import _engine, _fault, _future, _punch, _server
+from ._ops import CopyPages as _CopyPages
+from ._ops import File as _File
+from ._ops import Label as _Label
+from ._ops import Op as _Op
+from ._ops import Protect as _Protect
+from ._ops import Punch as _Punch
+from ._ops import Read as _Read
+from ._ops import Serve as _Serve
+from ._ops import SigBusError as _SigBusError
+from ._ops import Vma as _Vma
+from ._ops import WouldBlock as _WouldBlock
+from ._ops import Write as _Write
+from ._presets import Preset as _Preset
+from ._presets import get_preset as _get_preset
+from ._state import ASLEEP as _ASLEEP
+from ._state import MARKER as _MARKER
+from ._state import PAGE_SIZE as _PAGE_SIZE
+from ._state import PTRS_PER_PTE as _PTRS_PER_PTE
+from ._state import Frame as _Frame
+from ._state import Pc as _Pc
+from ._state import Present as _Present
+from ._state import Pte as _Pte
+from ._state import Step as _Step
+from ._state import ThreadState as _ThreadState
+from ._state import World as _World
 
 __all__ = ["Kernel"]
 

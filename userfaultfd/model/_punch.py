@@ -13,16 +13,16 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .._flags import Mode as _Mode
-from .ops import Label, Punch, Vma
-from .state import MARKER as _MARKER
-from .state import Marker as _Marker
-from .state import Pc as _Pc
-from .state import Present as _Present
-from .state import Step as _Step
-from .state import ThreadState as _ThreadState
+from ._ops import Label, Punch, Vma
+from ._state import MARKER as _MARKER
+from ._state import Marker as _Marker
+from ._state import Pc as _Pc
+from ._state import Present as _Present
+from ._state import Step as _Step
+from ._state import ThreadState as _ThreadState
 
 if TYPE_CHECKING:
-    from .kernel import Kernel
+    from ._kernel import Kernel
 
 __all__ = ["STEPS", "punch", "victims"]
 

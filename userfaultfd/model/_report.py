@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .explorer import Replay as _Replay
-from .explorer import Result as _Result
-from .explorer import TableRow as _TableRow
-from .explorer import TraceStep as _TraceStep
-from .presets import PRESETS as _PRESETS
-from .scenarios import SCENARIOS as _SCENARIOS
+from ._explorer import Replay as _Replay
+from ._explorer import Result as _Result
+from ._explorer import TableRow as _TableRow
+from ._explorer import TraceStep as _TraceStep
+from ._presets import PRESETS as _PRESETS
+from ._scenarios import SCENARIOS as _SCENARIOS
 
 __all__ = [
     "render_list",

@@ -9,21 +9,21 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .._flags import Mode as _Mode
-from .kernel import Kernel as _Kernel
-from .ops import CopyPages as _CopyPages
-from .ops import File as _File
-from .ops import Op as _Op
-from .ops import Protect as _Protect
-from .ops import Punch as _Punch
-from .ops import Read as _Read
-from .ops import Serve as _Serve
-from .ops import Write as _Write
-from .presets import UnknownNameError as _UnknownNameError
-from .state import PAGE_SIZE as _PAGE_SIZE
-from .state import Marker as _Marker
-from .state import Present as _Present
-from .state import ThreadState as _ThreadState
-from .state import World as _World
+from ._kernel import Kernel as _Kernel
+from ._ops import CopyPages as _CopyPages
+from ._ops import File as _File
+from ._ops import Op as _Op
+from ._ops import Protect as _Protect
+from ._ops import Punch as _Punch
+from ._ops import Read as _Read
+from ._ops import Serve as _Serve
+from ._ops import Write as _Write
+from ._presets import UnknownNameError as _UnknownNameError
+from ._state import PAGE_SIZE as _PAGE_SIZE
+from ._state import Marker as _Marker
+from ._state import Present as _Present
+from ._state import ThreadState as _ThreadState
+from ._state import World as _World
 
 __all__ = ["SCENARIOS", "Scenario", "Sizes", "get_scenario"]
 

@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING
 
 from .._flags import Mode as _Mode
 from ._fault import pages_text, wake
-from .ops import CopyPages, Label, Protect, Serve, Vma
-from .state import MARKER as _MARKER
-from .state import Event as _Event
-from .state import Frame as _Frame
-from .state import Marker as _Marker
-from .state import Pc as _Pc
-from .state import Present as _Present
-from .state import Step as _Step
-from .state import ThreadState as _ThreadState
+from ._ops import CopyPages, Label, Protect, Serve, Vma
+from ._state import MARKER as _MARKER
+from ._state import Event as _Event
+from ._state import Frame as _Frame
+from ._state import Marker as _Marker
+from ._state import Pc as _Pc
+from ._state import Present as _Present
+from ._state import Step as _Step
+from ._state import ThreadState as _ThreadState
 
 if TYPE_CHECKING:
-    from .kernel import Kernel
+    from ._kernel import Kernel
 
 __all__ = ["copy_pages", "protect", "serve"]
 
