@@ -8,9 +8,10 @@ kernel's own mapping of a plain local file, or memory :func:`serve` fills for ev
 protocol is in :mod:`userfaultfd.runtime.firecracker`.
 """
 
+import importlib
+import typing
+
 from ._adopt import serve_adopted as serve_adopted
-from ._lazy import lazy as lazy
-from ._lazy import server_of as server_of
 from ._policy import Adaptive as Adaptive
 from ._policy import Policy as Policy
 from ._policy import Single as Single
@@ -20,9 +21,6 @@ from ._server import Region as Region
 from ._server import Server as Server
 from ._server import serve as serve
 from ._stats import Stats as Stats
-from ._touch import PageUnreadableError as PageUnreadableError
-from ._touch import TouchResult as TouchResult
-from ._touch import touch_pages as touch_pages
 
 __all__ = [
     "DEFAULT_CPU",
@@ -41,3 +39,25 @@ __all__ = [
     "server_of",
     "touch_pages",
 ]
+
+if typing.TYPE_CHECKING:
+    from ._lazy import lazy as lazy
+    from ._lazy import server_of as server_of
+    from ._touch import PageUnreadableError as PageUnreadableError
+    from ._touch import TouchResult as TouchResult
+    from ._touch import touch_pages as touch_pages
+
+# Imported when first named: serving a uffd (CRIU's lazy-pages, serve()) needs neither NumPy
+# arrays nor the stores that lazy() opens.
+_LAZY = {
+    "lazy": "._lazy", "server_of": "._lazy", "PageUnreadableError": "._touch",
+    "TouchResult": "._touch", "touch_pages": "._touch",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> typing.Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._base import Store
-from ._cache import ChunkCache
-from ._chunked import INDEX_MAGIC, ChunkedStore
+from ._chunked_index import INDEX_MAGIC
 from ._raw import open_raw
 from ._simple import BytesStore
 from ._zstd import MAGIC, ZstdStore
+
+if TYPE_CHECKING:
+    from ._cache import ChunkCache
 
 __all__ = ["open_store"]
 
@@ -50,6 +52,8 @@ def open_store(
         if got == len(MAGIC) and head == MAGIC:
             return ZstdStore(raw)
         if got == len(MAGIC) and head == INDEX_MAGIC:
+            from ._chunked import ChunkedStore  # its bundles may be remote: HTTP, fsspec
+
             try:
                 return ChunkedStore.over(raw, text, options, cache)
             finally:

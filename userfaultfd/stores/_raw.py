@@ -6,9 +6,6 @@ from typing import Any
 
 from .._location import is_http, is_url, local_path
 from ._base import Store
-from ._http import direct_reader
-from ._http_store import HttpStore
-from ._pinning import DEFAULT_TIMEOUT
 from ._simple import FileStore
 
 __all__ = ["open_raw"]
@@ -22,6 +19,11 @@ def open_raw(text: str, options: dict[str, Any]) -> Store:
     it honours; an FsspecStore for any other URL (imported only then: fsspec installs an at-fork
     hook)."""
     if is_http(text):
+        # Imported here: a program that opens local files never pays for http.client and TLS.
+        from ._http import direct_reader
+        from ._http_store import HttpStore
+        from ._pinning import DEFAULT_TIMEOUT
+
         transport = {k: v for k, v in options.items() if k not in _STORE_OPTIONS}
         timeout = options.get("timeout", DEFAULT_TIMEOUT)
         if direct_reader(text, transport, timeout) is not None:
