@@ -38,7 +38,6 @@
 
 #define MSG_SIZE ((Py_ssize_t)sizeof(struct uffd_msg))
 #define MAX_BATCH 512
-#define MAX_REGIONS 64
 #define STREAMS 64
 #define HIST_BUCKETS 256
 
@@ -166,38 +165,50 @@ static int place(Answerer *self, int fd, Region *r, long long first, long long l
     return PLACED;
 }
 
-static Region *find(Region *regions, int n, uint64_t address) {
-    for (int i = 0; i < n; i++)
-        if (regions[i].address <= address && address < regions[i].address + regions[i].length)
-            return &regions[i];
-    return NULL;
+/* The region holding `address`: regions are in address order (RegionTable sorts them). */
+static Region *find(Region *regions, Py_ssize_t n, uint64_t address) {
+    Py_ssize_t lo = 0, hi = n;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (regions[mid].address <= address) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo == 0) return NULL;
+    Region *r = &regions[lo - 1];
+    return address < r->address + r->length ? r : NULL;
 }
 
 /* Answer one fault; PLACED when it is answered, else the Python path takes it. */
 static int answer(Answerer *self, int fd, Region *r, uint64_t address) {
     long long index = (long long)((address - r->address) / r->page);
+    /* Counted before the ioctl that wakes the faulting thread (as the Python loop does), and
+     * taken back if the Python path is to answer it after all (it counts it again). */
+    count(self, self->faults, 1);
     if (r->settled[index]) {
         struct uffdio_range wake = {r->address + (uint64_t)index * r->page, r->page};
-        if (ioctl(fd, UFFDIO_WAKE, &wake) != 0) return REFER;
-        count(self, self->faults, 1);
         count(self, self->wakes, 1);
-        return PLACED;
+        if (ioctl(fd, UFFDIO_WAKE, &wake) == 0) return PLACED;
+        count(self, self->wakes, (uint64_t)-1);
+        count(self, self->faults, (uint64_t)-1);
+        return REFER;
     }
-    if (r->removed[index]) return REFER; /* zero pages: the Python path */
     long long start, end;
+    if (r->removed[index]) goto refer; /* zero pages: the Python path */
     choose(self, r, index, &start, &end);
     while (r->offset + (uint64_t)end * r->page > self->src_length) end--;
-    if (end <= index) return REFER; /* past the mapping: the Python path reads and pads */
-    /* Map the source pages with one call, rather than one fault each inside the COPY (which
-     * then retries page by page outside the mmap lock). Linux 5.14+; without it, faults do. */
-    uintptr_t from = (uintptr_t)(self->src + r->offset + (uint64_t)start * r->page);
-    uintptr_t lo = from & ~(uintptr_t)4095;
-    madvise((void *)lo, from - lo + (uint64_t)(end - start) * r->page, MADV_POPULATE_READ);
+    if (end <= index) goto refer; /* past the mapping: the Python path reads and pads */
+    /* Map the source pages of a window with one call, rather than one fault each inside the
+     * COPY (which then retries page by page outside the mmap lock). A single page is left to
+     * that retry: one syscall fewer per random fault. Linux 5.14+; without it, faults do. */
+    if ((end - start) * (long long)r->page > 4096) {
+        uintptr_t from = (uintptr_t)(self->src + r->offset + (uint64_t)start * r->page);
+        uintptr_t lo = from & ~(uintptr_t)4095;
+        madvise((void *)lo, from - lo + (uint64_t)(end - start) * r->page, MADV_POPULATE_READ);
+    }
     long long run_end = index;
     while (run_end < end && !r->settled[run_end] && !r->removed[run_end]) run_end++;
     int outcome = place(self, fd, r, index, run_end);
-    if (outcome != PLACED) return outcome;
-    count(self, self->faults, 1);
+    if (outcome != PLACED) goto refer;
     /* The rest of the window; a failure here costs nothing the program waits on. */
     for (long long a = start; a < end;) {
         while (a < end && (r->settled[a] || r->removed[a])) a++;
@@ -207,15 +218,53 @@ static int answer(Answerer *self, int fd, Region *r, uint64_t address) {
         a = b;
     }
     return PLACED;
+refer:
+    count(self, self->faults, (uint64_t)-1);
+    return REFER;
 }
 
-static int load_regions(PyObject *list, Region *out, Py_buffer *views, int *held) {
-    Py_ssize_t n = PyList_Size(list);
-    if (n < 0) return -1;
-    if (n > MAX_REGIONS) n = MAX_REGIONS; /* the rest are answered by the Python path */
+/* A source's regions as the native loop reads them, built once per change of the map (the
+ * Python RegionMap keeps it until an event changes the map). It holds the `settled` and
+ * `removed` bytearrays exported: their length never changes, only their bytes. */
+typedef struct {
+    PyObject_HEAD
+    Region *regions;
+    Py_ssize_t count;
+    Py_buffer *views;
+    Py_ssize_t held;
+} RegionTable;
+
+static int by_address(const void *a, const void *b) {
+    const Region *x = a, *y = b;
+    return x->address < y->address ? -1 : x->address > y->address;
+}
+
+static void RegionTable_dealloc(RegionTable *self) {
+    for (Py_ssize_t i = 0; i < self->held; i++) PyBuffer_Release(&self->views[i]);
+    PyMem_Free(self->views);
+    PyMem_Free(self->regions);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int RegionTable_init(RegionTable *self, PyObject *args, PyObject *kwds) {
+    PyObject *list;
+    static char *kwlist[] = {"regions", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!", kwlist, &PyList_Type, &list)) return -1;
+    if (self->regions != NULL) {
+        PyErr_SetString(PyExc_TypeError, "a RegionTable is built once");
+        return -1;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    self->regions = PyMem_Calloc(n > 0 ? n : 1, sizeof(Region));
+    self->views = PyMem_Calloc(n > 0 ? 2 * n : 1, sizeof(Py_buffer));
+    if (self->regions == NULL || self->views == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    static const char *names[] = {"address", "length", "offset", "page_size", "stream"};
+    static const char *maps[] = {"settled", "removed"};
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GET_ITEM(list, i);
-        static const char *names[] = {"address", "length", "offset", "page_size", "stream"};
         uint64_t values[5];
         for (int k = 0; k < 5; k++) {
             PyObject *v = PyObject_GetAttrString(item, names[k]);
@@ -224,36 +273,54 @@ static int load_regions(PyObject *list, Region *out, Py_buffer *views, int *held
             Py_DECREF(v);
             if (PyErr_Occurred()) return -1;
         }
-        Region *r = &out[i];
+        Region *r = &self->regions[i];
         r->address = values[0];
         r->length = values[1];
         r->offset = values[2];
         r->page = values[3];
         r->stream = (long long)values[4];
+        if (r->page == 0 || r->length % r->page) {
+            PyErr_SetString(PyExc_ValueError, "a region is not a whole number of pages");
+            return -1;
+        }
         r->pages = (Py_ssize_t)(r->length / r->page);
-        static const char *maps[] = {"settled", "removed"};
         for (int k = 0; k < 2; k++) {
             PyObject *v = PyObject_GetAttrString(item, maps[k]);
             if (v == NULL) return -1;
-            int got = PyObject_GetBuffer(v, &views[*held], PyBUF_WRITABLE);
+            Py_buffer *view = &self->views[self->held];
+            int got = PyObject_GetBuffer(v, view, PyBUF_WRITABLE);
             Py_DECREF(v);
             if (got != 0) return -1;
-            if (views[*held].len < r->pages) {
-                (*held)++;
+            self->held++;
+            if (view->len < r->pages) {
                 PyErr_SetString(PyExc_ValueError, "a region's page map is shorter than it");
                 return -1;
             }
-            if (k == 0) r->settled = views[*held].buf;
-            else r->removed = views[*held].buf;
-            (*held)++;
+            if (k == 0) r->settled = view->buf;
+            else r->removed = view->buf;
         }
+        self->count = i + 1;
     }
-    return (int)n;
+    qsort(self->regions, (size_t)self->count, sizeof(Region), by_address);
+    return 0;
 }
+
+static PyTypeObject RegionTableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "userfaultfd._speedups.RegionTable",
+    .tp_doc = PyDoc_STR("RegionTable(regions): a source's RegionState list, for serve/wait."),
+    .tp_basicsize = sizeof(RegionTable),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)RegionTable_init,
+    .tp_dealloc = (destructor)RegionTable_dealloc,
+};
 
 /* Read and answer batches from `fd` until one needs the Python path or nothing is pending.
  * Returns the messages left (a new bytes object, empty when all were answered), or NULL. */
-static PyObject *serve_one(Answerer *self, int fd, Region *regions, int n, int batch) {
+static PyObject *serve_one(Answerer *self, int fd, RegionTable *table, int batch) {
+    Region *regions = table->regions;
+    Py_ssize_t n = table->count;
     struct uffd_msg msgs[MAX_BATCH];
     for (int round = 0; round < 8; round++) {
         ssize_t got;
@@ -278,7 +345,7 @@ static PyObject *serve_one(Answerer *self, int fd, Region *regions, int n, int b
                     int seen = 0;
                     for (int j = 0; j < i && !seen; j++) {
                         uint64_t other = msgs[j].arg.pagefault.address;
-                        seen = find(regions, n, other) == r &&
+                        seen = other >= r->address && other < r->address + r->length &&
                                (other - r->address) / r->page == page_of;
                     }
                     outcome = seen ? PLACED : answer(self, fd, r, address);
@@ -294,39 +361,33 @@ static PyObject *serve_one(Answerer *self, int fd, Region *regions, int n, int b
 }
 
 PyDoc_STRVAR(serve_doc,
-"serve(fd, regions, batch) -> bytes\n\n"
+"serve(fd, table, batch) -> bytes\n\n"
 "Read batches of up to `batch` messages from the uffd `fd` (nonblocking) and answer the faults\n"
-"the store's mapping can answer; `regions` are the source's RegionState objects (their\n"
-"`settled` bytes are updated). Returns the messages left for the Python path, in read order\n"
+"the store's mapping can answer; `table` is the source's RegionTable (the `settled` bytes of\n"
+"its regions are updated). Returns the messages left for the Python path, in read order\n"
 "(b\"\" when nothing was pending or everything was answered).");
 
 static PyObject *Answerer_serve(Answerer *self, PyObject *args) {
     int fd, batch;
-    PyObject *list;
-    if (!PyArg_ParseTuple(args, "iO!i", &fd, &PyList_Type, &list, &batch)) return NULL;
+    RegionTable *table;
+    if (!PyArg_ParseTuple(args, "iO!i", &fd, &RegionTableType, &table, &batch)) return NULL;
     if (batch < 1 || batch > MAX_BATCH) {
         PyErr_Format(PyExc_ValueError, "batch must be in [1, %d], not %d", MAX_BATCH, batch);
         return NULL;
     }
-    Region regions[MAX_REGIONS];
-    Py_buffer views[2 * MAX_REGIONS];
-    int held = 0;
-    int n = load_regions(list, regions, views, &held);
-    PyObject *result = n < 0 ? NULL : serve_one(self, fd, regions, n, batch);
-    for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
-    return result;
+    return serve_one(self, fd, table, batch);
 }
 
-#define MAX_SOURCES 16
+#define MAX_SOURCES 256
 #define MAX_OTHERS 8
 
 PyDoc_STRVAR(wait_doc,
 "wait(sources, others, timeout_ms, batch) -> (list[int], list[tuple[int, bytes]])\n\n"
-"Poll the uffds of `sources` (a list of (fd, regions)) and the descriptors `others`, answering\n"
-"faults as serve() does, until a descriptor of `others` is ready, a uffd has messages left for\n"
-"the Python path or reports an error, or `timeout_ms` passes. Returns the ready descriptors\n"
-"(of `others`, and any uffd whose poll reported an error) and each uffd's messages left. The\n"
-"GIL is released while it polls.");
+"Poll the uffds of `sources` (a list of (fd, RegionTable)) and the descriptors `others`,\n"
+"answering faults as serve() does, until a descriptor of `others` is ready, a uffd has messages\n"
+"left for the Python path or reports an error, or `timeout_ms` passes. Returns the ready\n"
+"descriptors (of `others`, and any uffd whose poll reported an error) and each uffd's messages\n"
+"left. The GIL is released while it polls.");
 
 static PyObject *Answerer_wait(Answerer *self, PyObject *args) {
     PyObject *sources, *others;
@@ -340,29 +401,21 @@ static PyObject *Answerer_wait(Answerer *self, PyObject *args) {
         return NULL;
     }
     struct pollfd fds[MAX_SOURCES + MAX_OTHERS];
-    int starts[MAX_SOURCES + 1];
-    static Region regions[MAX_SOURCES * MAX_REGIONS];
-    static Py_buffer views[2 * MAX_SOURCES * MAX_REGIONS];
-    int held = 0, total = 0;
-    PyObject *ready = NULL, *left = NULL, *result = NULL;
+    RegionTable *tables[MAX_SOURCES];
     for (Py_ssize_t i = 0; i < ns; i++) {
-        PyObject *entry = PyList_GET_ITEM(sources, i), *list;
-        int fd;
-        if (!PyArg_ParseTuple(entry, "iO!", &fd, &PyList_Type, &list)) goto done;
-        starts[i] = total;
-        int n = load_regions(list, regions + total, views, &held);
-        if (n < 0) goto done;
-        total += n;
-        fds[i].fd = fd;
+        PyObject *entry = PyList_GET_ITEM(sources, i);
+        if (!PyArg_ParseTuple(entry, "iO!", &fds[i].fd, &RegionTableType, &tables[i]))
+            return NULL;
         fds[i].events = POLLIN;
     }
-    starts[ns] = total;
     for (Py_ssize_t i = 0; i < no; i++) {
         fds[ns + i].fd = (int)PyLong_AsLong(PyList_GET_ITEM(others, i));
         fds[ns + i].events = POLLIN;
-        if (PyErr_Occurred()) goto done;
+        if (PyErr_Occurred()) return NULL;
     }
-    if ((ready = PyList_New(0)) == NULL || (left = PyList_New(0)) == NULL) goto done;
+    /* The tables stay alive: `sources` holds them for the whole call. */
+    PyObject *ready = PyList_New(0), *left = PyList_New(0), *result = NULL;
+    if (ready == NULL || left == NULL) goto done;
     uint64_t deadline = now_ns() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000u;
     for (;;) {
         uint64_t now = now_ns();
@@ -384,16 +437,21 @@ static PyObject *Answerer_wait(Answerer *self, PyObject *args) {
             if (!fds[i].revents) continue;
             if (i >= ns || (fds[i].revents & (POLLERR | POLLHUP | POLLNVAL))) {
                 PyObject *fd = PyLong_FromLong(fds[i].fd);
-                if (fd == NULL || PyList_Append(ready, fd) < 0) { Py_XDECREF(fd); goto done; }
+                if (fd == NULL || PyList_Append(ready, fd) < 0) {
+                    Py_XDECREF(fd);
+                    goto done;
+                }
                 Py_DECREF(fd);
                 continue;
             }
-            PyObject *rest = serve_one(self, fds[i].fd, regions + starts[i],
-                                       starts[i + 1] - starts[i], batch);
+            PyObject *rest = serve_one(self, fds[i].fd, tables[i], batch);
             if (rest == NULL) goto done;
             if (PyBytes_GET_SIZE(rest) > 0) {
                 PyObject *pair = Py_BuildValue("(iN)", fds[i].fd, rest);
-                if (pair == NULL || PyList_Append(left, pair) < 0) { Py_XDECREF(pair); goto done; }
+                if (pair == NULL || PyList_Append(left, pair) < 0) {
+                    Py_XDECREF(pair);
+                    goto done;
+                }
                 Py_DECREF(pair);
             } else {
                 Py_DECREF(rest);
@@ -405,7 +463,6 @@ static PyObject *Answerer_wait(Answerer *self, PyObject *args) {
 done:
     Py_XDECREF(ready);
     Py_XDECREF(left);
-    for (int i = 0; i < held; i++) PyBuffer_Release(&views[i]);
     return result;
 }
 
@@ -463,12 +520,18 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__speedups(void) {
-    if (PyType_Ready(&AnswererType) < 0) return NULL;
+    if (PyType_Ready(&AnswererType) < 0 || PyType_Ready(&RegionTableType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&AnswererType);
     if (PyModule_AddObject(m, "Answerer", (PyObject *)&AnswererType) < 0) {
         Py_DECREF(&AnswererType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&RegionTableType);
+    if (PyModule_AddObject(m, "RegionTable", (PyObject *)&RegionTableType) < 0) {
+        Py_DECREF(&RegionTableType);
         Py_DECREF(m);
         return NULL;
     }

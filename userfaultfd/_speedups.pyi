@@ -3,6 +3,10 @@ from collections.abc import Sequence
 from typing import final
 
 @final
+class RegionTable:
+    def __init__(self, regions: Sequence[object]) -> None: ...
+
+@final
 class Answerer:
     def __init__(
         self,
@@ -15,10 +19,10 @@ class Answerer:
         min_pages: int = 1,
         max_bytes: int = 8388608,
     ) -> None: ...
-    def serve(self, fd: int, regions: Sequence[object], batch: int) -> bytes: ...
+    def serve(self, fd: int, table: RegionTable, batch: int) -> bytes: ...
     def wait(
         self,
-        sources: list[tuple[int, Sequence[object]]],
+        sources: list[tuple[int, RegionTable]],
         others: list[int],
         timeout_ms: int,
         batch: int,

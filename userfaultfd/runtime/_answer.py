@@ -38,6 +38,7 @@ __all__ = ["Answerer", "answerer_for", "native_available"]
 _speedups: ModuleType | None
 try:
     from .. import _speedups
+    from .._speedups import RegionTable
 except ImportError:  # built without a compiler: the pure-Python path serves
     _speedups = None
 
@@ -108,13 +109,21 @@ class Native:
         )
 
     def serve(self, source: Source, batch: int) -> list[Event]:
-        left: bytes = self._native.serve(source.uffd.fileno(), source.map.regions, batch)
+        left = self._native.serve(source.uffd.fileno(), _table(source), batch)
         return parse_events(left) if left else []
 
     def wait(self, sources: list[Source], others: list[int], timeout_ms: int, batch: int) -> Waited:
-        entries = [(s.uffd.fileno(), s.map.regions) for s in sources]
+        entries = [(s.uffd.fileno(), _table(s)) for s in sources]
         ready, left = self._native.wait(entries, others, timeout_ms, batch)
         return ready, [(fd, parse_events(data)) for fd, data in left]
+
+
+def _table(source: Source) -> RegionTable:
+    """The native view of ``source``'s regions, built again only after its map changed."""
+    table = source.map.native
+    if not isinstance(table, RegionTable):
+        table = source.map.native = RegionTable(source.map.regions)
+    return table
 
 
 def _policy_parameters(policy: Policy) -> tuple[int, int, int, int]:

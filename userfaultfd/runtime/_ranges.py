@@ -9,6 +9,7 @@ nothing: once the range is unregistered the kernel zero-fills it, which is what 
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -70,14 +71,28 @@ class RegionState:
 
 @dataclass(slots=True)
 class RegionMap:
-    """The registered ranges of one address space, kept up to date by its events."""
+    """The registered ranges of one address space, kept up to date by its events, in address
+    order (a restored program may have tens of thousands: a fault finds its range by bisection).
+    """
 
     regions: list[RegionState]
+    _starts: list[int] = field(default_factory=list, repr=False, compare=False)
+    #: What the native answerer built from these regions (runtime/_answer.py); None after any
+    #: change, so it is built again.
+    native: object | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._changed()
+
+    def _changed(self) -> None:
+        self.regions.sort(key=lambda r: r.address)
+        self._starts = [r.address for r in self.regions]
+        self.native = None
 
     def find(self, address: int) -> RegionState | None:
-        for region in self.regions:
-            if region.address <= address < region.end:
-                return region
+        at = bisect.bisect_right(self._starts, address) - 1
+        if at >= 0 and address < self.regions[at].end:
+            return self.regions[at]
         return None
 
     def cut(self, start: int, end: int) -> list[RegionState]:
@@ -95,6 +110,7 @@ class RegionMap:
             if hi < region.end:
                 kept.append(region.piece(hi, region.end))
         self.regions = kept
+        self._changed()
         return inside
 
     def change(self, event: Remove | Unmap | Remap) -> None:
@@ -112,6 +128,7 @@ class RegionMap:
             for piece in pieces:
                 piece.address = event.new + (piece.address - event.old)
         self.regions.extend(pieces)
+        self._changed()
 
     def forgotten(self) -> list[RegionState]:
         return [region.forgotten() for region in self.regions]
