@@ -19,8 +19,11 @@ again with the same keys cannot succeed.
 Versions and first bytes: a store is pinned to the version of the object it opened, and its open
 is one request that also brings the first 64 KiB (stores/_pinning.py, shared with HttpStore). For
 S3 the pin is the VersionId when the bucket is versioned (the old version keeps being served after
-an overwrite; reading by version needs s3:GetObjectVersion) and ``IfMatch``. Only another protocol
-(memory://, gcs://, ...) opens with ``info()`` and keeps no bytes.
+an overwrite; reading by version needs s3:GetObjectVersion) and ``IfMatch``. Every answer's total
+size and validators are checked against the open's before its body is read, so a server (or an
+S3 look-alike) that ignores the preconditions gives ESTALE, not the new bytes; an HTTP server that
+ignores Range is refused at the open when the object is longer than the first read. Only another
+protocol (memory://, gcs://, ...) opens with ``info()`` and keeps no bytes.
 
 HTTP: :func:`open_store` gives an :class:`HttpStore` (no fsspec) for HTTP URLs whose options it
 honours; this store serves the others (aiohttp objects, proxies, cookies) through fsspec's client.
@@ -41,10 +44,12 @@ import fsspec.core
 import fsspec.utils
 
 from ._base import PARALLEL_REQUESTS, Store, StoreError
+from ._http import RangeIgnoredError
 from ._pinning import (
     DEFAULT_TIMEOUT,
     HEAD_BYTES,
     Version,
+    check_answer,
     http_conditions,
     stale,
     take_head,
@@ -84,18 +89,56 @@ def _s3_pin(version: Version) -> dict[str, str]:
     return pin
 
 
-async def _s3_range(fs: Any, path: str, start: int, end: int, pin: dict[str, str]) -> bytes:
-    """Bytes [start, end) of the pinned version (s3fs's cat_file cannot pass IfMatch)."""
+async def _s3_range(fs: Any, path: str, start: int, end: int, version: Version) -> bytes:
+    """Bytes [start, end) of the pinned version (s3fs's cat_file cannot pass IfMatch); the
+    answer's total size, ETag and VersionId are checked against ``version`` before its body is
+    read (a store that ignores IfMatch)."""
     bucket, key, _ = fs.split_path(path)
     response = await fs._call_s3(
-        "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **pin
-    )
+        "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+        **_s3_pin(version),
+    )  # fmt: skip
     body = response["Body"]
     try:
+        total = str(response.get("ContentRange") or "").rpartition("/")[2]
+        identity = {"ETag": response.get("ETag"), "VersionId": response.get("VersionId")}
+        check_answer(version, int(total) if total.isdigit() else None, identity)
         data: bytes = await body.read()
     finally:
         body.close()
     return data
+
+
+async def _http_range(fs: Any, url: str, start: int, end: int, version: Version) -> bytes:
+    """Bytes [start, end) of the pinned version: a GET with the version's preconditions whose
+    answer's total size and validators are checked before its body is read (fsspec's cat_file
+    reads any answer, a 200 or another version's 206, whole)."""
+    kwargs = dict(fs.kwargs)
+    headers = {**(kwargs.pop("headers", None) or {}), **http_conditions(version)}
+    headers["Range"] = f"bytes={start}-{end - 1}"
+    headers["Accept-Encoding"] = "identity"  # the ranges of the bytes as stored
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(url), headers=headers, **kwargs) as response:
+        if response.status == 404:
+            raise FileNotFoundError(url)
+        response.raise_for_status()  # a 412 among them: the policy makes it ESTALE
+        if response.status == 200:
+            length = response.headers.get("Content-Length", "")
+            check_answer(version, int(length) if length.isdigit() else None, response.headers)
+            raise RangeIgnoredError(
+                f"asked for bytes {start}..{end}, the server sent the whole object (200)"
+            )
+        content_range = response.headers.get("Content-Range", "")
+        encoding = response.headers.get("Content-Encoding", "identity")
+        expected = f"bytes {start}-{end - 1}/"
+        identity = encoding in ("identity", "")
+        if response.status != 206 or not content_range.startswith(expected) or not identity:
+            raise ValueError(f"asked for {expected}..., the server sent {response.status}"
+                             f" {content_range!r} ({encoding})")  # fmt: skip
+        total = content_range.rpartition("/")[2]
+        check_answer(version, int(total) if total.isdigit() else None, response.headers)
+        data: bytes = await response.content.readexactly(end - start)
+        return data
 
 
 async def _http_first(fs: Any, url: str, length: int) -> tuple[Version, bytes] | None:
@@ -115,8 +158,12 @@ async def _http_first(fs: Any, url: str, length: int) -> tuple[Version, bytes] |
             return None  # the lengths would be the encoding's
         if response.status == 206:
             total = response.headers.get("Content-Range", "").rpartition("/")[2]
-        else:  # 200: the server ignores Range (the reads will say so); take the first bytes
+        else:  # 200: the server ignores Range; only a whole object that fits is of use
             total = response.headers.get("Content-Length", "")
+            if not (total.isdigit() and int(total) <= length):
+                size = f"all {total} bytes" if total.isdigit() else "the whole object"
+                raise RangeIgnoredError(f"asked for bytes 0..{length}, the server sent {size}"
+                                        " (200)")  # fmt: skip
         if not total.isdigit():
             return None
         data = await response.content.readexactly(min(length, int(total)))
@@ -218,14 +265,12 @@ class FsspecStore(Store):
         self._protocol = fsspec.utils.get_protocol(url)
         self._init(Version(0), b"")
         self._version, self._head = self._call("open", self._first)
-        self._set_conditions()
 
     def _init(self, version: Version, head: bytes) -> None:
         self._version = version
         self._head = head  # the object's first bytes, of this version
         self._fs: Any = None  # made at the first request (see reopen)
         self._path = ""
-        self._read_kwargs: dict[str, Any] = {}
         self._closed = False
         self._connecting = threading.Lock()
 
@@ -239,7 +284,6 @@ class FsspecStore(Store):
                 raise StoreError(errno.EBADF, f"{self.url}: the store is closed")
             if self._fs is None:
                 self._connect()
-                self._set_conditions()
             return self._fs
 
     def _first(self) -> tuple[Version, bytes]:
@@ -288,15 +332,6 @@ class FsspecStore(Store):
             return bool(http_conditions(self._version))
         return self._protocol in _S3 and bool(_s3_pin(self._version))
 
-    def _set_conditions(self) -> None:
-        """The keyword arguments of every ranged read: the version's preconditions."""
-        self._read_kwargs = {}
-        if self._protocol in _HTTP:
-            conditions = http_conditions(self._version)
-            if conditions and self._fs is not None:  # cat_file's headers replace the session's
-                headers = dict(self._fs.kwargs.get("headers") or {})
-                self._read_kwargs["headers"] = {**headers, **conditions}
-
     @property
     def size(self) -> int:
         return self._version.size
@@ -326,12 +361,16 @@ class FsspecStore(Store):
         view[:] = data
 
     def _fetch(self, fs: Any, start: int, end: int) -> bytes:
-        """Bytes [start, end) of the pinned version, in one request."""
+        """Bytes [start, end) of the pinned version, in one request whose answer is checked
+        to be of that version (S3 and HTTP)."""
+        version = self._version
         if self._protocol in _S3:
-            pin = _s3_pin(self._version)
-            data: bytes = fsspec.asyn.sync(fs.loop, _s3_range, fs, self._path, start, end, pin)
+            data: bytes = fsspec.asyn.sync(fs.loop, _s3_range, fs, self._path, start, end, version)
             return data
-        data = fs.cat_file(self._path, start=start, end=end, **self._read_kwargs)
+        if self._protocol in _HTTP:
+            data = fsspec.asyn.sync(fs.loop, _http_range, fs, self._path, start, end, version)
+            return data
+        data = fs.cat_file(self._path, start=start, end=end)
         return data
 
     def _call(self, what: str, fn: Callable[[], _T]) -> _T:

@@ -25,9 +25,15 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any, NoReturn
 
-__all__ = ["HTTPStatusError", "RangeReader", "direct_reader", "range_reader"]
+__all__ = ["HTTPStatusError", "RangeIgnoredError", "RangeReader", "direct_reader", "range_reader"]
+
+#: What a read checks an answer's version with: it is called with the total size the answer
+#: names (None: none) and its validators, before the body is read, and raises if they are not
+#: the version the read asked for (stores/_pinning.py's check_answer).
+Check = Callable[[int | None, dict[str, str]], None]
 
 #: Request options fsspec would hand to aiohttp that this path can honour.
 _REQUEST_OPTIONS = frozenset({"headers", "ssl"})
@@ -46,6 +52,11 @@ class HTTPStatusError(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(f"HTTP {status} {reason}")
         self.status = status
+
+
+class RangeIgnoredError(Exception):
+    """The server answered a ranged GET with 200 and the whole object: it ignores Range. Not
+    transient (the same server answers the same way next time)."""
 
 
 def _refused(response: http.client.HTTPResponse) -> NoReturn:
@@ -149,16 +160,30 @@ class RangeReader:
         raise ValueError(f"more than {_MAX_REDIRECTS} redirects")
 
     def get_into(
-        self, start: int, view: memoryview, conditions: dict[str, str], name: str = ""
+        self,
+        start: int,
+        view: memoryview,
+        conditions: dict[str, str],
+        name: str = "",
+        check: Check | None = None,
     ) -> None:
         """Bytes [start, start + len(view)) of the object (``name``: of the object ``name``
         under the reader's URL, a prefix) into ``view``, in one request; ``conditions``
-        (If-Match, ...) make the server refuse another version with 412."""
+        (If-Match, ...) make the server refuse another version with 412, and ``check`` is
+        given the answer's total size and validators before a byte of its body is read (a
+        server may ignore the conditions). A 200 (Range ignored) is RangeIgnoredError, once
+        ``check`` has seen its size and validators."""
         end = start + len(view)
         deadline = time.monotonic() + self._timeout
         headers = {**self._headers, **conditions, "Range": f"bytes={start}-{end - 1}"}
         try:
             response = self._request("GET", self.url + name, headers)
+            if response.status == 200:  # its body is the whole object: dropped with the link
+                if check is not None:
+                    check(_number(response.getheader("Content-Length")), _validators(response))
+                raise RangeIgnoredError(
+                    f"asked for bytes {start}..{end}, the server sent the whole object (200)"
+                )
             if response.status != 206:
                 _refused(response)
             expected = f"bytes {start}-{end - 1}/"
@@ -168,6 +193,8 @@ class RangeReader:
                 response.read()
                 raise ValueError(f"asked for {expected}..., the server sent {content_range!r}"
                                  f" ({encoding})")  # fmt: skip
+            if check is not None:
+                check(_number(content_range.rpartition("/")[2]), _validators(response))
             self._read_body(response, view, deadline)
             if response.read(1):
                 raise ValueError(f"the server sent more than the {len(view)} bytes asked for")
@@ -191,7 +218,9 @@ class RangeReader:
     def first(self, length: int) -> tuple[int, dict[str, str], bytes] | None:
         """One GET of bytes [0, length): the object's size, the response's headers (its
         validators) and those bytes; None when the answer does not say the size (an empty
-        object's 416, an encoded body). A 200 (Range ignored) gives the first bytes too."""
+        object's 416, an encoded body). A 200 (Range ignored) is the whole object: taken when
+        it is no longer than ``length`` (every later read is of those bytes), else
+        RangeIgnoredError (every later read would fail)."""
         try:
             return self._first(length)
         except BaseException:
@@ -211,6 +240,10 @@ class RangeReader:
             return None
         else:
             _refused(response)
+        if response.status == 200 and not (total.isdigit() and int(total) <= length):
+            self._drop()  # the rest of the object is on the way: dropped with the connection
+            size = f"all {total} bytes" if total.isdigit() else "the whole object"
+            raise RangeIgnoredError(f"asked for bytes 0..{length}, the server sent {size} (200)")
         if not total.isdigit() or response.getheader("Content-Encoding", "identity") not in (
             "identity",
             "",
@@ -221,9 +254,7 @@ class RangeReader:
         data = bytearray(want)
         view = memoryview(data)
         self._read_body(response, view, time.monotonic() + self._timeout)
-        if response.status == 200 and int(total) > want:
-            self._drop()  # the rest of the object is on the way: drop it with the connection
-        elif response.read(1):
+        if response.read(1):
             raise ValueError(f"the server sent more than the {want} bytes asked for")
         return int(total), validators, bytes(data)
 
@@ -246,6 +277,11 @@ class RangeReader:
             connections, self._connections = self._connections, []
         for conn in connections:
             conn.close()
+
+
+def _number(text: str | None) -> int | None:
+    """A header's decimal number (a size), or None where it names none (``*``, absent)."""
+    return int(text) if text is not None and text.isdigit() else None
 
 
 def _validators(response: http.client.HTTPResponse) -> dict[str, str]:

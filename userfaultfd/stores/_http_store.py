@@ -6,10 +6,14 @@ It is what :func:`open_store` gives for an HTTP URL whose options the direct rea
 aiohttp, so a program reading over HTTP gets no at-fork hook of theirs.
 
 The open is one GET of the first 64 KiB whose answer names the size and the version (ETag, else
-Last-Modified); every later read carries ``If-Match`` (or ``If-Unmodified-Since``), so a changed
-object is ESTALE, never other bytes (stores/_pinning.py). Failures go through the retry policy of
-every remote store (stores/_retries.py): bounded tries with a doubling backoff, and at once for a
-412, refused credentials, an untrusted certificate or a 4xx.
+Last-Modified); every later read carries ``If-Match`` (or ``If-Unmodified-Since``), and every
+answer's total size and validators are checked against the open's before its body is read, so a
+changed object is ESTALE, never other bytes, even from a server that ignores If-Match
+(stores/_pinning.py). A server that ignores Range is refused at the open when the object is
+longer than the first read (every later read would fail), and a 200 to a later read is EIO.
+Failures go through the retry policy of every remote store (stores/_retries.py): bounded tries
+with a doubling backoff, and at once for a 412, an answer of another version, a 200 to a ranged
+read, refused credentials, an untrusted certificate or a 4xx.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ._pinning import (
     DEFAULT_TIMEOUT,
     HEAD_BYTES,
     Version,
+    check_answer,
     http_conditions,
     stale,
     take_head,
@@ -45,7 +50,9 @@ class HttpStore(Store):
     (:class:`FsspecStore` takes them). ``tries``, ``backoff`` and ``timeout`` as
     :class:`FsspecStore`'s. The size, the version and the first 64 KiB are read at
     construction, in one request, and the store is pinned to that version: a read after the
-    object changed raises StoreError with errno ESTALE. Redirects are followed.
+    object changed raises StoreError with errno ESTALE (a 412, or an answer whose total size or
+    ETag is not the open's). A server that ignores Range requests is a StoreError (EIO) at
+    construction when the object is longer than 64 KiB. Redirects are followed.
     """
 
     def __init__(
@@ -117,9 +124,13 @@ class HttpStore(Store):
         offset, view = take_head(self._head, offset, view)  # came with the open: no request
         if not view:
             return
-        reader, conditions = self._reader, self._conditions
+        reader, conditions, version = self._reader, self._conditions, self._version
+
+        def check(total: int | None, validators: dict[str, str]) -> None:
+            check_answer(version, total, validators)
+
         self._call(f"bytes {offset}..{offset + len(view)}",
-                   lambda: reader.get_into(offset, view, conditions))  # fmt: skip
+                   lambda: reader.get_into(offset, view, conditions, check=check))  # fmt: skip
 
     def _call(self, what: str, fn: Callable[[], _T]) -> _T:
         """``fn()`` with bounded retries; failures become StoreError naming the URL and cause."""

@@ -28,8 +28,8 @@ from collections.abc import Mapping
 
 from ._base import StoreError
 
-__all__ = ["DEFAULT_TIMEOUT", "HEAD_BYTES", "Version", "http_conditions", "stale", "take_head",
-           "version_of"]  # fmt: skip
+__all__ = ["DEFAULT_TIMEOUT", "HEAD_BYTES", "AnotherVersionError", "Version", "check_answer",
+           "http_conditions", "stale", "take_head", "version_of"]  # fmt: skip
 
 #: What the first request brings along, kept by every reopened copy: the format probe, a pack's
 #: header, lazy()'s .npy probe (64 KiB) and the first pages, none of which then costs a request.
@@ -64,6 +64,47 @@ class Version:
         if now is None and not out:
             out.append(f"size {self.size} -> ?")
         return out
+
+    def answer_changes(self, total: int | None, validators: Mapping[str, object]) -> list[str]:
+        """How an answer to a read of this version says it carries another one: the ``total``
+        size it names (Content-Range's, a 200's Content-Length; None: it names none) and its
+        ``validators`` (ETag, VersionId, and Last-Modified where this version has no ETag), each
+        compared where both name it. [] when nothing named differs."""
+
+        def text(key: str) -> str | None:
+            value = validators.get(key)
+            return value if isinstance(value, str) and value else None
+
+        fields = [("VersionId", self.version_id), ("ETag", self.etag)]
+        if self.etag is None:
+            fields.append(("Last-Modified", self.last_modified))
+        out = []
+        for label, old in fields:
+            new = text(label)
+            if old is not None and new is not None and new != old:
+                out.append(f"{label} {old} -> {new}")
+        if total is not None and total != self.size:
+            out.append(f"size {self.size} -> {total}")
+        return out
+
+
+class AnotherVersionError(Exception):
+    """An answer to a pinned read that carries another version of the object than the one
+    opened (the server ignored the precondition): ``changes`` as :meth:`Version.changes` says
+    them. Raised before the answer's body is read; the retry policy makes it ESTALE, not
+    retried."""
+
+    def __init__(self, changes: list[str]) -> None:
+        super().__init__(f"the answer is of another version ({', '.join(changes)})")
+        self.changes = changes
+
+
+def check_answer(version: Version, total: int | None, validators: Mapping[str, object]) -> None:
+    """Raise :class:`AnotherVersionError` if an answer naming ``total`` and ``validators``
+    carries another version than ``version``."""
+    changes = version.answer_changes(total, validators)
+    if changes:
+        raise AnotherVersionError(changes)
 
 
 def version_of(protocol: str, info: Mapping[str, object], size: int) -> Version:

@@ -2,8 +2,9 @@
 
 One policy for every remote store (FsspecStore, the content-addressed packs' objects): bounded
 tries with a doubling backoff for what can pass (resets, refused connections, timeouts, 5xx),
-and at once for what cannot: a 412 (the object changed: the store is pinned to the version it
-opened), refused credentials, an untrusted certificate, a 4xx. fsspec, s3fs and botocore wrap
+and at once for what cannot: a 412 or an answer of another version (the object changed: the
+store is pinned to the version it opened), refused credentials, an untrusted certificate, a 4xx,
+a server that ignores Range (200 to a ranged GET). fsspec, s3fs and botocore wrap
 the cause, so it is searched along the chain of causes. No fsspec import here: a store over local
 files must not pull in fsspec (it installs an at-fork hook).
 """
@@ -17,11 +18,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from ._base import StoreError
-from ._http import HTTPStatusError
+from ._http import HTTPStatusError, RangeIgnoredError
+from ._pinning import AnotherVersionError
 
 __all__ = ["call_with_retries", "s3_code"]
 
 _T = TypeVar("_T")
+_E = TypeVar("_E", bound=BaseException)
 
 
 # Errors that retrying cannot fix; everything else (resets, refused connections, timeouts, 5xx)
@@ -93,6 +96,18 @@ def _precondition_failed(err: BaseException) -> bool:
     return False
 
 
+def _in_chain(err: BaseException, kind: type[_E]) -> _E | None:
+    """The first exception of type ``kind`` along ``err``'s chain of causes, or None."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, kind):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _unwrapped(err: Exception) -> Exception:
     """The failure behind fsspec's HTTP size probe, which reports any failure (a refused
     connection, a 401) as FileNotFoundError with the real one as its cause."""
@@ -131,7 +146,8 @@ def call_with_retries(
     """``fn()`` tried up to ``tries`` times (waiting ``backoff``, then twice that, ...) while it
     fails transiently; every failure becomes a :class:`StoreError` naming ``url``, ``what`` and
     the cause. A 412 is ``stale(caught)`` (ESTALE), refused credentials and an untrusted
-    certificate EACCES: none of these is retried."""
+    certificate EACCES, an answer of another version ESTALE, a 200 to a ranged GET EIO: none of
+    these is retried."""
     for attempt in range(1, tries + 1):
         try:
             return fn()
@@ -140,6 +156,20 @@ def call_with_retries(
         except Exception as caught:
             err = _unwrapped(caught)
             cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            other = _in_chain(caught, AnotherVersionError)
+            if other is not None:  # the server ignored the precondition: never retried
+                raise StoreError(
+                    errno.ESTALE,
+                    f"{url}: {what}: the object changed since it was opened"
+                    f" ({', '.join(other.changes)}); the server sent the new version's answer",
+                ) from caught
+            ignored = _in_chain(caught, RangeIgnoredError)
+            if ignored is not None:  # the same server answers the same way: never retried
+                raise StoreError(
+                    errno.EIO,
+                    f"{url}: {what}: the server ignores Range requests ({ignored}); a store"
+                    " reads an object range by range and needs a server that honours Range",
+                ) from caught
             if _precondition_failed(caught):  # a permanent answer: never retried
                 if stale is None:
                     raise StoreError(
