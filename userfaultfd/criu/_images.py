@@ -34,7 +34,13 @@ IMG_SERVICE_MAGIC = 0x55105940  # Zlatograd
 INVENTORY_MAGIC = 0x58313116  # Veliky Novgorod
 PSTREE_MAGIC = 0x50273030  # Kyiv
 MM_MAGIC = 0x57492820  # Pskov
+CORE_MAGIC = 0x55053847  # Kolomna
 PAGEMAP_MAGIC = 0x56084025  # Vladimir
+
+# compel/include/uapi/task-state.h (criu/include/pid.h): TaskCoreEntry.task_state
+TASK_ALIVE = 0x01
+TASK_DEAD = 0x02  # a zombie at dump time (cr-dump.c, dump_one_zombie): no mm, pagemap or pages
+TASK_STOPPED = 0x03
 
 # criu/include/pagemap.h
 PE_PARENT = 1 << 0
@@ -165,6 +171,28 @@ class Images:
         if not tasks:
             raise CriuImageError(f"{self.file(name)}: no tasks")
         return tasks
+
+    def task_state(self, pid: int) -> int:
+        """Task ``pid``'s state at dump time (core-PID.img: CoreEntry.tc.task_state), one of
+        TASK_ALIVE, TASK_DEAD (a zombie: CRIU writes no mm, pagemap or pages for it) or
+        TASK_STOPPED."""
+        name = f"core-{pid}.img"
+        records = list(self._records(name, CORE_MAGIC))
+        if len(records) != 1:
+            raise CriuImageError(f"{self.file(name)}: {len(records)} records, expected 1")
+        index, core = records[0]
+        tc = core.get(3)
+        if not tc or not isinstance(tc[-1], bytes):
+            raise CriuImageError(f"{self.file(name)}: record {index}: no task core (field tc)")
+        try:
+            fields = _wire.decode(tc[-1])
+        except _wire.WireError as err:
+            raise CriuImageError(f"{self.file(name)}: record {index}: tc: {err}") from None
+        return self._int(name, f"record {index}, tc", fields, 1, "task_state")
+
+    def zombie(self, pid: int) -> bool:
+        """Whether task ``pid`` was a zombie at dump time (nothing of its memory was dumped)."""
+        return self.task_state(pid) == TASK_DEAD
 
     def vmas(self, pid: int) -> list[Vma]:
         """The VMAs of task ``pid`` (mm-PID.img), in address order."""

@@ -4,7 +4,8 @@ Design note
 -----------
 - Every image is read, and every task's store opened, *before* the socket listens: a bad or
   truncated image fails here, with the file and record named, and the restore then fails at
-  connect instead of running a task whose pages cannot be served.
+  connect instead of running a task whose pages cannot be served. A task that was a zombie at
+  dump time (core-PID.img says TASK_DEAD) has no memory images and needs none.
 - Each task's uffd is handed to a supervised handler of its own (runtime.serve_adopted) the
   moment it arrives: criu restore waits for the faults raised during the restore itself, so a
   task must be served before the next one is even sent. A handler that dies is restarted by its
@@ -62,7 +63,9 @@ class Summary:
     seconds: float
 
     def line(self) -> str:
-        zombies = f" (+{self.zombies} zombies)" if self.zombies else ""
+        zombies = (
+            f" (+{self.zombies} zombie{'s' if self.zombies != 1 else ''})" if self.zombies else ""
+        )
         extra = f", {self.poisoned} POISONED" if self.poisoned else ""
         extra += f", {self.restarts} handler restarts" if self.restarts else ""
         return (
@@ -96,11 +99,14 @@ def lazy_pages(
     images = Images(images_dir)
     images.inventory()
     tree = images.pstree()
+    # A zombie at dump time has no memory in the images (no mm, pagemap or pages): the restore
+    # sends it as a negative pid with no uffd, and there is nothing to serve.
     stores = {
         task.pid: CriuPages(
             images, task.pid, pages=_pages_for(pages), storage_options=storage_options
         )
         for task in tree
+        if not images.zombie(task.pid)
     }
     path = socket_path or images.file(SOCKET_NAME)
     servers: list[Server] = []

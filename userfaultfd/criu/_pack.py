@@ -24,7 +24,8 @@ def pack_images(
     URL where DEST was uploaded) then serves the lazy pages from the packs. Returns what was
     written, per pages image."""
     images = Images(images_dir)
-    ids = sorted({images.pagemap(task.pid)[0] for task in images.pstree()})
+    live = [task.pid for task in images.pstree() if not images.zombie(task.pid)]
+    ids = sorted({images.pagemap(pid)[0] for pid in live})  # a zombie has no pages
     os.makedirs(dest, exist_ok=True)
     infos = []
     for pages_id in ids:
