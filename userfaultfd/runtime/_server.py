@@ -41,6 +41,7 @@ from .._handshake import FirstMessage, Launched, launch
 from ..stores import Store
 from . import _stats
 from ._policy import Adaptive, Policy
+from ._reports import table_fd
 from ._stats import Stats, StatsBlock
 from ._supervisor import Options, supervise
 
@@ -308,8 +309,13 @@ def start(
     def first(_pid: int) -> Iterator[FirstMessage]:
         uffd, features = hand_over()
         with uffd:  # closed once the supervisor holds it
-            ranges = [(r.address, r.length, r.offset, r.page_size) for r in resolved]
-            yield (int(features), ranges), [uffd.fileno()]
+            # The ranges go in a memfd: as a message, tens of thousands would not fit (EMSGSIZE).
+            table, count = table_fd((r.address, r.length, r.offset, r.page_size or 0)
+                                    for r in resolved)  # fmt: skip
+            try:
+                yield (int(features), count), [uffd.fileno(), table]
+            finally:
+                os.close(table)
 
     launched: Launched | None = None
     try:

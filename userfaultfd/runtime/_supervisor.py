@@ -43,7 +43,7 @@ from . import _stats
 from ._handler import Handler
 from ._policy import Policy
 from ._ranges import RegionMap, RegionState
-from ._reports import Adopted, Changed, Closed, unpack_ranges
+from ._reports import Adopted, Changed, Closed, read_table, receive, unpack_ranges
 from ._stats import StatsBlock
 
 __all__ = ["Options", "ignore_group_signals", "supervise"]
@@ -92,7 +92,11 @@ def supervise(channel: Channel, control: int, options: Options, cpu: int | None)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})  # handlers inherit it
     stats = options.stats
-    (features, regions), fds = channel.recv(timeout=30)
+    (features, count), fds = channel.recv(timeout=30)  # the uffd, and its table of ranges
+    try:
+        regions = read_table(fds[1], count)
+    finally:
+        os.close(fds[1])
     sources = {
         1: _Held(
             Userfaultfd.from_fd(fds[0], Feature(features)),
@@ -215,7 +219,7 @@ def _follow(reports: Channel, sources: dict[int, _Held]) -> None:
     """Apply every report waiting on the channel."""
     while select.select([reports.sock], [], [], 0)[0]:
         try:
-            report, fds = reports.recv(timeout=0)
+            report, fds = receive(reports, timeout=0)
         except (EOFError, OSError):
             return
         if isinstance(report, Changed) and report.key in sources:
