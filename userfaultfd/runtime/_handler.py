@@ -143,6 +143,10 @@ class Handler:
             stats.set(_stats.NATIVE, int(self._answer.path == NATIVE))
         self._background = False  # b"b": fill every page between faults
         self._cursors: dict[tuple[int, int], int] = {}  # where the background fill got to
+        # Per source: the region list the fill walked last, and the index it got to (regions
+        # before it are done), so a step does not walk every region again (a restored program
+        # may have tens of thousands). A changed map is a new list: its walk starts over.
+        self._walked: dict[int, tuple[list[RegionState], int]] = {}
         self._stopping = threading.Event()
 
     # -- sources -----------------------------------------------------------------------------------
@@ -299,21 +303,27 @@ class Handler:
                         events = self._answer.serve(source, self.batch)
                     if events:
                         earlier = [batch for owner, batch in batches if owner is source]
-                        self._forward_forks(source, events, earlier)
+                        self._report_read(source, events, earlier)
                         batches.append((source, events))
         return batches
 
-    def _forward_forks(
+    def _report_read(
         self, source: Source, events: list[Event], earlier: list[list[Event]]
     ) -> None:
-        """For each FORK event, the moment it is read: the child's ranges as they were at the
-        fork, and its uffd sent to the supervisor (until then this process holds the child's
-        only descriptor, and dying would close it).
+        """Tell the supervisor every change in ``events`` the moment they are read, in read
+        order, before anything is served from the map: a handler that dies after this (in a
+        slow store read, with the events still stashed) is restarted from a map that has them.
+        REMOVE, UNMAP and REMAP as they are; for each FORK, the child's ranges as they were at
+        the fork, and its uffd (until then this process holds the child's only descriptor, and
+        dying would close it).
 
         The child is a copy of the parent at the fork, which the reading of the event ends: no
         COPY into the parent can land in between (the kernel answers EAGAIN while a FORK event
         is unread). So the child's map is the parent's as it is now, with the events read
         before the FORK but not applied yet (``earlier`` batches, and this one's) applied."""
+        for event in events:
+            if isinstance(event, Remove | Unmap | Remap):
+                self._reports.send(Changed(source.key, event))
         if not any(isinstance(event, Fork) for event in events):
             return
         at_fork = RegionMap([r.piece(r.address, r.end) for r in source.map.regions])
@@ -351,7 +361,7 @@ class Handler:
                         events = source.uffd.read_events(self.batch)
                         if events:
                             earlier = [batch for owner, batch in self._stash if owner is source]
-                            self._forward_forks(source, events, earlier)
+                            self._report_read(source, events, earlier)
                             self._stash.append((source, events))
                             stashed = True
                 if stashed:
@@ -376,8 +386,7 @@ class Handler:
             self.add(child, copies, key=key)
             return
         if isinstance(event, Remove | Unmap | Remap):
-            source.map.change(event)
-            self._reports.send(Changed(source.key, event))
+            source.map.change(event)  # (reported to the supervisor when it was read)
             if not source.map.regions:  # every range unmapped: nothing left to serve there
                 self._release(source)
 
@@ -440,7 +449,12 @@ class Handler:
         """Fill the next run of pages not filled yet, answering faults first (the loop polls
         between steps); False once every page is in."""
         for source in list(self._sources.values()):
-            for region in list(source.map.regions):
+            regions = source.map.regions
+            walked = self._walked.get(source.key)
+            resume = walked[1] if walked is not None and walked[0] is regions else 0
+            for at in range(resume, len(regions)):
+                region = regions[at]
+                self._walked[source.key] = (regions, at)
                 cursor = (source.key, region.offset)
                 start = self._cursors.get(cursor, 0)
                 for first, last in unsettled_runs(region, start, region.pages):
@@ -475,6 +489,7 @@ class Handler:
         regions = [r for source in self._sources.values() for r in source.map.regions]
         if any(next(unsettled_runs(r, 0, r.pages), None) for r in regions):
             self._cursors.clear()  # pages the store failed on, or ranges that moved: go again
+            self._walked.clear()
             return True
         return False
 
