@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -40,24 +41,35 @@ class Dumped:
 
 
 def dump(criu: str, target: str, work: Path, *extra: str) -> Dumped:
-    """Start the target, wait for its memory to be ready, dump it (which ends it) and reap it."""
+    """Start the target (under _reaper.py --tree, which reaps whatever of its tree the dump
+    leaves, a zombie child included), wait for its memory to be ready, dump it (which ends
+    it) and wait until its whole tree is reaped: the restore needs every pid free."""
     images = work / "img"
     images.mkdir()
-    program = subprocess.Popen([target, str(work), *extra], cwd=work, start_new_session=True,
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    reaper = subprocess.Popen([sys.executable, str(HERE / "_reaper.py"), "--tree", "120", "--",
+                               target, str(work), *extra], cwd=work, stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    pid = -1
     try:
+        assert reaper.stdout is not None
+        pid = int(reaper.stdout.readline().split()[1])
         wait_for("the target's ready file", (work / "ready").exists, 20)
-        done = subprocess.run([criu, "dump", "-t", str(program.pid), "-D", str(images),
-                               "-o", "dump.log"], capture_output=True, text=True, timeout=60,
+        done = subprocess.run([criu, "dump", "-t", str(pid), "-D", str(images),
+                               "-o", "dump.log"], capture_output=True, text=True, timeout=120,
                               check=False)  # fmt: skip
         assert done.returncode == 0, f"criu dump failed:\n{_tail(images / 'dump.log')}"
-        program.wait(timeout=20)  # the dump killed it; the restore needs its pid free
+        reaper.wait(timeout=20)  # the dump killed the tree; the restore needs its pids free
     finally:
-        if program.poll() is None:
-            program.kill()
-            program.wait()
-    return Dumped(criu, work, images, program.pid)
+        if reaper.poll() is None:
+            if pid > 0:  # the target's tree, in its own session: the reaper then ends
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+            try:
+                reaper.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                reaper.kill()
+                reaper.wait()
+    return Dumped(criu, work, images, pid)
 
 
 @dataclass

@@ -43,3 +43,14 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> str:
     subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-o", str(out), str(HERE / "target.c")],
                    check=True, timeout=120)  # fmt: skip
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def regions_program(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """tests/criu/regions.c (many one-page regions, optionally a zombie child), compiled."""
+    if shutil.which("gcc") is None:
+        pytest.skip("the target program needs gcc")
+    out = tmp_path_factory.mktemp("criu-regions") / "regions"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(out), str(HERE / "regions.c")],
+                   check=True, timeout=120)  # fmt: skip
+    return str(out)
