@@ -1,12 +1,12 @@
 """The wp-punch-hole scenario in Promela, at the model's own step granularity.
 
-One Promela ``atomic`` block per model step (kernel.py's ``advance``), each guarded by the
-thread's program counter, so Spin and the model's explorer store comparable states. The rules
-are written out here by hand for the paths this scenario reaches (one shared WP-registered VMA
-of a shmem file, Read/Write/Punch threads and the WP server); the *layout* (pages, which pages
-were protected, each thread's op, the fault-around window) is read from the model's own build
-of the scenario, so the two are the same configuration. The invariant is asserted after every
-step, as the explorer checks every state.
+One Promela ``atomic`` block per model step (``advance`` in the model's _kernel.py), each
+guarded by the thread's program counter, so Spin and the model's explorer store comparable
+states. The rules are written out here by hand for the paths this scenario reaches (one shared
+WP-registered VMA of a shmem file, Read/Write/Punch threads and the WP server); the *layout*
+(pages, which pages were protected, each thread's op, the fault-around window) is read from the
+model's own build of the scenario, so the two are the same configuration. The invariant is
+asserted after every step, as the explorer checks every state.
 
 Thread state lives in global arrays (the server's wake writes another thread's state, which a
 Promela local cannot be). Fields the model resets to None are reset to 0 here, so equal model
@@ -21,14 +21,13 @@ import argparse
 import sys
 
 from userfaultfd._flags import Mode
-from userfaultfd.model import Kernel, Punch, Read, Serve, Sizes, Write, build
-from userfaultfd.model._state import Marker, Present
+from userfaultfd.model import SCENARIOS, Kernel, Marker, Present, Punch, Read, Serve, Sizes, Write
 
 # Data values: "0" (a new zero page), "v1" (protected contents), "v2" (the writers' store),
 # "p<i>" (setup contents of page i) as 10 + i.
 _DATA = {"0": 3, "v1": 1, "v2": 2}
 
-# Reader/writer program counters, as the model names them (state.Pc values).
+# Reader/writer program counters, as the model names them (the values of _state.Pc).
 _PCS = (
     "access",
     "fault_around",
@@ -58,7 +57,8 @@ def _data(text: str) -> int:
 
 def promela(kernel: str = "upstream", sizes: Sizes | None = None, fab: int = 65536) -> str:
     """The Promela text for wp-punch-hole under ``kernel`` at ``sizes``."""
-    k: Kernel = build("wp-punch-hole", kernel, fault_around_bytes=fab, sizes=sizes)
+    k = Kernel(kernel, fault_around_bytes=fab)
+    SCENARIOS["wp-punch-hole"].build(k, sizes)
     (vma,) = k.vmas
     (file,) = k.files
     assert vma.register == Mode.WP and vma.shared and vma.pgoff == 0

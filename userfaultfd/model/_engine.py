@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from typing import Generic, Protocol, TypeVar, final, runtime_checkable
 
 __all__ = [
     "REDUCTIONS",
@@ -55,6 +55,7 @@ _L = TypeVar("_L")
 _L_co = TypeVar("_L_co", covariant=True)
 
 
+@final
 class ScheduleError(ValueError):
     """A schedule names a thread that does not exist or cannot move at that step."""
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import final
 
 from . import _engine as engine
+from . import _future
 from ._kernel import Kernel as _Kernel
+from ._kernel import advance as _advance
+from ._kernel import faults as _faults
+from ._kernel import finished as _finished
 from ._ops import Label as _Label
 from ._presets import PRESETS as _PRESETS
 from ._presets import Preset as _Preset
@@ -31,6 +36,7 @@ __all__ = [
 ]
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class TraceStep:
     """Step ``number`` of a trace: which thread moved, in which kernel function, what changed."""
@@ -41,6 +47,7 @@ class TraceStep:
     change: str
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Violation:
     """A state that breaks the scenario's invariant, and the schedule that reaches it."""
@@ -54,6 +61,7 @@ class Violation:
     aftermath: tuple[TraceStep, ...] = ()
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Result:
     """The verdict of one exploration and its size."""
@@ -79,6 +87,7 @@ class Result:
     sizes: _Sizes = field(default_factory=_Sizes)
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Replay:
     """A schedule replayed: its steps, and the violation it reached, if any."""
@@ -92,6 +101,7 @@ class Replay:
     complete: bool
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class TableRow:
     """One cell of the history table: a result and the wall time it took."""
@@ -101,44 +111,46 @@ class TableRow:
 
 
 class _System:
-    """The engine's view of a built Kernel and its scenario's invariant."""
+    """The engine's view of a built kernel: its frozen configuration, the World it starts from,
+    and the scenario's invariant. It holds no Kernel: exploring changes nothing but Worlds."""
 
     def __init__(self, kernel: _Kernel, scenario: _Scenario) -> None:
-        self.kernel = kernel
+        self.config = kernel.config
+        self.start = kernel.world
         self.scenario = scenario
-        self.threads: Sequence[str] = kernel.thread_names
+        self.threads: Sequence[str] = tuple(self.config.programs)
 
     def initial(self) -> _World:
-        return self.kernel.world
+        return self.start
 
     def move(self, state: _World, thread: str) -> engine.Move[_World, _Label] | None:
-        return self.kernel.advance(state, thread)
+        return _advance(self.config, state, thread)
 
     def key(self, state: _World) -> Hashable:
         return state.key()
 
     def abstract(self, move: engine.Move[_World, _Label]) -> engine.Footprint:
-        k, w = self.kernel, move.state
-        return engine.Footprint(k.abstract(w, move.reads), k.abstract(w, move.writes))
+        w = move.state
+        return engine.Footprint(_future.abstract(w, move.reads), _future.abstract(w, move.writes))
 
     def future(self, state: _World, thread: str, frozen: frozenset[str]) -> engine.Footprint:
-        return engine.Footprint(*self.kernel.future(state, thread, frozen))
+        return engine.Footprint(*_future.future(self.config, state, thread, frozen))
 
     def enablers(self, state: _World, thread: str) -> frozenset[str] | None:
-        return self.kernel.enablers(state, thread)
+        return _future.enablers(self.config, state, thread)
 
     def visible(self, move: engine.Move[_World, _Label]) -> bool:
-        return any(self.scenario.watches(self.kernel, obj) for obj in move.writes)
+        return any(self.scenario.watches(self.config, key) for key in move.writes)
 
     def check(self, state: _World) -> engine.Breach | None:
-        message = self.scenario.check(self.kernel, state)
+        message = self.scenario.check(self.config, state)
         return None if message is None else engine.Breach(self.scenario.invariant, message)
 
     def finished(self, state: _World) -> bool:
-        return self.kernel.finished(state)
+        return _finished(self.config, state)
 
     def measure(self, state: _World) -> int:
-        return _Kernel.faults(state)
+        return _faults(state)
 
 
 def build(

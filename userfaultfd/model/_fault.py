@@ -1,18 +1,18 @@
 """The fault path of a Read or Write: the CPU's access, then one kernel step a call.
 
-Each rule is a plain function of the kernel (its fixed configuration: VMAs, files, preset), the
-:class:`.state.Step` under way (the World being changed, which notes the step's footprint), and
-the thread: a step's inputs are all in its signature, and :data:`STEPS` maps a thread's program
-counter to the rule it runs next.
+Each rule is a plain function of the kernel's frozen configuration (:class:`._config.Config`:
+VMAs, files, programs, preset, the fault-around window), the :class:`._state.Step` under way
+(the World being changed, which notes the step's footprint), and the thread: a step's inputs are
+all in its signature, and :data:`STEPS` maps a thread's program counter to the rule it runs next.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from .._flags import Mode as _Mode
+from ._config import Config
 from ._ops import Label, Read, Vma, Write
 from ._state import ASLEEP as _ASLEEP
 from ._state import Event as _Event
@@ -23,9 +23,6 @@ from ._state import Present as _Present
 from ._state import Step as _Step
 from ._state import ThreadState as _ThreadState
 from ._state import World as _World
-
-if TYPE_CHECKING:
-    from ._kernel import Kernel
 
 __all__ = ["STEPS", "access", "in_hole", "pages_text", "userfault", "wake"]
 
@@ -42,17 +39,17 @@ def in_hole(world: _World, vma: Vma, index: int) -> bool:
     return span is not None and span[0] <= vma.pgoff + index < span[1]
 
 
-def access(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label | None:
+def access(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label | None:
     """The next step of a Read or Write; None while the thread sleeps or waits for a lock."""
     rule = STEPS.get(ts.pc)
     if rule is None:
         assert ts.pc in _ASLEEP, ts.pc
         return None
-    return rule(k, w, name, ts, op)
+    return rule(cfg, w, name, ts, op)
 
 
-def _hw_access(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
-    vma = k.vmas[op.vma]
+def _hw_access(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
+    vma = cfg.vmas[op.vma]
     i = op.index
     write = isinstance(op, Write)
     pte = w.pte(vma.id, i)
@@ -73,7 +70,7 @@ def _hw_access(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Writ
         protection = "uffd-wp" if pte.uffd_wp else "read-only"
         return Label("handle_mm_fault", f"write fault on {protection} page {i}: do_wp_page")
     kind = "none" if pte is None else "uffd-wp marker"
-    if not write and k.should_fault_around(vma):
+    if not write and cfg.should_fault_around(vma):
         nxt, how = _Pc.FAULT_AROUND, "do_read_fault -> do_fault_around"
     else:
         nxt = _Pc.SHMEM_FAULT
@@ -89,9 +86,9 @@ def _hw_access(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Writ
     return Label("handle_mm_fault", f"{access} fault on page {i} (PTE {kind}): {how}")
 
 
-def _fault_around(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
-    vma, i = k.vmas[op.vma], op.index
-    window = k.fault_around_window(vma, i)
+def _fault_around(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
+    vma, i = cfg.vmas[op.vma], op.index
+    window = cfg.fault_around_window(vma, i)
     mapped: list[int] = []
     skipped: list[str] = []
     for vi in window:
@@ -120,8 +117,8 @@ def _fault_around(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | W
     return Label("do_fault_around", change)
 
 
-def _shmem_fault(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
-    vma = k.vmas[op.vma]
+def _shmem_fault(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
+    vma = cfg.vmas[op.vma]
     fi = vma.pgoff + op.index
     span = w.hole(vma.file, fi)
     if span is not None:
@@ -136,10 +133,10 @@ def _shmem_fault(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Wr
     return Label("shmem_fault", f"no hole punch covers file page {fi}: shmem_get_folio")
 
 
-def _get_folio(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
-    vma, i = k.vmas[op.vma], op.index
+def _get_folio(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
+    vma, i = cfg.vmas[op.vma], op.index
     fi = vma.pgoff + i
-    if fi >= k.files[vma.file].pages:
+    if fi >= cfg.files[vma.file].pages:
         w.set_thread(name, _ThreadState(op=ts.op + 1, pc=_Pc.SIGBUS, faults=ts.faults))
         return Label("shmem_fault", f"file page {fi} is beyond i_size: SIGBUS")
     fid = w.cached(vma.file, fi)
@@ -157,12 +154,14 @@ def _get_folio(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Writ
     return Label("shmem_get_folio", f"file page {fi} is frame #{fid} in the cache: lock it")
 
 
-def _lock_page(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label | None:
+def _lock_page(
+    cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Read | Write
+) -> Label | None:
     assert ts.page is not None
     frame = w.frame(ts.page)
     if frame.locked is not None:
         return None
-    vma = k.vmas[op.vma]
+    vma = cfg.vmas[op.vma]
     if w.cached(vma.file, vma.pgoff + op.index) != ts.page:
         w.set_thread(name, replace(ts, pc=_Pc.GET_FOLIO, page=None))
         return Label(
@@ -173,8 +172,8 @@ def _lock_page(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Writ
     return Label("folio_lock", f"locked frame #{ts.page}")
 
 
-def _finish_fault(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
-    vma, i = k.vmas[op.vma], op.index
+def _finish_fault(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
+    vma, i = cfg.vmas[op.vma], op.index
     write = isinstance(op, Write)
     fid = ts.page
     assert fid is not None
@@ -198,8 +197,8 @@ def _finish_fault(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | W
     return Label("finish_fault", f"page {i} -> frame #{fid} ({how}); unlock frame")
 
 
-def _wp_page(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
-    vma, i = k.vmas[op.vma], op.index
+def _wp_page(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Read | Write) -> Label:
+    vma, i = cfg.vmas[op.vma], op.index
     pte = w.pte(vma.id, i)
     if pte != ts.orig or not isinstance(pte, _Present):
         w.set_thread(name, replace(ts, pc=_Pc.ACCESS, orig=None))
@@ -243,7 +242,7 @@ def wake(w: _Step, vma: int, index: int) -> list[str]:
 
 
 #: The rule each program counter of the fault path runs (the sleeping ones have none).
-STEPS: dict[_Pc, Callable[[Kernel, _Step, str, _ThreadState, Read | Write], Label | None]] = {
+STEPS: dict[_Pc, Callable[[Config, _Step, str, _ThreadState, Read | Write], Label | None]] = {
     _Pc.ACCESS: _hw_access,
     _Pc.FAULT_AROUND: _fault_around,
     _Pc.SHMEM_FAULT: _shmem_fault,

@@ -48,13 +48,14 @@ remaining program (and, from the World, only who is asleep and what is queued), 
 The rules live in one module per family, beside this one: the fault path of a Read or Write
 (:mod:`._fault`: access to finish_fault, wp_page, userfault and wake), hole punching
 (:mod:`._punch`), the server side and the live snapshot's threads (:mod:`._server`), and the
-persistent-set footprints (:mod:`._future`); the op records are in :mod:`.ops`. Rules are plain
-functions of (kernel, Step, thread, its state, its op), not mixins of Kernel: a rule only reads
-the kernel's fixed configuration (VMAs, files, preset, the fault-around window) and changes the
-World through the Step it is handed (which notes the footprint), so its inputs are all in its
-signature and each module reads on its own, where mixins would spread one class's attributes
-over five files. Kernel keeps the builder, the direct API, and ``advance``, which picks the
-rule family by the op's type.
+persistent-set footprints (:mod:`._future`); the op records are in :mod:`._ops`. Rules are plain
+functions of (config, Step, thread, its state, its op), not mixins of Kernel: a rule only reads
+the frozen configuration (:class:`._config.Config`: VMAs, files, programs, preset, the
+fault-around window) and changes the World through the Step it is handed (which notes the
+footprint, in the keys of :mod:`._footprint`), so its inputs are all in its signature and each
+module reads on its own, where mixins would spread one class's attributes over five files.
+:func:`advance` picks the rule family by the op's type; Kernel keeps the builder (each change
+makes a new Config) and the direct API.
 
 A userfault queues a message and puts the thread to sleep; the ioctl that resolves it wakes it
 and the access starts again from the top, as the kernel's VM_FAULT_RETRY does. Simplifications
@@ -65,10 +66,14 @@ end the same way); EVENT_REMOVE is not modelled (fallocate() does not send it).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable, Mapping
+from typing import final
 
 from .._flags import Mode as _Mode
-from . import _engine, _fault, _future, _punch, _server
+from . import _engine, _fault, _punch, _server
+from . import _footprint as fp
+from ._config import Config as _Config
+from ._config import fault_around_pages as _fault_around_pages
 from ._ops import CopyPages as _CopyPages
 from ._ops import File as _File
 from ._ops import Label as _Label
@@ -86,7 +91,6 @@ from ._presets import get_preset as _get_preset
 from ._state import ASLEEP as _ASLEEP
 from ._state import MARKER as _MARKER
 from ._state import PAGE_SIZE as _PAGE_SIZE
-from ._state import PTRS_PER_PTE as _PTRS_PER_PTE
 from ._state import Frame as _Frame
 from ._state import Pc as _Pc
 from ._state import Present as _Present
@@ -95,35 +99,85 @@ from ._state import Step as _Step
 from ._state import ThreadState as _ThreadState
 from ._state import World as _World
 
-__all__ = ["Kernel"]
+__all__ = ["Kernel", "advance", "faults", "finished"]
 
 
-def _fault_around_pages(nbytes: int) -> int:
-    # fault_around_bytes_set(): more than one page table is refused; rounded down to a power of
-    # two; anything under two pages leaves one page, which turns fault-around off.
-    if nbytes < 0 or nbytes // _PAGE_SIZE > _PTRS_PER_PTE:
-        raise ValueError(
-            f"fault_around_bytes must be between 0 and {_PTRS_PER_PTE * _PAGE_SIZE}, got {nbytes}"
-        )
-    pow2 = 1 << (nbytes.bit_length() - 1) if nbytes else 0
-    return max(pow2 // _PAGE_SIZE, 1)
+def advance(cfg: _Config, world: _World, name: str) -> _engine.Move[_World, _Label] | None:
+    """One step of thread ``name`` from ``world``: the new World, what changed and the objects
+    the step read and wrote; None if the thread is asleep, blocked on a lock, or finished.
+    ``world`` is left untouched."""
+    program = cfg.programs[name]
+    if world.thread(name).op >= len(program):
+        return None
+    w = _Step(world)
+    state = w.thread(name)
+    w.writes.add(fp.Thread(name))  # every step moves its own thread on
+    op = program[state.op]
+    label: _Label | None
+    match op:
+        case _Read() | _Write():
+            label = _fault.access(cfg, w, name, state, op)
+        case _Punch():
+            label = _punch.punch(cfg, w, name, state, op)
+        case _Serve():
+            label = _server.serve(cfg, w, name, state, op)
+        case _Protect():
+            label = _server.protect(cfg, w, name, state, op)
+        case _CopyPages():
+            label = _server.copy_pages(cfg, w, name, state, op)
+    if label is None:
+        return None
+    return _engine.Move(w.after, label, frozenset(w.reads), frozenset(w.writes))
 
 
+def finished(cfg: _Config, world: _World) -> bool:
+    """Every thread but the server has run its program to the end."""
+    return all(
+        world.thread(n).op >= len(p)
+        for n, p in cfg.programs.items()
+        if not any(isinstance(op, _Serve) for op in p)
+    )
+
+
+def faults(world: _World) -> int:
+    """Page faults the threads took (entries into handle_mm_fault), all together."""
+    return sum(t.faults for _, t in world.threads())
+
+
+@final
 class Kernel:
     """The model kernel: shmem files, address spaces, and the rules that move threads.
 
     The same rules serve direct calls (``read``, ``write``, ``punch_hole``: one thread run to
     completion) and the explorer (``advance``: one step of one thread from any World).
+    ``config`` is the fixed setup built so far (a new frozen record after each ``shmem_file``,
+    ``mmap`` and ``spawn``); ``world`` the state the direct calls have reached.
     """
 
     def __init__(self, preset: _Preset | str = "upstream", fault_around_bytes: int = 65536) -> None:
-        self.preset = _get_preset(preset)
         self.fault_around_bytes = fault_around_bytes
-        self.fault_around_pages = _fault_around_pages(fault_around_bytes)
-        self.files: list[_File] = []
-        self.vmas: list[_Vma] = []
-        self.programs: dict[str, tuple[_Op, ...]] = {}
+        self.config = _Config(_get_preset(preset), _fault_around_pages(fault_around_bytes))
         self.world = _World()
+
+    @property
+    def preset(self) -> _Preset:
+        return self.config.preset
+
+    @property
+    def fault_around_pages(self) -> int:
+        return self.config.fault_around_pages
+
+    @property
+    def files(self) -> tuple[_File, ...]:
+        return self.config.files
+
+    @property
+    def vmas(self) -> tuple[_Vma, ...]:
+        return self.config.vmas
+
+    @property
+    def programs(self) -> Mapping[str, tuple[_Op, ...]]:
+        return self.config.programs
 
     # -- building the system ---------------------------------------------------------------------
     def shmem_file(
@@ -142,7 +196,7 @@ class Kernel:
         if pages < 0:
             raise ValueError(f"a file has zero or more pages, got {pages}")
         f = _File(len(self.files), pages)
-        self.files.append(f)
+        self.config = self.config.with_file(f)
         w = _Step(self.world)  # Worlds are values: never change one in place
         lock_set, stale = set(locked), set(not_uptodate)
         for i in sorted(set(cached) | lock_set | stale):
@@ -176,14 +230,14 @@ class Kernel:
             if v.mm == mm and v.start < end and address < v.start + v.pages * _PAGE_SIZE:
                 raise ValueError(f"[{address:#x}, {end:#x}) overlaps VMA {v.id} in mm {mm}")
         v = _Vma(len(self.vmas), mm, address, pages, file.id, pgoff, shared, register or _Mode(0))
-        self.vmas.append(v)
+        self.config = self.config.with_vma(v)
         return v
 
     def spawn(self, name: str, *ops: _Op) -> None:
         """Add a thread that will run ``ops`` in order (it runs when stepped)."""
         if name in self.programs:
             raise ValueError(f"thread {name!r} exists")
-        self.programs[name] = ops
+        self.config = self.config.with_programs({**self.programs, name: ops})
         w = _Step(self.world)
         w.set_thread(name, _ThreadState())
         self.world = w.after
@@ -252,29 +306,13 @@ class Kernel:
         return labels
 
     def fault_around_window(self, vma: _Vma, index: int) -> range:
-        """VMA page indexes do_fault_around() would try for a fault on page ``index``.
-
-        do_fault_around() (6.x) in PTE offsets: the start is the fault's PTE rounded down to
-        fault_around_pages, but not before the VMA; the end is nr_pages on, but not past the
-        page table (PTRS_PER_PTE) nor the VMA. map_pages gets file offsets, and
-        filemap_map_pages() clips the end to the last page inside i_size.
-        """
-        nr = self.fault_around_pages
-        pte_off = (vma.start // _PAGE_SIZE + index) % _PTRS_PER_PTE
-        vma_off = index
-        from_pte = max(pte_off - pte_off % nr, pte_off - min(pte_off, vma_off))
-        to_pte = min(from_pte + nr, _PTRS_PER_PTE, pte_off + vma.pages - vma_off) - 1
-        pgoff = vma.pgoff + index
-        start_pgoff = pgoff + from_pte - pte_off
-        end_pgoff = min(pgoff + to_pte - pte_off, self.files[vma.file].pages - 1)
-        return range(start_pgoff - vma.pgoff, end_pgoff - vma.pgoff + 1)
+        """VMA page indexes do_fault_around() would try for a fault on page ``index`` (see
+        :meth:`._config.Config.fault_around_window`)."""
+        return self.config.fault_around_window(vma, index)
 
     def should_fault_around(self, vma: _Vma) -> bool:
-        # should_fault_around(): shmem has ->map_pages; uffd_disable_fault_around() is the
-        # preset's mode mask (the seed put its check at the top of do_fault_around(): same effect).
-        if vma.register & self.preset.no_fault_around:
-            return False
-        return self.fault_around_pages > 1
+        """Whether a read fault in ``vma`` faults around under this preset and window."""
+        return self.config.should_fault_around(vma)
 
     def _check_index(self, vma: _Vma, index: int) -> None:
         if not 0 <= index < vma.pages:
@@ -299,7 +337,9 @@ class Kernel:
                 self.world = after
             return self.world.thread(name)
         finally:
-            del self.programs[name]
+            self.config = self.config.with_programs(
+                {n: p for n, p in self.programs.items() if n != name}
+            )
             w = _Step(self.world)
             w.drop_thread(name)
             self.world = w.after
@@ -324,67 +364,7 @@ class Kernel:
             return "waiting for a page lock"
         return f"thread {name!r} cannot move at {state.pc.value}"
 
-    # -- the rules ---------------------------------------------------------------------------------
     def advance(self, world: _World, name: str) -> _engine.Move[_World, _Label] | None:
-        """One step of thread ``name`` from ``world``: the new World, what changed and the
-        objects the step read and wrote; None if the thread is asleep, blocked on a lock, or
-        finished. ``world`` is left untouched."""
-        program = self.programs[name]
-        if world.thread(name).op >= len(program):
-            return None
-        w = _Step(world)
-        state = w.thread(name)
-        w.writes.add(("thread", name))  # every step moves its own thread on
-        op = program[state.op]
-        label: _Label | None
-        match op:
-            case _Read() | _Write():
-                label = _fault.access(self, w, name, state, op)
-            case _Punch():
-                label = _punch.punch(self, w, name, state, op)
-            case _Serve():
-                label = _server.serve(self, w, name, state, op)
-            case _Protect():
-                label = _server.protect(self, w, name, state, op)
-            case _CopyPages():
-                label = _server.copy_pages(self, w, name, state, op)
-        if label is None:
-            return None
-        return _engine.Move(w.after, label, frozenset(w.reads), frozenset(w.writes))
-
-    def finished(self, world: _World) -> bool:
-        """Every thread but the server has run its program to the end."""
-        return all(
-            world.thread(n).op >= len(p)
-            for n, p in self.programs.items()
-            if not any(isinstance(op, _Serve) for op in p)
-        )
-
-    @staticmethod
-    def faults(world: _World) -> int:
-        return sum(t.faults for _, t in world.threads())
-
-    # -- what a thread may touch: for the explorer's persistent sets -----------------------------
-    def abstract(self, world: _World, objects: Iterable[Hashable]) -> frozenset[Hashable]:
-        """A footprint in the vocabulary of ``future``: a frame becomes its file page
-        (``("page", index)``), since which frame a future step meets is not known yet."""
-        out: set[Hashable] = set()
-        for obj in objects:
-            assert isinstance(obj, tuple)
-            if obj[0] in ("frame", "data"):
-                out.add(("page", world.frame(obj[1]).index))
-            else:
-                out.add(obj)
-        return frozenset(out)
-
-    def future(
-        self, world: _World, name: str, frozen: frozenset[str]
-    ) -> tuple[frozenset[Hashable], frozenset[Hashable]]:
-        """(reads, writes) that thread ``name`` may touch in any number of its own steps from
-        ``world`` while the threads in ``frozen`` stay put (see :func:`._future.future`)."""
-        return _future.future(self, world, name, frozen)
-
-    def enablers(self, world: _World, name: str) -> frozenset[str] | None:
-        """Who could let thread ``name`` move if it cannot; None if it can (see
-        :func:`._future.enablers`)."""
-        return _future.enablers(self, world, name)
+        """One step of thread ``name`` from ``world`` (see :func:`advance`); ``world`` is left
+        untouched."""
+        return advance(self.config, world, name)

@@ -1,12 +1,13 @@
 """What threads do and what a step says: the model's op records, step labels and direct-call errors.
 
-A thread's program is a tuple of ops (:data:`Op`); the kernel rules (:mod:`.kernel`) advance one
+A thread's program is a tuple of ops (:data:`Op`); the kernel rules (:mod:`._kernel`) advance one
 op a step at a time and describe each step with a :class:`Label`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import final
 
 from .._flags import Mode as _Mode
 
@@ -26,6 +27,7 @@ __all__ = [
 ]
 
 
+@final
 class WouldBlock(Exception):  # noqa: N818 (the name is the public API)
     """A direct call would sleep: on a userfault, a hole punch in progress, or a page lock."""
 
@@ -35,10 +37,12 @@ class WouldBlock(Exception):  # noqa: N818 (the name is the public API)
         self.mode = mode
 
 
+@final
 class SigBusError(Exception):
     """An access beyond the end of the file (shmem_fault returns VM_FAULT_SIGBUS)."""
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class File:
     """A shmem file; ``pages`` is i_size in pages (fixed: the model never truncates i_size)."""
@@ -47,6 +51,7 @@ class File:
     pages: int
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Vma:
     """A mapping of ``pages`` pages of ``file`` from page ``pgoff``, at ``start`` (bytes)."""
@@ -61,6 +66,7 @@ class Vma:
     register: _Mode
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Read:
     """Load from page ``index`` of a VMA."""
@@ -69,6 +75,7 @@ class Read:
     index: int
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Write:
     """Store ``data`` (the whole page, for the model) to page ``index`` of a VMA."""
@@ -78,6 +85,7 @@ class Write:
     data: str
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Punch:
     """fallocate(FALLOC_FL_PUNCH_HOLE) of ``pages`` file pages from ``start``."""
@@ -87,6 +95,7 @@ class Punch:
     pages: int
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Serve:
     """The userfaultfd server: read a message, resolve it, wake; forever.
@@ -103,6 +112,7 @@ class Serve:
     prefetch: int = 0
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Protect:
     """The live snapshot's protect instant: UFFDIO_WRITEPROTECT of the whole VMA, one step."""
@@ -110,6 +120,7 @@ class Protect:
     vma: int
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class CopyPages:
     """The live snapshot's background copy: page by page in order, each saved and then
@@ -122,6 +133,7 @@ class CopyPages:
 Op = Read | Write | Punch | Serve | Protect | CopyPages
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Label:
     """What one step did: the kernel function it mirrors and the change, in words."""

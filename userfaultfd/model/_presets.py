@@ -7,16 +7,19 @@ A preset is a set of switches, not a kernel version: a test can flip one switch 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import final
 
 from .._flags import Mode as _Mode
 
 __all__ = ["PRESETS", "Preset", "UnknownNameError", "get_preset"]
 
 
+@final
 class UnknownNameError(LookupError):
     """A preset or scenario name the model does not know."""
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Preset:
     """Kernel policy switches that decide the seed's scenarios."""

@@ -2,17 +2,17 @@
 
 publish (take inode_lock, set inode->i_private), unmap one VMA a step, then per page of the hole
 truncate (lock it) and remove (unmap it if still mapped, drop it from the cache, unlock), and end
-(clear i_private, wake the faults asleep in shmem_falloc_wait()). Plain functions of the kernel,
-the Step under way and the thread, as in :mod:`._fault`.
+(clear i_private, wake the faults asleep in shmem_falloc_wait()). Plain functions of the frozen
+configuration, the Step under way and the thread, as in :mod:`._fault`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from .._flags import Mode as _Mode
+from ._config import Config
 from ._ops import Label, Punch, Vma
 from ._state import MARKER as _MARKER
 from ._state import Marker as _Marker
@@ -21,27 +21,24 @@ from ._state import Present as _Present
 from ._state import Step as _Step
 from ._state import ThreadState as _ThreadState
 
-if TYPE_CHECKING:
-    from ._kernel import Kernel
-
 __all__ = ["STEPS", "punch", "victims"]
 
 
-def victims(k: Kernel, op: Punch) -> list[Vma]:
+def victims(cfg: Config, op: Punch) -> list[Vma]:
     """The VMAs that map some page of the hole."""
     end = op.start + op.pages
     return [
-        v for v in k.vmas if v.file == op.file and v.pgoff < end and op.start < v.pgoff + v.pages
+        v for v in cfg.vmas if v.file == op.file and v.pgoff < end and op.start < v.pgoff + v.pages
     ]
 
 
-def punch(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label | None:
+def punch(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label | None:
     """The next step of a hole punch; None while another punch of the file or a page lock holds
     it back."""
-    return STEPS[ts.pc](k, w, name, ts, op)
+    return STEPS[ts.pc](cfg, w, name, ts, op)
 
 
-def _publish(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label | None:
+def _publish(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label | None:
     start, end = op.start, op.start + op.pages
     # shmem_fallocate() holds inode_lock from here to the end: punches of one file
     # run one after the other (i_private is set exactly while one is in progress).
@@ -50,16 +47,16 @@ def _publish(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Lab
     w.set_punching(op.file, (start, end))
     nxt = (
         replace(ts, pc=_Pc.UNMAP, cursor=0)
-        if victims(k, op)
+        if victims(cfg, op)
         else replace(ts, pc=_Pc.TRUNCATE, cursor=start)
     )
     w.set_thread(name, nxt)
     return Label("shmem_fallocate", f"inode->i_private = hole [{start}, {end})")
 
 
-def _unmap(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label:
+def _unmap(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label:
     start, end = op.start, op.start + op.pages
-    mapping = victims(k, op)
+    mapping = victims(cfg, op)
     vma = mapping[ts.cursor]
     changes = []
     for fi in range(max(start, vma.pgoff), min(end, vma.pgoff + vma.pages)):
@@ -68,7 +65,7 @@ def _unmap(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label
         # even_cows=0: private COW copies stay mapped.
         if not isinstance(pte, _Present) or w.frame(pte.frame).anon:
             continue
-        keep = k.preset.pte_markers and pte.uffd_wp and bool(vma.register & _Mode.WP)
+        keep = cfg.preset.pte_markers and pte.uffd_wp and bool(vma.register & _Mode.WP)
         w.set_pte(vma.id, vi, _MARKER if keep else None)
         if keep:
             changes.append(f"page {vi} zapped, uffd-wp marker left")
@@ -82,7 +79,7 @@ def _unmap(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label
     return Label("unmap_mapping_range", f"VMA {vma.id}: {'; '.join(changes) or 'nothing mapped'}")
 
 
-def _truncate(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label | None:
+def _truncate(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label | None:
     end = op.start + op.pages
     for fi in range(ts.cursor, end):
         fid = w.cached(op.file, fi)
@@ -98,7 +95,7 @@ def _truncate(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> La
     return Label("shmem_undo_range", "no page left in the hole")
 
 
-def _remove(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label:
+def _remove(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label:
     fid = ts.page
     assert fid is not None
     fi = ts.cursor
@@ -108,7 +105,7 @@ def _remove(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Labe
     # still mapped somewhere; then it zaps the folio's PTEs and, at its index, markers
     # too (ZAP_FLAG_DROP_MARKER). A folio the pre-unmap left unmapped keeps every marker.
     # (A PTE mapping the folio is at index fi of a VMA of the file: read those, noted.)
-    around = [(vma, fi - vma.pgoff) for vma in victims(k, op) if 0 <= fi - vma.pgoff < vma.pages]
+    around = [(vma, fi - vma.pgoff) for vma in victims(cfg, op) if 0 <= fi - vma.pgoff < vma.pages]
     ptes = [w.pte(vma.id, vi) for vma, vi in around]
     still_mapped = any(isinstance(p, _Present) and p.frame == fid for p in ptes)
     for (vma, vi), pte in zip(around, ptes, strict=True):
@@ -127,7 +124,7 @@ def _remove(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Labe
     )
 
 
-def _end(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label:
+def _end(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label:
     w.set_punching(op.file, None)
     sleepers = sorted(w.falloc_sleepers(op.file))
     w.set_falloc_sleepers(op.file, frozenset())
@@ -139,7 +136,7 @@ def _end(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Punch) -> Label:
 
 
 #: The rule each program counter of a punch runs (ACCESS: it has not started).
-STEPS: dict[_Pc, Callable[[Kernel, _Step, str, _ThreadState, Punch], Label | None]] = {
+STEPS: dict[_Pc, Callable[[Config, _Step, str, _ThreadState, Punch], Label | None]] = {
     _Pc.ACCESS: _publish,
     _Pc.UNMAP: _unmap,
     _Pc.TRUNCATE: _truncate,

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import final
 
 from .._flags import Mode as _Mode
+from . import _footprint as _fp
+from ._config import Config as _Config
 from ._kernel import Kernel as _Kernel
 from ._ops import CopyPages as _CopyPages
 from ._ops import File as _File
@@ -31,6 +34,7 @@ __all__ = ["SCENARIOS", "Scenario", "Sizes", "get_scenario"]
 _BASE = 0x1000_0000
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Sizes:
     """How big to build a scenario; None takes the scenario's default.
@@ -60,6 +64,7 @@ class Sizes:
         )
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Scenario:
     """A system to explore: ``build`` sets up a Kernel and spawns its threads, at the sizes
@@ -70,10 +75,10 @@ class Scenario:
     summary: str
     invariant: str
     build_sized: Callable[[_Kernel, Sizes], None]
-    check: Callable[[_Kernel, _World], str | None]
-    #: Whether writing this footprint object can change what ``check`` says (a visible step:
-    #: persistent sets never postpone one).
-    watches: Callable[[_Kernel, Hashable], bool]
+    check: Callable[[_Config, _World], str | None]
+    #: Whether writing this footprint key (a record of ._footprint) can change what ``check``
+    #: says (a visible step: persistent sets never postpone one).
+    watches: Callable[[_Config, Hashable], bool]
     defaults: Sizes = field(default_factory=Sizes)
     #: "history" (the seed's story: what ``table`` shows by default), "kernel" (more of the
     #: kernel a reader would ask about) or "protocol" (a protocol of the userfaultfd runtime,
@@ -130,9 +135,9 @@ def _spawn_punches(k: _Kernel, f: _File, holes: Sequence[tuple[int, int]]) -> No
     _spawn_each(k, "punch", len(holes), lambda j: _Punch(f.id, *holes[j]))
 
 
-def _done_ops(k: _Kernel, w: _World) -> Iterator[tuple[str, _ThreadState, _Op]]:
+def _done_ops(cfg: _Config, w: _World) -> Iterator[tuple[str, _ThreadState, _Op]]:
     """(thread, its state, op) for every op a thread has completed in ``w``."""
-    for name, program in k.programs.items():
+    for name, program in cfg.programs.items():
         ts = w.thread(name)
         for op in program[: ts.op]:
             yield name, ts, op
@@ -165,7 +170,7 @@ def _build_wp_punch_hole(k: _Kernel, z: Sizes) -> None:
     k.spawn("server", _Serve())
 
 
-def _untracked_write(k: _Kernel, w: _World) -> str | None:
+def _untracked_write(cfg: _Config, w: _World) -> str | None:
     for fid, data in w.protected.items():
         frame = w.frame(fid)
         if frame.data != data and fid not in w.saved:
@@ -176,11 +181,12 @@ def _untracked_write(k: _Kernel, w: _World) -> str | None:
     return None
 
 
-def _watches_untracked(k: _Kernel, obj: Hashable) -> bool:
+_PROTECTED_OR_SAVED = (_fp.Log(_fp.Record.SAVED), _fp.Log(_fp.Record.PROTECTED))
+
+
+def _watches_untracked(cfg: _Config, key: Hashable) -> bool:
     # The check reads frame contents, the protected frames and the saved ones.
-    return isinstance(obj, tuple) and (
-        obj[0] == "data" or obj in (("log", "saved"), ("log", "protected"))
-    )
+    return isinstance(key, _fp.Data) or key in _PROTECTED_OR_SAVED
 
 
 # -- minor-fault-around ---------------------------------------------------------------------------
@@ -199,10 +205,10 @@ def _build_minor_fault_around(k: _Kernel, z: Sizes) -> None:
     k.spawn("server", _Serve())
 
 
-def _unnotified_mapping(k: _Kernel, w: _World) -> str | None:
+def _unnotified_mapping(cfg: _Config, w: _World) -> str | None:
     for (vid, i), pte in _ptes_in_order(w):
         if (
-            k.vmas[vid].register & _Mode.MINOR
+            cfg.vmas[vid].register & _Mode.MINOR
             and isinstance(pte, _Present)
             and (vid, i) not in w.resolved
         ):
@@ -214,13 +220,11 @@ def _unnotified_mapping(k: _Kernel, w: _World) -> str | None:
     return None
 
 
-def _watches_unnotified(k: _Kernel, obj: Hashable) -> bool:
+def _watches_unnotified(cfg: _Config, key: Hashable) -> bool:
     # The check reads PTEs of MINOR VMAs and the resolved addresses.
-    if not isinstance(obj, tuple):
-        return False
-    if obj[0] == "pte":
-        return bool(k.vmas[obj[1]].register & _Mode.MINOR)
-    return obj == ("log", "resolved")
+    if isinstance(key, _fp.Pte):
+        return bool(cfg.vmas[key.vma].register & _Mode.MINOR)
+    return key == _fp.Log(_fp.Record.RESOLVED)
 
 
 # -- missing-shared-cache -------------------------------------------------------------------------
@@ -242,12 +246,12 @@ def _build_missing_shared_cache(k: _Kernel, z: Sizes) -> None:
     k.spawn("server", _Serve())
 
 
-def _silent_missing(k: _Kernel, w: _World) -> str | None:
+def _silent_missing(cfg: _Config, w: _World) -> str | None:
     for fid, frame in sorted(w.frames()):
         if (
             frame.origin == "fault"
             and frame.vma >= 0
-            and k.vmas[frame.vma].register & _Mode.MISSING
+            and cfg.vmas[frame.vma].register & _Mode.MISSING
         ):
             return (
                 f"file page {frame.index} was absent, yet a fault in VMA {frame.vma} "
@@ -256,9 +260,9 @@ def _silent_missing(k: _Kernel, w: _World) -> str | None:
     return None
 
 
-def _watches_silent(k: _Kernel, obj: Hashable) -> bool:
+def _watches_silent(cfg: _Config, key: Hashable) -> bool:
     # The check reads the frames that exist: only an allocation adds one.
-    return obj == ("alloc",)
+    return key == _fp.ALLOC
 
 
 # -- live-snapshot --------------------------------------------------------------------------------
@@ -282,7 +286,7 @@ def _build_live_snapshot(k: _Kernel, z: Sizes) -> None:
     _spawn_each(k, "read", z.readers, lambda r: _Read(v.id, (2 * r + 2) % pages))
 
 
-def _stale_snapshot(k: _Kernel, w: _World) -> str | None:
+def _stale_snapshot(cfg: _Config, w: _World) -> str | None:
     for key, (fid, data) in sorted(w.snap.items(), key=lambda item: item[0]):
         then_fid, then = w.image[key]
         # A frame the program dropped (punched) since the instant may be saved as anything:
@@ -295,8 +299,8 @@ def _stale_snapshot(k: _Kernel, w: _World) -> str | None:
     return None
 
 
-def _watches_snapshot(k: _Kernel, obj: Hashable) -> bool:
-    return isinstance(obj, tuple) and (obj[0] == "snap" or obj == ("log", "image"))
+def _watches_snapshot(cfg: _Config, key: Hashable) -> bool:
+    return isinstance(key, _fp.Snap) or key == _fp.Log(_fp.Record.IMAGE)
 
 
 # -- overlapping-punches, wp-punch-pmd-edge: the seed's layout, moved ---------------------------
@@ -325,10 +329,10 @@ def _build_minor_continue_punch(k: _Kernel, z: Sizes) -> None:
     k.spawn("server", _Serve())
 
 
-def _stale_mapping(k: _Kernel, w: _World) -> str | None:
+def _stale_mapping(cfg: _Config, w: _World) -> str | None:
     # After truncation no PTE of a shared mapping may map a frame the page cache dropped.
     for (vid, i), pte in _ptes_in_order(w):
-        v = k.vmas[vid]
+        v = cfg.vmas[vid]
         if not (v.shared and isinstance(pte, _Present)):
             continue
         if w.cached(v.file, v.pgoff + i) != pte.frame:
@@ -339,8 +343,8 @@ def _stale_mapping(k: _Kernel, w: _World) -> str | None:
     return None
 
 
-def _watches_mappings(k: _Kernel, obj: Hashable) -> bool:
-    return isinstance(obj, tuple) and obj[0] in ("pte", "cache")
+def _watches_mappings(cfg: _Config, key: Hashable) -> bool:
+    return isinstance(key, _fp.Pte | _fp.Cache)
 
 
 # -- private-cow-punch ----------------------------------------------------------------------------
@@ -359,25 +363,25 @@ def _build_private_cow_punch(k: _Kernel, z: Sizes) -> None:
     _spawn_each(k, "write", z.writers, lambda j: _Write(private.id, writes[j], f"c{writes[j]}"))
 
 
-def _lost_private_write(k: _Kernel, w: _World) -> str | None:
+def _lost_private_write(cfg: _Config, w: _World) -> str | None:
     # A private (COW) page keeps what was written to it: unmap_mapping_range(even_cows=0) and
     # truncation leave anonymous copies mapped.
     written = {(1, "c1")}  # the setup's write
-    written |= {(op.index, op.data) for _, _, op in _done_ops(k, w) if isinstance(op, _Write)}
-    private = next(v for v in k.vmas if not v.shared)
+    written |= {(op.index, op.data) for _, _, op in _done_ops(cfg, w) if isinstance(op, _Write)}
+    private = next(v for v in cfg.vmas if not v.shared)
     for i, data in sorted(written):
         pte = w.pte(private.id, i)
         got = w.frame(pte.frame).data if isinstance(pte, _Present) else None
         if got != data:
             return f"private page {i} was written {data!r} but now reads as {got!r}"
-    for name, ts, op in _done_ops(k, w):
+    for name, ts, op in _done_ops(cfg, w):
         if isinstance(op, _Read) and (op.index, ts.value) not in written and op.index == 1:
             return f"{name} read {ts.value!r} from private page 1, written 'c1'"
     return None
 
 
-def _watches_private(k: _Kernel, obj: Hashable) -> bool:
-    return isinstance(obj, tuple) and obj[0] in ("pte", "data", "thread")
+def _watches_private(cfg: _Config, key: Hashable) -> bool:
+    return isinstance(key, _fp.Pte | _fp.Data | _fp.Thread)
 
 
 # -- missing-fill ---------------------------------------------------------------------------------
@@ -395,20 +399,20 @@ def _build_missing_fill(k: _Kernel, z: Sizes) -> None:
     _spawn_each(k, "write", z.writers, lambda j: _Write(lazy.id, writes[j], f"w{writes[j]}"))
 
 
-def _unfilled_read(k: _Kernel, w: _World) -> str | None:
+def _unfilled_read(cfg: _Config, w: _World) -> str | None:
     # A load returns the store's contents (the handler's copy), or what someone wrote there:
     # never zeros (a page the kernel allocated behind the handler's back).
-    for name, ts, op in _done_ops(k, w):
+    for name, ts, op in _done_ops(cfg, w):
         if not isinstance(op, _Read):
             continue
-        v = k.vmas[op.vma]
+        v = cfg.vmas[op.vma]
         fi = v.pgoff + op.index
         legit = {f"s{fi}"} | ({"a1"} if fi == 1 else set())  # the setup's write
         legit |= {
             o.data
-            for p in k.programs.values()
+            for p in cfg.programs.values()
             for o in p
-            if isinstance(o, _Write) and k.vmas[o.vma].pgoff + o.index == fi
+            if isinstance(o, _Write) and cfg.vmas[o.vma].pgoff + o.index == fi
         }
         if ts.value not in legit:
             what = "zeros" if ts.value == "0" else repr(ts.value)
@@ -416,8 +420,8 @@ def _unfilled_read(k: _Kernel, w: _World) -> str | None:
     return None
 
 
-def _watches_values(k: _Kernel, obj: Hashable) -> bool:
-    return isinstance(obj, tuple) and obj[0] == "value"
+def _watches_values(cfg: _Config, key: Hashable) -> bool:
+    return isinstance(key, _fp.Value)
 
 
 #: Every scenario, in a stable order.

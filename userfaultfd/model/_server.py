@@ -1,10 +1,10 @@
 """The userfaultfd server side: read a message and resolve it, and the live snapshot's threads.
 
-A server (:class:`.ops.Serve`) reads one message a step, then resolves it in the steps its mode
+A server (:class:`._ops.Serve`) reads one message a step, then resolves it in the steps its mode
 takes: UFFDIO_COPY (and the prefetch pages after it, one a step), update + UFFDIO_CONTINUE, or
 save + UFFDIO_WRITEPROTECT(0); each ioctl wakes the threads asleep on the page. The live
-snapshot's protect instant (:class:`.ops.Protect`) and background copy (:class:`.ops.CopyPages`)
-are here too. Plain functions of the kernel, the Step under way and the thread, as in
+snapshot's protect instant (:class:`._ops.Protect`) and background copy (:class:`._ops.CopyPages`)
+are here too. Plain functions of the frozen configuration, the Step under way and the thread, as in
 :mod:`._fault`.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from .._flags import Mode as _Mode
+from ._config import Config
 from ._fault import pages_text, wake
 from ._ops import CopyPages, Label, Protect, Serve, Vma
 from ._state import MARKER as _MARKER
@@ -26,20 +26,17 @@ from ._state import Present as _Present
 from ._state import Step as _Step
 from ._state import ThreadState as _ThreadState
 
-if TYPE_CHECKING:
-    from ._kernel import Kernel
-
 __all__ = ["copy_pages", "protect", "serve"]
 
 
-def serve(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label | None:
+def serve(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label | None:
     """The next step of a server; None while no message is queued or a page lock holds it."""
     if ts.event is None:
-        return _read_message(k, w, name, ts, op)
-    return _RESOLVE[ts.pc](k, w, name, ts, op)
+        return _read_message(cfg, w, name, ts, op)
+    return _RESOLVE[ts.pc](cfg, w, name, ts, op)
 
 
-def _read_message(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label | None:
+def _read_message(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label | None:
     ev = w.pop_event()
     if ev is None:
         return None
@@ -51,10 +48,10 @@ def _read_message(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -
     return Label("read(uffd)", f"{ev.mode.name} message: VMA {ev.vma} page {ev.index}")
 
 
-def _held(k: Kernel, ts: _ThreadState) -> tuple[_Event, Vma]:
+def _held(cfg: Config, ts: _ThreadState) -> tuple[_Event, Vma]:
     """The message the server is resolving, and the VMA it is about."""
     assert ts.event is not None
-    return ts.event, k.vmas[ts.event.vma]
+    return ts.event, cfg.vmas[ts.event.vma]
 
 
 def _idle(ts: _ThreadState) -> _ThreadState:
@@ -62,8 +59,8 @@ def _idle(ts: _ThreadState) -> _ThreadState:
     return _ThreadState(op=ts.op, pc=_Pc.WAIT, faults=ts.faults)
 
 
-def _copy(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
-    ev, vma = _held(k, ts)
+def _copy(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
+    ev, vma = _held(cfg, ts)
     result = _copy_page(w, vma, ev.index)
     woken = wake(w, ev.vma, ev.index)
     last = min(ev.index + 1 + op.prefetch, vma.pages)
@@ -72,8 +69,8 @@ def _copy(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
     return Label("UFFDIO_COPY", f"page {ev.index}: {result}; woke {pages_text(woken)}")
 
 
-def _prefetch(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
-    ev, vma = _held(k, ts)
+def _prefetch(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
+    ev, vma = _held(cfg, ts)
     i = ts.cursor
     result = _copy_page(w, vma, i)
     if result == "EEXIST":
@@ -84,8 +81,8 @@ def _prefetch(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> La
     return Label("UFFDIO_COPY", f"prefetch page {i}: {result}; woke {pages_text(woken)}")
 
 
-def _update(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
-    ev, vma = _held(k, ts)
+def _update(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
+    ev, vma = _held(cfg, ts)
     fi = vma.pgoff + ev.index
     fid = w.cached(vma.file, fi)
     if fid is not None:
@@ -95,8 +92,8 @@ def _update(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Labe
     return Label("server", f"update file page {fi} through its own mapping: {what}")
 
 
-def _continue(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label | None:
-    ev, vma = _held(k, ts)
+def _continue(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label | None:
+    ev, vma = _held(cfg, ts)
     # UFFDIO_CONTINUE -> mfill_atomic_pte_continue(): the cached page, locked, mapped.
     fid = w.cached(vma.file, vma.pgoff + ev.index)
     if fid is None:
@@ -116,7 +113,7 @@ def _continue(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> La
     return Label("UFFDIO_CONTINUE", f"page {ev.index}: {result}; woke {pages_text(woken)}")
 
 
-def _snapshot(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
+def _snapshot(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
     ev = ts.event
     assert ev is not None and ev.frame is not None
     data = w.frame(ev.frame).data
@@ -125,7 +122,7 @@ def _snapshot(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> La
     return Label("server", f"saved frame #{ev.frame} ({data!r}) to the snapshot")
 
 
-def _save(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
+def _save(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
     # The live snapshot's fault thread: the page as the writer found it, unless the
     # copier saved it first.
     ev = ts.event
@@ -138,8 +135,8 @@ def _save(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
     return Label("snapshot", f"saved page {ev.index}: frame #{ev.frame} ({data!r})")
 
 
-def _unprotect_message(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
-    ev, vma = _held(k, ts)
+def _unprotect_message(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
+    ev, vma = _held(cfg, ts)
     result, woken = _unprotect(w, vma, ev.index)
     w.set_thread(name, _idle(ts))
     return Label("UFFDIO_WRITEPROTECT", f"page {ev.index}: {result}; woke {pages_text(woken)}")
@@ -175,7 +172,7 @@ def _unprotect(w: _Step, vma: Vma, i: int) -> tuple[str, list[str]]:
 
 
 #: The rule each program counter of a server holding a message runs.
-_RESOLVE: dict[_Pc, Callable[[Kernel, _Step, str, _ThreadState, Serve], Label | None]] = {
+_RESOLVE: dict[_Pc, Callable[[Config, _Step, str, _ThreadState, Serve], Label | None]] = {
     _Pc.COPY: _copy,
     _Pc.PREFETCH: _prefetch,
     _Pc.UPDATE: _update,
@@ -193,15 +190,15 @@ def _page_now(w: _Step, vma: Vma, i: int) -> tuple[int | None, str]:
     return (None, "0") if fid is None else (fid, w.frame(fid).data)
 
 
-def protect(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Protect) -> Label:
+def protect(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Protect) -> Label:
     """The protect instant: write-protect every page of the VMA and note what each held."""
-    vma = k.vmas[op.vma]
+    vma = cfg.vmas[op.vma]
     marked = []
     for i in range(vma.pages):
         pte = w.pte(vma.id, i)
         if isinstance(pte, _Present):
             w.set_pte(vma.id, i, _Present(pte.frame, writable=False, uffd_wp=True))
-        elif pte is None and k.preset.pte_markers:
+        elif pte is None and cfg.preset.pte_markers:
             w.set_pte(vma.id, i, _MARKER)
             marked.append(i)
         w.set_image(vma.id, i, _page_now(w, vma, i))
@@ -210,9 +207,9 @@ def protect(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: Protect) -> La
     return Label("UFFDIO_WRITEPROTECT", f"protect instant: pages 0-{vma.pages - 1}{how}")
 
 
-def copy_pages(k: Kernel, w: _Step, name: str, ts: _ThreadState, op: CopyPages) -> Label:
+def copy_pages(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: CopyPages) -> Label:
     """The background copy's next step: save the next page not saved yet, then unprotect it."""
-    vma = k.vmas[op.vma]
+    vma = cfg.vmas[op.vma]
     if ts.pc == _Pc.UNPROTECT:
         result, woken = _unprotect(w, vma, ts.cursor)
         w.set_thread(name, replace(ts, pc=_Pc.ACCESS, cursor=ts.cursor + 1))

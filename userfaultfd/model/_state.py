@@ -14,8 +14,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Hashable, ItemsView, Mapping
 from dataclasses import dataclass
+from typing import final
 
 from .._flags import Mode as _Mode
+from . import _footprint as fp
 
 __all__ = [
     "ASLEEP",
@@ -39,6 +41,7 @@ PAGE_SIZE = 4096
 PTRS_PER_PTE = 512
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Present:
     """A present PTE: the frame it maps, whether writes go straight through, the uffd-wp bit."""
@@ -48,6 +51,7 @@ class Present:
     uffd_wp: bool
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Marker:
     """PTE_MARKER_UFFD_WP: a non-present PTE left where a protected PTE was zapped (5.19+)."""
@@ -60,6 +64,7 @@ Pte = Present | Marker | None
 MARKER = Marker()
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Frame:
     """A page frame (struct folio): contents and flags; ``locked`` names the lock holder."""
@@ -79,6 +84,7 @@ class Frame:
         return self.origin == "cow"
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Event:
     """A userfault message the kernel queued; ``frame`` is model bookkeeping for WP faults."""
@@ -133,6 +139,7 @@ class Pc(enum.Enum):
 ASLEEP = frozenset({Pc.USERFAULT, Pc.FALLOC_WAIT})
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class ThreadState:
     """Where a thread is: its op, the kernel step it takes next, and what that step needs."""
@@ -342,52 +349,52 @@ class Step:
     def __init__(self, before: World) -> None:
         self.before = before
         self._w = before._copy()
-        self.reads: set[Hashable] = set()
-        self.writes: set[Hashable] = set()
+        self.reads: set[fp.Key] = set()
+        self.writes: set[fp.Key] = set()
 
     @property
     def after(self) -> World:
         return self._w
 
     def pte(self, vma: int, index: int) -> Pte:
-        self.reads.add(("pte", vma, index))
+        self.reads.add(fp.Pte(vma, index))
         return self._w._ptes.get((vma, index))
 
     def set_pte(self, vma: int, index: int, pte: Pte) -> None:
-        self.writes.add(("pte", vma, index))
+        self.writes.add(fp.Pte(vma, index))
         if pte is None:
             self._w._ptes.pop((vma, index), None)
         else:
             self._w._ptes[(vma, index)] = pte
 
     def cached(self, file: int, index: int) -> int | None:
-        self.reads.add(("cache", file, index))
+        self.reads.add(fp.Cache(file, index))
         return self._w._cache.get((file, index))
 
     def set_cached(self, file: int, index: int, frame: int | None) -> None:
-        self.writes.add(("cache", file, index))
+        self.writes.add(fp.Cache(file, index))
         if frame is None:
             self._w._cache.pop((file, index), None)
         else:
             self._w._cache[(file, index)] = frame
 
     def frame(self, frame: int) -> Frame:
-        self.reads.add(("frame", frame))
+        self.reads.add(fp.Frame(frame))
         return self._w._frames[frame]
 
     def set_frame(self, frame: int, value: Frame) -> None:
-        self.writes.add(("frame", frame))
+        self.writes.add(fp.Frame(frame))
         old = self._w._frames.get(frame)
         if old is not None and old.data != value.data:
-            # Nobody reads this tag: it marks a change of contents for invariants that watch
-            # them (a new frame is marked by ("alloc",) instead).
-            self.writes.add(("data", frame))
+            # Nobody reads this key: it marks a change of contents for invariants that watch
+            # them (a new frame is marked by fp.ALLOC instead).
+            self.writes.add(fp.Data(frame))
         self._w._frames[frame] = value
 
     def new_frame(self, value: Frame) -> int:
         # The allocation counter is shared: two allocations do not commute (frame numbers differ).
-        self.reads.add(("alloc",))
-        self.writes.add(("alloc",))
+        self.reads.add(fp.ALLOC)
+        self.writes.add(fp.ALLOC)
         fid = self._w._next_frame
         self._w._next_frame += 1
         self.set_frame(fid, value)
@@ -395,106 +402,107 @@ class Step:
 
     def punching(self, file: int) -> tuple[int, int] | None:
         """inode->i_private as a whole: whether a punch of ``file`` is in progress."""
-        self.reads.add(("inode", file))
+        self.reads.add(fp.Inode(file))
         return self._w._falloc.get(file)
 
     def hole(self, file: int, index: int) -> tuple[int, int] | None:
         """The range being punched if it covers file page ``index`` (what shmem_fault asks)."""
-        self.reads.add(("falloc", file, index))
+        self.reads.add(fp.Falloc(file, index))
         span = self._w._falloc.get(file)
         return span if span is not None and span[0] <= index < span[1] else None
 
     def set_punching(self, file: int, span: tuple[int, int] | None) -> None:
-        self.writes.add(("inode", file))
+        self.writes.add(fp.Inode(file))
         for old_or_new in (self._w._falloc.get(file), span):
             if old_or_new is not None:
-                self.writes.update(("falloc", file, i) for i in range(*old_or_new))
+                self.writes.update(fp.Falloc(file, i) for i in range(*old_or_new))
         if span is None:
             self._w._falloc.pop(file, None)
         else:
             self._w._falloc[file] = span
 
     def falloc_sleepers(self, file: int) -> frozenset[str]:
-        self.reads.add(("fwait", file))
+        self.reads.add(fp.FallocWait(file))
         return self._w._falloc_waiters.get(file, frozenset())
 
     def set_falloc_sleepers(self, file: int, threads: frozenset[str]) -> None:
-        self.writes.add(("fwait", file))
+        self.writes.add(fp.FallocWait(file))
         if threads:
             self._w._falloc_waiters[file] = threads
         else:
             self._w._falloc_waiters.pop(file, None)
 
     def push_event(self, event: Event) -> None:
-        self.reads.add(("uffd",))
-        self.writes.add(("uffd",))
+        self.reads.add(fp.UFFD)
+        self.writes.add(fp.UFFD)
         self._w._queue = (*self._w._queue, event)
 
     def pop_event(self) -> Event | None:
-        self.reads.add(("uffd",))
+        self.reads.add(fp.UFFD)
         if not self._w._queue:
             return None
-        self.writes.add(("uffd",))
+        self.writes.add(fp.UFFD)
         event, self._w._queue = self._w._queue[0], self._w._queue[1:]
         return event
 
     def sleepers(self, vma: int, index: int) -> frozenset[str]:
-        self.reads.add(("waiters", vma, index))
+        self.reads.add(fp.Waiters(vma, index))
         return self._w._waiters.get((vma, index), frozenset())
 
     def set_sleepers(self, vma: int, index: int, threads: frozenset[str]) -> None:
-        self.writes.add(("waiters", vma, index))
+        self.writes.add(fp.Waiters(vma, index))
         if threads:
             self._w._waiters[(vma, index)] = threads
         else:
             self._w._waiters.pop((vma, index), None)
 
     def thread(self, name: str) -> ThreadState:
-        self.reads.add(("thread", name))
+        self.reads.add(fp.Thread(name))
         return self._w._threads[name]
 
     def set_thread(self, name: str, state: ThreadState) -> None:
-        self.writes.add(("thread", name))
+        self.writes.add(fp.Thread(name))
         self._w._threads[name] = state
 
     def drop_thread(self, name: str) -> None:
-        self.writes.add(("thread", name))
+        self.writes.add(fp.Thread(name))
         del self._w._threads[name]
 
     def loaded(self, name: str) -> None:
-        """Note that thread ``name``'s load returned a value: read by no step, the tag marks it
+        """Note that thread ``name``'s load returned a value: read by no step, the key marks it
         for invariants that watch what loads return."""
-        self.writes.add(("value", name))
+        self.writes.add(fp.Value(name))
 
     def snapped(self, vma: int, index: int) -> tuple[int | None, str] | None:
-        self.reads.add(("snap", vma, index))
+        self.reads.add(fp.Snap(vma, index))
         return self._w._snap.get((vma, index))
 
     def set_snapped(self, vma: int, index: int, saved: tuple[int | None, str]) -> None:
-        self.writes.add(("snap", vma, index))
+        self.writes.add(fp.Snap(vma, index))
         self._w._snap = {**self._w._snap, (vma, index): saved}
 
     # -- the server's records (shared state too: each is one object of the footprint) ----------
-    def _log(self, field: str) -> None:
-        self.reads.add(("log", field))
-        self.writes.add(("log", field))
+    def _log(self, record: fp.Record) -> None:
+        key = fp.Log(record)
+        self.reads.add(key)
+        self.writes.add(key)
 
     def add_protected(self, frame: int, data: str) -> None:
-        self._log("protected")
+        self._log(fp.Record.PROTECTED)
         self._w._protected = {**self._w._protected, frame: data}
 
     def add_saved(self, frame: int) -> None:
-        self._log("saved")
+        self._log(fp.Record.SAVED)
         self._w._saved = self._w._saved | {frame}
 
     def add_notified(self, mode: _Mode, vma: int, index: int) -> None:
-        self._log("notified")
+        self._log(fp.Record.NOTIFIED)
         self._w._notified = self._w._notified | {(mode, vma, index)}
 
     def add_resolved(self, vma: int, index: int) -> None:
-        self._log("resolved")
+        self._log(fp.Record.RESOLVED)
         self._w._resolved = self._w._resolved | {(vma, index)}
 
     def set_image(self, vma: int, index: int, page: tuple[int | None, str]) -> None:
-        self._log("image")
+        self._log(fp.Record.IMAGE)
         self._w._image = {**self._w._image, (vma, index): page}
