@@ -60,6 +60,9 @@ typedef struct {
     char *src;          /* the store's bytes, mapped in this process */
     uint64_t src_length;
     uint64_t *counters; /* shared with the program (runtime/_stats.py) */
+    /* The journal shared with the supervisor (runtime/_journal.py): the key of the source being
+     * read, then the messages of the last read. NULL: read into this call's own buffer. */
+    uint64_t *journal;
     int faults, pages, bytes, wakes, copies, hist;
     int policy;
     long long window, min_pages, max_bytes;
@@ -318,10 +321,17 @@ static PyTypeObject RegionTableType = {
 
 /* Read and answer batches from `fd` until one needs the Python path or nothing is pending.
  * Returns the messages left (a new bytes object, empty when all were answered), or NULL. */
-static PyObject *serve_one(Answerer *self, int fd, RegionTable *table, int batch) {
+static PyObject *serve_one(Answerer *self, int fd, RegionTable *table, uint64_t key, int batch) {
     Region *regions = table->regions;
     Py_ssize_t n = table->count;
-    struct uffd_msg msgs[MAX_BATCH];
+    struct uffd_msg own[MAX_BATCH];
+    struct uffd_msg *msgs = own;
+    if (self->journal != NULL) {
+        /* Read where the supervisor can find an event if this process dies before its report:
+         * the source's key first, then the messages (see _journal.py). */
+        __atomic_store_n(&self->journal[0], key, __ATOMIC_RELEASE);
+        msgs = (struct uffd_msg *)(self->journal + 1);
+    }
     for (int round = 0; round < 8; round++) {
         ssize_t got;
         do {
@@ -361,7 +371,7 @@ static PyObject *serve_one(Answerer *self, int fd, RegionTable *table, int batch
 }
 
 PyDoc_STRVAR(serve_doc,
-"serve(fd, table, batch) -> bytes\n\n"
+"serve(fd, table, key, batch) -> bytes\n\n"
 "Read batches of up to `batch` messages from the uffd `fd` (nonblocking) and answer the faults\n"
 "the store's mapping can answer; `table` is the source's RegionTable (the `settled` bytes of\n"
 "its regions are updated). Returns the messages left for the Python path, in read order\n"
@@ -370,12 +380,14 @@ PyDoc_STRVAR(serve_doc,
 static PyObject *Answerer_serve(Answerer *self, PyObject *args) {
     int fd, batch;
     RegionTable *table;
-    if (!PyArg_ParseTuple(args, "iO!i", &fd, &RegionTableType, &table, &batch)) return NULL;
+    unsigned long long key;
+    if (!PyArg_ParseTuple(args, "iO!Ki", &fd, &RegionTableType, &table, &key, &batch))
+        return NULL;
     if (batch < 1 || batch > MAX_BATCH) {
         PyErr_Format(PyExc_ValueError, "batch must be in [1, %d], not %d", MAX_BATCH, batch);
         return NULL;
     }
-    return serve_one(self, fd, table, batch);
+    return serve_one(self, fd, table, key, batch);
 }
 
 #define MAX_SOURCES 256
@@ -383,7 +395,7 @@ static PyObject *Answerer_serve(Answerer *self, PyObject *args) {
 
 PyDoc_STRVAR(wait_doc,
 "wait(sources, others, timeout_ms, batch) -> (list[int], list[tuple[int, bytes]])\n\n"
-"Poll the uffds of `sources` (a list of (fd, RegionTable)) and the descriptors `others`,\n"
+"Poll the uffds of `sources` (a list of (fd, RegionTable, key)) and the descriptors `others`,\n"
 "answering faults as serve() does, until a descriptor of `others` is ready, a uffd has messages\n"
 "left for the Python path or reports an error, or `timeout_ms` passes. Returns the ready\n"
 "descriptors (of `others`, and any uffd whose poll reported an error) and each uffd's messages\n"
@@ -402,9 +414,10 @@ static PyObject *Answerer_wait(Answerer *self, PyObject *args) {
     }
     struct pollfd fds[MAX_SOURCES + MAX_OTHERS];
     RegionTable *tables[MAX_SOURCES];
+    unsigned long long keys[MAX_SOURCES];
     for (Py_ssize_t i = 0; i < ns; i++) {
         PyObject *entry = PyList_GET_ITEM(sources, i);
-        if (!PyArg_ParseTuple(entry, "iO!", &fds[i].fd, &RegionTableType, &tables[i]))
+        if (!PyArg_ParseTuple(entry, "iO!K", &fds[i].fd, &RegionTableType, &tables[i], &keys[i]))
             return NULL;
         fds[i].events = POLLIN;
     }
@@ -444,7 +457,7 @@ static PyObject *Answerer_wait(Answerer *self, PyObject *args) {
                 Py_DECREF(fd);
                 continue;
             }
-            PyObject *rest = serve_one(self, fds[i].fd, tables[i], batch);
+            PyObject *rest = serve_one(self, fds[i].fd, tables[i], keys[i], batch);
             if (rest == NULL) goto done;
             if (PyBytes_GET_SIZE(rest) > 0) {
                 PyObject *pair = Py_BuildValue("(iN)", fds[i].fd, rest);
@@ -468,14 +481,14 @@ done:
 
 static int Answerer_init(Answerer *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"src", "src_length", "counters", "indices", "policy", "window",
-                             "min_pages", "max_bytes", NULL};
-    unsigned long long src, counters, src_length;
+                             "min_pages", "max_bytes", "journal", NULL};
+    unsigned long long src, counters, src_length, journal = 0;
     PyObject *indices;
     long long window = 1, min_pages = 1, max_bytes = 8 << 20;
     int policy;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKKO!i|LLL", kwlist, &src, &src_length,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKKO!i|LLLK", kwlist, &src, &src_length,
                                      &counters, &PyTuple_Type, &indices, &policy, &window,
-                                     &min_pages, &max_bytes))
+                                     &min_pages, &max_bytes, &journal))
         return -1;
     if (!PyArg_ParseTuple(indices, "iiiiii", &self->faults, &self->pages, &self->bytes,
                           &self->wakes, &self->copies, &self->hist))
@@ -488,6 +501,7 @@ static int Answerer_init(Answerer *self, PyObject *args, PyObject *kwds) {
     self->src = (char *)(uintptr_t)src;
     self->src_length = src_length;
     self->counters = (uint64_t *)(uintptr_t)counters;
+    self->journal = (uint64_t *)(uintptr_t)journal;
     self->policy = policy;
     self->window = window;
     self->min_pages = min_pages;

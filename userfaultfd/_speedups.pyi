@@ -18,11 +18,12 @@ class Answerer:
         window: int = 1,
         min_pages: int = 1,
         max_bytes: int = 8388608,
+        journal: int = 0,
     ) -> None: ...
-    def serve(self, fd: int, table: RegionTable, batch: int) -> bytes: ...
+    def serve(self, fd: int, table: RegionTable, key: int, batch: int) -> bytes: ...
     def wait(
         self,
-        sources: list[tuple[int, RegionTable]],
+        sources: list[tuple[int, RegionTable, int]],
         others: list[int],
         timeout_ms: int,
         batch: int,

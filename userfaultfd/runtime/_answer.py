@@ -30,6 +30,7 @@ from .._events import Event, parse_events
 from ..stores import Store
 from . import _stats
 from ._fill import Source
+from ._journal import Journal
 from ._policy import Adaptive, Policy, Single, Window
 from ._stats import StatsBlock
 
@@ -76,12 +77,15 @@ class ReadOnly:
 
     path = PYTHON
 
-    def __init__(self) -> None:
+    def __init__(self, journal: Journal | None) -> None:
+        self._journal = journal
         self._polled: tuple[int, ...] = ()
         self._poller = select.poll()
 
     def serve(self, source: Source, batch: int) -> list[Event]:
-        return source.uffd.read_events(batch)
+        if self._journal is None:
+            return source.uffd.read_events(batch)
+        return self._journal.read(source.uffd.fileno(), source.key, batch)
 
     def wait(self, sources: list[Source], others: list[int], timeout_ms: int, batch: int) -> Waited:
         fds = (*(s.uffd.fileno() for s in sources), *others)
@@ -99,21 +103,24 @@ class Native:
 
     path = NATIVE
 
-    def __init__(self, address: int, length: int, stats: StatsBlock, policy: Policy) -> None:
+    def __init__(
+        self, address: int, length: int, stats: StatsBlock, policy: Policy, journal: Journal | None
+    ) -> None:
         kind, window, min_pages, max_bytes = _policy_parameters(policy)
         indices = (_stats.FAULTS, _stats.PAGES, _stats.BYTES, _stats.WAKES, _stats.COPIES,
                    stats.histogram_index)  # fmt: skip
         assert _speedups is not None
         self._native = _speedups.Answerer(
-            address, length, stats.address, indices, kind, window, min_pages, max_bytes
-        )
+            address, length, stats.address, indices, kind, window, min_pages, max_bytes,
+            0 if journal is None else journal.address,
+        )  # fmt: skip
 
     def serve(self, source: Source, batch: int) -> list[Event]:
-        left = self._native.serve(source.uffd.fileno(), _table(source), batch)
+        left = self._native.serve(source.uffd.fileno(), _table(source), source.key, batch)
         return parse_events(left) if left else []
 
     def wait(self, sources: list[Source], others: list[int], timeout_ms: int, batch: int) -> Waited:
-        entries = [(s.uffd.fileno(), _table(s)) for s in sources]
+        entries = [(s.uffd.fileno(), _table(s), s.key) for s in sources]
         ready, left = self._native.wait(entries, others, timeout_ms, batch)
         return ready, [(fd, parse_events(data)) for fd, data in left]
 
@@ -154,16 +161,18 @@ def _mapped_whole(store: Store) -> tuple[int, int] | None:
 
 
 def answerer_for(
-    store: Store | None, policy: Policy, stats: StatsBlock, *, record: bool, in_flight: bool
-) -> Answerer:
-    """The native answerer where it can serve (see the module text), else the Python one."""
+    store: Store | None, policy: Policy, stats: StatsBlock, journal: Journal | None, *,
+    record: bool, in_flight: bool,
+) -> Answerer:  # fmt: skip
+    """The native answerer where it can serve (see the module text), else the Python one. Both
+    read into ``journal`` (see _journal) when there is one."""
     if store is None or record or in_flight or not native_available():
-        return ReadOnly()
+        return ReadOnly(journal)
     if type(policy) not in (Single, Window, Adaptive):
-        return ReadOnly()
+        return ReadOnly(journal)
     if type(store).known_zero is not Store.known_zero:
-        return ReadOnly()
+        return ReadOnly(journal)
     mapped = _mapped_whole(store)
     if mapped is None:
-        return ReadOnly()
-    return Native(*mapped, stats, policy)
+        return ReadOnly(journal)
+    return Native(*mapped, stats, policy, journal)

@@ -34,6 +34,11 @@ Design note: the invariant, and what the kernel makes a handler do
   longer than a couple of milliseconds, a watcher thread reads the uffds (that read is what lets
   the sleeping thread go on) and stashes the batches, then wakes the loop through a pipe: a
   stashed fault is answered even though its uffd will not poll readable again.
+- Whoever reads events (the loop, the watcher or the native answerer) reads them into the
+  supervisor's journal and reports every change to the supervisor at once, before anything is
+  served from the map: a handler killed at any point after a read (in a slow store read with
+  the batch still stashed, or between the read and the report) is restarted from a map that has
+  it (see _journal; a FORK's new descriptor is the one thing a death in that window loses).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import logging
 import mmap
 import os
 import select
+import signal
 import threading
 import time
 from collections import deque
@@ -58,6 +64,7 @@ from ._answer import NATIVE, Answerer, answerer_for
 from ._fetch import Fetcher
 from ._fill import PROGRAM, Fill, Filler, Outcome, Source
 from ._inflight import RECORD, Reads
+from ._journal import MAX_BATCH, Journal
 from ._policy import Policy
 from ._ranges import RegionMap, RegionState, unsettled_runs
 from ._reports import Adopted, Changed, Closed, Reporter, pack_ranges
@@ -107,6 +114,7 @@ class Handler:
         fetches: int | None = None,
         record: str | None = None,
         prefetch: str | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.store = store
         self.stats = stats
@@ -136,9 +144,18 @@ class Handler:
             if store is not None and depth > 1 else None
         )  # fmt: skip
         self._record = open(record, "ab") if record is not None else None  # noqa: SIM115
+        # A test hook: while the file UFFD_TEST_KILL_BEFORE_REPORT names exists, the handler
+        # kills itself after reading a change and before reporting it (once: it removes it).
+        self._kill_before_report = os.environ.get("UFFD_TEST_KILL_BEFORE_REPORT", "")
+        # Events are read into the supervisor's journal (see _journal) when there is one.
+        self._journal = journal
+        if journal is not None:
+            batch = min(batch, MAX_BATCH)
+            self.batch = batch
         self._answer: Answerer = answerer_for(
-            store, policy, stats, record=record is not None, in_flight=self._reads is not None
-        )
+            store, policy, stats, journal, record=record is not None,
+            in_flight=self._reads is not None,
+        )  # fmt: skip
         if store is not None:  # (the supervisor's poisoning handler serves nothing)
             stats.set(_stats.NATIVE, int(self._answer.path == NATIVE))
         self._background = False  # b"b": fill every page between faults
@@ -307,9 +324,7 @@ class Handler:
                         batches.append((source, events))
         return batches
 
-    def _report_read(
-        self, source: Source, events: list[Event], earlier: list[list[Event]]
-    ) -> None:
+    def _report_read(self, source: Source, events: list[Event], earlier: list[list[Event]]) -> None:
         """Tell the supervisor every change in ``events`` the moment they are read, in read
         order, before anything is served from the map: a handler that dies after this (in a
         slow store read, with the events still stashed) is restarted from a map that has them.
@@ -321,11 +336,22 @@ class Handler:
         COPY into the parent can land in between (the kernel answers EAGAIN while a FORK event
         is unread). So the child's map is the parent's as it is now, with the events read
         before the FORK but not applied yet (``earlier`` batches, and this one's) applied."""
-        for event in events:
+        changes = [event for event in events if not isinstance(event, PageFault)]
+        hook = self._kill_before_report
+        if changes and hook and os.path.exists(hook):
+            os.unlink(hook)  # once: a test's handler dies between its read and its report
+            os.kill(os.getpid(), signal.SIGKILL)
+        for event in changes:
             if isinstance(event, Remove | Unmap | Remap):
                 self._reports.send(Changed(source.key, event))
-        if not any(isinstance(event, Fork) for event in events):
-            return
+        if any(isinstance(event, Fork) for event in changes):
+            self._report_forks(source, events, earlier)
+        if self._journal is not None and changes:
+            self._journal.clear()  # all reported: nothing left to replay
+
+    def _report_forks(
+        self, source: Source, events: list[Event], earlier: list[list[Event]]
+    ) -> None:
         at_fork = RegionMap([r.piece(r.address, r.end) for r in source.map.regions])
         for event in [e for batch in earlier for e in batch if not isinstance(e, Fork)] + events:
             if isinstance(event, Remove | Unmap | Remap):
@@ -358,7 +384,11 @@ class Handler:
                 stashed = False
                 for source in list(self._sources.values()):
                     with contextlib.suppress(OSError, ValueError):  # closed meanwhile
-                        events = source.uffd.read_events(self.batch)
+                        if self._journal is not None:
+                            events = self._journal.read(source.uffd.fileno(), source.key,
+                                                        self.batch)  # fmt: skip
+                        else:
+                            events = source.uffd.read_events(self.batch)
                         if events:
                             earlier = [batch for owner, batch in self._stash if owner is source]
                             self._report_read(source, events, earlier)

@@ -41,6 +41,7 @@ from .._handshake import Ready
 from ..stores import Store
 from . import _stats
 from ._handler import Handler
+from ._journal import Journal
 from ._policy import Policy
 from ._ranges import RegionMap, RegionState
 from ._reports import Adopted, Changed, Closed, read_table, receive, unpack_ranges
@@ -106,8 +107,9 @@ def supervise(channel: Channel, control: int, options: Options, cpu: int | None)
     command = b""  # the program's last command, repeated to a restarted handler
     restarts: list[float] = []
     listening = True
+    journal = Journal()  # what each handler reads, until it has reported it (see _journal)
     while True:
-        pid, commands, reports = _start(sources, options, control, channel)
+        pid, commands, reports = _start(sources, options, control, channel, journal)
         if options.prefetch is None:
             stats.set(_stats.PREFETCHING, 0)  # nobody is prefetching: serve() must not wait
         options.prefetch = None  # a restarted handler serves on demand
@@ -118,6 +120,7 @@ def supervise(channel: Channel, control: int, options: Options, cpu: int | None)
             channel.send(Ready(os.getpid()))
             channel.sock.close()  # the program has what it needs
         ended, listening, received = _watch(pid, commands, control, listening, reports, sources)
+        _replay(journal, sources)  # what it read and did not live to report
         command = received or command
         os.close(commands)
         reports.sock.close()
@@ -138,9 +141,19 @@ def supervise(channel: Channel, control: int, options: Options, cpu: int | None)
         _poison(sources, options)
 
 
+def _replay(journal: Journal, sources: dict[int, _Held]) -> None:
+    """Apply the changes a dead handler read but may not have reported (twice is harmless)."""
+    key, changes = journal.pending()
+    if (held := sources.get(key)) is not None:
+        for event in changes:
+            held.ranges.change(event)
+    journal.clear()
+
+
 def _start(
-    sources: dict[int, _Held], options: Options, control: int, channel: Channel
-) -> tuple[int, int, Channel]:
+    sources: dict[int, _Held], options: Options, control: int, channel: Channel,
+    journal: Journal,
+) -> tuple[int, int, Channel]:  # fmt: skip
     """Fork a handler with descriptors of its own; returns its pid, its command pipe and the
     channel it reports on."""
     commands_read, commands_write = os.pipe2(os.O_CLOEXEC)
@@ -161,7 +174,7 @@ def _start(
                 opened, options.policy, options.stats, batch=options.batch,
                 buffer_bytes=options.buffer_bytes, reports=Channel(theirs),
                 first_key=max(sources, default=0) + 1, fetches=options.fetches,
-                record=options.record, prefetch=options.prefetch,
+                record=options.record, prefetch=options.prefetch, journal=journal,
             )  # fmt: skip
             for key, held in sources.items():
                 own = Userfaultfd.from_fd(os.dup(held.uffd.fileno()), held.uffd.features)
