@@ -20,48 +20,60 @@ class WireError(ValueError):
 
 def _varint(data: bytes, at: int) -> tuple[int, int]:
     value = shift = 0
-    while True:
-        if at >= len(data):
-            raise WireError(f"a varint runs past the end of the message (byte {at})")
-        if shift > 63:
-            raise WireError(f"a varint longer than 10 bytes at byte {at}")
+    end = len(data)
+    while at < end:
         byte = data[at]
         at += 1
         value |= (byte & 0x7F) << shift
-        shift += 7
         if byte < 0x80:
             return value & 0xFFFFFFFFFFFFFFFF, at
+        shift += 7
+        if shift > 63:
+            raise WireError(f"a varint longer than 10 bytes at byte {at}")
+    raise WireError(f"a varint runs past the end of the message (byte {at})")
 
 
 def decode(data: bytes) -> Fields:
     """The fields of one message."""
     fields: Fields = {}
     at = 0
-    while at < len(data):
-        key, at = _varint(data, at)
+    end = len(data)
+    while at < end:
+        key = data[at]  # one byte for every field number below 16 (all CRIU needs)
+        if key < 0x80:
+            at += 1
+        else:
+            key, at = _varint(data, at)
         number, kind = key >> 3, key & 7
         if number == 0:
             raise WireError(f"field number 0 at byte {at}")
         value: int | bytes
         if kind == 0:
-            value, at = _varint(data, at)
+            if at < end and data[at] < 0x80:  # a small number: one byte
+                value = data[at]
+                at += 1
+            else:
+                value, at = _varint(data, at)
         elif kind == 1 or kind == 5:
             width = 8 if kind == 1 else 4
-            if at + width > len(data):
+            if at + width > end:
                 raise WireError(f"field {number}: a fixed{width * 8} runs past the end")
             value = int.from_bytes(data[at : at + width], "little")
             at += width
         elif kind == 2:
             length, at = _varint(data, at)
-            if at + length > len(data):
+            if at + length > end:
                 raise WireError(
-                    f"field {number}: {length} bytes announced at byte {at}, {len(data) - at} left"
+                    f"field {number}: {length} bytes announced at byte {at}, {end - at} left"
                 )
             value = bytes(data[at : at + length])
             at += length
         else:
             raise WireError(f"field {number}: wire type {kind} (groups are not supported)")
-        fields.setdefault(number, []).append(value)
+        if number in fields:
+            fields[number].append(value)
+        else:
+            fields[number] = [value]
     return fields
 
 
