@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from userfaultfd.criu import CriuImageError, CriuPages, Images
+from userfaultfd.criu import CriuImageError, CriuPages, Images, pack_images
 from userfaultfd.criu import _images as im
 from userfaultfd.criu._wire import WireError, decode
 from userfaultfd.stores import StoreError
@@ -135,3 +135,35 @@ def test_wire_errors() -> None:
         decode(b"\x12\x03ab")
     with pytest.raises(WireError, match="wire type 3"):
         decode(b"\x0b")
+
+
+def _core(tmp: Path, pid: int, state: int) -> None:
+    """core-PID.img with a CoreEntry {mtype: X86_64, tc: {task_state, exit_code, ...}}."""
+    tc = _message((1, state), (2, 7), (3, 0), (4, 0), (5, 0), (6, b"regions"))
+    _image(tmp / f"core-{pid}.img", im.CORE_MAGIC, _message((1, 1), (3, tc)))
+
+
+def test_a_zombie_is_told_by_its_core_image(tmp_path: Path) -> None:
+    """A zombie (TASK_DEAD) has a core image and no memory images; a live task has both. The
+    pack of such a tree holds the live task's pages only (it failed on the zombie's pagemap)."""
+    _dump(tmp_path, [(BASE, 2, LAZY)])
+    pstree = _message((1, 7), (2, 0), (3, 7), (4, 7)), _message((1, 8), (2, 7), (3, 7), (4, 7))
+    _image(tmp_path / "pstree.img", im.PSTREE_MAGIC, *pstree)
+    _core(tmp_path, 7, im.TASK_ALIVE)
+    _core(tmp_path, 8, im.TASK_DEAD)
+    images = Images(tmp_path)
+    assert [images.task_state(pid) for pid in (7, 8)] == [im.TASK_ALIVE, im.TASK_DEAD]
+    assert (images.zombie(7), images.zombie(8)) == (False, True)
+    infos = pack_images(tmp_path, tmp_path / "packs")
+    assert len(infos) == 1 and (tmp_path / "packs" / "pages-1.img").is_file(), infos
+
+
+def test_a_core_image_without_its_task_core_is_refused(tmp_path: Path) -> None:
+    _image(tmp_path / "core-9.img", im.CORE_MAGIC, _message((1, 1)))
+    with pytest.raises(CriuImageError, match=r"core-9.img: record 0: no task core"):
+        Images(tmp_path).zombie(9)
+
+
+def test_without_a_core_image_a_task_is_taken_as_live(tmp_path: Path) -> None:
+    _dump(tmp_path, [(BASE, 1, LAZY)])
+    assert not Images(tmp_path).zombie(7)
