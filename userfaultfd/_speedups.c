@@ -57,13 +57,17 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    char *src;          /* the store's bytes, mapped in this process */
-    uint64_t src_length;
+    /* Where the store's bytes are mapped: runs of (store offset, length, address) in offset
+     * order, address 0 for zeros (Store.mapped()); `zeros` is a read-only zero mapping. */
+    uint64_t *seg_offset, *seg_length, *seg_address;
+    Py_ssize_t segments;
+    char *zeros;
+    uint64_t zeros_length;
     uint64_t *counters; /* shared with the program (runtime/_stats.py) */
     /* The journal shared with the supervisor (runtime/_journal.py): the key of the source being
      * read, then the messages of the last read. NULL: read into this call's own buffer. */
     uint64_t *journal;
-    int faults, pages, bytes, wakes, copies, hist;
+    int faults, pages, bytes, wakes, copies, zero_pages, hist;
     int policy;
     long long window, min_pages, max_bytes;
     Stream streams[STREAMS];
@@ -130,42 +134,74 @@ static void choose(Answerer *self, Region *r, long long index, long long *start,
 /* What one COPY came to. */
 enum { PLACED = 0, CHANGED = 1, REFER = 2 };
 
-/* COPY pages [first, last) of `r`, going on past pages that are there already. */
-static int place(Answerer *self, int fd, Region *r, long long first, long long last) {
+/* Counted before the ioctl (it wakes the faulting thread, which may read the stats), taken
+ * back (sign -1) for pages it did not fill: filled from the store, or zeros the store knows. */
+static void count_filled(Answerer *self, Region *r, long long pages, int zero, int sign) {
+    uint64_t n = (uint64_t)(sign * pages);
+    if (zero) {
+        count(self, self->zero_pages, n);
+    } else {
+        count(self, self->pages, n);
+        count(self, self->bytes, n * r->page);
+    }
+}
+
+/* COPY pages [first, last) of `r` from `src` (zeros: a run the store knows is zero), going on
+ * past pages that are there already. */
+static int place(Answerer *self, int fd, Region *r, long long first, long long last, char *src,
+                 int zero) {
     while (first < last) {
         struct uffdio_copy copy;
         uint64_t length = (uint64_t)(last - first) * r->page;
         copy.dst = r->address + (uint64_t)first * r->page;
-        copy.src = (uint64_t)(uintptr_t)(self->src + r->offset + (uint64_t)first * r->page);
+        copy.src = (uint64_t)(uintptr_t)src;
         copy.len = length;
         copy.mode = 0;
         copy.copy = 0;
-        /* Counted before the ioctl: it wakes the faulting thread, which may read the stats. */
-        count(self, self->pages, (uint64_t)(last - first));
-        count(self, self->bytes, length);
+        count_filled(self, r, last - first, zero, 1);
         if (ioctl(fd, UFFDIO_COPY, &copy) == 0) {
             memset(r->settled + first, 1, (size_t)(last - first));
-            count(self, self->copies, 1);
+            if (!zero) count(self, self->copies, 1);
             return PLACED;
         }
         int err = errno;
         long long done = copy.copy > 0 ? copy.copy / (long long)r->page : 0;
         if (err == EAGAIN) {
             memset(r->settled + first, 1, (size_t)done);
-            count(self, self->pages, (uint64_t)-(last - first - done));
-            count(self, self->bytes, (uint64_t)-((uint64_t)(last - first - done) * r->page));
+            count_filled(self, r, last - first - done, zero, -1);
             return CHANGED;
         }
-        count(self, self->pages, (uint64_t)-(last - first));
-        count(self, self->bytes, (uint64_t)-length);
+        count_filled(self, r, last - first, zero, -1);
         if (err != EEXIST) return REFER; /* ESRCH, ENOENT, EFAULT...: the Python path decides */
         struct uffdio_range wake = {copy.dst, r->page};
         r->settled[first] = 1;
         count(self, self->wakes, 1);
         if (ioctl(fd, UFFDIO_WAKE, &wake) != 0) return REFER;
         first += 1;
+        if (!zero) src += r->page;
     }
     return PLACED;
+}
+
+/* The run of the store's mapping that holds store offset `offset`, or -1. */
+static Py_ssize_t segment_of(Answerer *self, uint64_t offset) {
+    Py_ssize_t lo = 0, hi = self->segments;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (self->seg_offset[mid] <= offset) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo == 0) return -1;
+    Py_ssize_t s = lo - 1;
+    return offset < self->seg_offset[s] + self->seg_length[s] ? s : -1;
+}
+
+/* Fill pages [a, b) of `r` that lie in segment `s` (clipped by the caller). */
+static int place_from(Answerer *self, int fd, Region *r, long long a, long long b, Py_ssize_t s) {
+    uint64_t offset = r->offset + (uint64_t)a * r->page;
+    if (self->seg_address[s] == 0) return place(self, fd, r, a, b, self->zeros, 1);
+    char *src = (char *)(uintptr_t)(self->seg_address[s] + (offset - self->seg_offset[s]));
+    return place(self, fd, r, a, b, src, 0);
 }
 
 /* The region holding `address`: regions are in address order (RegionTable sorts them). */
@@ -197,27 +233,42 @@ static int answer(Answerer *self, int fd, Region *r, uint64_t address) {
     }
     long long start, end;
     if (r->removed[index]) goto refer; /* zero pages: the Python path */
+    /* The window stays inside the run of the mapping that holds the faulting page (a page in
+     * no run, or across two, is read by the Python path). */
+    uint64_t at = r->offset + (uint64_t)index * r->page;
+    Py_ssize_t s = segment_of(self, at);
+    if (s < 0 || at + r->page > self->seg_offset[s] + self->seg_length[s]) goto refer;
     choose(self, r, index, &start, &end);
-    while (r->offset + (uint64_t)end * r->page > self->src_length) end--;
-    if (end <= index) goto refer; /* past the mapping: the Python path reads and pads */
-    /* Map the source pages of a window with one call, rather than one fault each inside the
-     * COPY (which then retries page by page outside the mmap lock). A single page is left to
-     * that retry: one syscall fewer per random fault. Linux 5.14+; without it, faults do. */
-    if ((end - start) * (long long)r->page > 4096) {
-        uintptr_t from = (uintptr_t)(self->src + r->offset + (uint64_t)start * r->page);
+    uint64_t seg_start = self->seg_offset[s], seg_end = seg_start + self->seg_length[s];
+    if (r->offset + (uint64_t)start * r->page < seg_start)
+        start = index - (long long)((at - seg_start) / r->page);
+    long long last_in = index + (long long)((seg_end - at) / r->page);
+    if (end > last_in) end = last_in;
+    if (self->seg_address[s] == 0) { /* zeros come from a mapping of zeros_length bytes */
+        long long most = (long long)(self->zeros_length / r->page);
+        if (start < index - most + 1) start = index - most + 1;
+        if (end > index + most) end = index + most;
+    } else if ((end - start) * (long long)r->page > 4096) {
+        /* Map the source pages of a window with one call, rather than one fault each inside
+         * the COPY (which then retries page by page outside the mmap lock). A single page is
+         * left to that retry: one syscall fewer per random fault. Linux 5.14+. */
+        uintptr_t from = (uintptr_t)(self->seg_address[s] +
+                                     (r->offset + (uint64_t)start * r->page - seg_start));
         uintptr_t lo = from & ~(uintptr_t)4095;
         madvise((void *)lo, from - lo + (uint64_t)(end - start) * r->page, MADV_POPULATE_READ);
     }
     long long run_end = index;
     while (run_end < end && !r->settled[run_end] && !r->removed[run_end]) run_end++;
-    int outcome = place(self, fd, r, index, run_end);
+    if (self->seg_address[s] == 0 && run_end - index > (long long)(self->zeros_length / r->page))
+        run_end = index + (long long)(self->zeros_length / r->page);
+    int outcome = place_from(self, fd, r, index, run_end, s);
     if (outcome != PLACED) goto refer;
     /* The rest of the window; a failure here costs nothing the program waits on. */
     for (long long a = start; a < end;) {
         while (a < end && (r->settled[a] || r->removed[a])) a++;
         long long b = a;
         while (b < end && !r->settled[b] && !r->removed[b]) b++;
-        if (a < b && place(self, fd, r, a, b) != PLACED) break;
+        if (a < b && place_from(self, fd, r, a, b, s) != PLACED) break;
         a = b;
     }
     return PLACED;
@@ -480,26 +531,57 @@ done:
 }
 
 static int Answerer_init(Answerer *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"src", "src_length", "counters", "indices", "policy", "window",
+    static char *kwlist[] = {"segments", "counters", "indices", "policy", "window",
                              "min_pages", "max_bytes", "journal", NULL};
-    unsigned long long src, counters, src_length, journal = 0;
+    unsigned long long counters, journal = 0;
+    PyObject *segments;
     PyObject *indices;
     long long window = 1, min_pages = 1, max_bytes = 8 << 20;
     int policy;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKKO!i|LLLK", kwlist, &src, &src_length,
-                                     &counters, &PyTuple_Type, &indices, &policy, &window,
-                                     &min_pages, &max_bytes, &journal))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!KO!i|LLLK", kwlist, &PyList_Type,
+                                     &segments, &counters, &PyTuple_Type, &indices, &policy,
+                                     &window, &min_pages, &max_bytes, &journal))
         return -1;
-    if (!PyArg_ParseTuple(indices, "iiiiii", &self->faults, &self->pages, &self->bytes,
-                          &self->wakes, &self->copies, &self->hist))
+    if (!PyArg_ParseTuple(indices, "iiiiiii", &self->faults, &self->pages, &self->bytes,
+                          &self->wakes, &self->copies, &self->zero_pages, &self->hist))
         return -1;
     if (policy < POLICY_SINGLE || policy > POLICY_ADAPTIVE || window < 1 || min_pages < 1 ||
         max_bytes < 1) {
         PyErr_SetString(PyExc_ValueError, "unknown policy or a window of less than one page");
         return -1;
     }
-    self->src = (char *)(uintptr_t)src;
-    self->src_length = src_length;
+    if (self->seg_offset != NULL) {
+        PyErr_SetString(PyExc_TypeError, "an Answerer is built once");
+        return -1;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(segments);
+    self->seg_offset = PyMem_Calloc(n > 0 ? n : 1, sizeof(uint64_t));
+    self->seg_length = PyMem_Calloc(n > 0 ? n : 1, sizeof(uint64_t));
+    self->seg_address = PyMem_Calloc(n > 0 ? n : 1, sizeof(uint64_t));
+    if (!self->seg_offset || !self->seg_length || !self->seg_address) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long o, l, a;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(segments, i), "KKK", &o, &l, &a)) return -1;
+        if (i > 0 && o < self->seg_offset[i - 1] + self->seg_length[i - 1]) {
+            PyErr_SetString(PyExc_ValueError, "segments overlap or are out of order");
+            return -1;
+        }
+        self->seg_offset[i] = o;
+        self->seg_length[i] = l;
+        self->seg_address[i] = a;
+        self->segments = i + 1;
+    }
+    /* Zeros to copy from (a COPY of zeros, as the Python path: hugetlbfs has no ZEROPAGE). */
+    self->zeros_length = (uint64_t)(max_bytes > (2 << 20) ? max_bytes : (2 << 20));
+    void *zeros = mmap(NULL, self->zeros_length, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (zeros == MAP_FAILED) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->zeros = zeros;
     self->counters = (uint64_t *)(uintptr_t)counters;
     self->journal = (uint64_t *)(uintptr_t)journal;
     self->policy = policy;
@@ -508,6 +590,14 @@ static int Answerer_init(Answerer *self, PyObject *args, PyObject *kwds) {
     self->max_bytes = max_bytes;
     for (int i = 0; i < STREAMS; i++) self->streams[i].id = -1;
     return 0;
+}
+
+static void Answerer_dealloc(Answerer *self) {
+    PyMem_Free(self->seg_offset);
+    PyMem_Free(self->seg_length);
+    PyMem_Free(self->seg_address);
+    if (self->zeros != NULL) munmap(self->zeros, self->zeros_length);
+    Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyMethodDef Answerer_methods[] = {
@@ -524,6 +614,7 @@ static PyTypeObject AnswererType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Answerer_init,
+    .tp_dealloc = (destructor)Answerer_dealloc,
     .tp_methods = Answerer_methods,
 };
 

@@ -10,10 +10,9 @@ class RegionTable:
 class Answerer:
     def __init__(
         self,
-        src: int,
-        src_length: int,
+        segments: list[tuple[int, int, int]],
         counters: int,
-        indices: tuple[int, int, int, int, int, int],
+        indices: tuple[int, int, int, int, int, int, int],
         policy: int,
         window: int = 1,
         min_pages: int = 1,

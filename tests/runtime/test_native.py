@@ -9,6 +9,7 @@ range that moved, the store's last partial page.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
 import os
 import threading
@@ -190,3 +191,59 @@ def test_the_last_partial_page_is_the_store_tail_then_zeros(tmp_path: Path) -> N
     wrong, used = in_target(body, timeout=60)
     assert not wrong, wrong
     assert used == EXPECTED, used
+
+
+def _criu_dump(tmp_path: Path) -> Path:
+    """Images of a task with two lazy VMAs of 8 pages each: pages 0-2, 6-9 and 12 present."""
+    from tests.criu.test_images import BASE, LAZY, _dump
+
+    return _dump(tmp_path, [(BASE, 3, LAZY), (BASE + 6 * PAGE, 4, LAZY),
+                            (BASE + 12 * PAGE, 1, LAZY)])  # fmt: skip
+
+
+def test_criu_pages_say_where_each_run_is_mapped(tmp_path: Path) -> None:
+    from tests.criu.test_images import BASE
+    from userfaultfd.criu import CriuPages
+
+    with CriuPages(_criu_dump(tmp_path), 7) as store:
+        runs = store.mapped()
+        assert runs is not None, "a local pages image is mapped: the native path can serve it"
+        covered = [(offset, offset + length) for offset, length, _ in runs]
+        assert covered[0][0] == BASE and covered[-1][1] == BASE + 16 * PAGE, covered
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(covered)), f"gaps: {covered}"
+        for offset, length, address in runs:
+            want = bytearray(length)
+            store.read_into(offset, memoryview(want))
+            got = bytes(length) if address == 0 else ctypes.string_at(address, length)
+            page = (offset - BASE) // PAGE
+            assert got == want, f"run at page {page}: {_first_wrong(got, bytes(want))}"
+        zero_pages = sum(length for _, length, address in runs if address == 0) // PAGE
+        assert zero_pages == 8, f"{zero_pages} pages of zeros, not the 8 holes"
+
+
+@pytest.mark.parametrize("policy", [Single(), Window(4)], ids=repr)
+def test_a_criu_task_is_served_with_its_holes_as_zeros(tmp_path: Path, policy: Policy) -> None:
+    from tests.criu.test_images import BASE
+    from userfaultfd.criu import CriuPages
+
+    images = _criu_dump(tmp_path)
+    with CriuPages(images, 7) as store:
+        want = bytearray(16 * PAGE)
+        store.read_into(BASE, memoryview(want))
+
+    def body() -> tuple[str, str, int, int, int]:
+        mapping = memory.anonymous(16 * PAGE)
+        with (
+            CriuPages(images, 7) as pages,
+            serve([Region(mapping.address, 16 * PAGE, BASE)], pages, policy=policy) as server,
+        ):
+            got = bytes(mapping.view)
+            stats = server.stats()
+        return _first_wrong(got, bytes(want)), stats.path, stats.pages, stats.zeros, stats.poisoned
+
+    wrong, used, pages, zeros, poisoned = in_target(body, timeout=60)
+    assert not wrong, wrong
+    assert used == EXPECTED, f"a CRIU task was answered by the {used} path"
+    assert (pages, zeros, poisoned) == (8, 8, 0), (
+        f"pages {pages}, zeros {zeros}, poisoned {poisoned}"
+    )

@@ -144,6 +144,35 @@ class CriuPages(Store):
             at = tables.lazy[j].end
             j += 1
 
+    def mapped(self) -> list[tuple[int, int, int]] | None:
+        """The present runs where the pages image is mapped (a local file), and the gaps of
+        the lazy VMAs as zeros; None when the image is not mapped (a pack, a URL)."""
+        image = self._pages.mapped()
+        if image is None or len(image) != 1 or image[0][0] != 0:
+            return None
+        _, mapped_length, base = image[0]
+        tables = self._tables
+        runs: list[tuple[int, int, int]] = []
+        for vma in tables.lazy:
+            at = vma.start
+            i = max(0, bisect.bisect_right(tables.starts, at) - 1)
+            while at < vma.end:
+                run = tables.runs[i] if i < len(tables.runs) else None
+                if run is not None and run[1] <= at:
+                    i += 1
+                    continue
+                if run is not None and run[0] <= at:  # a present run: from the image
+                    stop = min(vma.end, run[1])
+                    source = run[2] + (at - run[0])
+                    if source + (stop - at) > mapped_length:
+                        return None  # the image is shorter than the pagemap says
+                    runs.append((at, stop - at, base + source))
+                else:  # a gap of the lazy VMA: zeros
+                    stop = min(vma.end, run[0]) if run is not None else vma.end
+                    runs.append((at, stop - at, 0))
+                at = stop
+        return runs
+
     def known_zero(self, offset: int, length: int) -> bool:
         if length <= 0 or offset < 0 or offset + length > self._size:
             return False

@@ -11,16 +11,16 @@ from the store's mapping for a missing one. It hands back anything else (a non-f
 all that was read after it, a dropped page, a page past the mapping, an ioctl that did not
 simply succeed), so every decision that keeps the never-zeros invariant stays in one place.
 
-The native path is used where it can answer from bytes in this process: a store mapped whole
-(a local file), no per-page zero map, no reads in flight, no recording, and one of the built-in
-policies (it keeps its own Adaptive stream state; the Python path's is separate, which only
-changes window sizes, never bytes). ``UFFD_NATIVE=0`` in the environment forces the Python path
-(the tests run both).
+The native path is used where it can answer from bytes in this process: a store that says
+where its bytes are mapped (``Store.mapped()``: a local file, CRIU's pages image with the zero
+gaps of its lazy VMAs), no reads in flight, no recording, and one of the built-in policies (it
+keeps its own Adaptive stream state; the Python path's is separate, which only changes window
+sizes, never bytes). A window stays inside the mapped run that holds the faulting page.
+``UFFD_NATIVE=0`` in the environment forces the Python path (the tests run both).
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import select
 from types import ModuleType
@@ -104,14 +104,18 @@ class Native:
     path = NATIVE
 
     def __init__(
-        self, address: int, length: int, stats: StatsBlock, policy: Policy, journal: Journal | None
+        self,
+        segments: list[tuple[int, int, int]],
+        stats: StatsBlock,
+        policy: Policy,
+        journal: Journal | None,
     ) -> None:
         kind, window, min_pages, max_bytes = _policy_parameters(policy)
         indices = (_stats.FAULTS, _stats.PAGES, _stats.BYTES, _stats.WAKES, _stats.COPIES,
-                   stats.histogram_index)  # fmt: skip
+                   _stats.ZEROS, stats.histogram_index)  # fmt: skip
         assert _speedups is not None
         self._native = _speedups.Answerer(
-            address, length, stats.address, indices, kind, window, min_pages, max_bytes,
+            segments, stats.address, indices, kind, window, min_pages, max_bytes,
             0 if journal is None else journal.address,
         )  # fmt: skip
 
@@ -142,24 +146,6 @@ def _policy_parameters(policy: Policy) -> tuple[int, int, int, int]:
     return 0, 1, 1, 1
 
 
-def _mapped_whole(store: Store) -> tuple[int, int] | None:
-    """Where the whole of ``store`` lies in this process, if it is mapped in one piece.
-
-    Asked through :meth:`Store.address` for the first and the last page only (each call maps
-    and populates just the pages it is asked for): the bytes lie in one mapping exactly when
-    the last page's address is the first's plus its offset."""
-    page = mmap.PAGESIZE
-    size = store.size
-    if size <= 0:
-        return None
-    first = store.address(0, min(page, size))
-    tail = size - (size - 1) % page - 1 if size > page else 0
-    last = store.address(tail, size - tail)
-    if first is None or last is None or last != first + tail:
-        return None
-    return first, -(-size // page) * page  # the kernel maps the file's last page whole
-
-
 def answerer_for(
     store: Store | None, policy: Policy, stats: StatsBlock, journal: Journal | None, *,
     record: bool, in_flight: bool,
@@ -170,9 +156,7 @@ def answerer_for(
         return ReadOnly(journal)
     if type(policy) not in (Single, Window, Adaptive):
         return ReadOnly(journal)
-    if type(store).known_zero is not Store.known_zero:
+    segments = store.mapped()
+    if segments is None:
         return ReadOnly(journal)
-    mapped = _mapped_whole(store)
-    if mapped is None:
-        return ReadOnly(journal)
-    return Native(*mapped, stats, policy, journal)
+    return Native(segments, stats, policy, journal)

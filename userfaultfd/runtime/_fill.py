@@ -58,9 +58,12 @@ class Outcome(enum.Enum):
 
 
 class Fill(enum.Enum):
-    COPY = enum.auto()
-    ZERO = enum.auto()
-    POISON = enum.auto()
+    """How pages are settled."""
+
+    COPY = enum.auto()  #: from the store's bytes
+    KNOWN_ZERO = enum.auto()  #: zeros the store knows of, without a read (counted as zeros)
+    ZERO = enum.auto()  #: zeros for pages the program dropped
+    POISON = enum.auto()  #: SIGBUS on access
 
 
 @dataclass(slots=True, eq=False)
@@ -156,10 +159,9 @@ class Filler:
             stop, zero = self.run_of_kind(region, index, min(last, index + chunk))
             offset, size = region.offset + index * page, (stop - index) * page
             if zero:
-                outcome = self.place(source, region, index, stop, Fill.ZERO)
+                outcome = self.place(source, region, index, stop, Fill.KNOWN_ZERO)
                 if outcome is not Outcome.DONE:
                     return outcome
-                self.stats.add(_stats.ZEROS, stop - index)
                 index = stop
                 continue
             src = self.read(offset, size)
@@ -236,7 +238,7 @@ class Filler:
             try:
                 if how is Fill.COPY:
                     source.uffd.copy(address, src, length, wake=wake)
-                elif how is Fill.ZERO:  # a COPY of zeros: hugetlbfs ranges have no ZEROPAGE
+                elif how in (Fill.ZERO, Fill.KNOWN_ZERO):  # hugetlbfs ranges have no ZEROPAGE
                     source.uffd.copy(address, self.zeros(length), length)
                 else:
                     source.uffd.poison(address, length)
@@ -282,3 +284,5 @@ class Filler:
         elif how is Fill.COPY:
             self.stats.add(_stats.PAGES, pages)
             self.stats.add(_stats.BYTES, pages * region.page_size)
+        elif how is Fill.KNOWN_ZERO:
+            self.stats.add(_stats.ZEROS, pages)

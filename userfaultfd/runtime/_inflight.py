@@ -157,8 +157,7 @@ class Reads:
                 stop, zero = self._filler.run_of_kind(region, index, min(b, index + unit_pages))
                 size = (stop - index) * page
                 if zero:
-                    self._filler.place(source, region, index, stop, Fill.ZERO)
-                    self.stats.add(_stats.ZEROS, stop - index)
+                    self._filler.place(source, region, index, stop, Fill.KNOWN_ZERO)
                 else:
                     fetch = Fetch(source.key, offset, size, demand, prefetch=prefetch,
                                   marker=offset if markers else -1)  # fmt: skip

@@ -84,6 +84,14 @@ class Store(abc.ABC):
         """
         return None
 
+    def mapped(self) -> list[tuple[int, int, int]] | None:
+        """Where this store's bytes lie in this process's memory, for the native fault path:
+        runs (store offset, length, address) in offset order; address 0 for a run known to be
+        zeros. A run may end past :attr:`size` up to the next page (the kernel maps a file's
+        last page whole). Offsets in no run are read through :meth:`read_into`. Default: None
+        (nothing mapped)."""
+        return None
+
     def known_zero(self, offset: int, length: int) -> bool:
         """Whether bytes [offset, offset + length) are known to be all zero without reading
         them (a pack's zero chunks, a hole). The handler then maps zero pages and fetches

@@ -96,16 +96,7 @@ class FileStore(Store):
         current = self._current_size()
         if current < offset + length:
             return None
-        if self._map is None:
-            # The recorded size, or less if the file shrank (mmap refuses more than it holds).
-            try:
-                self._map = mmap.mmap(
-                    self._fd, min(self._size, current), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ
-                )
-            except (OSError, ValueError):
-                return None
-            self._base, _ = self._pins.enter_context(pinned(self._map))
-        if offset + length > len(self._map):
+        if not self._mapping(current) or self._map is None or offset + length > len(self._map):
             return None
         # Map the source pages with one call, rather than one fault per 64 KiB during the copy.
         page = mmap.PAGESIZE
@@ -114,6 +105,26 @@ class FileStore(Store):
             populate = min(len(self._map) - start, length + page)
             self._map.madvise(_MADV_POPULATE_READ, start, populate)
         return self._base + offset
+
+    def _mapping(self, current: int) -> bool:
+        """Map the file (once), as far as it is ``current`` bytes long; whether it is mapped."""
+        if self._map is None:
+            # The recorded size, or less if the file shrank (mmap refuses more than it holds).
+            try:
+                self._map = mmap.mmap(
+                    self._fd, min(self._size, current), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ
+                )
+            except (OSError, ValueError):
+                return False
+            self._base, _ = self._pins.enter_context(pinned(self._map))
+        return True
+
+    def mapped(self) -> list[tuple[int, int, int]] | None:
+        if self._fd < 0 or self._size == 0 or not self._mapping(self._current_size()):
+            return None
+        assert self._map is not None
+        page = mmap.PAGESIZE
+        return [(0, -(-len(self._map) // page) * page, self._base)]
 
     def fileno(self) -> int:
         """The descriptor of the file this store opened (what a direct mapping maps)."""
