@@ -19,6 +19,10 @@ loopback (half the RTT each way, no bandwidth cap):
   criu page-server      criu page-server --lazy-pages -D IMAGES on the far side of the proxy,
                         criu lazy-pages --page-server --address PROXY; needs fs.pipe-max-size
                         >= 4194304 (criu.md), raised for the run and restored after
+Many regions (``--regions 4103,10000,50000``, ``--no-regions`` to skip): the local rows again,
+on tests/criu/regions.c with that many one-page regions, each its own VMA and so its own lazy
+range (per-region costs: a daemon that walks every range per page is quadratic); touch is the
+program's check of every byte, its rate in MiB/s of the regions' pages.
 CRIU comes from tests/criu/install_criu.sh. Needs root; the remote rows need nginx.
 """
 
@@ -40,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 REAPER = ROOT / "tests" / "criu" / "_reaper.py"
+REGIONS = ROOT / "tests" / "criu" / "regions.c"
 PROXY = ROOT / "benchmarks" / "_delay_proxy.py"
 PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")
 
@@ -95,10 +100,31 @@ class Row:
 
 
 def _run(criu: str, program: str, work: Path, size_mib: int, setup: Setup) -> Row:
+    return _run_program(criu, [program, str(work), str(size_mib)], work, setup, _words_result)
+
+
+def _words_result(text: str) -> tuple[bool, float]:
+    """PROGRAM's result: "BAD SECONDS" (wrong words, then the seconds its check took)."""
+    bad, touch = text.split()
+    return bad == "0", float(touch)
+
+
+def _regions_result(text: str) -> tuple[bool, float]:
+    """tests/criu/regions.c's result: "PASS N SECONDS", or what was wrong."""
+    parts = text.split()
+    return parts[:1] == ["PASS"], float(parts[2]) if parts[:1] == ["PASS"] else 0.0
+
+
+def _run_program(
+    criu: str, argv: list[str], work: Path, setup: Setup,
+    result: Callable[[str], tuple[bool, float]],
+) -> Row:  # fmt: skip
+    """Dump ``argv`` (run in ``work``, which it gets as its first argument), restore it lazily
+    served by the daemon ``setup`` yields, and time it; ``result`` reads its result file."""
     shutil.rmtree(work, ignore_errors=True)
     images = work / "img"
     images.mkdir(parents=True)
-    target = subprocess.Popen([program, str(work), str(size_mib)], cwd=work,
+    target = subprocess.Popen(argv, cwd=work,
                               start_new_session=True, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     wait_for("the program's ready file", (work / "ready").exists, 120)
@@ -106,10 +132,13 @@ def _run(criu: str, program: str, work: Path, size_mib: int, setup: Setup) -> Ro
                    check=True, timeout=300, capture_output=True)  # fmt: skip
     target.wait(timeout=30)
     with setup(images) as daemon:
-        return _serve(criu, work, images, target.pid, daemon)
+        return _serve(criu, work, images, target.pid, daemon, result)
 
 
-def _serve(criu: str, work: Path, images: Path, pid: int, daemon: list[str]) -> Row:
+def _serve(
+    criu: str, work: Path, images: Path, pid: int, daemon: list[str],
+    result: Callable[[str], tuple[bool, float]],
+) -> Row:  # fmt: skip
     command = [part.replace("IMAGES", str(images)) for part in daemon]
     served = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)  # fmt: skip
@@ -133,10 +162,11 @@ def _serve(criu: str, work: Path, images: Path, pid: int, daemon: list[str]) -> 
         if served.poll() is None:
             os.killpg(served.pid, signal.SIGKILL)
             served.wait()
-    bad, touch = (work / "result").read_text().split()
-    if ending != "exit 0" or bad != "0":
-        raise RuntimeError(f"the restored program saw {bad} wrong words and ended {ending!r}")
-    return Row(restored, float(touch), total)
+    text = (work / "result").read_text()
+    right, touch = result(text)
+    if ending != "exit 0" or not right:
+        raise RuntimeError(f"the restored program reported {text!r} and ended {ending!r}")
+    return Row(restored, touch, total)
 
 
 def _local(command: list[str]) -> Setup:
@@ -226,11 +256,26 @@ def _pipe_max(size: int) -> Iterator[str | None]:
         PIPE_MAX.write_text(before)
 
 
-def _print(name: str, rows: list[Row], size_mib: int) -> None:
+def _print(name: str, rows: list[Row], size_mib: float) -> None:
     best = Row(*(min(getattr(r, f) for r in rows) for f in ("restore", "touch", "total")))
     rate = size_mib / best.touch if best.touch else float("inf")
-    print(f"{name:<30} {best.restore:>8.3f}s {best.touch:>8.3f}s {best.total:>8.3f}s"
+    print(f"{name:<38} {best.restore:>8.3f}s {best.touch:>8.3f}s {best.total:>8.3f}s"
           f"  {rate:8.0f} MiB/s", flush=True)  # fmt: skip
+
+
+def _many_regions(criu: str, local: dict[str, list[str]], counts: list[int], repeat: int,
+                  tmp: str) -> None:  # fmt: skip
+    """The local rows on tests/criu/regions.c: COUNT one-page regions, each its own VMA."""
+    program = f"{tmp}/regions"
+    subprocess.run(["gcc", "-O2", "-o", program, str(REGIONS)], check=True)
+    work = Path(tmp) / "regions-work"
+    for count in counts:
+        print(f"{count} one-page regions (tests/criu/regions.c), best of {repeat}")
+        for name, command in local.items():
+            rows = [_run_program(criu, [program, str(work), str(count)], work,
+                                 _local(command), _regions_result)
+                    for _ in range(repeat)]  # fmt: skip
+            _print(f"{name}, {count} regions", rows, count * 4096 / (1 << 20))
 
 
 def main() -> int:
@@ -241,6 +286,12 @@ def main() -> int:
     parser.add_argument("--remote-repeat", type=int, default=1, help="runs of each remote row")
     parser.add_argument("--no-local", dest="local", action="store_false")
     parser.add_argument("--no-remote", dest="remote", action="store_false")
+    parser.add_argument(
+        "--regions",
+        default="4103,10000,50000",
+        help="region counts of the many-regions rows (comma-separated)",
+    )
+    parser.add_argument("--no-regions", dest="many", action="store_false")
     args = parser.parse_args()
     criu = subprocess.run([str(ROOT / "tests" / "criu" / "install_criu.sh")], check=True,
                           capture_output=True, text=True).stdout.split()[-1]  # fmt: skip
@@ -258,12 +309,15 @@ def main() -> int:
         work = Path(tmp) / "work"
         print(f"{args.size_mib} MiB of private anonymous memory; local rows best of "
               f"{args.repeat}, remote rows best of {args.remote_repeat}")  # fmt: skip
-        print(f"{'daemon':<30} {'restore':>9} {'touch':>9} {'total':>9}  touch rate")
+        print(f"{'daemon':<38} {'restore':>9} {'touch':>9} {'total':>9}  touch rate")
         if args.local:
             for name, command in local.items():
                 rows = [_run(criu, program, work, args.size_mib, _local(command))
                         for _ in range(args.repeat)]  # fmt: skip
                 _print(name, rows, args.size_mib)
+        if args.many:
+            counts = [int(n) for n in args.regions.split(",") if n]
+            _many_regions(criu, local, counts, args.repeat, tmp)
         if not args.remote:
             return 0
         if not os.path.exists(_servers.NGINX):
