@@ -208,18 +208,25 @@ class Handler:
         return self._streams
 
     # -- the loop ----------------------------------------------------------------------------------
-    def run(self, commands: int | None = None, control: int | None = None) -> None:
+    def run(
+        self, commands: int | None = None, control: int | None = None, serving: int | None = None
+    ) -> None:
         """Serve until every served process is gone or has unmapped its ranges, or until a
         command: b"d" fills every page not filled yet, b"p" poisons them, then the handler exits;
         b"b" fills them in the background, between faults, and exits when all are in.
 
         ``commands`` comes from the supervisor. When it closes (the supervisor died), the
-        handler goes on alone and takes its commands from the program's ``control`` pipe."""
+        handler goes on alone and takes its commands from the program's ``control`` pipe.
+        ``serving``: a pipe closed once the handler is set up and about to wait for faults (the
+        supervisor tells the program it is ready only then: a first fault costs what any does).
+        """
         listening = commands if commands is not None else control
         watcher = threading.Thread(target=self._watch, name="uffd-event-watcher", daemon=True)
         watcher.start()
         if self._reads is not None:
             self._reads.start_prefetch()
+        if serving is not None:
+            os.close(serving)
         try:
             probed = time.monotonic()
             while self._sources:

@@ -51,6 +51,8 @@ __all__ = ["Options", "ignore_group_signals", "supervise"]
 
 #: A handler that cannot open its store exits with this status: restarting will not help.
 STORE_GONE = 3
+#: How long a handler may take to set up before the supervisor goes on without waiting.
+_SETUP_TIMEOUT = 30.0
 #: More restarts than this within RESTART_WINDOW seconds: give up and poison.
 MAX_RESTARTS = 50
 RESTART_WINDOW = 10.0
@@ -155,14 +157,16 @@ def _start(
     journal: Journal,
 ) -> tuple[int, int, Channel]:  # fmt: skip
     """Fork a handler with descriptors of its own; returns its pid, its command pipe and the
-    channel it reports on."""
+    channel it reports on, once the handler is set up and waits for faults (or has died)."""
     commands_read, commands_write = os.pipe2(os.O_CLOEXEC)
+    serving_read, serving_write = os.pipe2(os.O_CLOEXEC)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         status = 1
         try:
             os.close(commands_write)
+            os.close(serving_read)
             ours.close()
             channel.sock.close()
             try:
@@ -180,14 +184,18 @@ def _start(
                 own = Userfaultfd.from_fd(os.dup(held.uffd.fileno()), held.uffd.features)
                 held.uffd.close()  # the supervisor's copy, inherited: only the supervisor keeps it
                 handler.add(own, held.ranges.forgotten(), key=key)
-            handler.run(commands_read, control)
+            handler.run(commands_read, control, serving_write)
             status = 0
         except BaseException:
             traceback.print_exc()
         finally:
             os._exit(status)
     os.close(commands_read)
+    os.close(serving_write)
     theirs.close()
+    # EOF once the handler closes it, about to wait for faults, or dies (then _watch sees it).
+    select.select([serving_read], [], [], _SETUP_TIMEOUT)
+    os.close(serving_read)
     return pid, commands_write, Channel(ours)
 
 
