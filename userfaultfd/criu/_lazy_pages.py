@@ -173,4 +173,4 @@ def _pages_for(pages: str | None) -> str | None:
 def _wait_gone(servers: list[Server]) -> None:
     """Until every supervisor has ended (its tasks exited, or unmapped all they served)."""
     while any(s.alive for s in servers):
-        select.select([], [], [], 0.05)
+        select.select([], [], [], 0.01)
