@@ -15,7 +15,9 @@ than :data:`INLINE` goes as a :class:`Spilled` message with its pickle in a memf
 
 from __future__ import annotations
 
+import array
 import contextlib
+import itertools
 import os
 import pickle
 import struct
@@ -44,8 +46,9 @@ __all__ = [
 
 #: The largest pickled report sent in the message itself; a larger one is spilled to a memfd.
 INLINE = 64 << 10
-#: One range of the program's table: address, length, store offset, page size.
+#: One range of the program's table: address, length, store offset, page size (native u64s).
 _ROW = struct.Struct("=QQQQ")
+assert array.array("Q").itemsize == 8
 #: pack_ranges: the count, then a row per range (address, length, offset, page size, stream).
 _COUNT = struct.Struct("=Q")
 _STATE = struct.Struct("=QQQQQ")
@@ -141,17 +144,16 @@ def _read_all(fd: int, size: int, what: str) -> bytes:
 def table_fd(ranges: Iterable[tuple[int, int, int, int]]) -> tuple[int, int]:
     """The ranges (address, length, store offset, page size) as a memfd to send with the first
     message; returns the descriptor (the caller closes it) and the number of ranges."""
-    rows = list(ranges)
-    table = bytearray(_ROW.size * len(rows))
-    for index, row in enumerate(rows):
-        _ROW.pack_into(table, index * _ROW.size, *row)
-    return _memfd("userfaultfd-ranges", bytes(table)), len(rows)
+    table = array.array("Q", itertools.chain.from_iterable(ranges))  # native u64, as _ROW
+    if len(table) % 4:
+        raise ValueError("each range is (address, length, store offset, page size)")
+    return _memfd("userfaultfd-ranges", table.tobytes()), len(table) // 4
 
 
 def read_table(fd: int, count: int) -> list[tuple[int, int, int, int]]:
     """The ``count`` ranges :func:`table_fd` wrote to ``fd`` (which stays open)."""
-    data = _read_all(fd, count * _ROW.size, "the table of ranges")
-    return list(_ROW.iter_unpack(data))
+    table = array.array("Q", _read_all(fd, count * _ROW.size, "the table of ranges"))
+    return list(zip(table[0::4], table[1::4], table[2::4], table[3::4], strict=True))
 
 
 def receive(channel: Channel, timeout: float) -> tuple[Report, list[int]]:
