@@ -40,7 +40,9 @@ def serve_adopted(
     try:
         if cpu == "same":
             raise ValueError('cpu "same" pins the caller; the faulting task is another process')
-        resolved, options = plan(list(regions), store, policy, batch, buffer_bytes)
+        resolved, options = plan(
+            list(regions), store, policy=policy, batch=batch, buffer_bytes=buffer_bytes
+        )
         return start(resolved, options, cpu, lambda: (uffd, uffd.features))
     finally:
         uffd.close()

@@ -234,7 +234,8 @@ class Handler:
                     self._release_gone()
                     self.finish(fill=True)  # every page is in
                     return
-                idle = 0 if self._background else int(_PROBE_PERIOD * 1000)
+                busy = self._background or (self._reads is not None and self._reads.prefetch_ready)
+                idle = 0 if busy else int(_PROBE_PERIOD * 1000)
                 others = [self._wake_read] if listening is None else [self._wake_read, listening]
                 ready, left = self._answer.wait(
                     list(self._sources.values()), others, idle, self.batch
@@ -242,6 +243,8 @@ class Handler:
                 for fd, events in left:  # events the answerer read and left to this loop
                     if (source := self._sources.get(fd)) is not None:
                         self._serve(source, events)
+                if self._reads is not None and self._reads.prefetch_ready:
+                    self._reads.prefetch_more()
                 for fd in ready:
                     if fd == self._wake_read:
                         with contextlib.suppress(BlockingIOError):

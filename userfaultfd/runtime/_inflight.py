@@ -25,6 +25,7 @@ import logging
 import struct
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import final
 
 from . import _stats
@@ -37,6 +38,8 @@ from ._stats import StatsBlock
 __all__ = ["RECORD", "Reads"]
 
 _log = logging.getLogger("userfaultfd.runtime")
+#: How long one turn of the loop may spend asking for the working set (faults come between).
+_PREFETCH_SLICE = 0.002
 
 #: A working-set record: each fill a fault caused, as (store offset, length), in order.
 RECORD = struct.Struct("<QQ")
@@ -74,6 +77,8 @@ class Reads:
         self._held: dict[tuple[int, int], bytes] = {}  # marker pages kept back, by store offset
         self._prefetch = prefetch
         self._prefetching = False
+        self._records: Iterator[tuple[int, int]] = iter(())  # the working set not yet asked for
+        self._more = False  # records are left in it
         #: A fill that must end (in the background): what the store cannot give is poisoned.
         self.background = False
 
@@ -180,9 +185,7 @@ class Reads:
                     self._retry.extend(done[position:])
                     return Outcome.CHANGED
                 self.fetcher.release(fetch)
-        if self._prefetching and not any(f.prefetch for f in self.fetcher.pending):
-            self._prefetching = False
-            self.stats.set(_stats.PREFETCHING, 0)
+        self.prefetch_more()
         return Outcome.DONE
 
     def _install(self, fetch: Fetch) -> Outcome:
@@ -254,22 +257,43 @@ class Reads:
         return Outcome.DONE
 
     def start_prefetch(self) -> None:
-        """Ask for a recorded working set, in its order, behind any demand read. The stats
-        say when it is all in (``PREFETCHING`` back to 0: serve() waits for it)."""
+        """Ask for a recorded working set, in its order, behind any demand read, a few reads
+        at a time (:meth:`prefetch_more`): a file of any length never keeps a fault waiting.
+        The stats say when it is all in (``PREFETCHING`` back to 0: serve() waits for it)."""
         if self._prefetch is None:
             return
-        source = self._by_key.get(PROGRAM)
         try:
             with open(self._prefetch, "rb") as f:
                 data = f.read()
         except OSError as err:
             _log.warning("prefetch: cannot read %s: %s", self._prefetch, err)
             data = b""
-        if source is None or not data:
-            self.stats.set(_stats.PREFETCHING, 0)
+        self._records = RECORD.iter_unpack(data[: len(data) // RECORD.size * RECORD.size])
+        self._prefetching = self._more = True
+        self.prefetch_more()
+
+    @property
+    def prefetch_ready(self) -> bool:
+        """Whether more of the working set can be asked for now (the loop then polls without
+        waiting, as for a background fill): records are left and reads in flight are few."""
+        return self._more and len(self.fetcher.pending) < 2 * self.fetcher.workers
+
+    def prefetch_more(self) -> None:
+        """Submit the working set's next records while fewer than twice the fetcher's
+        threads are in flight, for at most a couple of milliseconds (the loop answers faults
+        in between); once all are submitted and in, the prefetch is over."""
+        source = self._by_key.get(PROGRAM)
+        if not self._prefetching:
             return
-        self._prefetching = True
-        for offset, length in RECORD.iter_unpack(data[: len(data) // RECORD.size * RECORD.size]):
+        deadline = time.monotonic() + _PREFETCH_SLICE
+        while len(self.fetcher.pending) < 2 * self.fetcher.workers:
+            if time.monotonic() > deadline:
+                return  # more next time round the loop
+            record = next(self._records, None) if source is not None else None
+            if source is None or record is None:  # every record asked for, or nobody to serve
+                self._more = False
+                break
+            offset, length = record
             for region in source.map.regions:
                 page = region.page_size
                 lo = max(offset, region.offset)
@@ -277,6 +301,7 @@ class Reads:
                 if lo < hi:
                     first, last = (lo - region.offset) // page, -(-(hi - region.offset) // page)
                     self.ask(source, region, first, last, demand=False, prefetch=True)
-        if not any(f.prefetch for f in self.fetcher.pending):  # all there, or all zero
-            self._prefetching = False
-            self.stats.set(_stats.PREFETCHING, 0)
+        if self._more or any(f.prefetch for f in self.fetcher.pending):
+            return  # more to ask for, or to install, once reads in flight complete
+        self._prefetching = False  # every record asked for and in (or all zero)
+        self.stats.set(_stats.PREFETCHING, 0)

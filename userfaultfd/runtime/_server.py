@@ -220,16 +220,18 @@ def serve(
     from user space only (all an unprivileged process may have under
     vm.unprivileged_userfaultfd=0); a system call reading the memory then fails with EFAULT.
     ``fetches``: store reads kept in flight (default: what the store serves at once, e.g. 16
-    for HTTP and S3, 1 for a local file). ``record``: append the working set to this file (each
-    fill a fault asked for, in order); ``prefetch``: a file ``record`` wrote, whose fills are
+    for HTTP and S3, 1 for a local file). ``record``: the working set (each fill a fault asked
+    for, in order), written to ``record + ".partial"`` and moved over ``record`` when the
+    server ends (checked writable here); ``prefetch``: a file ``record`` wrote, whose fills are
     read and installed (without waking, one wake per run) before serve() returns, as REAP
     does: the program then runs on its working set without faults. After
     ``prefetch_timeout`` seconds serve() returns anyway, and the rest comes in behind the
     faults, which are served first.
     """
     wanted = [r if isinstance(r, Region) else Region.of(r) for r in regions]
-    resolved, options = plan(wanted, store, policy, batch, buffer_bytes, fetches, record,
-                             prefetch, prefetch_timeout)  # fmt: skip
+    resolved, options = plan(wanted, store, policy=policy, batch=batch, buffer_bytes=buffer_bytes,
+                             fetches=fetches, record=record, prefetch=prefetch,
+                             prefetch_timeout=prefetch_timeout)  # fmt: skip
 
     def register() -> tuple[Userfaultfd, Feature]:
         uffd, features = _open(user_mode_only)
@@ -244,8 +246,9 @@ def serve(
 
 
 def plan(
-    regions: list[Region], store: Store, policy: Policy | None, batch: int, buffer_bytes: int,
-    fetches: int | None = None, record: str | os.PathLike[str] | None = None,
+    regions: list[Region], store: Store, *, policy: Policy | None, batch: int,
+    buffer_bytes: int, fetches: int | None = None,
+    record: str | os.PathLike[str] | None = None,
     prefetch: str | os.PathLike[str] | None = None, prefetch_timeout: float = 60.0,
 ) -> tuple[list[Region], Options]:  # fmt: skip
     """Check everything serve() is given before any process starts; the regions it will serve
@@ -275,13 +278,28 @@ def plan(
         raise ValueError(f"prefetch_timeout must be seconds >= 0, not {prefetch_timeout!r}")
     if prefetch is not None and not os.path.isfile(prefetch):
         raise FileNotFoundError(errno.ENOENT, "no working-set record to prefetch", str(prefetch))
+    recording = None if record is None else _recording(os.path.abspath(record))
     options = Options(
-        store, chosen, StatsBlock(), batch, buffer_bytes, fetches,
-        None if record is None else os.path.abspath(record),
-        None if prefetch is None else os.path.abspath(prefetch),
+        store=store, policy=chosen, stats=StatsBlock(), batch=batch, buffer_bytes=buffer_bytes,
+        fetches=fetches, record=recording, record_into=None if record is None else
+        os.path.abspath(record), prefetch=None if prefetch is None else os.path.abspath(prefetch),
     )  # fmt: skip
     options.stats.set(_stats.PREFETCHING, 1 if prefetch is not None else 0)
     return resolved, options
+
+
+def _recording(record: str) -> str:
+    """Where a recording into ``record`` goes until it ends (``record`` + ".partial"), made
+    empty now: a path that cannot be written fails here, naming it, not in every handler."""
+    if os.path.isdir(record):
+        raise IsADirectoryError(errno.EISDIR, "record= names a directory, not a file", record)
+    partial = record + ".partial"
+    with open(partial, "wb"):  # FileNotFoundError (no such directory), PermissionError, ...
+        pass
+    if os.path.exists(record) and not os.access(record, os.W_OK):
+        os.unlink(partial)
+        raise PermissionError(errno.EACCES, "record= names a file that cannot be replaced", record)
+    return partial
 
 
 def _is_int(value: object) -> bool:

@@ -32,7 +32,7 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .._core import Userfaultfd
 from .._flags import Feature
@@ -73,9 +73,10 @@ class _Held:
     ranges: RegionMap
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Options:
-    """How handlers serve: the same for every handler the supervisor starts."""
+    """How handlers serve (the supervisor starts each with these, less what only the first
+    handler does: a prefetch)."""
 
     store: Store
     policy: Policy
@@ -84,8 +85,11 @@ class Options:
     buffer_bytes: int = 8 << 20
     #: Store reads in flight (None: what the store says it serves at once).
     fetches: int | None = None
-    #: Where to log the working set (appended to by every handler).
+    #: Where handlers append the working set while the recording goes on (``record`` +
+    #: ".partial"), and the file it replaces when the supervisor ends: so a file reused run
+    #: after run holds the last run's working set, not every run's.
     record: str | None = None
+    record_into: str | None = None
     #: A working set to prefetch (by the first handler only).
     prefetch: str | None = None
 
@@ -114,7 +118,7 @@ def supervise(channel: Channel, control: int, options: Options, cpu: int | None)
         pid, commands, reports = _start(sources, options, control, channel, journal)
         if options.prefetch is None:
             stats.set(_stats.PREFETCHING, 0)  # nobody is prefetching: serve() must not wait
-        options.prefetch = None  # a restarted handler serves on demand
+        options = replace(options, prefetch=None)  # a restarted handler serves on demand
         stats.set(_stats.HANDLER_PID, pid)
         if command:
             _tell(commands, command)
@@ -141,6 +145,9 @@ def supervise(channel: Channel, control: int, options: Options, cpu: int | None)
                 held.uffd.wake(region.address, region.length)
     if command == b"p" and sources:
         _poison(sources, options)
+    if options.record is not None and options.record_into is not None:
+        with contextlib.suppress(OSError):  # (it was writable at the start: see plan())
+            os.replace(options.record, options.record_into)
 
 
 def _replay(journal: Journal, sources: dict[int, _Held]) -> None:
