@@ -6,11 +6,17 @@ import argparse
 import sys
 
 from .. import check as _checks
+from ._args import integer_between, seconds_between
 from ._commands import add_command
 
 __all__ = ["add_check_command", "define_check"]
 
 _DEFAULTS = _checks.CheckOptions()
+#: The bounds of the options: each keeps a run finite and its deadlines within what a clock
+#: holds (``--race-seconds 1e308`` was an OverflowError, ``--layouts 10**26`` never ended).
+MAX_LAYOUTS = 100_000
+MAX_RACE_ITERATIONS = 1_000_000_000
+MAX_RACE_SECONDS = 86_400.0
 
 
 def add_check_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,21 +43,24 @@ def define_check(check: argparse.ArgumentParser) -> None:
     )
     check.add_argument(
         "--layouts",
-        type=int,
+        type=integer_between(1, MAX_LAYOUTS),
         default=_DEFAULTS.layouts,
-        help="random layouts the model is compared on",
+        metavar="N",
+        help=f"random layouts the model is compared on (1 to {MAX_LAYOUTS})",
     )
     check.add_argument(
         "--race-seconds",
-        type=float,
+        type=seconds_between(MAX_RACE_SECONDS),
         default=_DEFAULTS.race_seconds,
-        help="time bound of the live race",
+        metavar="S",
+        help=f"time bound of the live race (more than 0, at most {MAX_RACE_SECONDS:g})",
     )
     check.add_argument(
         "--race-iterations",
-        type=int,
+        type=integer_between(1, MAX_RACE_ITERATIONS),
         default=_DEFAULTS.race_iterations,
-        help="iteration bound of the live race",
+        metavar="N",
+        help=f"iteration bound of the live race (1 to {MAX_RACE_ITERATIONS})",
     )
     check.set_defaults(func=_check)
 

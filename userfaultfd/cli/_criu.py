@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ._args import UsageError, parse_policy, storage_option
+from ._args import UsageError, cpu_number, parse_policy, storage_option
 from ._commands import add_command
 
 if TYPE_CHECKING:
@@ -67,7 +67,9 @@ def define_lazy_pages(p: argparse.ArgumentParser) -> None:
         ),
     )
     p.add_argument("--socket", metavar="PATH", help="default: IMAGES_DIR/lazy-pages.socket")
-    p.add_argument("--cpu", type=int, default=None, help="pin the handlers to this CPU")
+    p.add_argument(
+        "--cpu", type=cpu_number, default=None, metavar="N", help="pin the handlers to this CPU"
+    )
     p.set_defaults(func=_lazy_pages)
 
 

@@ -5,11 +5,23 @@ The tools and rich are imported by the command that runs, not by its parser."""
 from __future__ import annotations
 
 import argparse
+import os
 
-from ._args import count, parse_size
+from ._args import integer_between, size_between
 from ._commands import add_command
 
-__all__ = ["add_tool_commands", "define_snapshot"]
+__all__ = ["MAX_WRITERS", "add_tool_commands", "define_snapshot"]
+
+#: Writer threads ``snapshot`` starts at most: beyond the CPUs they only take turns, and
+#: ``--writers 100000`` started that many threads without a word.
+MAX_WRITERS = 64
+
+
+def _max_size() -> int:
+    """The largest demo region: half this machine's memory. The region is filled in memory
+    before the snapshot (and the image may go to a tmpfs): more would end in the OOM killer."""
+    half = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    return max(half >> 20 << 20, 1 << 20)  # whole MiB, as --help shows it
 
 
 def _snapshot_demo(args: argparse.Namespace) -> int:
@@ -18,7 +30,7 @@ def _snapshot_demo(args: argparse.Namespace) -> int:
 
     bar = ProgressBar("snapshot")
     try:
-        result = snapshot_demo(args.dest, parse_size(args.size), writers=args.writers, progress=bar)
+        result = snapshot_demo(args.dest, args.size, writers=args.writers, progress=bar)
     finally:
         bar.close()
     stats = result.stats
@@ -44,6 +56,17 @@ def add_tool_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
 def define_snapshot(snap: argparse.ArgumentParser) -> None:
     """Define ``snapshot DEST [--size SIZE] [--writers N]`` on its parser."""
     snap.add_argument("dest", help="image path, or an fsspec URL to upload it to")
-    snap.add_argument("--size", default="256M", help="demo region size, e.g. 256M or 1G")
-    snap.add_argument("--writers", type=count, default=2, help="writer threads during the snapshot")
+    page, most = os.sysconf("SC_PAGE_SIZE"), _max_size()
+    snap.add_argument(
+        "--size",
+        type=size_between(page, most),
+        default="256M",
+        help=f"demo region size, e.g. 256M or 1G (from a page to half the memory: {most >> 20}M)",
+    )
+    snap.add_argument(
+        "--writers",
+        type=integer_between(0, MAX_WRITERS),
+        default=2,
+        help=f"writer threads during the snapshot (0 to {MAX_WRITERS})",
+    )
     snap.set_defaults(func=_snapshot_demo)
