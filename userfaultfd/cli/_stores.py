@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
 import time
 
+from .._location import is_url
 from ..stores import open_store, pack
+from ..stores._chunks import check_arguments
 from ..stores._pack import DEFAULT_CHUNK_SIZE
 from ._args import parse_size
 from ._commands import add_command
@@ -74,7 +79,63 @@ def _human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def check_pack_arguments(args: argparse.Namespace) -> None:
+    """Everything about ``pack``'s arguments that can be known before reading SOURCE: each
+    number within its bounds (ValueError naming the option), and DEST a place a pack can be
+    written (OSError naming DEST): a failure after the whole source was packed wastes the work,
+    and the pack's own error named the hidden temporary file it writes first."""
+    alone = {
+        "--chunk-size": (args.chunk_size, 3, 0),
+        "--level": (DEFAULT_CHUNK_SIZE, args.level, 0),
+        "--dictionary": (DEFAULT_CHUNK_SIZE, 3, args.dictionary),
+    }  # each number checked with valid others, so the error names the option that is wrong
+    for option, numbers in alone.items():
+        try:
+            check_arguments(*numbers)
+        except ValueError as err:
+            raise ValueError(f"{option}: {err}") from None
+    if args.criu:
+        if os.path.exists(args.dest) and not os.path.isdir(args.dest):
+            raise NotADirectoryError(
+                f"cannot write the packs to {args.dest}: it exists and is not a directory"
+            )
+        return
+    if not is_url(args.dest):
+        # A content-addressed pack makes the directories of its index (and bundles/) itself.
+        _check_writable_file(args.dest, "the pack", make_parents=args.layout == "chunks")
+
+
+def _check_writable_file(dest: str, what: str, *, make_parents: bool = False) -> None:
+    """OSError naming ``dest`` unless a file can be made at ``dest`` (by a rename from its own
+    directory, as the pack is): not a directory, in a directory that exists (``make_parents``:
+    or can be made in the nearest one that does) and takes a new file (not /proc, not
+    read-only). Leaves nothing behind."""
+    folder = os.path.dirname(dest) or "."
+    if os.path.isdir(dest):
+        raise IsADirectoryError(f"cannot write {what} to {dest}: it is a directory")
+    if make_parents:
+        while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder) or "."
+    if not os.path.isdir(folder):
+        why = "does not exist" if not os.path.exists(folder) else "is not a directory"
+        raise FileNotFoundError(f"cannot write {what} to {dest}: {folder} {why}")
+    try:
+        fd, probe = tempfile.mkstemp(
+            dir=folder, prefix=f".{os.path.basename(dest)}.", suffix=".probe"
+        )
+    except OSError as err:
+        reason = err.strerror or str(err)
+        failure = type(err)(f"cannot write {what} to {dest}: cannot make a file in {folder}"
+                            f" ({reason})")  # fmt: skip
+        failure.errno = err.errno
+        raise failure from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
 def _pack(args: argparse.Namespace) -> int:
+    check_pack_arguments(args)  # before SOURCE is opened, let alone read
     if args.criu:
         return _pack_criu(args)
     from rich.console import Console
