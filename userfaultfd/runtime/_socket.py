@@ -11,7 +11,8 @@ caller's SIGCHLD disposition and its own children's exit statuses are left alone
 A client is refused at the handshake, before any of its faults is served, when its message is
 malformed or a region reaches past the end of the store (those bytes would be served as zeros):
 its connection is closed, the reason goes to ``on_refused`` (default: a line on stderr), and the
-server goes on serving the others. Listening never deletes anything but a stale socket.
+server goes on serving the others. Listening never deletes anything but a stale socket, and
+its own socket when it stops.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import socket
 import stat
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from typing import final
 
@@ -129,14 +131,17 @@ def serve_socket(
     """Listen on ``path`` and serve every client that connects (``once``: only the first
     client not refused, in this process). Each other client is served by a forked process of
     its own (not a child of this one: nothing to reap). A stale socket at ``path`` is
-    replaced; anything else there is an OSError."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+    replaced; anything else there is an OSError. However this ends (``once`` done, Ctrl-C, an
+    exception the caller raises from a signal handler), the socket it made is removed, unless
+    something else has taken its name since."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, ExitStack() as leaving:
         _remove_stale_socket(path)
         try:
             listener.bind(path)
         except OSError as err:
             reason = err.strerror or str(err)  # "AF_UNIX path too long" has no errno
             raise OSError(err.errno or errno.EINVAL, f"cannot listen on {path}: {reason}") from err
+        leaving.callback(_remove_own_socket, path, os.lstat(path), os.getpid())
         listener.listen(8)
         if on_listening is not None:
             on_listening()
@@ -163,6 +168,17 @@ def serve_socket(
                     os._exit(status)
             connection.close()
             os.waitpid(middle, 0)  # at once: it only forks
+
+
+def _remove_own_socket(path: str, bound: os.stat_result, owner: int) -> None:
+    """Unlink ``path`` if it is still the socket that was ``bound`` there (same device and
+    inode) and this is the process that bound it (a forked client's server never removes it)."""
+    if os.getpid() != owner:
+        return
+    with suppress(OSError):  # gone already, or the directory with it
+        there = os.lstat(path)
+        if (there.st_dev, there.st_ino) == (bound.st_dev, bound.st_ino):
+            os.unlink(path)
 
 
 def _handshake(
