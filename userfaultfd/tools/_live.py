@@ -26,6 +26,9 @@ This is QEMU's background snapshot, the use the seed's WP mode exists for:
   fails at once, in the caller. A failure in either handler thread ends the handler, and
   ``wait()`` raises with the reason the handler sent. Only the process that took the snapshot
   puts the image in place: in a child it forked, ``wait()`` only waits for the handler to end.
+  A ``wait()`` interrupted (Ctrl-C, SIGTERM made an exception) kills the handler and removes
+  the image; a handler whose owner was killed fails its next read of the owner's memory and
+  removes the image itself, as long as the name is still its image's.
 - A page the program drops during the snapshot (MADV_DONTNEED) is zapped without a WP fault, so
   its saved content is whatever the handler read, possibly zeros. Don't drop pages during one.
 """
@@ -81,6 +84,10 @@ class SnapshotStats:
     stall_p99_us: float
     #: Seconds from the protect instant to now (or to the end).
     seconds: float
+
+
+class _WaitTimeoutError(TimeoutError):
+    """wait()'s own timeout: the snapshot goes on (any other interruption abandons it)."""
 
 
 def _cannot_write(dest: str, err: BaseException) -> OSError:
@@ -198,14 +205,22 @@ class Snapshot(Closing):
         """Block until the image is complete; ``progress(saved, pages)`` is called as it grows.
         Raises RuntimeError if the handler failed, OSError if the image could not be put at its
         destination (nothing is left there either way), TimeoutError after ``timeout`` seconds
-        (the snapshot goes on; wait again)."""
+        (the snapshot goes on; wait again). Anything else that interrupts the wait (Ctrl-C, an
+        exception raised by a signal handler or by ``progress``) abandons the snapshot: the
+        handler is killed, nothing is left at the destination, and the exception goes on."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.done:
-            if progress is not None:
-                progress(self._counters.value(_SAVED), self.pages)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"the snapshot did not finish within {timeout} s")
-            select.select([self._handler.pidfd], [], [], 0.005)
+        try:
+            while not self.done:
+                if progress is not None:
+                    progress(self._counters.value(_SAVED), self.pages)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise _WaitTimeoutError(f"the snapshot did not finish within {timeout} s")
+                select.select([self._handler.pidfd], [], [], 0.005)
+        except _WaitTimeoutError:
+            raise
+        except BaseException as err:  # Ctrl-C, SIGTERM made an exception, a failing progress
+            self._abandon(err)
+            raise
         if isinstance(self._outcome, BaseException):
             raise self._outcome
         if self._outcome or os.getpid() != self._owner:  # a fork's copy: the owner commits
@@ -225,6 +240,20 @@ class Snapshot(Closing):
         if progress is not None:
             progress(self.pages, self.pages)
         return self.stats()
+
+    def _abandon(self, err: BaseException) -> None:
+        """Stop a snapshot the owner's wait() was interrupted in: the handler is killed and its
+        image removed, so that nothing is left at DEST or DEST.partial when the program goes
+        on to exit (the handler, a daemon, would otherwise finish an image nobody commits)."""
+        if self._outcome is not False or os.getpid() != self._owner:
+            return  # already settled; or a fork's copy, which only waits
+        self._handler.kill()
+        select.select([self._handler.pidfd], [], [], 5)  # gone before its image is removed
+        self._destination.discard()
+        self._handler.close()
+        if self._ended is None:
+            self._ended = time.monotonic()
+        self._outcome = err
 
     def _failure(self) -> str:
         """Empty if the ended handler reported its image complete; else what went wrong."""
@@ -383,12 +412,25 @@ def _handler(channel: Channel, owner: int, path: str, counters: SharedCounters,
         os.fsync(image)
         with contextlib.suppress(ProcessGoneError):
             uffd.unregister(address, length)
+    except BaseException:
+        # The owner may be gone (killed: SIGTERM, SIGKILL, the OOM killer), and nobody else
+        # would remove the image. Only while the name is still this image's.
+        _remove_if_same(path, os.fstat(image))
+        raise
     finally:
         finished.set()
         faults.join()
         os.close(mem)
         os.close(image)
         uffd.close()
+
+
+def _remove_if_same(path: str, image: os.stat_result) -> None:
+    """Unlink ``path`` if it is still the file ``image`` (same device and inode)."""
+    with contextlib.suppress(OSError):
+        there = os.stat(path)
+        if (there.st_dev, there.st_ino) == (image.st_dev, image.st_ino):
+            os.unlink(path)
 
 
 def _runs(flags: bytearray, first: int, last: int) -> list[tuple[int, int]]:
