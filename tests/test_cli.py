@@ -139,7 +139,6 @@ def test_lazy_on_a_good_pack_reports_every_page(tmp_path: Path) -> None:
          "uffd lazy-pages: --storage-option applies only with --pages URL"),
         (["lazy-pages", "--pages", "P", "--storage-option", "a=1", "--storage-option", "a.b=2",
           "IMG"], "uffd lazy-pages: --storage-option a.b: a is already a value"),
-        (["snapshot", "IMG", "--size", "1X"], "uffd: '1X' is not a size (e.g. 65536, 64K, 1M)"),
     ],
 )  # fmt: skip
 def test_usage_errors_found_by_a_command_are_one_line_and_status_2(
