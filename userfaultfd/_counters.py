@@ -20,9 +20,12 @@ _SUB = 4
 class SharedCounters:
     """``count`` counters and one histogram; create before fork, then use in both processes."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, text: int = 0) -> None:
         self._count = count
-        self._mmap = mmap.mmap(-1, 8 * (count + _BUCKETS))  # MAP_SHARED: survives fork
+        self._text_at = 8 * (count + _BUCKETS)
+        self._text = text
+        # MAP_SHARED: survives fork. After the words, a note of ``text`` bytes (see note()).
+        self._mmap = mmap.mmap(-1, self._text_at + 8 + text)
         self._words = memoryview(self._mmap).cast("Q")
         # The words' address, for native code that counts too (the mapping is never closed:
         # it lives as long as this object, in every process that has a copy).
@@ -38,6 +41,20 @@ class SharedCounters:
 
     def value(self, counter: int) -> int:
         return self._words[counter]
+
+    def note(self, message: str) -> None:
+        """Keep ``message`` (cut to fit) where the owner reads it with :meth:`noted`: the
+        bytes first, their length last, so a reader sees the old note or the new one."""
+        data = message.encode("utf-8", "replace")[: self._text]
+        start = self._text_at + 8
+        self._mmap[start : start + len(data)] = data
+        self._mmap[self._text_at : self._text_at + 8] = len(data).to_bytes(8, "little")
+
+    def noted(self) -> str:
+        length = min(int.from_bytes(self._mmap[self._text_at : self._text_at + 8], "little"),
+                     self._text)  # fmt: skip
+        start = self._text_at + 8
+        return self._mmap[start : start + length].decode("utf-8", "replace")
 
     def record_latency(self, nanoseconds: int) -> None:
         bucket = min(int(_SUB * math.log2(nanoseconds)), _BUCKETS - 1) if nanoseconds > 0 else 0

@@ -1,12 +1,17 @@
-"""Working sets that never block a fault: a prefetch file of any length is asked for a slice at
-a time behind the faults. Before, the handler parsed and submitted the whole file (about 65 us a
-record) before it answered any fault: 2,000,000 records held the first fault for minutes.
+"""Working sets that never block a fault, and why a page was poisoned reaching the program.
+
+A prefetch file of any length is asked for a slice at a time behind the faults. Before, the
+handler parsed and submitted the whole file (about 65 us a record) before it answered any fault:
+2,000,000 records held the first fault for minutes.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import mmap
+import os
+import signal
 import struct
 from pathlib import Path
 
@@ -16,7 +21,7 @@ import pytest
 from tests.runtime.test_serve import in_target
 from userfaultfd import memory
 from userfaultfd.runtime import Single, serve
-from userfaultfd.stores import BytesStore
+from userfaultfd.stores import BytesStore, StoreError
 
 PAGE = mmap.PAGESIZE
 PAGES = 16384  # 64 MiB
@@ -88,3 +93,33 @@ def test_a_record_path_that_cannot_be_written_is_refused_up_front(
         assert str(record) in str(raised.value), raised.value
     finally:
         mapping.close()
+
+
+class _Unreadable(BytesStore):
+    """Page 5 cannot be read."""
+
+    def read_range(self, offset: int, view: memoryview) -> None:
+        if offset <= 5 * PAGE < offset + len(view):
+            raise StoreError(errno.EIO, "page 5 is on a bad sector")
+        super().read_range(offset, view)
+
+
+@pytest.mark.timeout(60)
+def test_why_a_page_was_poisoned_reaches_a_program_whose_stderr_is_a_pipe() -> None:
+    def body() -> tuple[int, str, str]:
+        _read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)  # the handler's log has nowhere to go (the launch drops a pipe)
+        mapping = memory.anonymous(16 * PAGE)
+        with serve([mapping], _Unreadable(bytes(range(1, 256)) * 16 * 16), policy=Single()) as s:
+            reader = os.fork()
+            if reader == 0:
+                struct.unpack_from("<q", mapping.view, 5 * PAGE)  # SIGBUS
+                os._exit(0)
+            _pid, status = os.waitpid(reader, 0)
+            stats = s.stats()
+        os.close(write_end)
+        return os.WTERMSIG(status) if os.WIFSIGNALED(status) else -1, stats.last_error, ""
+
+    signal_number, last_error, _ = in_target(body, timeout=50)
+    assert signal_number == signal.SIGBUS, f"the reader ended with signal {signal_number}"
+    assert "page 5 is on a bad sector" in last_error, f"last_error: {last_error!r}"

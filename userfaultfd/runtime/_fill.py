@@ -37,7 +37,7 @@ from ._fetch import read_range
 from ._ranges import RegionMap, RegionState
 from ._stats import StatsBlock
 
-__all__ = ["PROGRAM", "Fill", "Filler", "Outcome", "Source"]
+__all__ = ["PROGRAM", "Fill", "Filler", "Outcome", "Source", "store_failed"]
 
 #: The key of the program's own source (its forked children's come after it).
 PROGRAM = 1
@@ -46,6 +46,17 @@ _log = logging.getLogger("userfaultfd.runtime")
 
 #: A store read that fails faster than this may be tried again on a smaller range.
 _QUICK_FAILURE = 0.1
+
+
+def store_failed(
+    stats: StatsBlock, store: Store | None, offset: int, size: int, err: BaseException
+) -> None:
+    """Count, log and note (``Stats.last_error``) a read the store could not give."""
+    stats.add(_stats.ERRORS)
+    message = (f"store {store!r} failed at offset {offset} ({size} bytes): "
+               f"{type(err).__name__}: {err}; pages that are waited on are poisoned")  # fmt: skip
+    stats.note(message)
+    _log.warning("%s", message)
 
 
 class Outcome(enum.Enum):
@@ -215,10 +226,7 @@ class Filler:
             return self._buffer_address
         except Exception as err:  # any failure of the store is a page it cannot give
             self._failed_quickly = time.monotonic() - self.busy_since < _QUICK_FAILURE
-            self.stats.add(_stats.ERRORS)
-            _log.warning("store %r failed at offset %d (%d bytes): %s: %s; pages that are "
-                         "waited on are poisoned", self.store, offset, size,
-                         type(err).__name__, str(err))  # fmt: skip
+            store_failed(self.stats, self.store, offset, size, err)
             return None
         finally:
             self.busy_since = 0.0
@@ -267,8 +275,10 @@ class Filler:
                     return Outcome.DONE
                 if err.errno == errno.EFAULT and how is Fill.COPY:
                     self.stats.add(_stats.ERRORS)
-                    _log.warning("store %r: its mapped bytes for 0x%x+%d cannot be read (the "
-                                 "file shrank?)", self.store, address, length)  # fmt: skip
+                    message = (f"store {self.store!r}: its mapped bytes for 0x{address:x}+"
+                               f"{length} cannot be read (the file shrank?)")  # fmt: skip
+                    self.stats.note(message)
+                    _log.warning("%s", message)
                     return Outcome.STORE_FAILED
                 raise
             region.settled[first:last] = b"\x01" * (last - first)

@@ -271,7 +271,8 @@ class Handler:
                         self._record.flush()
                     self._probe()
                     probed = time.monotonic()
-        except BaseException:
+        except BaseException as err:
+            self.stats.note(f"the fault handler failed: {type(err).__name__}: {err}")
             if not self._reports.supervised:  # nobody else holds the uffds: settle them here
                 _log.exception("the fault handler failed; poisoning every page not filled")
                 self.finish(fill=False)
@@ -558,6 +559,8 @@ class Handler:
         page = mmap.PAGESIZE if region is None else region.page_size
         if region is None:  # no map says where this page comes from: SIGBUS beats a hang
             self.stats.add(_stats.ERRORS)
+            self.stats.note(f"a fault at 0x{address:x} is in no range the handler knows of: "
+                            "poisoned")  # fmt: skip
             with contextlib.suppress(UserfaultfdError):
                 source.uffd.poison(address - address % page, page)
             return Outcome.DONE

@@ -30,7 +30,7 @@ from typing import final
 
 from . import _stats
 from ._fetch import Fetch, Fetcher
-from ._fill import PROGRAM, Fill, Filler, Outcome, Source
+from ._fill import PROGRAM, Fill, Filler, Outcome, Source, store_failed
 from ._policy import Policy
 from ._ranges import RegionState, unsettled_runs
 from ._stats import StatsBlock
@@ -225,10 +225,8 @@ class Reads:
         """The store could not give ``fetch``'s bytes: each page a thread waits on is asked for
         alone (if the store failed quickly), or poisoned."""
         self.fetcher.release(fetch)  # no longer in flight: its pages may be asked for again
-        self.stats.add(_stats.ERRORS)
-        _log.warning("store %r failed at offset %d (%d bytes): %s: %s; pages that are waited "
-                     "on are poisoned", self._filler.store, fetch.offset, fetch.size,
-                     type(fetch.error).__name__, fetch.error)  # fmt: skip
+        assert fetch.error is not None
+        store_failed(self.stats, self._filler.store, fetch.offset, fetch.size, fetch.error)
         for _key, address, asked in fetch.waiters:
             region = source.map.find(address)
             if region is None:

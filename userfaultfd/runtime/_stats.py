@@ -46,6 +46,9 @@ class Stats:
     #: How the running handler answers faults: "native" (the C fast path answers those it
     #: can from the store's mapping) or "python" (see runtime/_answer.py).
     path: str = "python"
+    #: Why pages were last poisoned or a handler could not serve ("" if never): it reaches
+    #: the program even when the handler's log cannot (a program whose stderr is a pipe).
+    last_error: str = ""
 
 
 class StatsBlock(SharedCounters):
@@ -53,14 +56,14 @@ class StatsBlock(SharedCounters):
 
     def __init__(self) -> None:
         # and the running handler's pid, whether a prefetch is still on its way, and its path
-        super().__init__(len(_COUNTERS) + 3)
+        super().__init__(len(_COUNTERS) + 3, text=1024)
 
     def snapshot(self) -> Stats:
         counts = {name: self.value(i) for i, name in enumerate(_COUNTERS)}
         p50, p90, p99 = (self.percentile_us(q) for q in (0.5, 0.9, 0.99))
         path = "native" if self.value(NATIVE) else "python"
         return Stats(**counts, latency_p50_us=p50, latency_p90_us=p90, latency_p99_us=p99,
-                     path=path)  # fmt: skip
+                     path=path, last_error=self.noted())  # fmt: skip
 
 
 (FAULTS, PAGES, BYTES, ERRORS, EVENTS, WAKES, POISONED, COPIES, RESTARTS, ZEROS, PREFETCHED,

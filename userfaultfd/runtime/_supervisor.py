@@ -137,6 +137,9 @@ def supervise(channel: Channel, control: int, options: Options, cpu: int | None)
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
         if ended == STORE_GONE or len(restarts) > MAX_RESTARTS:
+            if ended != STORE_GONE:  # (a store that cannot be opened has said why)
+                stats.note(f"handlers died {len(restarts)} times in {RESTART_WINDOW:.0f} s: "
+                           f"every page not filled is poisoned ({stats.noted()})")  # fmt: skip
             command = b"p"
             break
         stats.add(_stats.RESTARTS)
@@ -179,7 +182,9 @@ def _start(
             try:
                 opened = options.store.reopen()
             except Exception as err:
-                print(f"userfaultfd: the store cannot be opened again: {err}", file=sys.stderr)
+                message = f"the store cannot be opened again: {err}"
+                options.stats.note(message + "; every page not filled is poisoned")
+                print(f"userfaultfd: {message}", file=sys.stderr)
                 os._exit(STORE_GONE)
             handler = Handler(
                 opened, options.policy, options.stats, batch=options.batch,
