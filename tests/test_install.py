@@ -131,7 +131,7 @@ def test_the_wheel_carries_the_package_and_runs_check(tmp_path: Path, native: bo
     assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]
     path = subprocess.run(
         [sys.executable, "-c",
-         "from userfaultfd.runtime._answer import native_available; print(native_available())"],
+         "from userfaultfd._native import native_available; print(native_available())"],
         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert path.stdout.strip() == str(native), path

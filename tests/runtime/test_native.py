@@ -20,8 +20,8 @@ import pytest
 from tests.runtime.test_serve import _libc, in_target
 from userfaultfd import memory
 from userfaultfd._libc import madvise as _madvise
+from userfaultfd._native import native_available
 from userfaultfd.runtime import Adaptive, Policy, Region, Single, Window, serve
-from userfaultfd.runtime._answer import native_available
 from userfaultfd.stores import BytesStore, FileStore
 
 PAGE = mmap.PAGESIZE

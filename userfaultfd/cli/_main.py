@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 
 from .._features import feature_table as _feature_table
+from .._native import path_in_use
 from ._args import UsageError
 from ._commands import add_commands as _add_commands
 
@@ -47,6 +48,7 @@ def _features(args: argparse.Namespace) -> int:
         )
         return 0
     width = max(len(r.feature.name or "") for r in rows)
+    print(f"fault path: {path_in_use()}")
     print(f"userfaultfd features of Linux {os.uname().release}")
     print(f"{'bit':>3}  {'feature':<{width}}  {'here':<4}  since")
     for r in rows:

@@ -72,7 +72,10 @@ def _lazy(args: argparse.Namespace) -> int:
         ("zero pages mapped without a read", f"{stats.zeros:,}"),
         ("fault latency p50 / p90 / p99 (us)",
          f"{stats.latency_p50_us:.0f} / {stats.latency_p90_us:.0f} / {stats.latency_p99_us:.0f}"),
+        ("fault path", stats.path),
     ]  # fmt: skip
+    if stats.last_error:
+        rows.append(("last error", stats.last_error))
     for name, value in rows:
         table.add_row(name, value)
     Console(width=None if sys.stdout.isatty() else 100).print(table)

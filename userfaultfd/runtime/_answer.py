@@ -21,12 +21,12 @@ sizes, never bytes). A window stays inside the mapped run that holds the faultin
 
 from __future__ import annotations
 
-import os
 import select
-from types import ModuleType
+import typing
 from typing import Protocol, final
 
 from .._events import Event, parse_events
+from .._native import native_available, native_module
 from ..stores import Store
 from . import _stats
 from ._fill import Source
@@ -34,22 +34,13 @@ from ._journal import Journal
 from ._policy import Adaptive, Policy, Single, Window
 from ._stats import StatsBlock
 
-__all__ = ["Answerer", "answerer_for", "native_available"]
+__all__ = ["Answerer", "answerer_for"]
 
-_speedups: ModuleType | None
-try:
-    from .. import _speedups
+if typing.TYPE_CHECKING or native_module() is not None:
     from .._speedups import RegionTable
-except ImportError:  # built without a compiler: the pure-Python path serves
-    _speedups = None
 
 #: The paths a handler can take, as ``Stats.path`` names them.
 PYTHON, NATIVE = "python", "native"
-
-
-def native_available() -> bool:
-    """Whether the native fast path was built and is not switched off (``UFFD_NATIVE=0``)."""
-    return _speedups is not None and os.environ.get("UFFD_NATIVE", "1") != "0"
 
 
 #: What :meth:`Answerer.wait` found: descriptors ready (of ``others``, or a uffd whose poll
@@ -113,8 +104,9 @@ class Native:
         kind, window, min_pages, max_bytes = _policy_parameters(policy)
         indices = (_stats.FAULTS, _stats.PAGES, _stats.BYTES, _stats.WAKES, _stats.COPIES,
                    _stats.ZEROS, stats.histogram_index)  # fmt: skip
-        assert _speedups is not None
-        self._native = _speedups.Answerer(
+        speedups = native_module()
+        assert speedups is not None
+        self._native = speedups.Answerer(
             segments, stats.address, indices, kind, window, min_pages, max_bytes,
             0 if journal is None else journal.address,
         )  # fmt: skip
