@@ -127,6 +127,7 @@ def launch(
     *,
     name: str,
     timeout: float = 30.0,
+    shed: Callable[[], None] | None = None,
 ) -> Launched:
     """Run ``body(channel)`` in a new daemon process and hand it its work.
 
@@ -136,7 +137,8 @@ def launch(
     and answers ``Ready(os.getpid())`` or ``Failed(reason)``. Returns once Ready arrived;
     otherwise kills the server, closes everything, and raises: RuntimeError naming ``name``
     for a Failed answer or a server that ended without one, TimeoutError after ``timeout``
-    seconds of silence, or what ``first`` raised."""
+    seconds of silence, or what ``first`` raised. ``shed``: run in the middle process before
+    it forks the server, to drop what the server must not inherit."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     middle = os.fork()
     if middle == 0:
@@ -145,6 +147,8 @@ def launch(
             ours.close()
             os.setsid()  # a new session and process group, led by this short-lived process
             _let_go_of_streams()
+            if shed is not None:
+                shed()
             pid = os.fork()
             if pid == 0:
                 try:

@@ -123,3 +123,38 @@ def test_why_a_page_was_poisoned_reaches_a_program_whose_stderr_is_a_pipe() -> N
     signal_number, last_error, _ = in_target(body, timeout=50)
     assert signal_number == signal.SIGBUS, f"the reader ended with signal {signal_number}"
     assert "page 5 is on a bad sector" in last_error, f"last_error: {last_error!r}"
+
+
+def _registered_ranges(pid: int) -> int:
+    """How many of ``pid``'s ranges are registered with a userfaultfd (smaps VmFlags um)."""
+    with open(f"/proc/{pid}/smaps") as f:
+        return sum(1 for line in f if line.startswith("VmFlags:") and " um" in line)
+
+
+@pytest.mark.timeout(60)
+def test_later_servers_carry_no_copy_of_earlier_arrays() -> None:
+    """A server forked from a program with arrays used to carry copies of them, served by their
+    handlers: every earlier handler then lived as long as every later server, and a program
+    exiting with 50 arrays saw its daemons go one probe period at a time (8 s)."""
+
+    def body() -> list[str]:
+        values = np.arange(1, 64 * PAGE // 8 + 1, dtype=np.int64).tobytes()
+        servers, mappings, wrong = [], [], []
+        for _ in range(3):
+            mapping = memory.anonymous(64 * PAGE)
+            servers.append(serve([mapping], BytesStore(values), policy=Single()))
+            mappings.append(mapping)
+        for k, server in enumerate(servers):
+            for role, pid in (("supervisor", server.pid), ("handler", server.handler_pid)):
+                if (count := _registered_ranges(pid)) != 0:
+                    wrong.append(f"array {k}'s {role} has {count} registered ranges")
+        for k, mapping in enumerate(mappings):
+            (got,) = struct.unpack_from("<q", mapping.view, 7 * PAGE)
+            if got != 7 * PAGE // 8 + 1:
+                wrong.append(f"array {k}: page 7 began {got}")
+        for server in servers:
+            server.stop()
+        return wrong
+
+    wrong = in_target(body, timeout=50)
+    assert not wrong, wrong
