@@ -37,7 +37,7 @@
 #endif
 
 #define MSG_SIZE ((Py_ssize_t)sizeof(struct uffd_msg))
-#define MAX_BATCH 512
+#define MAX_BATCH 512 /* runtime/_journal.py's MAX_BATCH: the journal holds one read */
 #define STREAMS 64
 #define HIST_BUCKETS 256
 
@@ -441,8 +441,6 @@ static PyObject *Answerer_serve(Answerer *self, PyObject *args) {
     return serve_one(self, fd, table, key, batch);
 }
 
-#define MAX_SOURCES 256
-#define MAX_OTHERS 8
 
 PyDoc_STRVAR(wait_doc,
 "wait(sources, others, timeout_ms, batch) -> (list[int], list[tuple[int, bytes]])\n\n"
@@ -459,27 +457,32 @@ static PyObject *Answerer_wait(Answerer *self, PyObject *args) {
                           &timeout_ms, &batch))
         return NULL;
     Py_ssize_t ns = PyList_GET_SIZE(sources), no = PyList_GET_SIZE(others);
-    if (ns > MAX_SOURCES || no > MAX_OTHERS || batch < 1 || batch > MAX_BATCH) {
-        PyErr_SetString(PyExc_ValueError, "too many descriptors, or a batch out of range");
+    if (batch < 1 || batch > MAX_BATCH) {
+        PyErr_Format(PyExc_ValueError, "batch must be in [1, %d], not %d", MAX_BATCH, batch);
         return NULL;
     }
-    struct pollfd fds[MAX_SOURCES + MAX_OTHERS];
-    RegionTable *tables[MAX_SOURCES];
-    unsigned long long keys[MAX_SOURCES];
+    /* As many sources as the program has live children that share its ranges: no fixed cap. */
+    PyObject *ready = NULL, *left = NULL, *result = NULL;
+    struct pollfd *fds = PyMem_Calloc((size_t)(ns + no + 1), sizeof(struct pollfd));
+    RegionTable **tables = PyMem_Calloc((size_t)(ns + 1), sizeof(RegionTable *));
+    unsigned long long *keys = PyMem_Calloc((size_t)(ns + 1), sizeof(unsigned long long));
+    if (fds == NULL || tables == NULL || keys == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (Py_ssize_t i = 0; i < ns; i++) {
         PyObject *entry = PyList_GET_ITEM(sources, i);
         if (!PyArg_ParseTuple(entry, "iO!K", &fds[i].fd, &RegionTableType, &tables[i], &keys[i]))
-            return NULL;
+            goto done;
         fds[i].events = POLLIN;
     }
     for (Py_ssize_t i = 0; i < no; i++) {
         fds[ns + i].fd = (int)PyLong_AsLong(PyList_GET_ITEM(others, i));
         fds[ns + i].events = POLLIN;
-        if (PyErr_Occurred()) return NULL;
+        if (PyErr_Occurred()) goto done;
     }
     /* The tables stay alive: `sources` holds them for the whole call. */
-    PyObject *ready = PyList_New(0), *left = PyList_New(0), *result = NULL;
-    if (ready == NULL || left == NULL) goto done;
+    if ((ready = PyList_New(0)) == NULL || (left = PyList_New(0)) == NULL) goto done;
     uint64_t deadline = now_ns() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000u;
     for (;;) {
         uint64_t now = now_ns();
@@ -527,6 +530,9 @@ static PyObject *Answerer_wait(Answerer *self, PyObject *args) {
 done:
     Py_XDECREF(ready);
     Py_XDECREF(left);
+    PyMem_Free(fds);
+    PyMem_Free(tables);
+    PyMem_Free(keys);
     return result;
 }
 

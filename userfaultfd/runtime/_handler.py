@@ -120,7 +120,7 @@ class Handler:
         self.stats = stats
         self.policy = policy
         self._filler = Filler(store, stats, buffer_bytes)
-        self.batch = batch
+        self.batch = min(batch, MAX_BATCH)  # what one read into the journal (and C) holds
         self._reports = Reporter(reports)
         self._next_key = first_key
         self._sources: dict[int, Source] = {}
@@ -149,9 +149,6 @@ class Handler:
         self._kill_before_report = os.environ.get("UFFD_TEST_KILL_BEFORE_REPORT", "")
         # Events are read into the supervisor's journal (see _journal) when there is one.
         self._journal = journal
-        if journal is not None:
-            batch = min(batch, MAX_BATCH)
-            self.batch = batch
         self._answer: Answerer = answerer_for(
             store, policy, stats, journal, record=record is not None,
             in_flight=self._reads is not None,
