@@ -201,8 +201,8 @@ def test_subpackage_surfaces() -> None:
 
     assert sorted(userfaultfd.runtime.__all__) == [
         "Adaptive", "DEFAULT_CPU", "PageUnreadableError", "Policy", "Region", "Server", "Single",
-        "Stats", "TouchResult", "Window", "lazy", "serve", "serve_adopted", "server_of",
-        "touch_pages",
+        "Stats", "TouchResult", "Window", "lazy", "lazy_tensors", "serve", "serve_adopted",
+        "server_of", "touch_pages",
     ]  # fmt: skip
     assert sorted(userfaultfd.tools.__all__) == [
         "DeltaInfo", "DirtyStats", "DirtyTracker", "Snapshot", "SnapshotDemoResult",
@@ -230,7 +230,7 @@ def test_subpackage_surfaces() -> None:
 #: How many names each face exports (the model's faces are pinned in their own section).
 SURFACE = {
     "userfaultfd": 22, "userfaultfd.check": 5, "userfaultfd.cli": 3, "userfaultfd.criu": 11,
-    "userfaultfd.memory": 14, "userfaultfd.runtime": 15, "userfaultfd.runtime.firecracker": 3,
+    "userfaultfd.memory": 14, "userfaultfd.runtime": 16, "userfaultfd.runtime.firecracker": 3,
     "userfaultfd.stores": 12, "userfaultfd.tools": 13,
 }  # fmt: skip
 

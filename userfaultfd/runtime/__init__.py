@@ -4,7 +4,8 @@
 a :class:`~userfaultfd.stores.Store` as they fault; :func:`serve_adopted` serves a uffd another
 process registered (CRIU's lazy restore); :func:`lazy` gives a NumPy array over a source: the
 kernel's own mapping of a plain local file, or memory :func:`serve` fills for everything else;
-:func:`touch_pages` reads every page of one, as ``uffd lazy`` does. Firecracker's socket
+:func:`touch_pages` reads every page of one, as ``uffd lazy`` does; :func:`lazy_tensors` gives
+the named arrays of a safetensors file or an .npz, each fetched where touched. Firecracker's socket
 protocol is in :mod:`userfaultfd.runtime.firecracker`.
 """
 
@@ -34,6 +35,7 @@ __all__ = [
     "TouchResult",
     "Window",
     "lazy",
+    "lazy_tensors",
     "serve",
     "serve_adopted",
     "server_of",
@@ -43,6 +45,7 @@ __all__ = [
 if typing.TYPE_CHECKING:
     from ._lazy import lazy as lazy
     from ._lazy import server_of as server_of
+    from ._tensors import lazy_tensors as lazy_tensors
     from ._touch import PageUnreadableError as PageUnreadableError
     from ._touch import TouchResult as TouchResult
     from ._touch import touch_pages as touch_pages
@@ -51,7 +54,7 @@ if typing.TYPE_CHECKING:
 # arrays nor the stores that lazy() opens.
 _LAZY = {
     "lazy": "._lazy", "server_of": "._lazy", "PageUnreadableError": "._touch",
-    "TouchResult": "._touch", "touch_pages": "._touch",
+    "TouchResult": "._touch", "touch_pages": "._touch", "lazy_tensors": "._tensors",
 }  # fmt: skip
 
 
