@@ -23,6 +23,10 @@ Many regions (``--regions 4103,10000,50000``, ``--no-regions`` to skip): the loc
 on tests/criu/regions.c with that many one-page regions, each its own VMA and so its own lazy
 range (per-region costs: a daemon that walks every range per page is quadratic); touch is the
 program's check of every byte, its rate in MiB/s of the regions' pages.
+redis-server (``--redis 64,256``, ``--no-redis`` to skip; benchmarks/_criu_redis.py): a real
+program filled with that many MiB of values, dumped, restored by criu lazy-pages, uffd
+lazy-pages and uffd lazy-pages with UFFD_NATIVE=0, timed until every key is read back and
+checked; needs redis-server (apt-get install -y redis-server).
 CRIU comes from tests/criu/install_criu.sh. Needs root; the remote rows need nginx.
 """
 
@@ -47,6 +51,8 @@ REAPER = ROOT / "tests" / "criu" / "_reaper.py"
 REGIONS = ROOT / "tests" / "criu" / "regions.c"
 PROXY = ROOT / "benchmarks" / "_delay_proxy.py"
 PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")
+
+import _criu_redis  # noqa: E402 - beside this file: the redis-server rows
 
 from tests.criu._restore import wait_for  # noqa: E402
 from tests.reliability._netns import listening  # noqa: E402
@@ -292,6 +298,12 @@ def main() -> int:
         help="region counts of the many-regions rows (comma-separated)",
     )
     parser.add_argument("--no-regions", dest="many", action="store_false")
+    parser.add_argument(
+        "--redis",
+        default="64,256",
+        help="dataset sizes in MiB of the redis-server rows (comma-separated)",
+    )
+    parser.add_argument("--no-redis", dest="redis_rows", action="store_false")
     args = parser.parse_args()
     criu = subprocess.run([str(ROOT / "tests" / "criu" / "install_criu.sh")], check=True,
                           capture_output=True, text=True).stdout.split()[-1]  # fmt: skip
@@ -318,6 +330,14 @@ def main() -> int:
         if args.many:
             counts = [int(n) for n in args.regions.split(",") if n]
             _many_regions(criu, local, counts, args.repeat, tmp)
+        if args.redis_rows:
+            daemons = {
+                "criu lazy-pages": local["criu lazy-pages"],
+                "uffd lazy-pages": local["uffd lazy-pages"],
+                "uffd lazy-pages, UFFD_NATIVE=0": ["env", "UFFD_NATIVE=0", *uffd, "IMAGES"],
+            }
+            sizes = [int(n) for n in args.redis.split(",") if n]
+            _criu_redis.run(criu, daemons, sizes, args.repeat, tmp)
         if not args.remote:
             return 0
         if not os.path.exists(_servers.NGINX):

@@ -1,0 +1,291 @@
+"""redis-server restored by CRIU, every key read back: the rows benchmarks/criu.py prints with
+``--redis 64,256`` (``--no-redis`` to skip).
+
+For each dataset size, one redis-server (``--port 0 --unixsocket PATH``: CRIU 4.1.1 cannot dump a
+TCP socket on Linux 6.16 and later, criu.md) is filled with ``VALUE``-byte values, each byte
+derived from its key's number and its place in the value, none zero, and dumped once. Every run
+restores that dump with ``criu restore --lazy-pages -d`` served by one daemon, then a client of
+our own (RESP over the unix socket, ``MGET`` of ``BATCH`` keys at a time) reads every key back
+and compares each value with what was written. Columns, from the run with the best total:
+  restore   criu restore until it returns (the restore's own faults served)
+  read      every key read back and checked, after the restore returned
+  total     from the restore's start until the last value was checked
+  vs criu   total over criu lazy-pages' best total at the same size
+The rows take turns run by run, on the same dump. Needs redis-server (``apt-get install -y
+redis-server``); a row is left out, saying why, if it is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+REAPER = ROOT / "tests" / "criu" / "_reaper.py"
+
+from tests.criu._restore import wait_for  # noqa: E402
+
+REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
+#: Bytes per value: with redis's 3-byte string header and its NUL, jemalloc's 1 KiB class.
+VALUE = 1000
+#: Keys per MGET (a reply of about 250 KiB).
+BATCH = 256
+#: Each value is its key's number and then a run of this pattern from an offset that depends on
+#: the key: every byte depends on the key and its place, and none is zero.
+_PATTERN = bytes(range(1, 256)) * 6
+_HEAD = b"$%d\r\n" % VALUE
+
+
+def key(i: int) -> bytes:
+    return b"key:%08d" % i
+
+
+def value(i: int) -> bytes:
+    head = b"%010d:" % i
+    start = (i * 37) % 255
+    return head + _PATTERN[start : start + VALUE - len(head)]
+
+
+def _command(*parts: bytes) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+def _expected(first: int, count: int) -> bytes:
+    """The reply to MGET of keys first..first+count-1 when every value is right."""
+    return b"*%d\r\n" % count + b"".join(
+        _HEAD + value(i) + b"\r\n" for i in range(first, first + count)
+    )
+
+
+class Client:
+    """Just enough RESP over a unix socket for this benchmark: every reply read to its end."""
+
+    def __init__(self, path: Path, timeout: float = 120.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.buffer = bytearray()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _more(self) -> None:
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise ConnectionError("redis closed the connection")
+        self.buffer += data
+
+    def _exactly(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            self._more()
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    def line(self) -> bytes:
+        while (end := self.buffer.find(b"\r\n")) < 0:
+            self._more()
+        return self._exactly(end + 2)[:-2]
+
+    def call(self, *parts: bytes) -> bytes:
+        """One command whose reply is a status, an integer or a bulk string."""
+        self.sock.sendall(_command(*parts))
+        head = self.line()
+        if head[:1] == b"-":
+            raise RuntimeError(f"redis: {head.decode(errors='replace')}")
+        if head[:1] == b"$":
+            return self._exactly(int(head[1:]) + 2)[:-2]
+        return head[1:]
+
+    def fill(self, count: int) -> None:
+        """Keys 0..count-1 with their values, ``BATCH`` at a time, each MSET checked."""
+        for first in range(0, count, BATCH):
+            pairs = [p for i in range(first, min(first + BATCH, count)) for p in (key(i), value(i))]
+            if self.call(b"MSET", *pairs) != b"OK":
+                raise RuntimeError(f"MSET of keys from {first} did not answer OK")
+
+    def check(self, count: int) -> None:
+        """Every key 0..count-1 read back and compared with its value; raises naming the first
+        key whose value is wrong or missing."""
+        for first in range(0, count, BATCH):
+            n = min(BATCH, count - first)
+            self.sock.sendall(_command(b"MGET", *(key(i) for i in range(first, first + n))))
+            want = _expected(first, n)
+            if self._exactly(len(want)) != want:
+                self.buffer.clear()
+                for i in range(first, first + n):  # which one: ask again, one by one
+                    got = self.call(b"GET", key(i))
+                    if got != value(i):
+                        raise RuntimeError(f"{key(i)!r}: read {got[:40]!r}..., wrote "
+                                           f"{value(i)[:40]!r}... ({len(got)} bytes)")  # fmt: skip
+                raise RuntimeError(f"MGET from {key(first)!r}: the reply was wrong")
+
+
+def _sockets(pid: int) -> int:
+    """How many sockets process ``pid`` has open."""
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(os.readlink(fds / fd).startswith("socket:") for fd in os.listdir(fds))
+
+
+@dataclass(frozen=True, slots=True)
+class Dump:
+    work: Path
+    images: Path
+    pid: int
+    keys: int
+    rss_mib: float
+
+
+def dump(criu: str, work: Path, size_mib: int) -> Dump:
+    """redis-server filled with ``size_mib`` MiB of values, dumped into ``work/img``."""
+    shutil.rmtree(work, ignore_errors=True)
+    images = work / "img"
+    images.mkdir(parents=True)
+    path = work / "redis.sock"
+    server = subprocess.Popen(
+        [REDIS, "--port", "0", "--unixsocket", str(path), "--unixsocketperm", "700",
+         "--save", "", "--appendonly", "no", "--dir", str(work), "--logfile", ""],
+        cwd=work, start_new_session=True, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for("redis-server's socket", path.exists, 30)
+        idle = _sockets(server.pid)
+        keys = (size_mib << 20) // VALUE
+        client = Client(path)
+        try:
+            client.fill(keys)
+            client.check(keys)
+            info = client.call(b"INFO", b"memory").decode()
+        finally:
+            client.close()
+        rss = next(int(line.split(":")[1]) for line in info.split()
+                   if line.startswith("used_memory_rss:"))  # fmt: skip
+        # CRIU cannot dump a connection to a process outside the tree: wait for redis to drop it.
+        wait_for("redis-server closing the client", lambda: _sockets(server.pid) == idle, 30)
+        done = subprocess.run([criu, "dump", "-t", str(server.pid), "-D", str(images),
+                               "-o", "dump.log"], capture_output=True, timeout=300,
+                              check=False)  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"criu dump of redis-server failed; see {images}/dump.log")
+        server.wait(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    return Dump(work, images, server.pid, keys, rss / (1 << 20))
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    restore: float
+    read: float
+    total: float
+
+
+def restore(criu: str, dumped: Dump, daemon: list[str]) -> Row:
+    """One lazy restore of ``dumped`` served by ``daemon`` (IMAGES stands for the images dir),
+    timed until every key has been read back and checked; then redis is shut down."""
+    images = dumped.images
+    (images / "lazy-pages.socket").unlink(missing_ok=True)
+    command = [part.replace("IMAGES", str(images)) for part in daemon]
+    served = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    reaper: subprocess.Popen[str] | None = None
+    try:
+        wait_for("the daemon's socket", (images / "lazy-pages.socket").exists, 60)
+        started = time.monotonic()
+        reaper = subprocess.Popen([sys.executable, str(REAPER), str(dumped.pid), "300", "--",
+                                   criu, "restore", "-D", str(images), "--lazy-pages", "-d",
+                                   "-o", "restore.log"], stdout=subprocess.PIPE,
+                                  text=True)  # fmt: skip
+        assert reaper.stdout is not None
+        line = reaper.stdout.readline().split()
+        restored = time.monotonic() - started
+        if line != ["restored", "0"]:
+            raise RuntimeError(f"criu restore failed: {line}; see {images}/restore.log")
+        client = Client(dumped.work / "redis.sock")
+        try:
+            client.check(dumped.keys)
+            total = time.monotonic() - started
+            if (size := client.call(b"DBSIZE")) != b"%d" % dumped.keys:
+                raise RuntimeError(f"redis holds {size.decode()} keys, not {dumped.keys}")
+            client.sock.sendall(_command(b"SHUTDOWN", b"NOSAVE"))
+            with contextlib.suppress(ConnectionError):
+                client.line()  # SHUTDOWN answers only if it failed
+        finally:
+            client.close()
+        ending = reaper.stdout.readline().strip()
+        if ending != "exit 0":
+            raise RuntimeError(f"the restored redis-server ended {ending!r}")
+        served.wait(timeout=120)
+    finally:
+        if reaper is not None and reaper.poll() is None:
+            reaper.kill()  # it then leaves the restored redis to pid 1; kill that too
+            reaper.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(dumped.pid, 9)
+        if served.poll() is None:
+            os.killpg(served.pid, 9)
+            served.wait()
+    return Row(restored, total - restored, total)
+
+
+@contextlib.contextmanager
+def _tmp(work: Path) -> Iterator[Path]:
+    """``work``, removed after unless something failed (its logs say what)."""
+    yield work
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def run(criu: str, daemons: dict[str, list[str]], sizes: list[int], repeat: int,
+        tmp: str) -> None:  # fmt: skip
+    """Print the redis rows: at each size, each daemon ``repeat`` times, taking turns."""
+    if not os.path.exists(REDIS):
+        print(f"redis rows: not run: {REDIS} is missing (apt-get install -y redis-server)")
+        return
+    version = subprocess.run([REDIS, "--version"], capture_output=True, text=True).stdout
+    print(f"redis-server restored by CRIU, every key read back ({version.split()[2]}, "
+          f"{VALUE}-byte values), best total of {repeat}")  # fmt: skip
+    print(f"{'daemon':<38} {'restore':>9} {'read':>9} {'total':>9}  vs criu")
+    with _tmp(Path(tmp) / "redis-work") as work:
+        for size in sizes:
+            dumped = dump(criu, work, size)
+            print(f"{size} MiB of values: {dumped.keys} keys, redis RSS {dumped.rss_mib:.0f} MiB "
+                  f"at dump, pages images {_pages_mib(dumped.images):.0f} MiB")  # fmt: skip
+            runs: dict[str, list[Row]] = {name: [] for name in daemons}
+            failed: dict[str, list[str]] = {name: [] for name in daemons}
+            for _ in range(repeat):
+                for name, command in daemons.items():
+                    try:
+                        runs[name].append(restore(criu, dumped, command))
+                    except RuntimeError as err:  # said below the table, not hidden
+                        log = dumped.images / "restore.log"
+                        tail = log.read_text().splitlines()[-3:] if log.exists() else []
+                        failed[name].append(f"{err} ({' | '.join(tail)})")
+            bases = [r.total for r in next(iter(runs.values()))]
+            base = min(bases) if bases else float("nan")
+            for name, rows in runs.items():
+                label = f"{name}, {size} MiB"
+                if not rows:
+                    print(f"{label:<38} every run failed", flush=True)
+                    continue
+                best = min(rows, key=lambda r: r.total)
+                print(f"{label:<38} {best.restore:>8.3f}s {best.read:>8.3f}s "
+                      f"{best.total:>8.3f}s  {best.total / base:6.2f}x", flush=True)  # fmt: skip
+            for name, errors in failed.items():
+                for error in errors:
+                    print(f"  a run of {name} failed: {error}", flush=True)
+
+
+def _pages_mib(images: Path) -> float:
+    return sum(p.stat().st_size for p in images.glob("pages-*.img")) / (1 << 20)
