@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -443,3 +444,25 @@ def test_over_nginx_every_tensor_and_a_selection(
     # The header's speculative read (64 KiB) and a page or two around each small tensor.
     limit = (64 << 10) + 2 * len(chosen) * PAGE + sum(len(want[n]) for n in chosen)
     assert moved <= limit, f"{moved:,} bytes moved for {chosen}, more than {limit:,}"
+
+
+@pytest.mark.timeout(120)
+def test_uffd_lazy_tensors_lists_from_the_header_and_touches(
+    model: tuple[str, dict[str, bytes]], tmp_path: Path
+) -> None:
+    path, want = model
+    argv = [sys.executable, "-m", "userfaultfd", "lazy-tensors", path, "--include", "layers.1.*"]
+    listed = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[1] for line in listed.stdout.splitlines() if line.startswith("│")}
+    assert rows == {"layers.1.mlp", "layers.1.attn", "layers.1.norm", "total"}, listed.stdout
+    chosen = sum(len(b) for n, b in want.items() if n.startswith("layers.1."))
+    touched = subprocess.run([*argv, "--touch", "--prefetch", "all"], capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+    assert touched.returncode == 0, touched.stderr
+    assert f"read {chosen:,} bytes of 3 tensors" in touched.stdout, touched.stdout
+    assert "the handler filled" in touched.stdout, touched.stdout
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"GGUF" + bytes(range(1, 60)))
+    refused = subprocess.run([*argv[:4], str(bad)], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "neither safetensors" in refused.stderr, refused.stderr

@@ -47,6 +47,10 @@ COMMANDS: dict[str, Command] = {
         "_runtime:define_serve",
     ),
     "lazy": Command("map a source lazily and touch its pages", "_runtime:define_lazy"),
+    "lazy-tensors": Command(
+        "list the tensors of a safetensors file or .npz; --touch reads them lazily",
+        "_tensors:define_lazy_tensors",
+    ),
     "pack": Command("compress a file or URL into a seekable zstd pack", "_stores:define_pack"),
     "snapshot": Command(
         "live snapshot of a demo region while threads keep writing to it", "_tools:define_snapshot"
