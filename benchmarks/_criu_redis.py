@@ -11,6 +11,9 @@ and compares each value with what was written. Columns, from the run with the be
   read      every key read back and checked, after the restore returned
   total     from the restore's start until the last value was checked
   vs criu   total over criu lazy-pages' best total at the same size
+  daemon CPU  the daemon's user and system time in that run, until it exited (after redis;
+            its background fill included): what the daemon costs, whatever else the
+            machine is running
 The rows take turns run by run, on the same dump. Needs redis-server (``apt-get install -y
 redis-server``); a row is left out, saying why, if it is missing.
 """
@@ -37,8 +40,9 @@ from tests.criu._restore import wait_for  # noqa: E402
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 #: Bytes per value: with redis's 3-byte string header and its NUL, jemalloc's 1 KiB class.
 VALUE = 1000
-#: Keys per MGET (a reply of about 250 KiB).
+#: Keys per MGET (a reply of about 250 KiB), and MGETs sent ahead of the reply being read.
 BATCH = 256
+WINDOW = 4
 #: Each value is its key's number and then a run of this pattern from an offset that depends on
 #: the key: every byte depends on the key and its place, and none is zero.
 _PATTERN = bytes(range(1, 256)) * 6
@@ -66,6 +70,35 @@ def _expected(first: int, count: int) -> bytes:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One MGET of keys ``first``.. and the reply it must get (made before any clock runs)."""
+
+    first: int
+    request: bytes
+    reply: bytes
+
+
+def batches(count: int) -> list[Batch]:
+    """The MGETs that read keys 0..count-1 back, ``BATCH`` keys each."""
+    return [
+        Batch(first, _command(b"MGET", *(key(i) for i in range(first, min(first + BATCH, count)))),
+              _expected(first, min(BATCH, count - first)))
+        for first in range(0, count, BATCH)
+    ]  # fmt: skip
+
+
+def _wrong(batch: Batch, got: bytes) -> str:
+    """Where ``got`` first differs from ``batch.reply``: the key and the byte in its value."""
+    at = next((k for k, (a, b) in enumerate(zip(got, batch.reply, strict=True)) if a != b), 0)
+    head = batch.reply.index(b"\r\n") + 2
+    n, place = divmod(max(0, at - head), len(_HEAD) + VALUE + 2)
+    where = (f"at byte {place - len(_HEAD)} of its value" if place >= len(_HEAD)
+             else f"in its header (not a {VALUE}-byte value: missing?)")  # fmt: skip
+    return (f"{key(batch.first + n)!r}: the reply differs {where} (read {got[at : at + 16]!r}, "
+            f"wrote {batch.reply[at : at + 16]!r})")  # fmt: skip
+
+
 class Client:
     """Just enough RESP over a unix socket for this benchmark: every reply read to its end."""
 
@@ -78,22 +111,26 @@ class Client:
     def close(self) -> None:
         self.sock.close()
 
-    def _more(self) -> None:
-        data = self.sock.recv(1 << 20)
-        if not data:
-            raise ConnectionError("redis closed the connection")
-        self.buffer += data
-
     def _exactly(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            self._more()
-        data = bytes(self.buffer[:size])
-        del self.buffer[:size]
-        return data
+        """The next ``size`` bytes of replies (a timeout if redis sends fewer)."""
+        data = bytearray(size)
+        view = memoryview(data)
+        have = min(size, len(self.buffer))
+        view[:have] = self.buffer[:have]
+        del self.buffer[:have]
+        while have < size:
+            got = self.sock.recv_into(view[have:])
+            if not got:
+                raise ConnectionError("redis closed the connection")
+            have += got
+        return bytes(data)
 
     def line(self) -> bytes:
         while (end := self.buffer.find(b"\r\n")) < 0:
-            self._more()
+            data = self.sock.recv(4096)
+            if not data:
+                raise ConnectionError("redis closed the connection")
+            self.buffer += data
         return self._exactly(end + 2)[:-2]
 
     def call(self, *parts: bytes) -> bytes:
@@ -113,21 +150,19 @@ class Client:
             if self.call(b"MSET", *pairs) != b"OK":
                 raise RuntimeError(f"MSET of keys from {first} did not answer OK")
 
-    def check(self, count: int) -> None:
-        """Every key 0..count-1 read back and compared with its value; raises naming the first
-        key whose value is wrong or missing."""
-        for first in range(0, count, BATCH):
-            n = min(BATCH, count - first)
-            self.sock.sendall(_command(b"MGET", *(key(i) for i in range(first, first + n))))
-            want = _expected(first, n)
-            if self._exactly(len(want)) != want:
-                self.buffer.clear()
-                for i in range(first, first + n):  # which one: ask again, one by one
-                    got = self.call(b"GET", key(i))
-                    if got != value(i):
-                        raise RuntimeError(f"{key(i)!r}: read {got[:40]!r}..., wrote "
-                                           f"{value(i)[:40]!r}... ({len(got)} bytes)")  # fmt: skip
-                raise RuntimeError(f"MGET from {key(first)!r}: the reply was wrong")
+    def check(self, reads: list[Batch]) -> None:
+        """Every batch's MGET sent (``WINDOW`` in flight) and its reply compared, byte for byte,
+        with the values written; raises naming the first key whose value is wrong. A reply of
+        another length (a key missing) ends in the socket's timeout."""
+        for at, batch in enumerate(reads):
+            if at == 0:
+                for ahead in reads[:WINDOW]:
+                    self.sock.sendall(ahead.request)
+            elif at + WINDOW - 1 < len(reads):
+                self.sock.sendall(reads[at + WINDOW - 1].request)
+            got = self._exactly(len(batch.reply))
+            if got != batch.reply:
+                raise RuntimeError(_wrong(batch, got))
 
 
 def _sockets(pid: int) -> int:
@@ -142,6 +177,8 @@ class Dump:
     images: Path
     pid: int
     keys: int
+    #: The MGETs that read every key back, with the replies they must get.
+    reads: list[Batch]
     rss_mib: float
 
 
@@ -164,7 +201,8 @@ def dump(criu: str, work: Path, size_mib: int) -> Dump:
         client = Client(path)
         try:
             client.fill(keys)
-            client.check(keys)
+            reads = batches(keys)
+            client.check(reads)
             info = client.call(b"INFO", b"memory").decode()
         finally:
             client.close()
@@ -182,7 +220,7 @@ def dump(criu: str, work: Path, size_mib: int) -> Dump:
         if server.poll() is None:
             server.kill()
             server.wait()
-    return Dump(work, images, server.pid, keys, rss / (1 << 20))
+    return Dump(work, images, server.pid, keys, reads, rss / (1 << 20))
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +228,8 @@ class Row:
     restore: float
     read: float
     total: float
+    #: The daemon's CPU time, user and system, from its start until it exits (after redis).
+    cpu: float
 
 
 def restore(criu: str, dumped: Dump, daemon: list[str]) -> Row:
@@ -215,7 +255,7 @@ def restore(criu: str, dumped: Dump, daemon: list[str]) -> Row:
             raise RuntimeError(f"criu restore failed: {line}; see {images}/restore.log")
         client = Client(dumped.work / "redis.sock")
         try:
-            client.check(dumped.keys)
+            client.check(dumped.reads)
             total = time.monotonic() - started
             if (size := client.call(b"DBSIZE")) != b"%d" % dumped.keys:
                 raise RuntimeError(f"redis holds {size.decode()} keys, not {dumped.keys}")
@@ -227,7 +267,7 @@ def restore(criu: str, dumped: Dump, daemon: list[str]) -> Row:
         ending = reaper.stdout.readline().strip()
         if ending != "exit 0":
             raise RuntimeError(f"the restored redis-server ended {ending!r}")
-        served.wait(timeout=120)
+        cpu = _reap(served, 120)
     finally:
         if reaper is not None and reaper.poll() is None:
             reaper.kill()  # it then leaves the restored redis to pid 1; kill that too
@@ -237,7 +277,20 @@ def restore(criu: str, dumped: Dump, daemon: list[str]) -> Row:
         if served.poll() is None:
             os.killpg(served.pid, 9)
             served.wait()
-    return Row(restored, total - restored, total)
+    return Row(restored, total - restored, total, cpu)
+
+
+def _reap(process: subprocess.Popen[bytes], timeout: float) -> float:
+    """Wait for ``process`` to exit; its CPU time (and that of the children it reaped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the daemon did not exit within {timeout} s of redis")
+        time.sleep(0.005)
 
 
 @contextlib.contextmanager
@@ -256,7 +309,7 @@ def run(criu: str, daemons: dict[str, list[str]], sizes: list[int], repeat: int,
     version = subprocess.run([REDIS, "--version"], capture_output=True, text=True).stdout
     print(f"redis-server restored by CRIU, every key read back ({version.split()[2]}, "
           f"{VALUE}-byte values), best total of {repeat}")  # fmt: skip
-    print(f"{'daemon':<38} {'restore':>9} {'read':>9} {'total':>9}  vs criu")
+    print(f"{'daemon':<38} {'restore':>9} {'read':>9} {'total':>9}  vs criu  daemon CPU")
     with _tmp(Path(tmp) / "redis-work") as work:
         for size in sizes:
             dumped = dump(criu, work, size)
@@ -281,7 +334,8 @@ def run(criu: str, daemons: dict[str, list[str]], sizes: list[int], repeat: int,
                     continue
                 best = min(rows, key=lambda r: r.total)
                 print(f"{label:<38} {best.restore:>8.3f}s {best.read:>8.3f}s "
-                      f"{best.total:>8.3f}s  {best.total / base:6.2f}x", flush=True)  # fmt: skip
+                      f"{best.total:>8.3f}s  {best.total / base:6.2f}x  {best.cpu:>9.3f}s",
+                      flush=True)  # fmt: skip
             for name, errors in failed.items():
                 for error in errors:
                     print(f"  a run of {name} failed: {error}", flush=True)

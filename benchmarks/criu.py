@@ -319,9 +319,10 @@ def main() -> int:
         source.write_text(PROGRAM)
         subprocess.run(["gcc", "-O2", "-o", program, str(source)], check=True)
         work = Path(tmp) / "work"
-        print(f"{args.size_mib} MiB of private anonymous memory; local rows best of "
-              f"{args.repeat}, remote rows best of {args.remote_repeat}")  # fmt: skip
-        print(f"{'daemon':<38} {'restore':>9} {'touch':>9} {'total':>9}  touch rate")
+        if args.local or args.many or args.remote:
+            print(f"{args.size_mib} MiB of private anonymous memory; local rows best of "
+                  f"{args.repeat}, remote rows best of {args.remote_repeat}")  # fmt: skip
+            print(f"{'daemon':<38} {'restore':>9} {'touch':>9} {'total':>9}  touch rate")
         if args.local:
             for name, command in local.items():
                 rows = [_run(criu, program, work, args.size_mib, _local(command))
