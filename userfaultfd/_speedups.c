@@ -29,8 +29,21 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
+
+#ifndef UFFDIO_POISON /* Linux 6.6; older headers (Debian 12's) lack it: linux/userfaultfd.h */
+struct uffdio_poison {
+    struct uffdio_range range;
+    __u64 mode;
+    __s64 updated;
+};
+#define _UFFDIO_POISON (0x08)
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+#endif
 
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22
@@ -624,10 +637,168 @@ static PyTypeObject AnswererType = {
     .tp_methods = Answerer_methods,
 };
 
+
+/* -- the watchdog (runtime/_export.py): settles the program's pages if both daemons die ------ */
+
+/* The export area's header words (runtime/_export.py), then its records from word 8. */
+enum { GENERATION = 0, COUNT = 1, HANDLER_PID = 2, ENDED = 3, SETTLED = 4, RECORDS = 8 };
+
+typedef struct {
+    int uffd, pidfd;
+    uint64_t *area; /* the supervisor's map (runtime/_export.py), owned by this thread */
+    uint64_t area_length;
+    uint64_t *fallback; /* the ranges it was started with: (address, length, page) */
+    Py_ssize_t nfallback;
+    char *zeros;
+    uint64_t zeros_length;
+} Watch;
+
+static void wait_gone(int pidfd) {
+    struct pollfd p = {pidfd, POLLIN, 0};
+    while (poll(&p, 1, -1) < 0 && errno == EINTR) {
+    }
+}
+
+/* Zero pages for a run the program dropped (a COPY of zeros: hugetlbfs has no ZEROPAGE),
+ * past pages already there. */
+static void zero_run(Watch *w, uint64_t address, uint64_t length, uint64_t page) {
+    uint64_t end = address + length;
+    while (address < end) {
+        uint64_t n = end - address;
+        if (n > w->zeros_length) n = w->zeros_length - w->zeros_length % page;
+        struct uffdio_copy copy = {address, (uint64_t)(uintptr_t)w->zeros, n, 0, 0};
+        if (ioctl(w->uffd, UFFDIO_COPY, &copy) == 0) {
+            address += n;
+            continue;
+        }
+        uint64_t done = copy.copy > 0 ? (uint64_t)copy.copy : 0;
+        address += done + page; /* EEXIST: that page is there; anything else: skip it */
+    }
+}
+
+/* Poison every page of [address, address + length) not there yet. */
+static void poison_run(Watch *w, uint64_t address, uint64_t length, uint64_t page) {
+    uint64_t end = address + length;
+    while (address < end) {
+        struct uffdio_poison poison = {{address, end - address}, 0, 0};
+        if (ioctl(w->uffd, UFFDIO_POISON, &poison) == 0) return;
+        uint64_t done = poison.updated > 0 ? (uint64_t)poison.updated : 0;
+        address += done + page; /* EEXIST: that page is there; anything else: skip it */
+    }
+}
+
+static void *watch_main(void *arg) {
+    Watch *w = arg;
+    wait_gone(w->pidfd); /* the supervisor */
+    if (!__atomic_load_n(&w->area[ENDED], __ATOMIC_ACQUIRE)) {
+        /* An orphaned handler serves alone: wait for it too. */
+        pid_t pid = (pid_t)__atomic_load_n(&w->area[HANDLER_PID], __ATOMIC_ACQUIRE);
+        int handler = pid > 0 ? (int)syscall(SYS_pidfd_open, pid, 0) : -1;
+        if (handler >= 0) {
+            wait_gone(handler);
+            close(handler);
+        }
+    }
+    if (!__atomic_load_n(&w->area[ENDED], __ATOMIC_ACQUIRE)) {
+        uint64_t generation = w->area[GENERATION], count = w->area[COUNT];
+        uint64_t most = (w->area_length / 8 - RECORDS) / 4;
+        if (generation % 2 == 0 && count <= most) {
+            uint64_t *r = w->area + RECORDS;
+            for (uint64_t i = 0; i < count; i++, r += 4)
+                if (r[3] == 1) zero_run(w, r[0], r[1], r[2]); /* dropped: zeros */
+            r = w->area + RECORDS;
+            for (uint64_t i = 0; i < count; i++, r += 4)
+                if (r[3] == 0) poison_run(w, r[0], r[1], r[2]);
+        } else { /* no whole map: the ranges it started with, nothing dropped */
+            for (Py_ssize_t i = 0; i < w->nfallback; i++)
+                poison_run(w, w->fallback[3 * i], w->fallback[3 * i + 1], w->fallback[3 * i + 2]);
+        }
+        __atomic_store_n(&w->area[SETTLED], 1, __ATOMIC_RELEASE);
+    }
+    close(w->uffd); /* the last descriptor: the kernel lets the ranges go, every page settled */
+    close(w->pidfd);
+    munmap(w->zeros, w->zeros_length);
+    munmap(w->area, w->area_length);
+    free(w->fallback);
+    free(w);
+    return NULL;
+}
+
+PyDoc_STRVAR(watch_doc,
+"watch(uffd, pidfd, area, area_length, ranges) -> None\n\n"
+"Start a thread (it needs no GIL) that owns the descriptors `uffd` and `pidfd` (the\n"
+"supervisor's) and the export area (runtime/_export.py), waits for the supervisor and then the\n"
+"handler the area names to end, and unless the area says they finished, settles the program's\n"
+"pages from the map in it (`ranges`, a list of (address, length, page size), when it has no\n"
+"whole map): zeros for dropped runs, poison for every other page not there yet. It then marks\n"
+"the area settled, closes both descriptors and unmaps the area.");
+
+static PyObject *speedups_watch(PyObject *module, PyObject *args) {
+    int uffd, pidfd;
+    unsigned long long area, area_length;
+    PyObject *ranges;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "iiKKO!", &uffd, &pidfd, &area, &area_length, &PyList_Type,
+                          &ranges))
+        return NULL;
+    if (area_length < RECORDS * 8) {
+        PyErr_SetString(PyExc_ValueError, "the export area is smaller than its header");
+        return NULL;
+    }
+    Watch *w = calloc(1, sizeof(Watch));
+    Py_ssize_t n = PyList_GET_SIZE(ranges);
+    uint64_t *fallback = calloc((size_t)(3 * n + 1), sizeof(uint64_t));
+    if (w == NULL || fallback == NULL) {
+        free(w);
+        free(fallback);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long a, l, p;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(ranges, i), "KKK", &a, &l, &p)) {
+            free(w);
+            free(fallback);
+            return NULL;
+        }
+        fallback[3 * i] = a;
+        fallback[3 * i + 1] = l;
+        fallback[3 * i + 2] = p;
+    }
+    w->uffd = uffd;
+    w->pidfd = pidfd;
+    w->area = (uint64_t *)(uintptr_t)area;
+    w->area_length = area_length;
+    w->fallback = fallback;
+    w->nfallback = n;
+    w->zeros_length = 2 << 20;
+    w->zeros = mmap(NULL, w->zeros_length, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    pthread_t thread;
+    pthread_attr_t attr;
+    int failed = w->zeros == MAP_FAILED || pthread_attr_init(&attr) != 0;
+    if (!failed) {
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        failed = pthread_create(&thread, &attr, watch_main, w) != 0;
+        pthread_attr_destroy(&attr);
+    }
+    if (failed) {
+        if (w->zeros != MAP_FAILED) munmap(w->zeros, w->zeros_length);
+        free(fallback);
+        free(w);
+        PyErr_SetString(PyExc_OSError, "the watchdog thread could not start");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"watch", (PyCFunction)speedups_watch, METH_VARARGS, watch_doc},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "userfaultfd._speedups",
-    "The native fast path of the fault handler (optional; see runtime/_answer.py).", -1, NULL,
-    NULL, NULL, NULL, NULL,
+    "The native fast path of the fault handler (optional; see runtime/_answer.py).", -1,
+    module_methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__speedups(void) {

@@ -27,3 +27,7 @@ class Answerer:
         timeout_ms: int,
         batch: int,
     ) -> tuple[list[int], list[tuple[int, bytes]]]: ...
+
+def watch(
+    uffd: int, pidfd: int, area: int, area_length: int, ranges: list[tuple[int, int, int]]
+) -> None: ...

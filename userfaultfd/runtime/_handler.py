@@ -61,6 +61,7 @@ from .._forked import Channel
 from ..stores import Store
 from . import _stats
 from ._answer import NATIVE, Answerer, answerer_for
+from ._export import ENDED, MapExport
 from ._fetch import Fetcher
 from ._fill import PROGRAM, Fill, Filler, Outcome, Source
 from ._inflight import RECORD, Reads
@@ -115,6 +116,7 @@ class Handler:
         record: str | None = None,
         prefetch: str | None = None,
         journal: Journal | None = None,
+        export: MapExport | None = None,
     ) -> None:
         self.store = store
         self.stats = stats
@@ -149,6 +151,7 @@ class Handler:
         self._kill_before_report = os.environ.get("UFFD_TEST_KILL_BEFORE_REPORT", "")
         # Events are read into the supervisor's journal (see _journal) when there is one.
         self._journal = journal
+        self._export = export  # where to say "finished" if this handler ends alone
         self._answer: Answerer = answerer_for(
             store, policy, stats, journal, record=record is not None,
             in_flight=self._reads is not None,
@@ -275,6 +278,10 @@ class Handler:
                 self.finish(fill=False)
             raise
         finally:
+            if not self._reports.supervised and not self._sources and self._export is not None:
+                # Alone (the supervisor died) and every source settled or gone: finished, so
+                # the program's watchdog (see _export) has nothing to settle.
+                self._export.set_word(ENDED, 1)
             self._stopping.set()
             watcher.join()
             self.close()

@@ -39,8 +39,10 @@ from .._errors import UserfaultfdPermissionError
 from .._flags import Feature, Mode
 from .._forked import Channel
 from .._handshake import FirstMessage, Launched, launch
+from .._native import native_available, native_module
 from ..stores import Store
 from . import _stats
+from ._export import MapExport
 from ._policy import Adaptive, Policy
 from ._reports import table_fd
 from ._stats import Stats, StatsBlock
@@ -281,7 +283,8 @@ def plan(
         raise FileNotFoundError(errno.ENOENT, "no working-set record to prefetch", str(prefetch))
     recording = None if record is None else _recording(os.path.abspath(record))
     options = Options(
-        store=store, policy=chosen, stats=StatsBlock(), batch=batch, buffer_bytes=buffer_bytes,
+        store=store, policy=chosen, stats=StatsBlock(), export=MapExport(), batch=batch,
+        buffer_bytes=buffer_bytes,
         fetches=fetches, record=recording, record_into=None if record is None else
         os.path.abspath(record), prefetch=None if prefetch is None else os.path.abspath(prefetch),
     )  # fmt: skip
@@ -324,9 +327,14 @@ def start(
         os.close(control_write)
         supervise(channel, control_read, options, handler_cpu)
 
+    kept = -1  # the program's own descriptor of its uffd, for the watchdog (see _export)
+
     @contextlib.contextmanager
     def first(_pid: int) -> Iterator[FirstMessage]:
+        nonlocal kept
         uffd, features = hand_over()
+        if native_available():
+            kept = os.dup(uffd.fileno())
         with uffd:  # closed once the supervisor holds it
             # The ranges go in a memfd: as a message, tens of thousands would not fit (EMSGSIZE).
             table, count = table_fd((r.address, r.length, r.offset, r.page_size or 0)
@@ -342,9 +350,17 @@ def start(
         launched = launch(body, first, name="the handler", shed=_shed_registered_ranges)
         os.close(control_read)
         control_read = -1
+        if kept >= 0:
+            _watch_daemons(kept, launched.pidfd, options, resolved)
+            kept = -1  # the watchdog thread owns it now, and the export area
+        else:
+            options.export.release()  # (the daemons have their own copies)
         if options.prefetch is not None:
             _wait_for_prefetch(options.stats, launched, prefetch_timeout)
     except BaseException:
+        if kept >= 0:
+            os.close(kept)
+            options.export.release()
         if launched is not None:
             launched.kill()
             launched.close()
@@ -356,6 +372,22 @@ def start(
         raise
     launched.channel.sock.close()  # the supervisor closed its end after Ready
     return Server(launched, control_write, options.stats, resolved, pinned_thread)
+
+
+def _watch_daemons(uffd: int, pidfd: int, options: Options, regions: list[Region]) -> None:
+    """Hand ``uffd`` (the program's own descriptor) and a descriptor of the supervisor to the
+    native watchdog thread, which settles the program's pages if both daemons die (_export)."""
+    speedups = native_module()
+    assert speedups is not None
+    supervisor = os.dup(pidfd)
+    try:
+        speedups.watch(
+            uffd, supervisor, options.export.address, options.export.length,
+            [(r.address, r.length, r.page_size or memory.page_size()) for r in regions],
+        )  # fmt: skip
+    except BaseException:
+        os.close(supervisor)
+        raise
 
 
 _RANGE_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")

@@ -51,12 +51,16 @@ class Stats:
     last_error: str = ""
 
 
+#: Words after the counters: the running handler's pid, whether a prefetch is still on its way,
+#: whether the handler takes the native path.
+_PRIVATE = 3
+
+
 class StatsBlock(SharedCounters):
     """The runtime handler's counters."""
 
     def __init__(self) -> None:
-        # and the running handler's pid, whether a prefetch is still on its way, and its path
-        super().__init__(len(_COUNTERS) + 3, text=1024)
+        super().__init__(len(_COUNTERS) + _PRIVATE, text=1024)
 
     def snapshot(self) -> Stats:
         counts = {name: self.value(i) for i, name in enumerate(_COUNTERS)}
@@ -67,4 +71,4 @@ class StatsBlock(SharedCounters):
 
 
 (FAULTS, PAGES, BYTES, ERRORS, EVENTS, WAKES, POISONED, COPIES, RESTARTS, ZEROS, PREFETCHED,
- HANDLER_PID, PREFETCHING, NATIVE) = range(len(_COUNTERS) + 3)  # fmt: skip
+ HANDLER_PID, PREFETCHING, NATIVE) = range(len(_COUNTERS) + _PRIVATE)  # fmt: skip

@@ -40,6 +40,8 @@ from .._forked import Channel
 from .._handshake import Ready
 from ..stores import Store
 from . import _stats
+from ._export import ENDED, HANDLER_PID, MapExport
+from ._fill import PROGRAM
 from ._handler import Handler
 from ._journal import Journal
 from ._policy import Policy
@@ -81,6 +83,9 @@ class Options:
     store: Store
     policy: Policy
     stats: StatsBlock
+    #: Where the supervisor publishes its map of the program's ranges (the program's watchdog
+    #: settles them from it if both daemons die: see _export).
+    export: MapExport
     batch: int = 64
     buffer_bytes: int = 8 << 20
     #: Store reads in flight (None: what the store says it serves at once).
@@ -105,11 +110,12 @@ def supervise(channel: Channel, control: int, options: Options, cpu: int | None)
     finally:
         os.close(fds[1])
     sources = {
-        1: _Held(
+        PROGRAM: _Held(
             Userfaultfd.from_fd(fds[0], Feature(features)),
             RegionMap([RegionState(a, n, o, p) for a, n, o, p in regions]),
         )
     }
+    options.export.write(sources[PROGRAM].ranges.regions)
     command = b""  # the program's last command, repeated to a restarted handler
     restarts: list[float] = []
     listening = True
@@ -120,13 +126,18 @@ def supervise(channel: Channel, control: int, options: Options, cpu: int | None)
             stats.set(_stats.PREFETCHING, 0)  # nobody is prefetching: serve() must not wait
         options = replace(options, prefetch=None)  # a restarted handler serves on demand
         stats.set(_stats.HANDLER_PID, pid)
+        options.export.set_word(HANDLER_PID, pid)
         if command:
             _tell(commands, command)
         if channel.sock.fileno() >= 0:
             channel.send(Ready(os.getpid()))
             channel.sock.close()  # the program has what it needs
-        ended, listening, received = _watch(pid, commands, control, listening, reports, sources)
+        ended, listening, received = _watch(
+            pid, commands, control, listening, reports, sources, options.export
+        )
         _replay(journal, sources)  # what it read and did not live to report
+        if PROGRAM in sources:
+            options.export.write(sources[PROGRAM].ranges.regions)
         command = received or command
         os.close(commands)
         reports.sock.close()
@@ -151,6 +162,7 @@ def supervise(channel: Channel, control: int, options: Options, cpu: int | None)
     if options.record is not None and options.record_into is not None:
         with contextlib.suppress(OSError):  # (it was writable at the start: see plan())
             os.replace(options.record, options.record_into)
+    options.export.set_word(ENDED, 1)  # finished: the program's watchdog has nothing to settle
 
 
 def _replay(journal: Journal, sources: dict[int, _Held]) -> None:
@@ -191,6 +203,7 @@ def _start(
                 buffer_bytes=options.buffer_bytes, reports=Channel(theirs),
                 first_key=max(sources, default=0) + 1, fetches=options.fetches,
                 record=options.record, prefetch=options.prefetch, journal=journal,
+                export=options.export,
             )  # fmt: skip
             for key, held in sources.items():
                 own = Userfaultfd.from_fd(os.dup(held.uffd.fileno()), held.uffd.features)
@@ -218,6 +231,7 @@ def _watch(
     listening: bool,
     reports: Channel,
     sources: dict[int, _Held],
+    export: MapExport,
 ) -> tuple[int, bool, bytes]:
     """Forward the program's commands and follow the handler's reports until it exits.
     Returns its exit code (-1 for a signal), whether the program's pipe is still open, and
@@ -227,7 +241,7 @@ def _watch(
         watched = [reports.sock.fileno(), control] if listening else [reports.sock.fileno()]
         ready = select.select(watched, [], [], 0.02)[0]
         if reports.sock.fileno() in ready:
-            _follow(reports, sources)
+            _follow(reports, sources, export)
         if control in ready:
             command = os.read(control, 1)
             if not command:
@@ -236,27 +250,29 @@ def _watch(
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                _follow(reports, sources)
+                _follow(reports, sources, export)
                 return -1, listening, command
             else:
                 received = command
                 _tell(commands, command)
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            _follow(reports, sources)  # what it said before it went
+            _follow(reports, sources, export)  # what it said before it went
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
             return code, listening, received
 
 
-def _follow(reports: Channel, sources: dict[int, _Held]) -> None:
-    """Apply every report waiting on the channel."""
+def _follow(reports: Channel, sources: dict[int, _Held], export: MapExport) -> None:
+    """Apply every report waiting on the channel (and publish the program's map if it changed)."""
+    changed = False
     while select.select([reports.sock], [], [], 0)[0]:
         try:
             report, fds = receive(reports, timeout=0)
         except (EOFError, OSError):
-            return
+            break
         if isinstance(report, Changed) and report.key in sources:
             sources[report.key].ranges.change(report.event)
+            changed = changed or report.key == PROGRAM
         elif isinstance(report, Adopted) and fds and report.parent in sources:
             parent = sources[report.parent]
             sources[report.key] = _Held(
@@ -267,6 +283,8 @@ def _follow(reports: Channel, sources: dict[int, _Held]) -> None:
             sources.pop(report.key).uffd.close()
         for extra in fds[1:] if isinstance(report, Adopted) else fds:
             os.close(extra)
+    if changed and PROGRAM in sources:
+        export.write(sources[PROGRAM].ranges.regions)
 
 
 def _tell(commands: int, command: bytes) -> None:
