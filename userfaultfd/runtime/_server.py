@@ -7,7 +7,9 @@ Why another process, and why this order:
   Unix socket (SCM_RIGHTS). Forking after registration would itself be a fork of registered
   memory: with EVENT_FORK requested, fork() would block until someone reads the Fork event.
 - Once the supervisor holds the uffd, this process closes its own copy: a thread here blocked
-  on a fault must never also be the only thing keeping the registration alive.
+  on a fault must never also be the only thing keeping the registration alive. With the native
+  extension, one copy goes to a native watchdog thread instead, which needs no GIL and settles
+  every page if both daemons die (see _export): then nothing is left hanging either.
 - The handler serves this process and every child it forks for as long as each lives (see
   _handler). So a ``Server`` acts only in the process that created it: in a forked child, its
   copy stops nothing, and dropping it or exiting changes nothing for anyone else. Dropping the
