@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Literal
 
@@ -49,6 +50,7 @@ def test_the_first_unreadable_page_is_named_with_its_reason(tmp_path: Path) -> N
     assert caught.value.offset == 5 * CHUNK
     assert caught.value.reason == f"pack chunk 5 (bytes {5 * CHUNK}..): corrupt: hash mismatch"
     assert str(caught.value).startswith(f"page at offset {5 * CHUNK} of {path} could not be read")
+    assert isinstance(caught.value, OSError) and caught.value.errno == errno.EIO, caught.value
 
 
 @pytest.mark.timeout(60)

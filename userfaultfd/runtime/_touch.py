@@ -10,6 +10,7 @@ The child hands its result (or its exception) back through the same shared memor
 from __future__ import annotations
 
 import contextlib
+import errno
 import faulthandler
 import mmap
 import os
@@ -50,17 +51,27 @@ class TouchResult:
     stats: Stats
 
 
-class PageUnreadableError(RuntimeError):
-    """A page of the source could not be read: its memory raised SIGBUS."""
+class PageUnreadableError(OSError):
+    """A page of the source could not be read: its memory raised SIGBUS. An OSError (EIO), as
+    every error of the library is, so ``except OSError`` catches it; ``str()`` is the message
+    alone."""
 
     def __init__(self, source: str, offset: int, reason: str) -> None:
         super().__init__(
+            errno.EIO,
             f"page at offset {offset} of {source} could not be read ({reason}); "
-            "the memory there raises SIGBUS"
+            "the memory there raises SIGBUS",
         )
-        #: The page's offset in the source, and why the store could not give it.
+        #: The source, the page's offset in it, and why the store could not give it.
+        self.source = source
         self.offset = offset
         self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    def __reduce__(self) -> tuple[type[PageUnreadableError], tuple[str, int, str]]:
+        return PageUnreadableError, (self.source, self.offset, self.reason)
 
 
 def touch_pages(
