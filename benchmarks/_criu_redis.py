@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,6 +165,16 @@ class Client:
                 raise RuntimeError(_wrong(batch, got))
 
 
+def _listening(path: Path) -> bool:
+    """Whether a server listens at ``path`` (it binds before it listens)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
+
+
 def _sockets(pid: int) -> int:
     """How many sockets process ``pid`` has open."""
     fds = Path(f"/proc/{pid}/fd")
@@ -178,7 +188,7 @@ class Dump:
     pid: int
     keys: int
     #: The MGETs that read every key back, with the replies they must get.
-    reads: list[Batch]
+    reads: list[Batch] = field(repr=False)
     rss_mib: float
 
 
@@ -195,7 +205,7 @@ def dump(criu: str, work: Path, size_mib: int) -> Dump:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        wait_for("redis-server's socket", path.exists, 30)
+        wait_for("redis-server listening", lambda: _listening(path), 30)
         idle = _sockets(server.pid)
         keys = (size_mib << 20) // VALUE
         client = Client(path)
