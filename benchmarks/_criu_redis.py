@@ -12,8 +12,10 @@ and compares each value with what was written. Columns, from the run with the be
   total     from the restore's start until the last value was checked
   vs criu   total over criu lazy-pages' best total at the same size
   daemon CPU  the user and system time of the daemon and every process it started (the
-            runtime's supervisor and handler), until all exited after redis (background
-            fill included): what serving costs, whatever else the machine is running
+            runtime's supervisor and handler), until all exited (background fill
+            included): what serving costs, whatever else the machine is running
+  redis RSS the restored redis-server's resident memory once the daemon has exited (every
+            page it was going to fill is in), or 10 s after the last key was checked
 The rows take turns run by run, on the same dump. Needs redis-server (``apt-get install -y
 redis-server``); a row is left out, saying why, if it is missing.
 """
@@ -240,6 +242,8 @@ class Row:
     total: float
     #: The daemon's CPU time, user and system, from its start until it exits (after redis).
     cpu: float
+    #: The restored redis-server's resident memory once the daemon exited, in MiB.
+    rss: float
 
 
 def restore(criu: str, dumped: Dump, daemon: list[str]) -> Row:
@@ -271,6 +275,7 @@ def restore(criu: str, dumped: Dump, daemon: list[str]) -> Row:
             total = time.monotonic() - started
             if (size := client.call(b"DBSIZE")) != b"%d" % dumped.keys:
                 raise RuntimeError(f"redis holds {size.decode()} keys, not {dumped.keys}")
+            rss = _rss_once_served(served.pid, dumped.pid, 10.0)
             client.sock.sendall(_command(b"SHUTDOWN", b"NOSAVE"))
             with contextlib.suppress(ConnectionError):
                 client.line()  # SHUTDOWN answers only if it failed
@@ -296,7 +301,20 @@ def restore(criu: str, dumped: Dump, daemon: list[str]) -> Row:
                 served.kill()
                 served.wait()
         served.stdout.close()
-    return Row(restored, total - restored, total, cpu)
+    return Row(restored, total - restored, total, cpu, rss)
+
+
+def _rss_once_served(daemon: int, pid: int, timeout: float) -> float:
+    """Task ``pid``'s resident memory in MiB once process ``daemon`` has exited (left
+    unreaped), or after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.waitid(os.P_PID, daemon, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            break
+        time.sleep(0.01)
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines()
+                if line.startswith("VmRSS:")) / 1024  # fmt: skip
 
 
 #: Runs the daemon (argv) in a session of its own, as a child subreaper that reaps it and every
@@ -348,7 +366,7 @@ def run(criu: str, daemons: dict[str, list[str]], sizes: list[int], repeat: int,
     version = subprocess.run([REDIS, "--version"], capture_output=True, text=True).stdout
     print(f"redis-server restored by CRIU, every key read back ({version.split()[2]}, "
           f"{VALUE}-byte values), best total of {repeat}")  # fmt: skip
-    print(f"{'daemon':<38} {'restore':>9} {'read':>9} {'total':>9}  vs criu  daemon CPU")
+    print(f"{'daemon':<38} {'restore':>9} {'read':>9} {'total':>9}  vs criu  daemon CPU  redis RSS")
     with _tmp(Path(tmp) / "redis-work") as work:
         for size in sizes:
             dumped = dump(criu, work, size)
@@ -373,7 +391,8 @@ def run(criu: str, daemons: dict[str, list[str]], sizes: list[int], repeat: int,
                     continue
                 best = min(rows, key=lambda r: r.total)
                 print(f"{label:<38} {best.restore:>8.3f}s {best.read:>8.3f}s "
-                      f"{best.total:>8.3f}s  {best.total / base:6.2f}x  {best.cpu:>9.3f}s",
+                      f"{best.total:>8.3f}s  {best.total / base:6.2f}x  {best.cpu:>9.3f}s"
+                      f"  {best.rss:>5.0f} MiB",
                       flush=True)  # fmt: skip
             for name, errors in failed.items():
                 for error in errors:
