@@ -212,7 +212,16 @@ static Py_ssize_t segment_of(Answerer *self, uint64_t offset) {
 /* Fill pages [a, b) of `r` that lie in segment `s` (clipped by the caller). */
 static int place_from(Answerer *self, int fd, Region *r, long long a, long long b, Py_ssize_t s) {
     uint64_t offset = r->offset + (uint64_t)a * r->page;
-    if (self->seg_address[s] == 0) return place(self, fd, r, a, b, self->zeros, 1);
+    if (self->seg_address[s] == 0) {
+        /* Zeros come from a mapping of zeros_length bytes: never copy past its end (whatever
+         * is mapped after it is not zeros). */
+        long long most = (long long)(self->zeros_length / r->page);
+        for (long long at = a; at < b; at += most) {
+            int outcome = place(self, fd, r, at, at + most < b ? at + most : b, self->zeros, 1);
+            if (outcome != PLACED) return outcome;
+        }
+        return PLACED;
+    }
     char *src = (char *)(uintptr_t)(self->seg_address[s] + (offset - self->seg_offset[s]));
     return place(self, fd, r, a, b, src, 0);
 }
@@ -257,6 +266,7 @@ static int answer(Answerer *self, int fd, Region *r, uint64_t address) {
         start = index - (long long)((at - seg_start) / r->page);
     long long last_in = index + (long long)((seg_end - at) / r->page);
     if (end > last_in) end = last_in;
+    if (self->seg_address[s] == 0 && self->zeros_length < r->page) goto refer; /* 1 GiB pages */
     if (self->seg_address[s] == 0) { /* zeros come from a mapping of zeros_length bytes */
         long long most = (long long)(self->zeros_length / r->page);
         if (start < index - most + 1) start = index - most + 1;
