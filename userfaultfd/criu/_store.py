@@ -73,6 +73,9 @@ class CriuPages(Store):
             except FileNotFoundError:
                 raise CriuImageError(f"{where}: missing (the pages of task {pid})") from None
         self._pages_name = getattr(self._pages, "path", None) or repr(self._pages)
+        # The runs of mapped(), once asked for (address() looks them up).
+        self._mapped_runs: list[tuple[int, int, int]] | None = None
+        self._run_starts: list[int] = []
         if self._pages.size < needed:
             name = self.images.pages_path(self.pages_id) if pages is None else str(pages)
             self._pages.close()
@@ -89,6 +92,7 @@ class CriuPages(Store):
         )  # fmt: skip
         self._tables, self._size, self._pages = other._tables, other._size, pages
         self._pages_name = other._pages_name
+        self._mapped_runs, self._run_starts = None, []
         return self
 
     @property
@@ -143,6 +147,26 @@ class CriuPages(Store):
                 )
             at = tables.lazy[j].end
             j += 1
+
+    def address(self, offset: int, length: int) -> int | None:
+        """Where [offset, offset + length) lies in the mapped pages image, if it lies inside one
+        present run (the handler then copies straight from there, not through a buffer)."""
+        runs = self._runs()
+        if runs is None or length <= 0:
+            return None
+        at = bisect.bisect_right(self._run_starts, offset) - 1
+        if at < 0:
+            return None
+        start, size, address = runs[at]
+        if address == 0 or offset + length > start + size:
+            return None
+        return address + (offset - start)
+
+    def _runs(self) -> list[tuple[int, int, int]] | None:
+        if self._mapped_runs is None:
+            self._mapped_runs = self.mapped() or []
+            self._run_starts = [start for start, _size, _address in self._mapped_runs]
+        return self._mapped_runs or None
 
     def mapped(self) -> list[tuple[int, int, int]] | None:
         """The present runs where the pages image is mapped (a local file), and the gaps of

@@ -18,6 +18,7 @@ Design note: what the kernel's answers mean to a filler
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import enum
 import errno
@@ -102,8 +103,11 @@ class Filler:
         self._buffer_address, _ = self._resources.enter_context(pinned(self._buffer))
         self._zero_map: mmap.mmap | None = None
         self._zero_address = 0
-        # Only a store that overrides known_zero is asked page by page.
+        # Only a store that overrides known_zero is asked page by page; one whose bytes are
+        # mapped says where its zero runs are at once (Store.mapped(): address 0).
         self._knows_zeros = store is not None and type(store).known_zero is not Store.known_zero
+        self._segments = store.mapped() if self._knows_zeros and store is not None else None
+        self._segment_starts = [start for start, _n, _a in self._segments or []]
         #: When the store read in progress started (0: none): the watcher reads events meanwhile.
         self.busy_since = 0.0
         self._failed_quickly = True
@@ -149,6 +153,12 @@ class Filler:
         page = region.page_size
         if not self._knows_zeros:
             return last, False
+        if self._segments:
+            offset = region.offset + first * page
+            at = bisect.bisect_right(self._segment_starts, offset) - 1
+            if at >= 0 and offset + page <= (end := self._segments[at][0] + self._segments[at][1]):
+                # Whole pages up to the run's end are of its kind (zeros where address is 0).
+                return min(last, first + (end - offset) // page), self._segments[at][2] == 0
         if self.store.known_zero(region.offset + first * page, (last - first) * page):
             return last, True
         zero = self.store.known_zero(region.offset + first * page, page)
@@ -158,10 +168,16 @@ class Filler:
         return end, zero
 
     def fill(
-        self, source: Source, region: RegionState, first: int, last: int, must: tuple[int, int]
-    ) -> Outcome:
+        self, source: Source, region: RegionState, first: int, last: int, must: tuple[int, int],
+        *, leave_zeros: bool = False,
+    ) -> Outcome:  # fmt: skip
         """Copy pages [first, last) of ``region`` from the store. Pages in ``must`` that the
-        store cannot give are poisoned; others are left for a later fault to try again."""
+        store cannot give are poisoned; others are left for a later fault to try again.
+        ``leave_zeros`` (a fill to the end: in the background, a drain): pages the store knows
+        are zero are not mapped but marked to read zeros (``removed``), as the kernel fills
+        them once the range is let go; a fault on one meanwhile gets a zero page. (CRIU's own
+        daemon leaves the holes of a lazy restore alone too: mapping them cost time and memory
+        for pages the program never touched.)"""
         assert self.store is not None
         page = region.page_size
         chunk = max(1, len(self._view) // page)
@@ -169,6 +185,10 @@ class Filler:
         while index < last:
             stop, zero = self.run_of_kind(region, index, min(last, index + chunk))
             offset, size = region.offset + index * page, (stop - index) * page
+            if zero and leave_zeros:
+                region.removed[index:stop] = b"\x01" * (stop - index)
+                index = stop
+                continue
             if zero:
                 outcome = self.place(source, region, index, stop, Fill.KNOWN_ZERO)
                 if outcome is not Outcome.DONE:

@@ -470,7 +470,8 @@ class Handler:
         for region in list(source.map.regions):
             for first, last in list(unsettled_runs(region, 0, region.pages)):
                 if fill:
-                    outcome = self._filler.fill(source, region, first, last, must=(first, last))
+                    outcome = self._filler.fill(source, region, first, last, must=(first, last),
+                                                leave_zeros=True)  # fmt: skip
                 else:
                     outcome = self._filler.place(source, region, first, last, Fill.POISON)
                 if outcome is not Outcome.DONE:
@@ -506,8 +507,9 @@ class Handler:
                     page = region.page_size
                     if self._reads is None:
                         last = min(last, first + max(1, self._filler.buffer_bytes // page))
-                        outcome = self._filler.fill(source, region, first, last,
-                                                    must=(first, last))  # fmt: skip
+                        outcome = self._filler.fill(
+                            source, region, first, last, must=(first, last), leave_zeros=True
+                        )
                         self._release_gone()
                         if outcome is Outcome.CHANGED:
                             self._catch_up()

@@ -30,7 +30,8 @@ class RegionState:
     #: Tells ranges apart for policies that keep per-stream state.
     stream: int = 0
     settled: bytearray = field(default_factory=bytearray)
-    #: Pages dropped by a REMOVE event: they read zeros from then on, as without a handler.
+    #: Pages that read zeros from then on, as without a handler: dropped by a REMOVE event, or
+    #: zeros the store knows of that a fill to the end left for the kernel to map.
     removed: bytearray = field(default_factory=bytearray)
 
     def __post_init__(self) -> None:
