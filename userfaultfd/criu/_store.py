@@ -73,9 +73,6 @@ class CriuPages(Store):
             except FileNotFoundError:
                 raise CriuImageError(f"{where}: missing (the pages of task {pid})") from None
         self._pages_name = getattr(self._pages, "path", None) or repr(self._pages)
-        # The runs of mapped(), once asked for (address() looks them up).
-        self._mapped_runs: list[tuple[int, int, int]] | None = None
-        self._run_starts: list[int] = []
         if self._pages.size < needed:
             name = self.images.pages_path(self.pages_id) if pages is None else str(pages)
             self._pages.close()
@@ -92,7 +89,6 @@ class CriuPages(Store):
         )  # fmt: skip
         self._tables, self._size, self._pages = other._tables, other._size, pages
         self._pages_name = other._pages_name
-        self._mapped_runs, self._run_starts = None, []
         return self
 
     @property
@@ -149,24 +145,17 @@ class CriuPages(Store):
             j += 1
 
     def address(self, offset: int, length: int) -> int | None:
-        """Where [offset, offset + length) lies in the mapped pages image, if it lies inside one
-        present run (the handler then copies straight from there, not through a buffer)."""
-        runs = self._runs()
-        if runs is None or length <= 0:
+        """Where [offset, offset + length) lies in the pages image's mapping, if it lies inside
+        one present run and the image can map it (a local file: the handler then copies
+        straight from there, not through a buffer)."""
+        tables = self._tables
+        at = bisect.bisect_right(tables.starts, offset) - 1
+        if length <= 0 or at < 0:
             return None
-        at = bisect.bisect_right(self._run_starts, offset) - 1
-        if at < 0:
+        start, end, image_offset = tables.runs[at]
+        if offset + length > end:
             return None
-        start, size, address = runs[at]
-        if address == 0 or offset + length > start + size:
-            return None
-        return address + (offset - start)
-
-    def _runs(self) -> list[tuple[int, int, int]] | None:
-        if self._mapped_runs is None:
-            self._mapped_runs = self.mapped() or []
-            self._run_starts = [start for start, _size, _address in self._mapped_runs]
-        return self._mapped_runs or None
+        return self._pages.address(image_offset + (offset - start), length)
 
     def mapped(self) -> list[tuple[int, int, int]] | None:
         """The present runs where the pages image is mapped (a local file), and the gaps of
