@@ -17,7 +17,7 @@ def test_the_groups() -> None:
         "private-cow-punch",
     ]
     protocols = [n for n, s in SCENARIOS.items() if s.group == "protocol"]
-    assert protocols == ["missing-fill", "live-snapshot"]
+    assert protocols == ["missing-fill", "pager-evict", "live-snapshot"]
     rows = table(group="kernel", reduction="persistent")
     assert {r.result.scenario for r in rows} == set(KERNEL)
 

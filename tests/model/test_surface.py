@@ -39,6 +39,8 @@ SURFACE = {
     "Vma",
     "WouldBlock",
     "Write",
+    "WriteBack",
+    "WriteProtect",
     "explore",
     "replay",
     "table",
@@ -61,7 +63,7 @@ def test_every_submodule_is_private() -> None:
 
 def test_public_classes_are_final() -> None:
     classes = [getattr(model, n) for n in sorted(SURFACE) if isinstance(getattr(model, n), type)]
-    assert len(classes) == 21, [c.__name__ for c in classes]
+    assert len(classes) == 23, [c.__name__ for c in classes]
     open_ = [c.__name__ for c in classes if not getattr(c, "__final__", False)]
     assert open_ == [], f"not @typing.final: {open_}"
 

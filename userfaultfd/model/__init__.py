@@ -35,6 +35,8 @@ from ._ops import SigBusError as SigBusError
 from ._ops import Vma as Vma
 from ._ops import WouldBlock as WouldBlock
 from ._ops import Write as Write
+from ._ops import WriteBack as WriteBack
+from ._ops import WriteProtect as WriteProtect
 from ._presets import PRESETS as PRESETS
 from ._presets import Preset as Preset
 from ._presets import UnknownNameError as UnknownNameError
@@ -73,6 +75,8 @@ __all__ = [
     "Vma",
     "WouldBlock",
     "Write",
+    "WriteBack",
+    "WriteProtect",
     "explore",
     "replay",
     "table",

@@ -71,6 +71,10 @@ class Record(enum.Enum):
     NOTIFIED = "notified"
     RESOLVED = "resolved"
     IMAGE = "image"
+    #: The pager's store: what it wrote back, per file page.
+    STORE = "store"
+    #: The pager's dirty pages.
+    DIRTY = "dirty"
 
     __hash__ = object.__hash__
 

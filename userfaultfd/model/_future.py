@@ -15,7 +15,7 @@ from collections.abc import Hashable, Iterable
 from .._flags import Mode as _Mode
 from . import _footprint as fp
 from ._config import Config
-from ._ops import CopyPages, Op, Protect, Punch, Read, Serve, Write
+from ._ops import CopyPages, Op, Protect, Punch, Read, Serve, Write, WriteBack, WriteProtect
 from ._punch import victims
 from ._state import Frame as _Frame
 from ._state import Pc as _Pc
@@ -64,8 +64,18 @@ def future(
                 writes.update((fp.Snap(v.id, i), fp.Pte(v.id, i), fp.Waiters(v.id, i)))
                 reads.update((fp.Cache(v.file, v.pgoff + i), fp.Page(v.pgoff + i)))
             writes.update(asleep)
+        elif isinstance(op, WriteProtect):
+            writes.add(fp.Pte(op.vma, op.index))
+        elif isinstance(op, WriteBack):
+            v = cfg.vmas[op.vma]
+            fi = v.pgoff + op.index
+            reads.update((fp.Cache(v.file, fi), fp.Page(fi)))
+            writes.update((fp.Log(fp.Record.DIRTY), fp.Log(fp.Record.STORE)))
         else:
             _serve_future(cfg, world, name, ts, op, frozen, writes)
+            if op.pager:  # fills from the store, notes pages dirty and clean
+                reads.add(fp.Log(fp.Record.STORE))
+                writes.add(fp.Log(fp.Record.DIRTY))
             writes.update(asleep)
     reads |= writes
     return frozenset(reads), frozenset(writes)

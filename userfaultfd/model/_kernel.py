@@ -86,6 +86,8 @@ from ._ops import SigBusError as _SigBusError
 from ._ops import Vma as _Vma
 from ._ops import WouldBlock as _WouldBlock
 from ._ops import Write as _Write
+from ._ops import WriteBack as _WriteBack
+from ._ops import WriteProtect as _WriteProtect
 from ._presets import Preset as _Preset
 from ._presets import get_preset as _get_preset
 from ._state import ASLEEP as _ASLEEP
@@ -125,17 +127,21 @@ def advance(cfg: _Config, world: _World, name: str) -> _engine.Move[_World, _Lab
             label = _server.protect(cfg, w, name, state, op)
         case _CopyPages():
             label = _server.copy_pages(cfg, w, name, state, op)
+        case _WriteProtect():
+            label = _server.write_protect(cfg, w, name, state, op)
+        case _WriteBack():
+            label = _server.write_back(cfg, w, name, state, op)
     if label is None:
         return None
     return _engine.Move(w.after, label, frozenset(w.reads), frozenset(w.writes))
 
 
 def finished(cfg: _Config, world: _World) -> bool:
-    """Every thread but the server has run its program to the end."""
+    """Every thread has run its program to the end, a server up to its Serve (which never
+    ends): the pager's handler must have finished its eviction."""
     return all(
-        world.thread(n).op >= len(p)
+        world.thread(n).op >= next((j for j, op in enumerate(p) if isinstance(op, _Serve)), len(p))
         for n, p in cfg.programs.items()
-        if not any(isinstance(op, _Serve) for op in p)
     )
 
 
@@ -266,16 +272,37 @@ class Kernel:
         """fallocate(PUNCH_HOLE) of ``pages`` pages from file page ``start``."""
         self._direct(_Punch(file.id, start, pages))
 
-    def writeprotect(self, vma: _Vma, index: int) -> None:
-        """UFFDIO_WRITEPROTECT one page, as the server does; the server notes the frame."""
+    def writeprotect(self, vma: _Vma, index: int, *, protect: bool = True) -> None:
+        """UFFDIO_WRITEPROTECT one page, as the server does; the server notes the frame.
+        ``protect=False`` lifts the protection (UFFDIO_WRITEPROTECT(0)), as a server resolving
+        a WP fault does."""
         w = _Step(self.world)
         pte = w.pte(vma.id, index)
-        if isinstance(pte, _Present):
+        if not protect:
+            _server.unprotect(w, vma, index)
+        elif isinstance(pte, _Present):
             w.set_pte(vma.id, index, _Present(pte.frame, writable=False, uffd_wp=True))
             w.add_protected(pte.frame, w.frame(pte.frame).data)
         elif pte is None and self.preset.pte_markers:
             # change_pte_range() protects a none PTE of a file mapping with a marker.
             w.set_pte(vma.id, index, _MARKER)
+        self.world = w.after
+
+    def copy(self, vma: _Vma, index: int, *, wp: bool = False) -> str:
+        """UFFDIO_COPY into page ``index``, as a server resolving a MISSING fault does: the
+        store's contents (``s<file page>``; with ``wp``, MODE_WP as the pager fills, whatever
+        its store holds now, mapped read-only with uffd-wp). Returns what happened."""
+        self._check_index(vma, index)
+        w = _Step(self.world)
+        result = _server.copy_page(w, vma, index, wp=wp)
+        self.world = w.after
+        return result
+
+    def mark_dirty(self, vma: _Vma, index: int) -> None:
+        """The pager's record that page ``index`` is dirty (its handler notes it on a WP fault)."""
+        self._check_index(vma, index)
+        w = _Step(self.world)
+        w.set_dirty(vma.file, vma.pgoff + index, True)
         self.world = w.after
 
     def mapped(self, vma: _Vma) -> set[int]:

@@ -24,6 +24,8 @@ __all__ = [
     "Vma",
     "WouldBlock",
     "Write",
+    "WriteBack",
+    "WriteProtect",
 ]
 
 
@@ -105,11 +107,15 @@ class Serve:
     ``prefetch``, a MISSING message is the runtime handler's fill path: UFFDIO_COPY of the
     faulting page first (EEXIST: someone else filled it), then of the ``prefetch`` pages after
     it, one page a step as the kernel's copy loop goes; the copy stops at a page already there
-    and the handler resumes after it (the runtime's EAGAIN with ``done``).
+    and the handler resumes after it (the runtime's EAGAIN with ``done``). With ``pager``, it is
+    the out-of-core pager's handler: a MISSING message is filled from the store with
+    UFFDIO_COPY(MODE_WP) (the page arrives clean and write-protected), a WP message marks the
+    page dirty and then lifts the protection (UFFDIO_WRITEPROTECT(0)).
     """
 
     snapshot: bool = False
     prefetch: int = 0
+    pager: bool = False
 
 
 @final
@@ -129,8 +135,28 @@ class CopyPages:
     vma: int
 
 
+@final
+@dataclass(frozen=True, slots=True)
+class WriteProtect:
+    """UFFDIO_WRITEPROTECT of page ``index`` of a VMA, one step (the pager's eviction begins
+    with it): a present PTE gets uffd-wp; a none PTE a marker, only with PTE markers."""
+
+    vma: int
+    index: int
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class WriteBack:
+    """The pager writes page ``index`` of a VMA back to its store if it is dirty, reading it
+    through its own mapping of the file (the page cache's frame), and marks it clean."""
+
+    vma: int
+    index: int
+
+
 #: One op of a thread's program.
-Op = Read | Write | Punch | Serve | Protect | CopyPages
+Op = Read | Write | Punch | Serve | Protect | CopyPages | WriteProtect | WriteBack
 
 
 @final

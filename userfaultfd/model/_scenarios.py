@@ -21,6 +21,8 @@ from ._ops import Punch as _Punch
 from ._ops import Read as _Read
 from ._ops import Serve as _Serve
 from ._ops import Write as _Write
+from ._ops import WriteBack as _WriteBack
+from ._ops import WriteProtect as _WriteProtect
 from ._presets import UnknownNameError as _UnknownNameError
 from ._state import PAGE_SIZE as _PAGE_SIZE
 from ._state import Marker as _Marker
@@ -424,6 +426,72 @@ def _watches_values(cfg: _Config, key: Hashable) -> bool:
     return isinstance(key, _fp.Value)
 
 
+# -- pager-evict ----------------------------------------------------------------------------------
+def _build_pager_evict(k: _Kernel, z: Sizes) -> None:
+    assert z.pages is not None and z.readers is not None and z.writers is not None
+    pages = z.pages
+    if z.writers > pages:
+        raise ValueError(f"pager-evict has one writer per page: at most {pages} writers")
+    f = k.shmem_file(pages)  # the pager's memfd: empty, every page is filled on demand
+    v = k.mmap(f, _BASE, pages, register=_Mode.MISSING | _Mode.WP)
+    # Before the run the program read page 0 (filled from the store, write-protected) and
+    # wrote 'v1' to it (a WP fault: the pager marked it dirty and lifted the protection).
+    k.copy(v, 0, wp=True)
+    k.writeprotect(v, 0, protect=False)
+    k.mark_dirty(v, 0)
+    k.write(v, 0, "v1")
+    # Over budget, the handler evicts page 0 (protect, write back, punch), then serves.
+    k.spawn(
+        "handler",
+        _WriteProtect(v.id, 0),
+        _WriteBack(v.id, 0),
+        _Punch(f.id, 0, 1),
+        _Serve(pager=True),
+    )
+    # Writer j writes page j (page 0 is the one being evicted); reader r reads page r + 1
+    # (absent: its read fault is the one that faults around), wrapping to page 0.
+    _spawn_each(k, "write", z.writers, lambda j: _Write(v.id, j, "v2"))
+    _spawn_each(k, "read", z.readers, lambda r: _Read(v.id, (r + 1) % pages))
+
+
+#: What the pager-evict setup wrote before the run: file page -> contents.
+_PAGER_SETUP = {0: "v1"}
+
+
+def _lost_write(cfg: _Config, w: _World) -> str | None:
+    # A page holds the last value written to it: in its frame while it is in the page cache,
+    # in the store once evicted. (One writer a page: a completed write is the last one.)
+    vma = next(v for v in cfg.vmas if v.register & _Mode.WP)
+    written = dict(_PAGER_SETUP)
+    for _, _, op in _done_ops(cfg, w):
+        if isinstance(op, _Write):
+            written[vma.pgoff + op.index] = op.data
+    for fi, data in sorted(written.items()):
+        fid = w.cached(vma.file, fi)
+        held = None if fid is None else w.frame(fid).data
+        if held is not None and held != data:
+            return f"page {fi} was written {data!r}, but its page in the cache holds {held!r}"
+        if fid is None and w.stored(vma.file, fi) != data:
+            return (
+                f"page {fi} was written {data!r}, but it was evicted and the store holds "
+                f"{w.stored(vma.file, fi)!r}: the write is lost"
+            )
+    for name, ts, op in _done_ops(cfg, w):
+        if isinstance(op, _Read) and ts.value == "0":
+            return f"{name} read zeros from page {op.index}"
+    return None
+
+
+_STORE = _fp.Log(_fp.Record.STORE)
+
+
+def _watches_lost(cfg: _Config, key: Hashable) -> bool:
+    # The check reads frame contents, the cache's slots, the store and what loads returned.
+    # Which writes completed it reads from the threads, but a write completes in the very
+    # step that stores its value, a value no frame of its page held before (Data).
+    return isinstance(key, _fp.Data | _fp.Cache | _fp.Value) or key == _STORE
+
+
 #: Every scenario, in a stable order.
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -509,6 +577,18 @@ SCENARIOS: dict[str, Scenario] = {
             _unfilled_read,
             _watches_values,
             Sizes(readers=2, writers=1, pages=4),
+            group="protocol",
+        ),
+        Scenario(
+            "pager-evict",
+            "the out-of-core pager (fill write-protected from the store, mark dirty on the WP "
+            "fault; evict = protect, write back if dirty, punch) evicting a dirty page while "
+            "a writer writes it and a reader faults on its neighbour",
+            "lost write",
+            _build_pager_evict,
+            _lost_write,
+            _watches_lost,
+            Sizes(readers=1, writers=1, pages=2),
             group="protocol",
         ),
         Scenario(

@@ -2,10 +2,12 @@
 
 A server (:class:`._ops.Serve`) reads one message a step, then resolves it in the steps its mode
 takes: UFFDIO_COPY (and the prefetch pages after it, one a step), update + UFFDIO_CONTINUE, or
-save + UFFDIO_WRITEPROTECT(0); each ioctl wakes the threads asleep on the page. The live
+save + UFFDIO_WRITEPROTECT(0), or the pager's fill (UFFDIO_COPY(MODE_WP) from its store) and
+mark-dirty + UFFDIO_WRITEPROTECT(0); each ioctl wakes the threads asleep on the page. The live
 snapshot's protect instant (:class:`._ops.Protect`) and background copy (:class:`._ops.CopyPages`)
-are here too. Plain functions of the frozen configuration, the Step under way and the thread, as in
-:mod:`._fault`.
+are here too, and the pager's eviction steps before its punch (:class:`._ops.WriteProtect`,
+:class:`._ops.WriteBack`). Plain functions of the frozen configuration, the Step under way and
+the thread, as in :mod:`._fault`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import replace
 from .._flags import Mode as _Mode
 from ._config import Config
 from ._fault import pages_text, wake
-from ._ops import CopyPages, Label, Protect, Serve, Vma
+from ._ops import CopyPages, Label, Protect, Serve, Vma, WriteBack, WriteProtect
 from ._state import MARKER as _MARKER
 from ._state import Event as _Event
 from ._state import Frame as _Frame
@@ -25,8 +27,17 @@ from ._state import Pc as _Pc
 from ._state import Present as _Present
 from ._state import Step as _Step
 from ._state import ThreadState as _ThreadState
+from ._state import store_text
 
-__all__ = ["copy_pages", "protect", "serve"]
+__all__ = [
+    "copy_page",
+    "copy_pages",
+    "protect",
+    "serve",
+    "unprotect",
+    "write_back",
+    "write_protect",
+]
 
 
 def serve(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label | None:
@@ -41,8 +52,9 @@ def _read_message(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve)
     if ev is None:
         return None
     w.add_notified(ev.mode, ev.vma, ev.index)
-    wp = _Pc.SAVE if op.snapshot else _Pc.SNAPSHOT
-    pc = {_Mode.MISSING: _Pc.COPY, _Mode.MINOR: _Pc.UPDATE, _Mode.WP: wp}[ev.mode]
+    wp = _Pc.SAVE if op.snapshot else _Pc.DIRTY if op.pager else _Pc.SNAPSHOT
+    missing = _Pc.FILL if op.pager else _Pc.COPY
+    pc = {_Mode.MISSING: missing, _Mode.MINOR: _Pc.UPDATE, _Mode.WP: wp}[ev.mode]
     w.set_thread(name, replace(ts, pc=pc, event=ev))
     assert ev.mode.name is not None
     return Label("read(uffd)", f"{ev.mode.name} message: VMA {ev.vma} page {ev.index}")
@@ -61,7 +73,7 @@ def _idle(ts: _ThreadState) -> _ThreadState:
 
 def _copy(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
     ev, vma = _held(cfg, ts)
-    result = _copy_page(w, vma, ev.index)
+    result = copy_page(w, vma, ev.index)
     woken = wake(w, ev.vma, ev.index)
     last = min(ev.index + 1 + op.prefetch, vma.pages)
     more = ev.index + 1 < last
@@ -72,7 +84,7 @@ def _copy(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Labe
 def _prefetch(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
     ev, vma = _held(cfg, ts)
     i = ts.cursor
-    result = _copy_page(w, vma, i)
+    result = copy_page(w, vma, i)
     if result == "EEXIST":
         result = "already there: the copy stops (done), resume after it"
     woken = wake(w, ev.vma, i)
@@ -137,12 +149,36 @@ def _save(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Labe
 
 def _unprotect_message(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
     ev, vma = _held(cfg, ts)
-    result, woken = _unprotect(w, vma, ev.index)
+    result, woken = unprotect(w, vma, ev.index)
     w.set_thread(name, _idle(ts))
     return Label("UFFDIO_WRITEPROTECT", f"page {ev.index}: {result}; woke {pages_text(woken)}")
 
 
-def _copy_page(w: _Step, vma: Vma, i: int) -> str:
+def _fill(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
+    # The pager's fill: UFFDIO_COPY(MODE_WP) of what its store holds; the page is clean.
+    ev, vma = _held(cfg, ts)
+    result = copy_page(w, vma, ev.index, wp=True)
+    if result != "EEXIST":
+        w.set_dirty(vma.file, vma.pgoff + ev.index, False)
+    woken = wake(w, ev.vma, ev.index)
+    w.set_thread(name, _idle(ts))
+    return Label("UFFDIO_COPY", f"page {ev.index} (MODE_WP): {result}; woke {pages_text(woken)}")
+
+
+def _dirty(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: Serve) -> Label:
+    # The pager's WP fault: note the page dirty first, then let the write through.
+    ev, vma = _held(cfg, ts)
+    w.set_dirty(vma.file, vma.pgoff + ev.index, True)
+    result, woken = unprotect(w, vma, ev.index)
+    w.set_thread(name, _idle(ts))
+    return Label(
+        "UFFDIO_WRITEPROTECT",
+        f"page {ev.index} marked dirty, then unprotected: {result}; woke {pages_text(woken)}",
+    )
+
+
+def copy_page(w: _Step, vma: Vma, i: int, *, wp: bool = False) -> str:
+    """UFFDIO_COPY into page ``i`` of ``vma`` (see :meth:`._kernel.Kernel.copy`)."""
     # UFFDIO_COPY -> shmem_mfill_atomic_pte(): fails with EEXIST if the page is there.
     fi = vma.pgoff + i
     fid = w.cached(vma.file, fi) if vma.shared else None
@@ -150,14 +186,17 @@ def _copy_page(w: _Step, vma: Vma, i: int) -> str:
     if fid is not None or isinstance(pte, _Present):
         return "EEXIST"
     origin = "copy" if vma.shared else "cow"
-    fid = w.new_frame(_Frame(f"s{fi}", None, True, fi, origin, vma.id))
+    data = w.stored(vma.file, fi) if wp else store_text(fi)
+    fid = w.new_frame(_Frame(data, None, True, fi, origin, vma.id))
     if vma.shared:
         w.set_cached(vma.file, fi, fid)
-    w.set_pte(vma.id, i, _Present(fid, writable=True, uffd_wp=False))
-    return f"new frame #{fid} ({'s' + str(fi)!r}) cached and mapped"
+    # mfill_atomic_install_pte(): MODE_WP installs the PTE read-only with uffd-wp.
+    w.set_pte(vma.id, i, _Present(fid, writable=not wp, uffd_wp=wp))
+    how = "mapped write-protected" if wp else "mapped"
+    return f"new frame #{fid} ({data!r}) cached and {how}"
 
 
-def _unprotect(w: _Step, vma: Vma, i: int) -> tuple[str, list[str]]:
+def unprotect(w: _Step, vma: Vma, i: int) -> tuple[str, list[str]]:
     """UFFDIO_WRITEPROTECT(0) of one page, waking the threads blocked on it."""
     pte = w.pte(vma.id, i)
     if isinstance(pte, _Present) and pte.uffd_wp:
@@ -180,6 +219,8 @@ _RESOLVE: dict[_Pc, Callable[[Config, _Step, str, _ThreadState, Serve], Label | 
     _Pc.SNAPSHOT: _snapshot,
     _Pc.SAVE: _save,
     _Pc.UNPROTECT: _unprotect_message,
+    _Pc.FILL: _fill,
+    _Pc.DIRTY: _dirty,
 }
 
 
@@ -211,7 +252,7 @@ def copy_pages(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: CopyPages
     """The background copy's next step: save the next page not saved yet, then unprotect it."""
     vma = cfg.vmas[op.vma]
     if ts.pc == _Pc.UNPROTECT:
-        result, woken = _unprotect(w, vma, ts.cursor)
+        result, woken = unprotect(w, vma, ts.cursor)
         w.set_thread(name, replace(ts, pc=_Pc.ACCESS, cursor=ts.cursor + 1))
         return Label("UFFDIO_WRITEPROTECT", f"page {ts.cursor}: {result}; woke {pages_text(woken)}")
     for i in range(ts.cursor, vma.pages):
@@ -224,3 +265,38 @@ def copy_pages(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: CopyPages
         return Label("copy", f"saved page {i}: {where} ({data!r})")
     w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults))
     return Label("copy", "every page saved: snapshot complete")
+
+
+# -- the pager's eviction: protect, write back if dirty (then the punch, a Punch op) -----------
+def write_protect(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: WriteProtect) -> Label:
+    """UFFDIO_WRITEPROTECT of one page: uffd-wp on a present PTE, a marker on a none PTE only
+    with PTE markers (change_pte_range()); no wake."""
+    vma = cfg.vmas[op.vma]
+    pte = w.pte(vma.id, op.index)
+    if isinstance(pte, _Present):
+        w.set_pte(vma.id, op.index, _Present(pte.frame, writable=False, uffd_wp=True))
+        result = f"frame #{pte.frame} protected"
+    elif pte is None and cfg.preset.pte_markers:
+        w.set_pte(vma.id, op.index, _MARKER)
+        result = "marker on the none PTE"
+    else:
+        result = "nothing mapped: nothing protected" if pte is None else "marker already there"
+    w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults))
+    return Label("UFFDIO_WRITEPROTECT", f"evict page {op.index}: {result}")
+
+
+def write_back(cfg: Config, w: _Step, name: str, ts: _ThreadState, op: WriteBack) -> Label:
+    """The pager writes a dirty page back to its store (through its own mapping of the file:
+    the page cache's frame, no lock taken) and marks it clean."""
+    vma = cfg.vmas[op.vma]
+    fi = vma.pgoff + op.index
+    w.set_thread(name, _ThreadState(op=ts.op + 1, faults=ts.faults))
+    if not w.is_dirty(vma.file, fi):
+        return Label("write back", f"page {op.index} is clean: nothing to write")
+    fid = w.cached(vma.file, fi)
+    if fid is None:
+        return Label("write back", f"page {op.index} is dirty but not in the page cache")
+    data = w.frame(fid).data
+    w.set_stored(vma.file, fi, data)
+    w.set_dirty(vma.file, fi, False)
+    return Label("write back", f"page {op.index}: frame #{fid} ({data!r}) to the store; clean")

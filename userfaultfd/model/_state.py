@@ -33,6 +33,7 @@ __all__ = [
     "Step",
     "ThreadState",
     "World",
+    "store_text",
 ]
 
 #: Bytes in a base page (x86-64, arm64 with 4 KiB pages).
@@ -129,10 +130,18 @@ class Pc(enum.Enum):
     SNAPSHOT = "snapshot"
     SAVE = "save"
     UNPROTECT = "unprotect"
+    # The pager's handler resolving a message: fill from the store, or mark dirty + unprotect.
+    FILL = "fill"
+    DIRTY = "dirty"
 
     # Every World key hashes each thread's pc: identity hashing (members are singletons) keeps
     # that at C speed, where Enum's own __hash__ is a Python call (a third slower exploration).
     __hash__ = object.__hash__
+
+
+def store_text(index: int) -> str:
+    """What the pager's store holds for file page ``index`` before anything is written back."""
+    return f"s{index}"
 
 
 #: Program counters a thread sleeps at: only another thread's step (a wake) moves it on.
@@ -166,12 +175,14 @@ class World:
     PTEs are keyed by (vma, page index in the VMA); the page cache by (file, file page index);
     ``punching`` is inode->i_private (the range being punched) per file; ``sleepers`` are the
     threads asleep in handle_userfault() at an address (vma, index); ``protected``, ``saved``,
-    ``notified``, ``resolved``, ``image`` and ``snap`` are the userfaultfd server's own records
-    (userspace, not kernel state). Reads here note nothing: a step reads through its Step.
+    ``notified``, ``resolved``, ``image``, ``snap``, ``store`` and ``dirty`` are the userfaultfd
+    server's own records (userspace, not kernel state). Reads here note nothing: a step reads
+    through its Step.
     """
 
     __slots__ = (
         "_cache",
+        "_dirty",
         "_falloc",
         "_falloc_waiters",
         "_frames",
@@ -185,6 +196,7 @@ class World:
         "_resolved",
         "_saved",
         "_snap",
+        "_store",
         "_threads",
         "_waiters",
     )
@@ -211,6 +223,10 @@ class World:
         # (ground truth, for the invariant), and what the snapshot saved for it.
         self._image: dict[tuple[int, int], tuple[int | None, str]] = {}
         self._snap: dict[tuple[int, int], tuple[int | None, str]] = {}
+        # The pager: what it wrote back to its store per (file, file page) (a page never written
+        # back holds its original contents, store_text()), and its dirty (file, file page)s.
+        self._store: dict[tuple[int, int], str] = {}
+        self._dirty: frozenset[tuple[int, int]] = frozenset()
         self._key: Hashable | None = None
 
     def _copy(self) -> World:
@@ -231,6 +247,8 @@ class World:
         w._resolved = self._resolved
         w._image = self._image
         w._snap = self._snap
+        w._store = self._store
+        w._dirty = self._dirty
         w._key = None
         return w
 
@@ -253,6 +271,8 @@ class World:
                 self._resolved,
                 frozenset(self._image.items()),
                 frozenset(self._snap.items()),
+                frozenset(self._store.items()),
+                self._dirty,
             )
         return self._key
 
@@ -333,6 +353,15 @@ class World:
     def snap(self) -> Mapping[tuple[int, int], tuple[int | None, str]]:
         """What the live snapshot saved for each page: (frame or None, contents)."""
         return self._snap
+
+    def stored(self, file: int, index: int) -> str:
+        """What the pager's store holds for file page ``index``."""
+        return self._store.get((file, index), store_text(index))
+
+    @property
+    def dirty(self) -> frozenset[tuple[int, int]]:
+        """The pager's dirty pages, as (file, file page)."""
+        return self._dirty
 
 
 class Step:
@@ -506,3 +535,20 @@ class Step:
     def set_image(self, vma: int, index: int, page: tuple[int | None, str]) -> None:
         self._log(fp.Record.IMAGE)
         self._w._image = {**self._w._image, (vma, index): page}
+
+    def stored(self, file: int, index: int) -> str:
+        self.reads.add(fp.Log(fp.Record.STORE))
+        return self._w._store.get((file, index), store_text(index))
+
+    def set_stored(self, file: int, index: int, data: str) -> None:
+        self.writes.add(fp.Log(fp.Record.STORE))
+        self._w._store = {**self._w._store, (file, index): data}
+
+    def is_dirty(self, file: int, index: int) -> bool:
+        self.reads.add(fp.Log(fp.Record.DIRTY))
+        return (file, index) in self._w._dirty
+
+    def set_dirty(self, file: int, index: int, dirty: bool) -> None:
+        self._log(fp.Record.DIRTY)
+        page = frozenset({(file, index)})
+        self._w._dirty = self._w._dirty | page if dirty else self._w._dirty - page
