@@ -7,8 +7,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from userfaultfd import Ioctl, Mode, _libc, supported_features
-from userfaultfd.check import CHECKS, CheckOptions, CheckResult, Status, run_checks
+from userfaultfd import FeatureUnavailableError, Ioctl, Mode, _libc, supported_features
+from userfaultfd.check import (
+    CHECKS,
+    CheckOptions,
+    CheckResult,
+    PagerGuarantees,
+    Status,
+    _pager,
+    pager_guarantees,
+    run_checks,
+)
 from userfaultfd.check._agreement import Layout, agreement, model_prediction, random_layouts
 from userfaultfd.check._footprint import FAULTED, footprint, judge_footprint
 from userfaultfd.check._matrix import judge_matrix
@@ -103,7 +112,10 @@ def test_cli_json_lists_every_case(capsys: pytest.CaptureFixture[str]) -> None:
     assert [(r["check"], r["status"]) for r in rows] == [
         ("matrix", "PASS"), ("matrix", "PASS"), ("matrix", "PASS"),
         ("semantics", "PASS"), ("semantics", "PASS"), ("semantics", "PASS"), ("semantics", "PASS"),
+        ("semantics", "PASS"),
     ]  # fmt: skip
+    cases = [r["case"] for r in rows if r["check"] == "semantics"]
+    assert cases == ["wp-unpopulated", "pte-markers", "wp-after-punch", "eagain", "close-wakes"]
 
 
 def test_cli_exits_nonzero_on_a_fail(
@@ -152,9 +164,68 @@ def test_an_unprivileged_user_gets_passes_and_stated_skips(dumpable: bool) -> No
     if dumpable:
         assert skipped <= {("matrix", "no free huge pages, and reserving some needs root")}
         passed = [r for r in rows if r[2] == "PASS"]
-        assert (len(rows), len(passed)) == (18, 18 - len(skipped)), rows
+        assert (len(rows), len(passed)) == (19, 19 - len(skipped)), rows
     else:
         assert (
             "footprint",
             "this process may not read /proc/self/pagemap (Permission denied)",
         ) in skipped
+
+
+# -- the out-of-core pager's guarantees -------------------------------------------------------
+
+
+def test_the_pager_guarantees_hold_here_and_are_probed_once() -> None:
+    first = pager_guarantees()
+    assert first.ok, first.missing
+    assert (first.no_fault_around.case, first.wp_survives_punch.case) == (
+        "no-fault-around",
+        "wp-survives-punch",
+    )
+    assert first.no_fault_around.reason == (
+        "only the faulted page mapped (no fault-around in a MISSING|WP range)"
+    )
+    assert first.wp_survives_punch.reason == "the write raised a WP fault before it landed"
+    assert pager_guarantees() is first  # cached: no second probe
+    first.require()  # nothing missing: no error
+
+
+def test_a_budget_is_refused_naming_the_missing_guarantee() -> None:
+    holds = CheckResult("pager", "no-fault-around", Status.PASS, "only the faulted page mapped")
+    lost = CheckResult("pager", "wp-survives-punch", Status.FAIL, "expected one WP fault, got none")
+    guarantees = PagerGuarantees(holds, lost)
+    assert not guarantees.ok and guarantees.missing == (lost,)
+    with pytest.raises(FeatureUnavailableError, match=r"lazy\(budget=\.\.\.\)") as caught:
+        guarantees.require()
+    assert isinstance(caught.value, OSError)
+    assert "not proved here: wp-survives-punch: expected one WP fault, got none" in str(
+        caught.value
+    )
+    assert "no-fault-around" not in str(caught.value).split("not proved here:")[1]
+
+
+def test_the_probe_fails_when_the_kernel_maps_around_a_fault_in_the_pagers_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fake(kind: str, mode: Mode | None, options: CheckOptions, scratch: str) -> list[int]:
+        return list(range(16, 32))  # as the kernel before 5.19 did: fault-around everywhere
+
+    monkeypatch.setattr(_pager, "measure_footprint", fake)
+    got = _pager.probe_pager_guarantees(FAST)
+    assert got.no_fault_around.status is Status.FAIL
+    assert "behind the handler's back" in got.no_fault_around.reason
+    assert got.missing == (got.no_fault_around,)
+
+
+def test_the_wp_after_punch_probe_fails_when_the_write_goes_untracked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def untracked(kind: str, options: CheckOptions, *, punch: bool = False) -> tuple[Status, str]:
+        assert (kind, punch) == ("shmem", True)
+        return Status.FAIL, "expected one WP fault at page 1, got no fault at all"
+
+    monkeypatch.setattr(_pager, "expect_wp_fault", untracked)
+    got = _pager.probe_pager_guarantees(FAST)
+    assert got.missing == (got.wp_survives_punch,)
+    with pytest.raises(FeatureUnavailableError, match="wp-survives-punch: expected one WP"):
+        got.require()

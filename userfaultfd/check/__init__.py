@@ -4,7 +4,8 @@ userfaultfd range, and that the features tools rely on behave.
 Five checks, each a generator of :class:`CheckResult` records: ``footprint`` (what one read
 fault maps), ``race`` (the seed's data-loss race, live), ``matrix`` (registration per memory
 type and mode), ``semantics`` (WP_UNPOPULATED, PTE markers, EAGAIN, close wakes), ``model``
-(the kernel model's predictions against the kernel). Verdicts are decided by small pure
+(the kernel model's predictions against the kernel). :func:`pager_guarantees` runs the probes
+the out-of-core pager relies on, once per process. Verdicts are decided by small pure
 ``judge_*`` functions, so a test can feed them a wrong kernel answer and watch them fail.
 """
 
@@ -15,13 +16,23 @@ from collections.abc import Callable, Iterable, Iterator
 from ._agreement import agreement as _agreement
 from ._footprint import footprint as _footprint
 from ._matrix import matrix as _matrix
+from ._pager import PagerGuarantees as PagerGuarantees
+from ._pager import pager_guarantees as pager_guarantees
 from ._race import race as _race
 from ._result import CheckOptions as CheckOptions
 from ._result import CheckResult as CheckResult
 from ._result import Status as Status
 from ._semantics import semantics as _semantics
 
-__all__ = ["CHECKS", "CheckOptions", "CheckResult", "Status", "run_checks"]
+__all__ = [
+    "CHECKS",
+    "CheckOptions",
+    "CheckResult",
+    "PagerGuarantees",
+    "Status",
+    "pager_guarantees",
+    "run_checks",
+]
 
 #: The checks by name, in the order they run.
 CHECKS: dict[str, Callable[[CheckOptions], Iterator[CheckResult]]] = {

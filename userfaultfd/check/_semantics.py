@@ -4,6 +4,9 @@
   the first write to one raises a WP fault (a snapshot misses nothing).
 - pte-markers: on shmem, MADV_DONTNEED of a protected page leaves a PTE marker that keeps the
   protection: the next write still raises a WP fault.
+- wp-after-punch: on shmem, a hole punched over a protected page keeps its marker too (the
+  truncation drops markers only of a page still mapped): the write to the new page raises a WP
+  fault. The out-of-core pager's eviction relies on it.
 - eagain: while a REMOVE event is queued and unread, COPY fails with EAGAIN, so a handler cannot
   fill a page the program is discarding.
 - close-wakes: closing the last descriptor of a uffd wakes a blocked fault (MISSING anonymous
@@ -28,13 +31,15 @@ from .._forked import Channel, Forked
 from ._result import CheckOptions, CheckResult, Status
 from ._serve import resolve_simply, serve_until_report
 
-__all__ = ["semantics"]
+__all__ = ["expect_wp_fault", "semantics"]
 
 _WP = FaultFlag.WP | FaultFlag.WRITE
 
 
-def _write_after_protect(kind: str, channel: Channel) -> None:
-    """Register 4 pages WP, let the server protect them, then write page 1 natively."""
+def _write_after_protect(kind: str, channel: Channel, *, punch: bool = False) -> None:
+    """Register 4 pages WP, let the server protect them, then write page 1 natively. On shmem
+    page 1 is dropped first: MADV_DONTNEED, or with ``punch`` a hole punched (fallocate), which
+    also frees the page, so the write lands on a new one."""
     page = memory.page_size()
     mapping = memory.anonymous(4 * page) if kind == "anonymous" else memory.memfd(4 * page)
     features = Feature.PAGEFAULT_FLAG_WP | Feature.WP_UNPOPULATED | Feature.WP_HUGETLBFS_SHMEM
@@ -43,7 +48,9 @@ def _write_after_protect(kind: str, channel: Channel) -> None:
     if kind == "shmem":
         mapping.view[:] = bytes([7]) * mapping.length  # populated: protection sits in the PTEs
     uffd.writeprotect(mapping.address, mapping.length)
-    if kind == "shmem":  # drop the PTE of page 1: only a marker can keep its protection
+    if kind == "shmem" and punch:  # the pre-unmap zaps the PTE, the truncation the page
+        mapping.punch_hole(page, page)
+    elif kind == "shmem":  # drop the PTE of page 1: only a marker can keep its protection
         mapping.madvise(mmap.MADV_DONTNEED, page, page)
     channel.send(mapping.address, [uffd.fileno()])
     uffd.close()
@@ -52,9 +59,10 @@ def _write_after_protect(kind: str, channel: Channel) -> None:
     channel.send(bytes(mapping.view[page : page + 8]))
 
 
-def _expect_wp_fault(kind: str, options: CheckOptions) -> tuple[Status, str]:
+def expect_wp_fault(kind: str, options: CheckOptions, *, punch: bool = False) -> tuple[Status, str]:
     page = memory.page_size()
-    with Forked(partial(_write_after_protect, kind), timeout=options.timeout) as child:
+    body = partial(_write_after_protect, kind, punch=punch)
+    with Forked(body, timeout=options.timeout) as child:
         base, fds = child.recv()
         uffd = Userfaultfd.from_fd(fds[0])
         child.send("write")
@@ -148,8 +156,9 @@ def _expect_close_wakes(options: CheckOptions) -> tuple[Status, str]:
 def semantics(options: CheckOptions) -> Iterator[CheckResult]:
     """Check 4."""
     cases: list[tuple[str, Callable[[CheckOptions], tuple[Status, str]]]] = [
-        ("wp-unpopulated", partial(_expect_wp_fault, "anonymous")),
-        ("pte-markers", partial(_expect_wp_fault, "shmem")),
+        ("wp-unpopulated", partial(expect_wp_fault, "anonymous")),
+        ("pte-markers", partial(expect_wp_fault, "shmem")),
+        ("wp-after-punch", partial(expect_wp_fault, "shmem", punch=True)),
         ("eagain", _expect_eagain),
         ("close-wakes", _expect_close_wakes),
     ]
