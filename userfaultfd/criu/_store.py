@@ -73,6 +73,8 @@ class CriuPages(Store):
             except FileNotFoundError:
                 raise CriuImageError(f"{where}: missing (the pages of task {pid})") from None
         self._pages_name = getattr(self._pages, "path", None) or repr(self._pages)
+        self._mapped: list[tuple[int, int, int]] | None = None
+        self._mapped_known = False
         if self._pages.size < needed:
             name = self.images.pages_path(self.pages_id) if pages is None else str(pages)
             self._pages.close()
@@ -89,6 +91,7 @@ class CriuPages(Store):
         )  # fmt: skip
         self._tables, self._size, self._pages = other._tables, other._size, pages
         self._pages_name = other._pages_name
+        self._mapped, self._mapped_known = None, False
         return self
 
     @property
@@ -159,7 +162,13 @@ class CriuPages(Store):
 
     def mapped(self) -> list[tuple[int, int, int]] | None:
         """The present runs where the pages image is mapped (a local file), and the gaps of
-        the lazy VMAs as zeros; None when the image is not mapped (a pack, a URL)."""
+        the lazy VMAs as zeros; None when the image is not mapped (a pack, a URL). Worked out
+        once (a restored program may have tens of thousands of VMAs; the handler asks twice)."""
+        if not self._mapped_known:
+            self._mapped, self._mapped_known = self._map_runs(), True
+        return self._mapped
+
+    def _map_runs(self) -> list[tuple[int, int, int]] | None:
         image = self._pages.mapped()
         if image is None or len(image) != 1 or image[0][0] != 0:
             return None
