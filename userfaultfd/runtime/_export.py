@@ -73,6 +73,10 @@ class MapExport:
 
     def write(self, regions: list[RegionState]) -> None:
         """Publish ``regions`` (the supervisor's map of the program's source, as it is now)."""
+        if len(regions) > CAPACITY:  # cannot fit: say so at once, build nothing (see the top)
+            self._generation = (self._generation + 2) | 1
+            self.set_word(GENERATION, self._generation)
+            return
         records: list[tuple[int, int, int, int]] = []
         for region in regions:
             records.append((region.address, region.length, region.page_size, RANGE))
