@@ -1,9 +1,10 @@
 """Real ``criu dump`` and ``criu restore --lazy-pages`` of process trees and region counts
 that CRIU's own daemon serves (issue 21, item 8), served by ``uffd lazy-pages``: a tree with a
-zombie in it at dump time, and programs of 10,000 and 50,000 one-page regions
-(tests/criu/regions.c). The restored program checks every byte of every region (words derived
-from their address, never zero) and reports the first wrong one; with "fork", a child checks
-half of them through its own uffd (the handler adopts 5,000 to 25,000 ranges at once)."""
+zombie in it at dump time, programs of 10,000 and 50,000 one-page regions, and a tree of 16
+tasks (tests/criu/regions.c). The restored program checks every byte of every region (words
+derived from their address, never zero) and reports the first wrong one; with "fork", a child
+checks half of them through its own uffd (the handler adopts 5,000 to 25,000 ranges at once);
+with "tasks", every task checks its own regions, whose words also depend on the task."""
 
 from __future__ import annotations
 
@@ -86,3 +87,69 @@ def test_many_regions_on_demand(criu: str, regions_program: str, tmp_path: Path)
     restored = restore(dumped, "--no-background", "--policy", "single")
     _assert_checked(restored, dumped, 10_000, child=True)
     assert _summary(restored)["background"] == 0, restored.summary
+
+
+TASKS = 16
+TASK_REGIONS = 300
+
+
+def _task_results(dumped: Dumped, tasks: int) -> list[str]:
+    """Each task's DIR/result-TASK, "(no report)" where a task wrote none."""
+    results = []
+    for task in range(tasks):
+        path = dumped.work / f"result-{task}"
+        results.append(path.read_text() if path.exists() else "(no report)")
+    return results
+
+
+def _assert_every_task_checked(restored: Restored, dumped: Dumped) -> None:
+    """Every one of the TASKS tasks found every byte of its own TASK_REGIONS regions right,
+    task 0 reaped every child with exit 0, and the daemon served 16 tasks, each through a
+    handler of its own, all their pages, without poisoning."""
+    results = _task_results(dumped, TASKS)
+    wrong = [f"task {t}: {r}" for t, r in enumerate(results) if not r.startswith("PASS ")]
+    assert restored.restore_status == 0, (
+        f"criu restore failed ({restored.restore_status}):\n{restore_log(dumped)}\n"
+        f"daemon:\n{restored.daemon_log}"
+    )
+    assert not wrong and restored.result.startswith("PASS "), (
+        f"restored tasks found wrong memory or did not report: {wrong}; task 0's verdict on "
+        f"the tree: {restored.result or '(no report)'}; it ended with {restored.ending!r}; "
+        f"daemon:\n{restored.daemon_log}"
+    )
+    checked = [r.split()[1] for r in results]
+    assert checked == [str(TASK_REGIONS)] * TASKS, f"regions checked per task: {checked}"
+    assert restored.ending == "exit 0", f"task 0 ended with {restored.ending!r}"
+    assert restored.daemon_status == 0, (
+        f"uffd lazy-pages exited {restored.daemon_status}:\n{restored.daemon_log}"
+    )
+    assert restored.summary.startswith(f"uffd lazy-pages: {TASKS} tasks,"), restored.summary
+    served = re.findall(r"task (\d+): (\d+) lazy ranges", restored.daemon_log)
+    pids = {pid for pid, _ in served}
+    assert len(pids) == TASKS, f"handlers for {len(pids)} tasks:\n{restored.daemon_log}"
+    assert all(int(ranges) >= TASK_REGIONS for _, ranges in served), served
+    counts = _summary(restored)
+    assert counts["poisoned"] == 0, restored.summary
+    assert counts["on_demand"] + counts["background"] >= TASKS * TASK_REGIONS, restored.summary
+
+
+def test_a_tree_of_many_tasks(criu: str, regions_program: str, tmp_path: Path) -> None:
+    """16 tasks, each with 300 regions of its own at the same addresses as its siblings'
+    (forked before mapping: the same layout) but holding different words: CRIU sends 16
+    uffds, the daemon serves each task from its own pagemap (a page of another task would
+    read wrong: serving every task from task 0's images fails here), while all 16 check at
+    once and the background fill runs."""
+    dumped = dump(criu, regions_program, tmp_path, str(TASK_REGIONS), "tasks", str(TASKS))
+    restored = restore(dumped)
+    _assert_every_task_checked(restored, dumped)
+
+
+def test_a_tree_of_many_tasks_on_demand(criu: str, regions_program: str, tmp_path: Path) -> None:
+    """The same tree with no background fill: every page every task reads is a fault on that
+    task's own uffd, served by that task's handler."""
+    dumped = dump(criu, regions_program, tmp_path, str(TASK_REGIONS), "tasks", str(TASKS))
+    restored = restore(dumped, "--no-background", "--policy", "single")
+    _assert_every_task_checked(restored, dumped)
+    counts = _summary(restored)
+    assert counts["background"] == 0, restored.summary
+    assert counts["on_demand"] >= TASKS * TASK_REGIONS, restored.summary
