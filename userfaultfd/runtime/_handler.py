@@ -572,6 +572,8 @@ class Handler:
             return Outcome.DONE
         index = (address - region.address) // page
         self.stats.add(_stats.FAULTS)
+        if self._record is not None and source.key == PROGRAM:  # a touch: (page, 0)
+            self._record.write(RECORD.pack(region.offset + index * page, 0))
         if region.settled[index]:
             self.stats.add(_stats.WAKES)
             source.uffd.wake(region.at(index), page)

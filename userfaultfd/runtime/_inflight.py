@@ -41,7 +41,9 @@ _log = logging.getLogger("userfaultfd.runtime")
 #: How long one turn of the loop may spend asking for the working set (faults come between).
 _PREFETCH_SLICE = 0.002
 
-#: A working-set record: each fill a fault caused, as (store offset, length), in order.
+#: A working-set record: each fill a fault caused, as (store offset, length), in order. A
+#: record of length 0 fills nothing: ``record=`` writes one per fault, (the faulting page's
+#: offset, 0), just before its fill if it asks for one (what ``uffd trace`` reads).
 RECORD = struct.Struct("<QQ")
 
 
