@@ -1,4 +1,7 @@
-"""The runtime handler's statistics, in memory it shares with its owner (see _counters)."""
+"""The runtime handler's statistics, in memory it shares with its owner (see _counters).
+
+The block is a memfd named :data:`NAME`: ``uffd top`` finds each server of a program by that
+name in ``/proc/PID/maps`` and reads its counters from outside (``StatsBlock.reading``)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,11 @@ from typing import final
 
 from .._counters import SharedCounters
 
-__all__ = ["Stats", "StatsBlock"]
+__all__ = ["NAME", "Stats", "StatsBlock"]
+
+#: The name of every block's memfd (``/memfd:userfaultfd-stats-1 (deleted)`` in /proc/PID/maps).
+#: A change of the layout below changes the name, so no reader misreads another layout.
+NAME = "userfaultfd-stats-1"
 
 _COUNTERS = ("faults", "pages", "bytes", "errors", "events", "wakes", "poisoned", "copies",
              "restarts", "zeros", "prefetched")  # fmt: skip
@@ -59,8 +66,18 @@ _PRIVATE = 3
 class StatsBlock(SharedCounters):
     """The runtime handler's counters."""
 
+    #: Counters (with the private words) and note bytes of every block.
+    WORDS, TEXT = len(_COUNTERS) + _PRIVATE, 1024
+    #: The bytes a block takes (its memfd's size).
+    LENGTH = SharedCounters.length(WORDS, TEXT)
+
     def __init__(self) -> None:
-        super().__init__(len(_COUNTERS) + _PRIVATE, text=1024)
+        super().__init__(self.WORDS, text=self.TEXT, name=NAME)
+
+    @classmethod
+    def read(cls, data: bytes) -> StatsBlock:
+        """A read-only block over ``data``, the bytes of a block read from another process."""
+        return cls.reading(data, cls.WORDS, cls.TEXT)
 
     def snapshot(self) -> Stats:
         counts = {name: self.value(i) for i, name in enumerate(_COUNTERS)}
