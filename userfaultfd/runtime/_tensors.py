@@ -244,6 +244,8 @@ class _Selected(Store):
                 spans.append((t.start, t.end))
         self._starts = [a for a, _ in spans]
         self._spans = spans
+        self._mapped: list[tuple[int, int, int]] | None = None
+        self._mapped_known = False
 
     @property
     def size(self) -> int:
@@ -254,6 +256,46 @@ class _Selected(Store):
 
     def address(self, offset: int, length: int) -> int | None:
         return self._store.address(offset, length)
+
+    def mapped(self) -> list[tuple[int, int, int]] | None:
+        """The wrapped store's mapped runs, cut where the selection is: the selected tensors'
+        bytes where the wrapped store maps them, every other byte a run of zeros (address 0),
+        so the native path copies the selection from the mapping and reads nothing else. A
+        page that holds both is in neither kind of run whole: the Python path reads it. None
+        when the wrapped store maps nothing. Worked out once per handle."""
+        if not self._mapped_known:
+            self._mapped, self._mapped_known = self._cut(self._store.mapped()), True
+        return self._mapped
+
+    def _cut(self, runs: list[tuple[int, int, int]] | None) -> list[tuple[int, int, int]] | None:
+        if runs is None:
+            return None
+        cut: list[tuple[int, int, int]] = []
+        for start, length, address in runs:
+            end = start + length
+            at = start
+            i = max(0, bisect.bisect_right(self._starts, at) - 1)
+            while at < end:
+                span = self._spans[i] if i < len(self._spans) else None
+                if span is not None and span[1] <= at:
+                    i += 1
+                    continue
+                if span is not None and span[0] <= at:  # selected: where the store has it
+                    stop = min(end, span[1])
+                    cut.append((at, stop - at, address + (at - start) if address else 0))
+                else:  # no selected tensor's bytes: zeros
+                    stop = min(end, span[0]) if span is not None else end
+                    cut.append((at, stop - at, 0))
+                at = stop
+        # Neighbouring zero runs (a zero run of the store next to an unselected gap) as one.
+        merged: list[tuple[int, int, int]] = []
+        for run in cut:
+            last = merged[-1] if merged else None
+            if last is not None and last[2] == 0 == run[2] and last[0] + last[1] == run[0]:
+                merged[-1] = (last[0], last[1] + run[1], 0)
+            else:
+                merged.append(run)
+        return merged
 
     def known_zero(self, offset: int, length: int) -> bool:
         # The last span starting before the range's end is the only one that can reach into it.
@@ -270,6 +312,7 @@ class _Selected(Store):
         reopened = _Selected.__new__(_Selected)
         reopened._store = self._store.reopen()
         reopened._starts, reopened._spans = self._starts, self._spans
+        reopened._mapped, reopened._mapped_known = None, False
         return reopened
 
     def close(self) -> None:
