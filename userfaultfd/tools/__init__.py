@@ -4,6 +4,9 @@ Everything public is here. Behind it: ``_live`` (``snapshot``: a live snapshot o
 the program writes), ``_dirty`` (``track``: the pages written since the last look, through
 WP_ASYNC and PAGEMAP_SCAN), ``_delta`` (a base image plus deltas from a tracker, ``restore``) and
 ``_demo`` (``snapshot_demo``: a snapshot while threads write, checked against memory).
+
+``_top`` (``Top``): what each server of a running program counts, read from outside, as
+``uffd top`` shows it.
 """
 
 from ._delta import DeltaInfo as DeltaInfo
@@ -19,14 +22,20 @@ from ._live import Snapshot as Snapshot
 from ._live import SnapshotStats as SnapshotStats
 from ._live import check_destination as check_destination
 from ._live import snapshot as snapshot
+from ._top import ServerView as ServerView
+from ._top import Top as Top
+from ._top import TopFrame as TopFrame
 
 __all__ = [
     "DeltaInfo",
     "DirtyStats",
     "DirtyTracker",
+    "ServerView",
     "Snapshot",
     "SnapshotDemoResult",
     "SnapshotStats",
+    "Top",
+    "TopFrame",
     "check_destination",
     "restore",
     "snapshot",
