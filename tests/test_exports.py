@@ -205,9 +205,9 @@ def test_subpackage_surfaces() -> None:
         "server_of", "touch_pages",
     ]  # fmt: skip
     assert sorted(userfaultfd.tools.__all__) == [
-        "DeltaInfo", "DirtyStats", "DirtyTracker", "Snapshot", "SnapshotDemoResult",
-        "SnapshotStats", "check_destination", "restore", "snapshot", "snapshot_delta",
-        "snapshot_demo", "snapshot_full", "track",
+        "DeltaInfo", "DirtyStats", "DirtyTracker", "ServerView", "Snapshot", "SnapshotDemoResult",
+        "SnapshotStats", "Top", "TopFrame", "check_destination", "restore", "snapshot",
+        "snapshot_delta", "snapshot_demo", "snapshot_full", "track",
     ]  # fmt: skip
     assert sorted(userfaultfd.check.__all__) == [
         "CHECKS", "CheckOptions", "CheckResult", "PagerGuarantees", "Status", "pager_guarantees",
