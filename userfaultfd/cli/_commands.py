@@ -59,6 +59,7 @@ COMMANDS: dict[str, Command] = {
         "serve a CRIU lazy restore (a drop-in for criu lazy-pages -D IMAGES_DIR)",
         "_criu:define_lazy_pages",
     ),
+    "top": Command("watch the lazy memory of a running program, live", "_top:define_top"),
 }
 
 if TYPE_CHECKING:
