@@ -1,9 +1,12 @@
-"""Write-protect tools: live snapshots and dirty-page tracking of a running program's memory.
+"""Write-protect tools: live snapshots and dirty-page tracking of a running program's memory;
+and page-access maps of what the runtime recorded.
 
 Everything public is here. Behind it: ``_live`` (``snapshot``: a live snapshot of a region while
 the program writes), ``_dirty`` (``track``: the pages written since the last look, through
-WP_ASYNC and PAGEMAP_SCAN), ``_delta`` (a base image plus deltas from a tracker, ``restore``) and
-``_demo`` (``snapshot_demo``: a snapshot while threads write, checked against memory).
+WP_ASYNC and PAGEMAP_SCAN), ``_delta`` (a base image plus deltas from a tracker, ``restore``),
+``_demo`` (``snapshot_demo``: a snapshot while threads write, checked against memory) and
+``_trace`` (``read_trace``, ``draw_trace``: each page of a source as a ``record=`` recording
+tells, and its picture).
 
 ``_top`` (``Top``): what each server of a running program counts, read from outside, as
 ``uffd top`` shows it.
@@ -25,11 +28,18 @@ from ._live import snapshot as snapshot
 from ._top import ServerView as ServerView
 from ._top import Top as Top
 from ._top import TopFrame as TopFrame
+from ._trace import PageFill as PageFill
+from ._trace import PageTrace as PageTrace
+from ._trace import draw_trace as draw_trace
+from ._trace import parse_trace as parse_trace
+from ._trace import read_trace as read_trace
 
 __all__ = [
     "DeltaInfo",
     "DirtyStats",
     "DirtyTracker",
+    "PageFill",
+    "PageTrace",
     "ServerView",
     "Snapshot",
     "SnapshotDemoResult",
@@ -37,6 +47,9 @@ __all__ = [
     "Top",
     "TopFrame",
     "check_destination",
+    "draw_trace",
+    "parse_trace",
+    "read_trace",
     "restore",
     "snapshot",
     "snapshot_delta",
