@@ -47,6 +47,10 @@ COMMANDS: dict[str, Command] = {
         "_runtime:define_serve",
     ),
     "lazy": Command("map a source lazily and touch its pages", "_runtime:define_lazy"),
+    "trace": Command(
+        "draw the page-access map of a recording (record=): fault, read-ahead, zero, untouched",
+        "_trace:define_trace",
+    ),
     "lazy-tensors": Command(
         "list the tensors of a safetensors file or .npz; --touch reads them lazily",
         "_tensors:define_lazy_tensors",
