@@ -42,6 +42,20 @@ def _lazy(args: argparse.Namespace) -> int:
     policy = parse_policy(args.policy)
     if args.prefetch is not None:
         check_working_set(args.prefetch, args.source)
+    if args.trace is not None:
+        from ._trace import check_figure
+
+        check_figure(args.trace, "--trace", "lazy")
+    record, scratch = args.record, None
+    if args.trace is not None and record is None:  # the map needs a recording: a scratch one
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix="uffd-trace-")
+        record = os.path.join(scratch, "recording")
+    ahead = None  # the working set prefetched, as it was (--record may replace it)
+    if args.trace is not None and args.prefetch is not None:
+        with open(args.prefetch, "rb") as f:
+            ahead = f.read()
     try:
         result = touch_pages(
             args.source,
@@ -50,10 +64,16 @@ def _lazy(args: argparse.Namespace) -> int:
             order=args.order,
             pages=args.pages,
             seed=args.seed,
-            record=args.record,
+            record=record,
             prefetch=args.prefetch,
             progress=ProgressBar("touching"),  # drawn by the child that touches the pages
         )
+    except BaseException:
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
     finally:
         show_cursor()
     stats, seconds = result.stats, result.seconds
@@ -79,7 +99,33 @@ def _lazy(args: argparse.Namespace) -> int:
     for name, value in rows:
         table.add_row(name, value)
     Console(width=None if sys.stdout.isatty() else 100).print(table)
+    if args.trace is not None:
+        _draw(args, record, ahead, scratch)
     return 0
+
+
+def _draw(args: argparse.Namespace, record: str, ahead: bytes | None, scratch: str | None) -> None:
+    """``--trace``: the page-access map of the run just made (its counts printed too)."""
+    import shutil
+
+    from .. import memory
+    from ..stores import open_store
+    from ..tools import draw_trace, parse_trace
+    from ._trace import print_counts
+
+    try:
+        with open(record, "rb") as f:
+            data = f.read()
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    with open_store(args.source) as store:
+        trace = parse_trace(data, page_size=memory.page_size(), size=store.size,
+                            prefetch=ahead or b"", known_zero=store.known_zero)  # fmt: skip
+    print_counts(args.record or "(this run)", trace)
+    draw_trace(trace, args.trace, title=f"uffd lazy {args.source} --order {args.order}"
+               f" --policy {args.policy}")  # fmt: skip
+    print(f"  {'written:':<28}{args.trace}")
 
 
 def check_working_set(path: str, source: str) -> None:
@@ -143,7 +189,7 @@ def define_serve(serve_cmd: argparse.ArgumentParser) -> None:
 
 def define_lazy(lazy_cmd: argparse.ArgumentParser) -> None:
     """Define ``lazy SOURCE [--order O] [--policy P] [--pages N] [--cpu C] [--seed N]
-    [--record PATH] [--prefetch PATH]`` on its parser."""
+    [--record PATH] [--trace FILE.svg] [--prefetch PATH]`` on its parser."""
     lazy_cmd.add_argument("source", help="a path, an fsspec URL, a .npy file or a pack")
     lazy_cmd.add_argument("--order", choices=["seq", "random"], default="seq")
     lazy_cmd.add_argument("--policy", default="adaptive", help="single, window:N or adaptive")
@@ -153,6 +199,11 @@ def define_lazy(lazy_cmd: argparse.ArgumentParser) -> None:
     )
     lazy_cmd.add_argument("--seed", type=int, default=1, help="seed of the random order")
     lazy_cmd.add_argument("--record", metavar="PATH", help="log the working set (fills in order)")
+    lazy_cmd.add_argument(
+        "--trace",
+        metavar="FILE.svg",
+        help="draw the run's page-access map into FILE (.svg, .png or .pdf), as uffd trace does",
+    )
     lazy_cmd.add_argument(
         "--prefetch",
         metavar="PATH",
