@@ -61,7 +61,7 @@ class TopFrame:
     pid: int
     #: Its command name (``/proc/PID/comm``).
     command: str
-    #: Every server found, in the order their blocks lie in the program's memory.
+    #: Every server found, oldest first (by its block's inode: memfds are numbered as made).
     servers: tuple[ServerView, ...]
     #: Bytes of the program's ranges registered with a uffd (missing mode), and of those the
     #: bytes resident now.
@@ -158,7 +158,7 @@ class Top(Closing):
             data = self._read_block(fields[0])
             if data is not None:
                 found.append((key, StatsBlock.read(data)))
-        return found
+        return sorted(found, key=lambda item: item[0][1])
 
     def _read_block(self, span: str) -> bytes | None:
         """The block mapped at ``span`` ("start-end", as maps writes it), or None if it is gone."""
