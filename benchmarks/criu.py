@@ -304,6 +304,9 @@ def main() -> int:
         help="dataset sizes in MiB of the redis-server rows (comma-separated)",
     )
     parser.add_argument("--no-redis", dest="redis_rows", action="store_false")
+    from _plots import add_options  # benchmarks/_plots.py: the figure of the table
+
+    add_options(parser)
     args = parser.parse_args()
     criu = subprocess.run([str(ROOT / "tests" / "criu" / "install_criu.sh")], check=True,
                           capture_output=True, text=True).stdout.split()[-1]  # fmt: skip
@@ -366,4 +369,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _plots import main_with_figure
+
+    main_with_figure(main, "criu")

@@ -246,6 +246,9 @@ def main() -> None:
     parser.add_argument("--size", default="256M", help="bytes of int64 data, e.g. 256M")
     parser.add_argument("--repeat", type=int, default=5, help="runs per row (median shown)")
     parser.add_argument("--dir", default="/var/tmp", help="where the .npy goes (disk)")
+    from _plots import add_options  # benchmarks/_plots.py: the figure of the table
+
+    add_options(parser)
     args = parser.parse_args()
     size = _parse_size(args.size)
     if size < 1 << 20 or args.repeat < 1:
@@ -268,4 +271,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _plots import main_with_figure
+
+    main_with_figure(main, "local")

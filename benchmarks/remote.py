@@ -403,6 +403,9 @@ def main() -> None:
     parser.add_argument("--dir", default="/var/tmp", help="where the source and packs go")
     parser.add_argument("--only", choices=["changed"],
                         help="changed: the 5%%-changed pack rows alone (no network)")  # fmt: skip
+    from _plots import add_options  # benchmarks/_plots.py: the figure of the table
+
+    add_options(parser)
     args = parser.parse_args()
     size: int = args.size
     if size <= 0 or size % PAGE:
@@ -443,4 +446,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _plots import main_with_figure
+
+    main_with_figure(main, "remote")

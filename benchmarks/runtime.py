@@ -340,6 +340,9 @@ def main() -> None:
                         help="only the sequential load, 10 times per path")  # fmt: skip
     parser.add_argument("--runs", type=int, default=10, help="runs of --steady")
     parser.add_argument("--cpu", default="same", help="runtime cpu= for --steady: same, none, N")
+    from _plots import add_options  # benchmarks/_plots.py: the figure of the table
+
+    add_options(parser)
     args = parser.parse_args()
     size = driver._parse_size(args.size)
     if size <= 0 or size % HUGE or args.repeat < 1 or args.runs < 2:
@@ -362,4 +365,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _plots import main_with_figure
+
+    main_with_figure(main, "runtime")

@@ -113,6 +113,9 @@ def main() -> int:
     parser.add_argument("--size", default="256M", help="model bytes (K, M, G suffixes)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default="/var/tmp")
+    from _plots import add_options  # benchmarks/_plots.py: the figure of the table
+
+    add_options(parser)
     args = parser.parse_args()
     size = int(args.size[:-1]) << {"K": 10, "M": 20, "G": 30}[args.size[-1]] \
         if args.size[-1] in "KMG" else int(args.size)  # fmt: skip
@@ -150,4 +153,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _plots import main_with_figure
+
+    main_with_figure(main, "tensors")
