@@ -686,14 +686,25 @@ static void zero_run(Watch *w, uint64_t address, uint64_t length, uint64_t page)
     }
 }
 
-/* Poison every page of [address, address + length) not there yet. */
+/* Poison every page of [address, address + length) not there yet. A write-protect marker
+ * (an out-of-core array's page out of memory: runtime/_pager.py) also answers EEXIST: it is
+ * lifted and the page poisoned; a page really there answers EEXIST again and keeps its bytes. */
 static void poison_run(Watch *w, uint64_t address, uint64_t length, uint64_t page) {
     uint64_t end = address + length;
     while (address < end) {
         struct uffdio_poison poison = {{address, end - address}, 0, 0};
         if (ioctl(w->uffd, UFFDIO_POISON, &poison) == 0) return;
-        uint64_t done = poison.updated > 0 ? (uint64_t)poison.updated : 0;
-        address += done + page; /* EEXIST: that page is there; anything else: skip it */
+        int failure = errno;
+        address += poison.updated > 0 ? (uint64_t)poison.updated : 0;
+        if (address >= end) return;
+        if (failure == EEXIST) {
+            struct uffdio_writeprotect lift = {{address, page}, 0};
+            if (ioctl(w->uffd, UFFDIO_WRITEPROTECT, &lift) == 0) {
+                struct uffdio_poison one = {{address, page}, 0, 0};
+                (void)ioctl(w->uffd, UFFDIO_POISON, &one);
+            }
+        }
+        address += page; /* that page is settled now, or there, or cannot be: skip it */
     }
 }
 

@@ -49,7 +49,10 @@ class FakeUffd:
         if self.answers and (err := self.answers.popleft()) is not None:
             raise err
 
-    def copy(self, address: int, src: int, length: int, *, wake: bool = True) -> int:
+    def copy(
+        self, address: int, src: int, length: int, *, wp: bool = False, wake: bool = True
+    ) -> int:
+        assert not wp, "a fill protects pages only for an out-of-core array's pager"
         self.calls.append(("copy", address, length, ctypes.string_at(src, length)))
         self._answer()
         return length

@@ -112,16 +112,16 @@ class Program:
     """One case's program, running in a session of its own."""
 
     def __init__(
-        self, case: str, function: str, args: list[str], workdir: Path, deadline: float = DEADLINE
-    ) -> None:
+        self, case: str, function: str, args: list[str], workdir: Path, deadline: float = DEADLINE,
+        *, module: str = "tests.runtime._lifecycle_prog",
+    ) -> None:  # fmt: skip
         self.case = case
         self.report = workdir / f"{function}.report"
         self.report.unlink(missing_ok=True)
         self._stderr = workdir / f"{function}.stderr"
         self.deadline = time.monotonic() + deadline
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *sys.path[1:]]))
-        command = [sys.executable, "-m", "tests.runtime._lifecycle_prog", str(self.report),
-                   function, *args]  # fmt: skip
+        command = [sys.executable, "-m", module, str(self.report), function, *args]
         with open(workdir / f"{function}.stdout", "wb") as out, open(self._stderr, "wb") as err:
             self.proc = subprocess.Popen(
                 command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,

@@ -140,11 +140,12 @@ def _policy_parameters(policy: Policy) -> tuple[int, int, int, int]:
 
 def answerer_for(
     store: Store | None, policy: Policy, stats: StatsBlock, journal: Journal | None, *,
-    record: bool, in_flight: bool,
+    record: bool, in_flight: bool, paged: bool = False,
 ) -> Answerer:  # fmt: skip
     """The native answerer where it can serve (see the module text), else the Python one. Both
-    read into ``journal`` (see _journal) when there is one."""
-    if store is None or record or in_flight or not native_available():
+    read into ``journal`` (see _journal) when there is one. An out-of-core array (``paged``)
+    takes the Python path: every fill there passes its pager."""
+    if store is None or record or in_flight or paged or not native_available():
         return ReadOnly(journal)
     if type(policy) not in (Single, Window, Adaptive):
         return ReadOnly(journal)

@@ -27,7 +27,7 @@ import mmap
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import final
+from typing import TYPE_CHECKING, final
 
 from .._buffer import pinned
 from .._core import Userfaultfd
@@ -37,6 +37,9 @@ from . import _stats
 from ._fetch import read_range
 from ._ranges import RegionMap, RegionState
 from ._stats import StatsBlock
+
+if TYPE_CHECKING:
+    from ._pager import Pager
 
 __all__ = ["PROGRAM", "Fill", "Filler", "Outcome", "Source", "store_failed"]
 
@@ -113,6 +116,9 @@ class Filler:
         self._failed_quickly = True
         #: Sources an ioctl found gone (ESRCH), for the loop to release.
         self.gone: list[Source] = []
+        #: An out-of-core array's pager (see _pager): asked for room before every page goes in,
+        #: told of every page that went in; pages go in write-protected when it is writable.
+        self.pager: Pager | None = None
 
     @property
     def closed(self) -> bool:
@@ -258,16 +264,20 @@ class Filler:
         """Settle pages [first, last) by one ioctl (COPY from ``src``, ZEROPAGE or POISON),
         going on past pages that are there already."""
         page = region.page_size
+        pager = self.pager if how is not Fill.POISON else None
+        protect = pager is not None and pager.writable
         while first < last:
             address, length = region.at(first), (last - first) * page
+            if pager is not None and (outcome := pager.admit(last - first)) is not Outcome.DONE:
+                return outcome
             # Counted before the ioctl: it wakes the faulting thread, which may read the stats
             # at once and must find its page counted.
             self._count(region, first, last, how)
             try:
                 if how is Fill.COPY:
-                    source.uffd.copy(address, src, length, wake=wake)
+                    source.uffd.copy(address, src, length, wp=protect, wake=wake)
                 elif how in (Fill.ZERO, Fill.KNOWN_ZERO):  # hugetlbfs ranges have no ZEROPAGE
-                    source.uffd.copy(address, self.zeros(length), length)
+                    source.uffd.copy(address, self.zeros(length), length, wp=protect)
                 else:
                     source.uffd.poison(address, length)
             except PageExistsError:  # the first page is there already
@@ -281,6 +291,8 @@ class Filler:
                 done = err.done // page
                 self._count(region, first + done, last, how, sign=-1)
                 region.settled[first : first + done] = b"\x01" * done
+                if pager is not None:
+                    pager.filled(region, first, first + done)
                 return Outcome.CHANGED
             except ProcessGoneError:
                 self._count(region, first, last, how, sign=-1)
@@ -302,6 +314,8 @@ class Filler:
                     return Outcome.STORE_FAILED
                 raise
             region.settled[first:last] = b"\x01" * (last - first)
+            if pager is not None:
+                pager.filled(region, first, last)
             if how is Fill.COPY:
                 self.stats.add(_stats.COPIES)
             return Outcome.DONE

@@ -57,6 +57,7 @@ from typing import final
 from .._core import Userfaultfd
 from .._errors import ProcessGoneError, UserfaultfdError
 from .._events import Event, Fork, PageFault, Remap, Remove, Unmap
+from .._flags import FaultFlag
 from .._forked import Channel
 from ..stores import Store
 from . import _stats
@@ -66,6 +67,7 @@ from ._fetch import Fetcher
 from ._fill import PROGRAM, Fill, Filler, Outcome, Source
 from ._inflight import RECORD, Reads
 from ._journal import MAX_BATCH, Journal
+from ._pager import Pager, PagerSetup
 from ._policy import Policy
 from ._ranges import RegionMap, RegionState, unsettled_runs
 from ._reports import Adopted, Changed, Closed, Reporter, pack_ranges
@@ -117,6 +119,8 @@ class Handler:
         prefetch: str | None = None,
         journal: Journal | None = None,
         export: MapExport | None = None,
+        pager: PagerSetup | None = None,
+        pager_store: Store | None = None,
     ) -> None:
         self.store = store
         self.stats = stats
@@ -152,9 +156,16 @@ class Handler:
         # Events are read into the supervisor's journal (see _journal) when there is one.
         self._journal = journal
         self._export = export  # where to say "finished" if this handler ends alone
+        # An out-of-core array's pager (see _pager); it writes back to ``store``, or to
+        # ``pager_store`` for the supervisor's settling handler, which has no store to read.
+        self._pager = None if pager is None else Pager(
+            pager, store if store is not None else pager_store, stats, self._by_key
+        )  # fmt: skip
+        self._filler.pager = self._pager
+        self._writes: deque[tuple[Source, int]] = deque()  # WP faults: first writes
         self._answer: Answerer = answerer_for(
             store, policy, stats, journal, record=record is not None,
-            in_flight=self._reads is not None,
+            in_flight=self._reads is not None, paged=pager is not None,
         )  # fmt: skip
         if store is not None:  # (the supervisor's poisoning handler serves nothing)
             stats.set(_stats.NATIVE, int(self._answer.path == NATIVE))
@@ -255,6 +266,11 @@ class Handler:
                         if command in (b"d", b"p"):
                             self.finish(fill=command == b"d")
                             return
+                        if command == b"f":
+                            self._flush()
+                            continue
+                        if command == b"b" and self._pager is not None:
+                            continue  # a budget is never filled whole: pages come on demand
                         if command == b"b":
                             self._background = True
                             if self._reads is not None:
@@ -271,6 +287,8 @@ class Handler:
                         self._record.flush()
                     self._probe()
                     probed = time.monotonic()
+            if self._pager is not None:
+                self._flush()  # nobody maps the array any more: its dirty pages go back now
         except BaseException as err:
             self.stats.note(f"the fault handler failed: {type(err).__name__}: {err}")
             if not self._reports.supervised:  # nobody else holds the uffds: settle them here
@@ -292,6 +310,18 @@ class Handler:
         started = time.perf_counter_ns()
         self._apply_all(self._collect([source] if source is not None else [], read))
         answered: set[tuple[int, int]] = set()  # threads faulting on one page: answer once
+        while self._writes:
+            owner, address = self._writes.popleft()
+            if owner.uffd.closed or self._pager is None:
+                continue
+            self.stats.add(_stats.FAULTS)
+            outcome = self._pager.write_fault(owner, address)
+            if outcome is Outcome.CHANGED:
+                self._catch_up()
+                self._writes.appendleft((owner, address))
+            elif outcome is Outcome.PROCESS_GONE:
+                self._filler.gone.append(owner)
+                self._release_gone()
         while self._faults:
             owner, address = self._faults.popleft()
             if owner.uffd.closed or (owner.key, address) in answered:
@@ -422,7 +452,10 @@ class Handler:
     def _apply(self, source: Source, event: Event) -> None:
         """Queue a fault; apply any other event to the map at once (and tell the supervisor)."""
         if isinstance(event, PageFault):
-            self._faults.append((source, event.address))
+            if FaultFlag.WP in event.flags and self._pager is not None:
+                self._writes.append((source, event.address))
+            else:
+                self._faults.append((source, event.address))
             return
         self.stats.add(_stats.EVENTS)
         if isinstance(event, Fork):
@@ -451,7 +484,11 @@ class Handler:
     def finish(self, *, fill: bool) -> None:
         """Settle every page of every source, then close them: the only way a source whose
         process lives is closed. ``fill``: from the store, poisoning what it cannot give;
-        otherwise poison every page not filled yet."""
+        otherwise poison every page not filled yet. An out-of-core array is never filled
+        whole: its dirty pages are written back, and the pages not in memory are poisoned."""
+        if self._pager is not None:
+            self._finish_paged()
+            return
         if fill and self._reads is not None:
             self._drain_in_flight()
         while self._sources:
@@ -465,6 +502,32 @@ class Handler:
             if outcome is Outcome.DONE:
                 self._release(source)
         self.close()
+
+    def _finish_paged(self) -> None:
+        assert self._pager is not None
+        self._catch_up()
+        self._flush()
+        while self._sources:
+            self._catch_up()
+            self._faults.clear()  # settling wakes every fault there is
+            self._writes.clear()
+            source = next(iter(self._sources.values()))
+            outcome = self._pager.settle(source)
+            if outcome is Outcome.PROCESS_GONE:
+                self._filler.gone.append(source)
+            self._release_gone()
+            if outcome is Outcome.DONE:
+                self._release(source)
+        self.close()
+
+    def _flush(self) -> None:
+        """Write back every dirty page and make them durable; say so (or the errno) in the
+        stats, for the flush the program asked for last (see Server.flush)."""
+        assert self._pager is not None
+        asked = self.stats.value(_stats.FLUSH_ASKED)
+        failed = self._pager.flush()
+        self.stats.set(_stats.FLUSH_ERRNO, failed)
+        self.stats.set(_stats.FLUSH_DONE, asked)
 
     def _settle(self, source: Source, *, fill: bool) -> Outcome:
         for region in list(source.map.regions):

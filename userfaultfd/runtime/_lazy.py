@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import memory
 from ..stores import ChunkCache, FileStore, Store, open_store
+from ._budgeted import paged_store, parse_budget, served_paged
 from ._direct import handler_needed, map_file
 from ._policy import Policy
 from ._server import Region, Server, serve
@@ -32,6 +33,8 @@ def lazy(
     policy: Policy | None = None,
     cache: ChunkCache | None = None,
     direct: bool | None = None,
+    budget: int | str | None = None,
+    writable: bool = False,
     **serve_options: Any,
 ) -> Any:
     """Memory whose pages fill from ``source`` when first touched.
@@ -53,11 +56,36 @@ def lazy(
     once no process has it any more. ``cache``: a :class:`~userfaultfd.stores.ChunkCache` in
     front of a content-addressed pack. Other options go to :func:`serve` (``fetches``,
     ``record``, ``prefetch``, ``cpu``, ...).
+
+    ``budget`` (bytes: an int, or a string such as ``"64M"``, ``"2G"``) makes an out-of-core
+    array: its pages in memory never exceed the budget, whatever the size of the source; the
+    oldest go when new ones come in, and come back from the source when touched again (see
+    _pager). Without ``writable`` it is read-only (a write is SIGSEGV). ``writable=True`` (a
+    local file only: ValueError otherwise) shares writes with forked children, like
+    ``np.memmap(mode="r+")``, and writes dirty pages back to the file when they are evicted, on
+    ``server_of(array).flush()`` (durable when it returns), when the server stops, and once no
+    process maps the array; without ``budget`` it keeps the whole array in memory. Both need
+    a kernel that keeps userspace in charge of a shmem range (FeatureUnavailableError
+    otherwise, naming what is missing). After ``stop()``, pages not in memory raise SIGBUS.
     """
-    store = open_store(source) if cache is None else open_store(source, cache=cache)
+    paged = budget is not None or writable
+    if paged and direct:
+        raise ValueError(
+            "direct=True maps the file with the kernel's page cache, which keeps no budget and "
+            "writes back nothing: pass budget/writable without it"
+        )
+    if paged and serve_options.get("prefetch") is not None:
+        raise ValueError("prefetch= installs a working set whole, past any budget: not with "
+                         "budget/writable")  # fmt: skip
+    limit = parse_budget(budget) if budget is not None else None
+    store = paged_store(source, writable, cache) if paged else (
+        open_store(source) if cache is None else open_store(source, cache=cache)
+    )  # fmt: skip
     try:
         why: str | None = "direct=False"
-        if direct is not False:
+        if paged:
+            why = "budget/writable"
+        elif direct is not False:
             options = dict(serve_options, policy=policy) if policy is not None else serve_options
             why = handler_needed(source, store, cache, options)
             if why is not None and direct:
@@ -72,12 +100,17 @@ def lazy(
                 if direct:
                     raise ValueError(f"direct=True cannot map {_name(source)}: the kernel "
                                      f"refuses to map it ({err.strerror})") from err  # fmt: skip
-        if holder is None:
+        if holder is None and paged:
+            holder = served_paged(store, offset, nbytes, nbytes if limit is None else limit,
+                                  writable, policy, serve_options)  # fmt: skip
+        elif holder is None:
             holder = _served(store, offset, nbytes, policy, serve_options)
     finally:
         if store is not source:
             store.close()  # the supervisor (or the mapping) has its own handle; this needs none
     raw = memoryview(holder).cast("B")
+    if paged and not writable:
+        raw = raw.toreadonly()
     if dtype is None:
         return raw
     import numpy as np

@@ -86,9 +86,10 @@ class Server(Closing):
 
     def __init__(
         self, launched: Launched, control: int, stats: StatsBlock, regions: list[Region],
-        pinned_thread: int | None,
+        pinned_thread: int | None, *, paged: bool = False,
     ) -> None:  # fmt: skip
         self.pid = launched.pid
+        self._paged = paged
         self.regions = regions
         self._launched = launched
         self._control = control
@@ -142,6 +143,33 @@ class Server(Closing):
         finally:
             _let_go(self._owner, self._control, self._launched.pidfd, self._pinned_thread)
         return self.stats()
+
+    def flush(self, *, timeout: float = 600.0) -> None:
+        """Write every dirty page of an out-of-core array (``lazy(..., budget=...,
+        writable=True)``) back to its source, and return once they are durable (fsync).
+        Raises OSError (the errno of the write, e.g. ENOSPC) if a page could not be written
+        back since the last flush: its bytes stay in memory, dirty, and go back at the next
+        flush or eviction that succeeds. Only in the process that created the server."""
+        if not self._paged:
+            raise ValueError("flush() writes back an out-of-core array: lazy(..., budget=...)")
+        if os.getpid() != self._owner:
+            raise RuntimeError("flush() works in the process that made the array, not a child")
+        if self._stopped:
+            raise RuntimeError("the server is stopped: its dirty pages were written back then")
+        asked = self._stats.value(_stats.FLUSH_ASKED) + 1
+        self._stats.set(_stats.FLUSH_ASKED, asked)
+        self._tell(b"f")
+        deadline = time.monotonic() + timeout
+        while self._stats.value(_stats.FLUSH_DONE) < asked:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the flush did not finish within {timeout} s")
+            if not self.alive and not _running(self.handler_pid):
+                raise OSError(errno.EIO, "the handler and supervisor are gone: the dirty pages "
+                              f"cannot be written back ({self._stats.noted()})")  # fmt: skip
+            time.sleep(0.0005)
+        failed = self._stats.value(_stats.FLUSH_ERRNO)
+        if failed:
+            raise OSError(failed, f"{os.strerror(failed)}: {self._stats.noted()}")
 
     def fill_in_background(self) -> None:
         """Fill every page not filled yet, between faults (which are answered first); the
@@ -239,7 +267,7 @@ def serve(
                              prefetch_timeout=prefetch_timeout)  # fmt: skip
 
     def register() -> tuple[Userfaultfd, Feature]:
-        uffd, features = _open(user_mode_only)
+        uffd, features = open_uffd(user_mode_only)
         if Feature.EVENT_FORK not in features:
             for r in resolved:
                 _dont_fork(r)
@@ -318,6 +346,8 @@ def start(
     cpu: int | str | None,
     hand_over: Callable[[], tuple[Userfaultfd, Feature]],
     prefetch_timeout: float = 60.0,
+    *,
+    paged: bool = False,
 ) -> Server:
     """The one start-up sequence: start the supervisor, then ``hand_over()`` makes the uffd
     (registered, with its features), which goes to the supervisor over SCM_RIGHTS and is
@@ -373,7 +403,7 @@ def start(
             _unpin(pinned_thread)
         raise
     launched.channel.sock.close()  # the supervisor closed its end after Ready
-    return Server(launched, control_write, options.stats, resolved, pinned_thread)
+    return Server(launched, control_write, options.stats, resolved, pinned_thread, paged=paged)
 
 
 def _watch_daemons(uffd: int, pidfd: int, options: Options, regions: list[Region]) -> None:
@@ -428,9 +458,10 @@ def _wait_for_prefetch(stats: StatsBlock, launched: Launched, timeout: float) ->
             return  # the supervisor ended: nothing will come
 
 
-def _open(user_mode_only: bool) -> tuple[Userfaultfd, Feature]:
-    """A uffd with the features the runtime uses that this kernel and this process may have."""
-    features = _WANTED & supported_features()
+def open_uffd(user_mode_only: bool, extra: Feature = Feature(0)) -> tuple[Userfaultfd, Feature]:
+    """A uffd with the features the runtime uses (and ``extra``) that this kernel and this
+    process may have."""
+    features = (_WANTED | extra) & supported_features()
     try:
         return Userfaultfd(features, user_mode_only=user_mode_only), features
     except UserfaultfdPermissionError:

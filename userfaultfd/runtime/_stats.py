@@ -17,7 +17,8 @@ __all__ = ["NAME", "Stats", "StatsBlock"]
 NAME = "userfaultfd-stats-1"
 
 _COUNTERS = ("faults", "pages", "bytes", "errors", "events", "wakes", "poisoned", "copies",
-             "restarts", "zeros", "prefetched")  # fmt: skip
+             "restarts", "zeros", "prefetched", "resident", "evicted", "written_back", "dirty",
+             "write_errors")  # fmt: skip
 
 
 @final
@@ -46,6 +47,14 @@ class Stats:
     zeros: int
     #: Pages installed ahead of any fault from a recorded working set (``prefetch=``).
     prefetched: int
+    #: An out-of-core array's pages (``lazy(budget=...)``; 0 otherwise): in memory now, given
+    #: back so far, written back to the source so far, written since their last write-back, and
+    #: write-backs that failed (the pages stay in memory, dirty; ``flush()`` raises).
+    resident: int
+    evicted: int
+    written_back: int
+    dirty: int
+    write_errors: int
     #: Per-fault service time in microseconds (event read to page filled): percentiles.
     latency_p50_us: float
     latency_p90_us: float
@@ -59,8 +68,9 @@ class Stats:
 
 
 #: Words after the counters: the running handler's pid, whether a prefetch is still on its way,
-#: whether the handler takes the native path.
-_PRIVATE = 3
+#: whether the handler takes the native path; the flushes asked for, the flushes done and the
+#: errno of the last one (0: durable) (see Server.flush).
+_PRIVATE = 6
 
 
 class StatsBlock(SharedCounters):
@@ -88,4 +98,6 @@ class StatsBlock(SharedCounters):
 
 
 (FAULTS, PAGES, BYTES, ERRORS, EVENTS, WAKES, POISONED, COPIES, RESTARTS, ZEROS, PREFETCHED,
- HANDLER_PID, PREFETCHING, NATIVE) = range(len(_COUNTERS) + _PRIVATE)  # fmt: skip
+ RESIDENT, EVICTED, WRITTEN_BACK, DIRTY, WRITE_ERRORS,
+ HANDLER_PID, PREFETCHING, NATIVE, FLUSH_ASKED, FLUSH_DONE, FLUSH_ERRNO,
+ ) = range(len(_COUNTERS) + _PRIVATE)  # fmt: skip

@@ -44,6 +44,7 @@ from ._export import ENDED, HANDLER_PID, MapExport
 from ._fill import PROGRAM
 from ._handler import Handler
 from ._journal import Journal
+from ._pager import PagerSetup
 from ._policy import Policy
 from ._ranges import RegionMap, RegionState
 from ._reports import Adopted, Changed, Closed, read_table, receive, unpack_ranges
@@ -97,6 +98,8 @@ class Options:
     record_into: str | None = None
     #: A working set to prefetch (by the first handler only).
     prefetch: str | None = None
+    #: An out-of-core array's memfd, budget and page states (see _pager).
+    pager: PagerSetup | None = None
 
 
 def supervise(channel: Channel, control: int, options: Options, cpu: int | None) -> None:
@@ -129,6 +132,8 @@ def supervise(channel: Channel, control: int, options: Options, cpu: int | None)
         options.export.set_word(HANDLER_PID, pid)
         if command:
             _tell(commands, command)
+        if stats.value(_stats.FLUSH_DONE) < stats.value(_stats.FLUSH_ASKED):
+            _tell(commands, b"f")  # a flush the dead handler did not finish
         if channel.sock.fileno() >= 0:
             channel.send(Ready(os.getpid()))
             channel.sock.close()  # the program has what it needs
@@ -203,7 +208,7 @@ def _start(
                 buffer_bytes=options.buffer_bytes, reports=Channel(theirs),
                 first_key=max(sources, default=0) + 1, fetches=options.fetches,
                 record=options.record, prefetch=options.prefetch, journal=journal,
-                export=options.export,
+                export=options.export, pager=options.pager,
             )  # fmt: skip
             for key, held in sources.items():
                 own = Userfaultfd.from_fd(os.dup(held.uffd.fileno()), held.uffd.features)
@@ -253,7 +258,8 @@ def _watch(
                 _follow(reports, sources, export)
                 return -1, listening, command
             else:
-                received = command
+                if command != b"f":  # (a flush is repeated only while unfinished: see supervise)
+                    received = command
                 _tell(commands, command)
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -295,7 +301,9 @@ def _tell(commands: int, command: bytes) -> None:
 def _poison(sources: dict[int, _Held], options: Options) -> None:
     """Settle every source by poisoning the pages not filled: SIGBUS on access, not zeros."""
     page = max((r.page_size for h in sources.values() for r in h.ranges.regions), default=4096)
-    settler = Handler(None, options.policy, options.stats, buffer_bytes=page)
+    # An out-of-core array's dirty pages go back first, through the supervisor's own store.
+    settler = Handler(None, options.policy, options.stats, buffer_bytes=page,
+                      pager=options.pager, pager_store=options.store)  # fmt: skip
     for key, held in sources.items():
         settler.add(held.uffd, held.ranges.forgotten(), key=key)
     sources.clear()

@@ -105,6 +105,20 @@ class Store(abc.ABC):
         the handler calls it from one thread only."""
         return 1
 
+    @property
+    def writable(self) -> bool:
+        """Whether :meth:`write_from` takes bytes back (an out-of-core array's dirty pages:
+        ``lazy(..., writable=True)``). Default: False."""
+        return False
+
+    def write_from(self, offset: int, data: memoryview) -> None:
+        """Write ``data`` at ``offset`` (inside :attr:`size`), all of it or raise
+        :class:`StoreError`. Durable only after :meth:`sync`. Default: EROFS."""
+        raise StoreError(errno.EROFS, f"{self!r} cannot be written")
+
+    def sync(self) -> None:  # noqa: B027 - optional hook, a store that cannot be written
+        """Make every :meth:`write_from` so far durable (fsync)."""
+
     def reopen(self) -> Store:
         """A handle usable in this process (called after fork), over the same bytes as this one.
 

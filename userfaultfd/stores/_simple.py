@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 from contextlib import ExitStack, suppress
@@ -40,10 +41,12 @@ class FileStore(Store):
     :class:`StoreError` (ESTALE) and :meth:`address` answers None for it (it checks the current
     size with one fstat), so the handler poisons the page rather than mapping zeros. Writes into
     the same file in place are not detected: pin the bytes by replacing files, not editing them.
+    ``writable=True`` opens it for :meth:`write_from` too (an out-of-core array's write-back).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        fd = os.open(os.fspath(path), os.O_RDONLY | os.O_CLOEXEC)
+    def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        fd = os.open(os.fspath(path), flags)
         try:
             size = os.fstat(fd).st_size
         except BaseException:
@@ -153,6 +156,31 @@ class FileStore(Store):
                     f" ({self._current_size()} bytes), it was {self._size} bytes when opened",
                 )
             done += got
+
+    @property
+    def writable(self) -> bool:
+        """Whether the file was opened for writing (``FileStore(path, writable=True)``)."""
+        if self._fd < 0:
+            return False
+        return fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+
+    def write_from(self, offset: int, data: memoryview) -> None:
+        if offset < 0 or offset + len(data) > self._size:
+            raise StoreError(errno.EINVAL, f"{self.path}: a write at {offset}+{len(data)} is "
+                             f"outside its {self._size} bytes")  # fmt: skip
+        done = 0
+        while done < len(data):
+            try:
+                done += os.pwritev(self._fd, [data[done:]], offset + done)
+            except OSError as err:
+                where = f"{self.path}: writing at {offset + done}"
+                raise StoreError(err.errno or errno.EIO, f"{where}: {err.strerror}") from err
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as err:
+            raise StoreError(err.errno or errno.EIO, f"{self.path}: fsync: {err.strerror}") from err
 
     def reopen(self) -> FileStore:
         """A store over the same open file (a duplicate descriptor, with a mapping of its own),
