@@ -106,8 +106,15 @@ def _lazy_pages(args: argparse.Namespace) -> int:
     options = _nested_options(args.storage_option)
     if options and args.pages is None:
         raise UsageError("--storage-option applies only with --pages URL", command="lazy-pages")
-    summary = lazy_pages(args.images, pages=args.pages, storage_options=options, policy=policy,
-                         background=args.background, socket_path=args.socket, cpu=args.cpu,
-                         on_listening=listening, on_task=task)  # fmt: skip
+    from ._progress import ProgressBar
+
+    bar = ProgressBar("background fill")  # on stderr, and only on a terminal
+    try:
+        summary = lazy_pages(args.images, pages=args.pages, storage_options=options,
+                             policy=policy, background=args.background, socket_path=args.socket,
+                             cpu=args.cpu, on_listening=listening, on_task=task,
+                             progress=bar)  # fmt: skip
+    finally:
+        bar.close()
     print(summary.line(), flush=True)
     return 1 if summary.poisoned else 0

@@ -191,7 +191,14 @@ def _pack_criu(args: argparse.Namespace) -> int:
     from ..criu import pack_images
 
     started = time.monotonic()
-    infos = pack_images(args.source, args.dest, chunk_size=args.chunk_size, level=args.level)
+    from ._progress import ProgressBar
+
+    bar = ProgressBar("packing")  # a bar for each pages image, on stderr (only on a terminal)
+    try:
+        infos = pack_images(args.source, args.dest, chunk_size=args.chunk_size, level=args.level,
+                            progress=bar)  # fmt: skip
+    finally:
+        bar.close()
     for info in infos:
         print(f"{info.path}: {info.size} bytes -> {info.packed_size} (ratio {info.ratio:.2f}x), "
               f"{info.chunks} chunks")  # fmt: skip

@@ -87,6 +87,7 @@ def lazy_pages(
     connect_timeout: float | None = None,
     on_listening: Callable[[str], None] | None = None,
     on_task: Callable[[int, Server], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Summary:
     """Serve one ``criu restore --lazy-pages`` of the dump in ``images_dir`` and return once
     every task is gone, or every page is in (``background``). ``pages``: where the pages images
@@ -95,7 +96,10 @@ def lazy_pages(
     --criu``); ``storage_options`` go to the store of such a URL (e.g. ``key``, ``secret`` and
     ``client_kwargs={"endpoint_url": ...}`` for s3://). ``socket_path``: default
     ``images_dir/lazy-pages.socket``. ``on_listening`` is called once the restore may start,
-    ``on_task`` as each task's server starts."""
+    ``on_task`` as each task's server starts. ``progress(done, total)`` is called while the
+    background fill runs (about ten times a second, and once at its end with ``done ==
+    total``): pages filled so far, on demand and in the background, of the pages the images
+    hold for the lazy memory."""
     images = Images(images_dir)
     images.inventory()
     tree = images.pstree()
@@ -110,6 +114,7 @@ def lazy_pages(
     }
     path = socket_path or images.file(SOCKET_NAME)
     servers: list[Server] = []
+    served: list[int] = []  # the task of each server
     zombies = 0
     # A failure below leaves every server running: each serves its task until the task exits
     # (a restore that fails kills its tasks), which is always safe; stopping could not be.
@@ -138,6 +143,7 @@ def lazy_pages(
                 continue
             server = serve_adopted(uffd, regions, store, policy=policy, cpu=cpu)
             servers.append(server)
+            served.append(task.pid)
             if on_task is not None:
                 on_task(task.pid, server)
         handoff.finished(timeout=None)
@@ -145,7 +151,16 @@ def lazy_pages(
     if background:  # like criu lazy-pages: everything else, between the tasks' own faults
         for server in servers:
             server.fill_in_background()
-    _wait_gone(servers)
+    shown = progress if background else None
+    total = sum(stores[pid].present_pages() for pid in served) if shown is not None else 0
+
+    def filling() -> None:
+        if shown is not None and total:
+            shown(min(total, sum(_filled(s.stats()) for s in servers)), total)
+
+    _wait_gone(servers, filling)
+    if shown is not None and total:
+        shown(total, total)
     after = [s.stats() for s in servers]
     seconds = time.monotonic() - started
     return Summary(
@@ -170,7 +185,12 @@ def _pages_for(pages: str | None) -> str | None:
     return pages.rstrip("/") + "/pages-{id}.img"
 
 
-def _wait_gone(servers: list[Server]) -> None:
-    """Until every supervisor has ended (its tasks exited, or unmapped all they served)."""
+def _wait_gone(servers: list[Server], tick: Callable[[], None] | None = None) -> None:
+    """Until every supervisor has ended (its tasks exited, or unmapped all they served);
+    ``tick()`` about every 0.1 s meanwhile."""
+    last = time.monotonic()
     while any(s.alive for s in servers):
         select.select([], [], [], 0.01)
+        if tick is not None and time.monotonic() - last >= 0.1:
+            last = time.monotonic()
+            tick()

@@ -102,6 +102,18 @@ class CriuPages(Store):
         """The lazily restored VMAs, in address order."""
         return list(self._tables.lazy)
 
+    def present_pages(self) -> int:
+        """Pages of the lazy VMAs that the pages image holds (what a fill to the end copies;
+        the rest of the lazy VMAs reads zeros)."""
+        tables, pages = self._tables, 0
+        for start, end, _ in tables.runs:
+            i = max(0, bisect.bisect_right(tables.lazy_starts, start) - 1)
+            while i < len(tables.lazy) and tables.lazy[i].start < end:
+                lazy = tables.lazy[i]
+                pages += max(0, min(end, lazy.end) - max(start, lazy.start)) // PAGE
+                i += 1
+        return pages
+
     def read_into(self, offset: int, buffer: memoryview) -> int:
         length = self.clamp(offset, len(buffer))
         end = offset + length
