@@ -85,15 +85,15 @@ def _require_kernel(writable: bool) -> None:
 
 
 def served_paged(
-    store: Store, offset: int, nbytes: int, budget: int, writable: bool, policy: Policy | None,
-    serve_options: dict[str, Any],
+    store: Store, offset: int, nbytes: int, budget: int | None, writable: bool,
+    policy: Policy | None, serve_options: dict[str, Any],
 ) -> Any:  # fmt: skip
     """``nbytes`` of a memfd served from ``store`` at ``offset`` with at most ``budget`` bytes in
-    memory: a ctypes array that owns the mapping and the server."""
+    memory (None: all of it): a ctypes array that owns the mapping and the server."""
     _require_kernel(writable)
     page = memory.page_size()
     length = -(-nbytes // page) * page
-    budget_pages = max(1, min(budget, length) // page)
+    budget_pages = length // page if budget is None else max(1, min(budget, length) // page)
     fd = os.memfd_create("uffd-out-of-core", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, length)

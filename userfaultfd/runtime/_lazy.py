@@ -101,8 +101,7 @@ def lazy(
                     raise ValueError(f"direct=True cannot map {_name(source)}: the kernel "
                                      f"refuses to map it ({err.strerror})") from err  # fmt: skip
         if holder is None and paged:
-            holder = served_paged(store, offset, nbytes, nbytes if limit is None else limit,
-                                  writable, policy, serve_options)  # fmt: skip
+            holder = served_paged(store, offset, nbytes, limit, writable, policy, serve_options)
         elif holder is None:
             holder = _served(store, offset, nbytes, policy, serve_options)
     finally:

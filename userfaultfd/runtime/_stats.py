@@ -12,9 +12,9 @@ from .._counters import SharedCounters
 
 __all__ = ["NAME", "Stats", "StatsBlock"]
 
-#: The name of every block's memfd (``/memfd:userfaultfd-stats-1 (deleted)`` in /proc/PID/maps).
+#: The name of every block's memfd (``/memfd:userfaultfd-stats-2 (deleted)`` in /proc/PID/maps).
 #: A change of the layout below changes the name, so no reader misreads another layout.
-NAME = "userfaultfd-stats-1"
+NAME = "userfaultfd-stats-2"
 
 _COUNTERS = ("faults", "pages", "bytes", "errors", "events", "wakes", "poisoned", "copies",
              "restarts", "zeros", "prefetched", "resident", "evicted", "written_back", "dirty",

@@ -1,7 +1,7 @@
 """Watch a running program's lazy memory from outside: what ``uffd top PID`` shows.
 
 Each server the runtime starts (serve(), lazy(), serve_adopted(), a CRIU restore's tasks) counts
-what its handler does in a block of shared memory, a memfd named ``userfaultfd-stats-1``
+what its handler does in a block of shared memory, a memfd named ``userfaultfd-stats-2``
 (runtime/_stats.py): the program, its supervisor and its handler all map it. So another process
 finds every server of a program by that name in ``/proc/PID/maps`` and reads the block's bytes,
 through ``/proc/PID/map_files`` (which needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE) or else
