@@ -10,6 +10,7 @@ array, so a lost write, a stray one or a zero names its element.
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import signal
 import sys
@@ -82,7 +83,7 @@ def scan(args: list[str]) -> None:
     peak = 0
     for round_ in range(2):
         bounds = [int(b) for b in np.linspace(0, N, 17)]
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        for lo, hi in itertools.pairwise(bounds):
             compare(a[lo:hi], want[lo:hi], f"pass {round_}", lo)
             peak = max(peak, rss_shmem_kib())
     say("rss", peak_kib=peak)
