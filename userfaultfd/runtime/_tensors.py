@@ -35,13 +35,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Literal, final
 
+from .. import memory
 from ..stores import FileStore, Store, open_store
 from ._direct import handler_needed, map_file
 from ._inflight import RECORD
 from ._lazy import _served
+from ._policy import Policy
 from ._tensor_index import Index, TensorInfo, read_index
 
-__all__ = ["LazyTensors", "lazy_tensors", "select"]
+__all__ = ["LazyTensors", "TensorChunks", "lazy_tensors", "select"]
 
 
 @final
@@ -124,6 +126,8 @@ def lazy_tensors(
                 raise ValueError("direct=True cannot leave tensors out: the kernel's read-ahead"
                                  " would read them; a handler serves a selection")  # fmt: skip
             served = _Selected(store, placed)
+        if "policy" not in serve_options and served.parallel_reads > 1:
+            serve_options = dict(serve_options, policy=TensorChunks(placed, low))
         holder = _map(source, store, served, low, high - low, records, direct, cache,
                       serve_options)  # fmt: skip
     finally:
@@ -222,6 +226,37 @@ def _map(
         return _served(served, offset, nbytes, policy, options)
     finally:
         os.unlink(path)
+
+
+@final
+class TensorChunks(Policy):
+    """The fault-around of a remote tensor mapping: a fault fills its tensor's chunk, the
+    tensor's pages in chunks of ``chunk_bytes`` counted from its first page, so one round trip
+    brings what a program reading the tensor will read next, whichever way it goes. (A large
+    memcpy goes backwards through a page-aligned source: glibc copies backwards when the
+    source and destination lie at the same offset in their pages, to avoid 4K aliasing, so
+    ``np.array(t)`` of a page-aligned tensor faults on its last page first, then page by page
+    down; an adaptive window, which grows only on faults going forward, then fills one page a
+    round trip.) A page in no tensor (alignment padding) is filled alone."""
+
+    def __init__(self, placed: Iterable[TensorInfo], low: int, chunk_bytes: int = 64 << 20,
+                 page_size: int | None = None) -> None:  # fmt: skip
+        page = page_size or memory.page_size()
+        bounds = sorted(((t.start - low) // page, -(-(t.end - low) // page)) for t in placed)
+        self._firsts = [a for a, _ in bounds]
+        self._bounds = bounds
+        self.chunk_pages = max(1, chunk_bytes // page)
+
+    def window(self, index: int, pages: int, page_size: int, stream: int = 0) -> tuple[int, int]:
+        at = bisect.bisect_right(self._firsts, index) - 1
+        if at < 0 or index >= self._bounds[at][1]:
+            return index, index + 1
+        first, last = self._bounds[at]
+        start = first + (index - first) // self.chunk_pages * self.chunk_pages
+        return start, min(start + self.chunk_pages, last, pages)
+
+    def __repr__(self) -> str:
+        return f"TensorChunks({len(self._bounds)} tensors, {self.chunk_pages} pages a chunk)"
 
 
 def _name(source: Any) -> str:
