@@ -13,7 +13,13 @@ offset. So a tensor is fetched when, and where, it is touched; nothing else is r
   whose store knows the bytes of no selected tensor as zero (``Store.known_zero``): a fault or a
   read-ahead window that reaches them maps zero pages there and reads nothing. No view covers
   them, so no caller sees those zeros; the kernel's read-ahead of a direct mapping would read
-  them, hence the handler.
+  them, hence the handler. Where the wrapped store is mapped (a local file), so is the
+  selection (``Store.mapped()``: the selected bytes from the file's mapping, the rest zeros), and
+  the native path answers its faults.
+- Over a remote store (one read many at a time) a fault fills its tensor's chunk
+  (``TensorChunks``, up to 64 MiB), not an adaptive window: a program copying a tensor
+  often goes backwards through it (glibc's memcpy does, for a page-aligned source), and a
+  window that grows only going forward would then cost a round trip a page.
 - ``prefetch`` is the runtime's working-set prefetch (``serve(prefetch=PATH)``): the selected
   tensors' byte ranges are written, in the order asked, as records of (store offset, length),
   merged where they touch, so contiguous tensors are read as large reads, many in flight. They
@@ -101,7 +107,9 @@ def lazy_tensors(
     background, behind any fault, while the program already uses what has arrived. bfloat16
     and float8 tensors are ml_dtypes' dtypes (ImportError without it). ``direct`` and the
     other options are :func:`~userfaultfd.runtime.lazy`'s (``policy``, ``cache``, ``fetches``,
-    ``cpu``, ...). A plain local file with no option is mapped by the kernel directly.
+    ``cpu``, ...). A plain local file with no option is mapped by the kernel directly. Over a
+    remote store the default policy is ``TensorChunks`` (a fault fills its tensor, up to
+    64 MiB of it); ``policy=Adaptive()`` for random access inside large tensors.
 
     No ``budget`` yet: models larger than memory wait for the out-of-core work. A torch tensor
     without a copy: ``torch.from_numpy(array)``; for bfloat16,
