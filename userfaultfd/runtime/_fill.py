@@ -48,6 +48,8 @@ PROGRAM = 1
 
 _log = logging.getLogger("userfaultfd.runtime")
 
+#: A read this large is a stream's window: the store is told the next one will be read too.
+_READ_AHEAD_FROM = 64 << 10
 #: A store read that fails faster than this may be tried again on a smaller range.
 _QUICK_FAILURE = 0.1
 
@@ -119,6 +121,11 @@ class Filler:
         #: An out-of-core array's pager (see _pager): asked for room before every page goes in,
         #: told of every page that went in; pages go in write-protected when it is writable.
         self.pager: Pager | None = None
+
+    def page_into(self, pager: Pager) -> None:
+        """Fill through ``pager`` (see _pager): from this process's buffer, never from a
+        mapping of the store (see Pager.install), which then forgets the bytes read."""
+        self.pager = pager
 
     @property
     def closed(self) -> bool:
@@ -245,10 +252,14 @@ class Filler:
         assert self.store is not None
         self.busy_since = time.monotonic()
         try:
-            mapped = self.store.address(offset, size)
+            if size >= _READ_AHEAD_FROM:  # a stream: the next window of it is read meanwhile
+                self.store.will_need(offset, 2 * size)
+            mapped = None if self.pager is not None else self.store.address(offset, size)
             if mapped is not None:
                 return mapped
             read_range(self.store, offset, self._view[:size])
+            if self.pager is not None:
+                self.store.dont_need(offset, size)
             return self._buffer_address
         except Exception as err:  # any failure of the store is a page it cannot give
             self._failed_quickly = time.monotonic() - self.busy_since < _QUICK_FAILURE
@@ -263,21 +274,19 @@ class Filler:
     ) -> Outcome:  # fmt: skip
         """Settle pages [first, last) by one ioctl (COPY from ``src``, ZEROPAGE or POISON),
         going on past pages that are there already."""
+        if self.pager is not None:
+            return self._place_paged(source, region, first, last, how, src, wake=wake)
         page = region.page_size
-        pager = self.pager if how is not Fill.POISON else None
-        protect = pager is not None and pager.writable
         while first < last:
             address, length = region.at(first), (last - first) * page
-            if pager is not None and (outcome := pager.admit(last - first)) is not Outcome.DONE:
-                return outcome
             # Counted before the ioctl: it wakes the faulting thread, which may read the stats
             # at once and must find its page counted.
             self._count(region, first, last, how)
             try:
                 if how is Fill.COPY:
-                    source.uffd.copy(address, src, length, wp=protect, wake=wake)
+                    source.uffd.copy(address, src, length, wake=wake)
                 elif how in (Fill.ZERO, Fill.KNOWN_ZERO):  # hugetlbfs ranges have no ZEROPAGE
-                    source.uffd.copy(address, self.zeros(length), length, wp=protect)
+                    source.uffd.copy(address, self.zeros(length), length)
                 else:
                     source.uffd.poison(address, length)
             except PageExistsError:  # the first page is there already
@@ -291,8 +300,6 @@ class Filler:
                 done = err.done // page
                 self._count(region, first + done, last, how, sign=-1)
                 region.settled[first : first + done] = b"\x01" * done
-                if pager is not None:
-                    pager.filled(region, first, first + done)
                 return Outcome.CHANGED
             except ProcessGoneError:
                 self._count(region, first, last, how, sign=-1)
@@ -314,12 +321,44 @@ class Filler:
                     return Outcome.STORE_FAILED
                 raise
             region.settled[first:last] = b"\x01" * (last - first)
-            if pager is not None:
-                pager.filled(region, first, last)
             if how is Fill.COPY:
                 self.stats.add(_stats.COPIES)
             return Outcome.DONE
         return Outcome.DONE
+
+    def _place_paged(
+        self, source: Source, region: RegionState, first: int, last: int, how: Fill, src: int,
+        *, wake: bool,
+    ) -> Outcome:  # fmt: skip
+        """:meth:`place` for an out-of-core array: through its pager (see _pager)."""
+        assert self.pager is not None
+        try:
+            if how is Fill.POISON:
+                self.pager.poison(source, region, first, last)
+                self._count(region, first, last, how)
+                outcome = Outcome.DONE
+            else:
+                outcome, added = self.pager.install(
+                    source, region, first, last, src if how is Fill.COPY else None, wake=wake
+                )
+                self._count(region, 0, added, how)
+                if added and how is Fill.COPY:
+                    self.stats.add(_stats.COPIES)
+        except MappingChangedError:
+            return Outcome.CHANGED
+        except ProcessGoneError:
+            if source not in self.gone:
+                self.gone.append(source)
+            return Outcome.PROCESS_GONE
+        except UserfaultfdError as err:
+            if err.errno not in (errno.ENOENT, errno.EEXIST):
+                raise
+            outcome = Outcome.DONE  # unmapped meanwhile, or poisoned already
+        if outcome is Outcome.PROCESS_GONE and source not in self.gone:
+            self.gone.append(source)
+        if outcome is Outcome.DONE:
+            region.settled[first:last] = b"\x01" * (last - first)
+        return outcome
 
     def _count(self, region: RegionState, first: int, last: int, how: Fill, sign: int = 1) -> None:
         pages = sign * max(0, last - first)

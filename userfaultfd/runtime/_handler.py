@@ -161,7 +161,8 @@ class Handler:
         self._pager = None if pager is None else Pager(
             pager, store if store is not None else pager_store, stats, self._by_key
         )  # fmt: skip
-        self._filler.pager = self._pager
+        if self._pager is not None:
+            self._filler.page_into(self._pager)
         self._writes: deque[tuple[Source, int]] = deque()  # WP faults: first writes
         self._answer: Answerer = answerer_for(
             store, policy, stats, journal, record=record is not None,

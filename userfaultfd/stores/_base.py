@@ -105,6 +105,15 @@ class Store(abc.ABC):
         the handler calls it from one thread only."""
         return 1
 
+    def will_need(self, offset: int, length: int) -> None:  # noqa: B027 - an optional hint
+        """A hint that bytes [offset, offset + length) will be read soon (a local file starts
+        reading them in the background: POSIX_FADV_WILLNEED). Default: nothing."""
+
+    def dont_need(self, offset: int, length: int) -> None:  # noqa: B027 - an optional hint
+        """A hint that bytes [offset, offset + length) will not be read again soon (a local
+        file drops them from the page cache: an out-of-core array's pager keeps its own copy,
+        and a second one would count against its memory). Default: nothing."""
+
     @property
     def writable(self) -> bool:
         """Whether :meth:`write_from` takes bytes back (an out-of-core array's dirty pages:

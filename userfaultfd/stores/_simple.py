@@ -157,6 +157,17 @@ class FileStore(Store):
                 )
             done += got
 
+    def will_need(self, offset: int, length: int) -> None:
+        if self._fd >= 0 and 0 <= offset < self._size:
+            with suppress(OSError):
+                os.posix_fadvise(self._fd, offset, min(length, self._size - offset),
+                                 os.POSIX_FADV_WILLNEED)  # fmt: skip
+
+    def dont_need(self, offset: int, length: int) -> None:
+        if self._fd >= 0:
+            with suppress(OSError):
+                os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
+
     @property
     def writable(self) -> bool:
         """Whether the file was opened for writing (``FileStore(path, writable=True)``)."""
