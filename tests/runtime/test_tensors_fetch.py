@@ -29,7 +29,7 @@ from tests.runtime._tensor_files import (
 )
 from tests.stores import _servers
 from userfaultfd._native import native_available
-from userfaultfd.runtime import Single, _tensors, lazy_tensors, server_of
+from userfaultfd.runtime import Adaptive, Single, _tensors, lazy_tensors, server_of
 from userfaultfd.stores import FsspecStore, Store
 from userfaultfd.stores._pinning import HEAD_BYTES
 
@@ -210,13 +210,14 @@ def test_a_selection_cuts_the_wrapped_stores_mapped_runs() -> None:
 def test_a_selection_of_a_local_file_copies_its_pages_from_the_mapping_and_no_others(
     model: tuple[str, dict[str, bytes]],
 ) -> None:
-    """A selection over a local file: the native path answers its faults from the file's
-    mapping (the Python path where it is off), and read-ahead stops where the selection does."""
+    """A selection over a local file with a built-in policy: the native path answers its
+    faults from the file's mapping (the Python path where it is off), and read-ahead stops
+    where the selection does. (lazy_tensors' own policy, TensorChunks, is the Python path's.)"""
     path, want = model
     chosen = ["embed", "layers.1.mlp", "layers.0.norm"]
 
     def body() -> tuple[str, str, int, int]:
-        tensors = lazy_tensors(path, include=chosen)
+        tensors = lazy_tensors(path, include=chosen, policy=Adaptive())
         found = difference(tensors, {n: want[n] for n in chosen})
         stats = server_of(tensors["embed"]).stats()
         low = min(t.start for t in tensors.infos.values())
