@@ -64,7 +64,10 @@ def row(args: argparse.Namespace) -> None:
         a = np.load(local, mmap_mode="r")
     else:
         source = args.url if kind == "lazy-url" else args.path
-        a = lazy(source, budget=budget, writable=work == "sort")
+        from userfaultfd.cli._args import parse_policy
+
+        policy = parse_policy(args.policy) if args.policy else None
+        a = lazy(source, budget=budget, writable=work == "sort", policy=policy)
     if work == "scan":
         answer = int(a.sum())
     elif work == "gather":
@@ -127,7 +130,7 @@ def measure(args: argparse.Namespace, kind: str, work: str, path: str, url: str)
     ) as scratch:  # fmt: skip
         command = [sys.executable, __file__, "--row", "--group", str(cg), "--kind", kind,
                    "--work", work, "--path", path, "--url", url, "--scratch", scratch,
-                   "--budget", str(args.budget)]  # fmt: skip
+                   "--budget", str(args.budget), "--policy", args.policy]  # fmt: skip
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stdin is not None
         baseline = json.loads(proc.stdout.readline())["baseline"]
@@ -177,6 +180,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default="/var/tmp")
     parser.add_argument("--works", default="scan,gather,sort,http")
+    parser.add_argument("--policy", default="", help="lazy()'s policy (default: its own)")
     parser.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--group", "--kind", "--work", "--path", "--url", "--scratch"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)

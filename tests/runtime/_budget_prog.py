@@ -268,6 +268,58 @@ def replaced(args: list[str]) -> None:
     server_of(a).stop()
 
 
+def both_killed(args: list[str]) -> None:
+    """SIGKILL the supervisor and the handler together: the program's watchdog settles the
+    array (runtime/_export). Every page then reads what it must hold (the written values of
+    the pages in memory) or fails with EIO (read through /proc/self/mem, which does not die of
+    the SIGBUS a poisoned page raises); none reads zeros or a stale value."""
+    npy, budget = args[0], int(args[1])
+    a = lazy(npy, budget=budget, writable=True)
+    pids(a)
+    want = initial()
+    write(a, want, np.arange(0, N, 1024), 1)  # every page, the last ones stay in memory
+    server = server_of(a)
+    supervisor, handler = server.pid, server.handler_pid
+    os.kill(supervisor, signal.SIGKILL)
+    os.kill(handler, signal.SIGKILL)
+    address = a.ctypes.data - (a.ctypes.data % PAGE)
+    deadline = time.monotonic() + 10
+    while _registered(address) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    say("settled", unregistered=not _registered(address))
+    mem = os.open("/proc/self/mem", os.O_RDONLY)
+    right = failed = 0
+    expected = want.view(np.uint8)
+    for page in range(-(-N * 4 // PAGE)):
+        start = page * PAGE
+        size = min(PAGE, N * 4 - start)
+        try:
+            got = os.pread(mem, size, a.ctypes.data + start)
+        except OSError:
+            failed += 1
+            continue
+        if got != expected[start : start + size].tobytes():
+            values = np.frombuffer(got, dtype=np.int32)
+            bad = int(np.flatnonzero(values != want[start // 4 : (start + size) // 4])[0])
+            index = start // 4 + bad
+            say("check", who="after both died", lo=0, hi=N, bad=1, index=index, page=page,
+                held=int(values[bad]), expected=int(want[index]))  # fmt: skip
+            return
+        right += 1
+    say("pages", right=right, failed=failed)
+    say("check", who="after both died", lo=0, hi=N, bad=0)
+
+
+def _registered(address: int) -> bool:
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(f"{address:x}-"):
+            flags = next(f for f in lines[i:] if f.startswith("VmFlags:"))
+            return " um" in flags
+    return False
+
+
 def dropped(args: list[str]) -> None:
     """Drop the array: the handler writes the dirty pages back and ends; the memory goes."""
     npy, budget = args[0], int(args[1])

@@ -23,6 +23,7 @@ import pytest
 from tests.runtime import _lifecycle_prog as prog
 from tests.runtime.test_lifecycle import DEADLINE, Program
 from userfaultfd import _abi, _libc
+from userfaultfd._native import native_available
 from userfaultfd.check import pager_guarantees
 from userfaultfd.runtime import lazy
 from userfaultfd.runtime._budgeted import parse_budget
@@ -192,6 +193,23 @@ def test_a_replaced_source_keeps_its_array_on_the_file_it_opened(npy: Path, tmp_
         all_right(r)
         checked(r, "the file the array opened")
         checked(r, "the file now at the path")
+        r.assert_gone()
+
+
+@pytest.mark.timeout(DEADLINE + 30)
+@pytest.mark.skipif(not native_available(), reason="the watchdog is part of the native extension")
+def test_both_daemons_killed_leave_right_bytes_or_eio_never_zeros(
+    npy: Path, tmp_path: Path
+) -> None:
+    with run("both killed", "both_killed", [npy, BUDGET], tmp_path) as r:
+        r.assert_exit(0)
+        [settled] = r.records("settled")
+        assert settled["unregistered"], f"{r.case}: the watchdog never let the range go"
+        checked(r, "after both died")
+        [pages] = r.records("pages")
+        # The budget's pages keep the written values; the rest were poisoned.
+        assert pages["right"] >= BUDGET // prog.PAGE // 2, f"{r.case}: {pages}"
+        assert pages["failed"] >= prog.PAGES - BUDGET // prog.PAGE, f"{r.case}: {pages}"
         r.assert_gone()
 
 

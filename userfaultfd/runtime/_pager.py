@@ -59,6 +59,8 @@ _log = logging.getLogger("userfaultfd.runtime")
 ABSENT, CLEAN, DIRTY = 0, 1, 2
 
 _LARGEST_UNIT = 2 << 20
+_WRITE_BLOCK = 64
+_WRITTEN_KEPT = 16
 
 
 def eviction_unit(budget: int, page: int) -> int:
@@ -123,6 +125,11 @@ class Pager:
         self._buffer = bytearray(self._unit * setup.page)
         #: errno of the last write-back that failed (0: none since the last flush).
         self.failed = 0
+        # The block of the last write fault (see write_fault).
+        self._last_block = -2
+        # Ranges written back lately: their pages leave the page cache once written (dont_need
+        # asks the kernel to write them out; a later call drops them, clean by then).
+        self._written: deque[tuple[int, int]] = deque(maxlen=_WRITTEN_KEPT)
 
     @property
     def resident(self) -> int:
@@ -227,7 +234,11 @@ class Pager:
         source.uffd.poison(address, length)
 
     def write_fault(self, source: Source, address: int) -> Outcome:
-        """The first write to a protected page: mark it dirty, then let the writer go."""
+        """The first write to a protected page: mark it dirty, then let the writer go. A write
+        next to the last one (in the same aligned block of 64 pages, or a neighbouring one: a
+        sort's partition going up or down, a fill) lets go of the pages in memory of its whole
+        block: one fault, not one per page, at the cost of writing back pages it may not
+        change; a write anywhere else, of its page only."""
         page = self.setup.page
         address -= address % page
         region = source.map.find(address)
@@ -243,10 +254,21 @@ class Pager:
             if state == ABSENT:  # evicted since: it faults again, and is filled again
                 source.uffd.wake(address, page)
                 return Outcome.DONE
-            if state == CLEAN:
-                self._states[at] = DIRTY  # before the protection goes: see the design note
-                self._stats.add(_stats.DIRTY)
-            source.uffd.writeprotect(address, page, False)
+            block = at // _WRITE_BLOCK
+            start, end = at, at + 1
+            if abs(block - self._last_block) <= 1:  # a writer going on: its whole block
+                base = self.index(region, 0)
+                low = max(base, block * _WRITE_BLOCK)
+                high = min(base + region.pages, (block + 1) * _WRITE_BLOCK)
+                while start > low and self._states[start - 1] != ABSENT:
+                    start -= 1
+                while end < high and self._states[end] != ABSENT:
+                    end += 1
+            self._last_block = block
+            clean = bytes(self._states[start:end]).count(CLEAN)
+            self._states[start:end] = bytes([DIRTY]) * (end - start)  # before the protection goes
+            self._stats.add(_stats.DIRTY, clean)
+            source.uffd.writeprotect(address - (at - start) * page, (end - start) * page, False)
         except MappingChangedError:
             return Outcome.CHANGED
         except ProcessGoneError:
@@ -341,6 +363,12 @@ class Pager:
             # The last page may pass the store's end: only the store's bytes go back.
             size = max(0, min(got, self._store.size - offset))
             self._store.write_from(offset, view[:size])
+            # The store's copy need not stay in memory: only the memfd counts against the
+            # budget, and a memory cgroup the program runs in must not fill with it.
+            self._store.dont_need(offset, size)
+            if len(self._written) == self._written.maxlen:
+                self._store.dont_need(*self._written[0])
+            self._written.append((offset, size))
         except OSError as err:
             self.failed = err.errno or errno.EIO
             self._stats.add(_stats.WRITE_ERRORS)
