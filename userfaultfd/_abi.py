@@ -166,6 +166,7 @@ PM_UFFD_WP = 1 << 57
 MAP_HUGETLB = 0x40000
 MAP_NORESERVE = 0x4000  # asm-generic/mman.h: do not reserve swap or commit charge
 MADV_DONTFORK = 10  # mman-common.h: the mapping is not copied into a child at fork
+MADV_DOFORK = 11  # mman-common.h: undo MADV_DONTFORK
 MFD_CLOEXEC = 0x0001
 MFD_HUGETLB = 0x0004
 FALLOC_FL_KEEP_SIZE = 0x01

@@ -12,7 +12,6 @@ from __future__ import annotations
 import faulthandler
 import os
 import pickle
-import select
 import signal
 import socket
 import time
@@ -23,6 +22,7 @@ from typing import Any
 from ._closing import Closing
 from ._core import Userfaultfd
 from ._events import Event
+from ._ready import readable
 
 __all__ = ["Channel", "ChildFailedError", "Forked", "next_events"]
 
@@ -39,7 +39,7 @@ class Channel:
         socket.send_fds(self.sock, [pickle.dumps(obj)], list(fds))
 
     def recv(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[Any, list[int]]:
-        ready, _, _ = select.select([self.sock], [], [], timeout)
+        ready = readable([self.sock.fileno()], timeout)
         if not ready:
             raise TimeoutError(f"no message from the other process within {timeout} s")
         data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 20, 16)
@@ -142,7 +142,7 @@ def next_events(uffd: Userfaultfd, timeout: float = 5.0) -> list[Event]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"no userfaultfd event within {timeout} s")
-        ready, _, _ = select.select([uffd], [], [], remaining)
+        ready = readable([uffd.fileno()], remaining)
         if ready:
             events = uffd.read_events()
             if events:

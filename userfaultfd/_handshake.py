@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import socket
 import stat
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, final
 
 from ._forked import Channel
+from ._ready import readable
 
 __all__ = ["Failed", "FirstMessage", "Launched", "Ready", "launch"]
 
@@ -85,7 +85,7 @@ class Launched:
     @property
     def ended(self) -> bool:
         """Whether the server has exited (its pidfd turns readable then)."""
-        return bool(select.select([self.pidfd], [], [], 0)[0])
+        return bool(readable([self.pidfd], 0))
 
     def kill(self) -> None:
         """SIGKILL the server and everything it started (they share its process group, which
@@ -128,6 +128,7 @@ def launch(
     name: str,
     timeout: float = 30.0,
     shed: Callable[[], None] | None = None,
+    hidden: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> Launched:
     """Run ``body(channel)`` in a new daemon process and hand it its work.
 
@@ -138,9 +139,11 @@ def launch(
     otherwise kills the server, closes everything, and raises: RuntimeError naming ``name``
     for a Failed answer or a server that ended without one, TimeoutError after ``timeout``
     seconds of silence, or what ``first`` raised. ``shed``: run in the middle process before
-    it forks the server, to drop what the server must not inherit."""
+    it forks the server, to drop what the server must not inherit. ``hidden()``: entered around
+    this process's own fork, to keep what the middle process must not even see."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    middle = os.fork()
+    with hidden() if hidden is not None else contextlib.nullcontext():
+        middle = os.fork()
     if middle == 0:
         status = 1
         try:

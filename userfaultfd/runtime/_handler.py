@@ -47,7 +47,6 @@ import contextlib
 import logging
 import mmap
 import os
-import select
 import signal
 import threading
 import time
@@ -59,6 +58,7 @@ from .._errors import ProcessGoneError, UserfaultfdError
 from .._events import Event, Fork, PageFault, Remap, Remove, Unmap
 from .._flags import FaultFlag
 from .._forked import Channel
+from .._ready import readable
 from ..stores import Store
 from . import _stats
 from ._answer import NATIVE, Answerer, answerer_for
@@ -302,6 +302,7 @@ class Handler:
                 # the program's watchdog (see _export) has nothing to settle.
                 self._export.set_word(ENDED, 1)
             self._stopping.set()
+            self._filler.reading.set()  # (the watcher may sleep on it)
             watcher.join()
             self.close()
 
@@ -422,7 +423,15 @@ class Handler:
 
     def _watch(self) -> None:
         """While the loop is busy (a slow store read), read the events it cannot."""
-        while not self._stopping.wait(_WATCH_PERIOD):
+        reading = self._filler.reading
+        while not self._stopping.is_set():
+            if not self._filler.busy_since:
+                reading.clear()
+                if not self._filler.busy_since:  # (unless a read began since: then go on)
+                    reading.wait()  # until a read begins, or the loop stops
+                    continue
+            if self._stopping.wait(_WATCH_PERIOD):
+                break
             busy = self._filler.busy_since
             if not busy or time.monotonic() - busy < _WATCH_PERIOD:
                 continue
@@ -616,7 +625,7 @@ class Handler:
                     self._catch_up()
                 self._reads.ask(source, region, 0, region.pages, demand=False)
         while not self._reads.idle and self._sources:
-            ready = select.select([self._wake_read], [], [], 0.05)[0]
+            ready = readable([self._wake_read], 0.05)
             if ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_read, 4096)

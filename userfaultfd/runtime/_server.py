@@ -26,7 +26,6 @@ import errno
 import itertools
 import os
 import re
-import select
 import threading
 import time
 import weakref
@@ -42,6 +41,7 @@ from .._flags import Feature, Mode
 from .._forked import Channel
 from .._handshake import FirstMessage, Launched, launch
 from .._native import native_available, native_module
+from .._ready import readable
 from ..stores import Store
 from . import _stats
 from ._export import MapExport
@@ -114,7 +114,7 @@ class Server(Closing):
         """Whether the supervisor runs (the handler may outlive it, see stop())."""
         if self._stopped:
             return False
-        return not select.select([self._launched.pidfd], [], [], 0)[0]
+        return not readable([self._launched.pidfd], 0)
 
     def stop(self, *, drain: bool = True, timeout: float = 600.0) -> Stats:
         """Settle every page not filled yet, in this process and the children it forked, and
@@ -185,7 +185,7 @@ class Server(Closing):
         """Wait until the supervisor and the handler it ran have both exited."""
         deadline = time.monotonic() + timeout
         pidfd = self._launched.pidfd
-        while not select.select([pidfd], [], [], min(0.05, _left(deadline)))[0]:
+        while not readable([pidfd], min(0.05, _left(deadline))):
             if time.monotonic() >= deadline:
                 return False
         while _running(self.handler_pid):  # an orphaned handler finishing alone
@@ -379,7 +379,8 @@ def start(
     launched: Launched | None = None
     try:
         # The supervisor first: a fork of registered memory would wait for its Fork event.
-        launched = launch(body, first, name="the handler", shed=_shed_registered_ranges)
+        launched = launch(body, first, name="the handler", shed=_shed_registered_ranges,
+                          hidden=_registered_kept_from_fork)  # fmt: skip
         os.close(control_read)
         control_read = -1
         if kept >= 0:
@@ -427,6 +428,49 @@ _RANGE_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
 _UFFD_FLAGS = frozenset({"um", "uw", "ui"})
 
 
+@contextlib.contextmanager
+def _registered_kept_from_fork() -> Iterator[None]:
+    """Around the program's fork of a new server's middle process: the ranges this process has
+    registered (earlier arrays) are marked MADV_DONTFORK, then given back to fork() after it.
+    Copied, every one of them raised a FORK event its handler had to read before fork() could
+    return, and the middle process became a source of every handler until it exited: each
+    lazy() cost a round trip to every earlier handler, so the 120th array took 1.4 s here and
+    the 300th never came (the issue asks for 10,000). MADV_DONTFORK raises no event. A fork by
+    another thread of the program in this window gives a child without those ranges (SIGSEGV
+    there, never zeros). Ranges already MADV_DONTFORK (VmFlags "dc") are left as they are."""
+    hidden: list[tuple[int, int]] = []
+    for start, end, flags in _registered_ranges():
+        if "dc" not in flags:
+            with contextlib.suppress(OSError):
+                _libc.madvise(start, end - start, _abi.MADV_DONTFORK)
+                hidden.append((start, end))
+    try:
+        yield
+    finally:
+        for start, end in hidden:
+            with contextlib.suppress(OSError):
+                _libc.madvise(start, end - start, _abi.MADV_DOFORK)
+
+
+def _registered_ranges() -> list[tuple[int, int, set[str]]]:
+    """(start, end, VmFlags) of every range of this process registered with a userfaultfd."""
+    try:
+        with open("/proc/self/smaps") as f:
+            text = f.read()
+    except OSError:
+        return []
+    if not any(f" {flag}" in text for flag in _UFFD_FLAGS):
+        return []
+    found = []
+    start = end = 0
+    for line in text.splitlines():
+        if (match := _RANGE_LINE.match(line)) is not None:
+            start, end = int(match[1], 16), int(match[2], 16)
+        elif line.startswith("VmFlags:") and _UFFD_FLAGS & (flags := set(line.split()[1:])):
+            found.append((start, end, flags))
+    return found
+
+
 def _shed_registered_ranges() -> None:
     """In the launch's middle process, before it forks the server: mark every range this
     process has registered with a userfaultfd (earlier arrays) MADV_DONTFORK, so the server
@@ -435,26 +479,15 @@ def _shed_registered_ranges() -> None:
     server, and a program exiting with 50 arrays saw its 100 daemons go one probe period at a
     time (8 s). Unmapping them instead would cost a round trip to each handler (the UNMAP event
     must be read); MADV_DONTFORK raises no event. The middle's own copies go when it exits."""
-    try:
-        with open("/proc/self/smaps") as f:
-            text = f.read()
-    except OSError:
-        return
-    if not any(f" {flag}" in text for flag in _UFFD_FLAGS):
-        return
-    start = end = 0
-    for line in text.splitlines():
-        if (found := _RANGE_LINE.match(line)) is not None:
-            start, end = int(found[1], 16), int(found[2], 16)
-        elif line.startswith("VmFlags:") and _UFFD_FLAGS & set(line.split()[1:]):
-            with contextlib.suppress(OSError):
-                _libc.madvise(start, end - start, _abi.MADV_DONTFORK)
+    for start, end, _flags in _registered_ranges():
+        with contextlib.suppress(OSError):
+            _libc.madvise(start, end - start, _abi.MADV_DONTFORK)
 
 
 def _wait_for_prefetch(stats: StatsBlock, launched: Launched, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while stats.value(_stats.PREFETCHING) and time.monotonic() < deadline:
-        if select.select([launched.pidfd], [], [], 0.002)[0]:
+        if readable([launched.pidfd], 0.002):
             return  # the supervisor ended: nothing will come
 
 

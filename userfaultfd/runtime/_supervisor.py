@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import socket
 import sys
@@ -38,6 +37,7 @@ from .._core import Userfaultfd
 from .._flags import Feature
 from .._forked import Channel
 from .._handshake import Ready
+from .._ready import readable
 from ..stores import Store
 from . import _stats
 from ._export import ENDED, HANDLER_PID, MapExport
@@ -224,7 +224,7 @@ def _start(
     os.close(serving_write)
     theirs.close()
     # EOF once the handler closes it, about to wait for faults, or dies (then _watch sees it).
-    select.select([serving_read], [], [], _SETUP_TIMEOUT)
+    readable([serving_read], _SETUP_TIMEOUT)
     os.close(serving_read)
     return pid, commands_write, Channel(ours)
 
@@ -242,9 +242,29 @@ def _watch(
     Returns its exit code (-1 for a signal), whether the program's pipe is still open, and
     the command received, if any."""
     received = b""
+    # Woken by the handler's exit (its pidfd), not by polling: polling every 20 ms woke every
+    # supervisor 50 times a second, and a program with hundreds of arrays has hundreds.
+    try:
+        exited = os.pidfd_open(pid)
+    except ProcessLookupError:  # gone already: waitpid below reaps it
+        exited = -1
+    try:
+        return _follow_until_exit(pid, exited, commands, control, listening, reports, sources,
+                                  export, received)  # fmt: skip
+    finally:
+        if exited >= 0:
+            os.close(exited)
+
+
+def _follow_until_exit(
+    pid: int, exited: int, commands: int, control: int, listening: bool, reports: Channel,
+    sources: dict[int, _Held], export: MapExport, received: bytes,
+) -> tuple[int, bool, bytes]:  # fmt: skip
     while True:
         watched = [reports.sock.fileno(), control] if listening else [reports.sock.fileno()]
-        ready = select.select(watched, [], [], 0.02)[0]
+        if exited >= 0:
+            watched.append(exited)
+        ready = readable(watched, 1.0 if exited >= 0 else 0.02)
         if reports.sock.fileno() in ready:
             _follow(reports, sources, export)
         if control in ready:
@@ -271,7 +291,7 @@ def _watch(
 def _follow(reports: Channel, sources: dict[int, _Held], export: MapExport) -> None:
     """Apply every report waiting on the channel (and publish the program's map if it changed)."""
     changed = False
-    while select.select([reports.sock], [], [], 0)[0]:
+    while readable([reports.sock.fileno()], 0):
         try:
             report, fds = receive(reports, timeout=0)
         except (EOFError, OSError):
