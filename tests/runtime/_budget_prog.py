@@ -268,6 +268,35 @@ def replaced(args: list[str]) -> None:
     server_of(a).stop()
 
 
+def tensors(args: list[str]) -> None:
+    """A model four times the budget by name (lazy_tensors(budget=...)), every tensor compared
+    with safetensors' own reader, twice (the second pass reads what was given back)."""
+    from safetensors.numpy import safe_open, save_file
+
+    path, budget = args[0], int(args[1])
+    save_file({f"layer{i}.weight": (np.arange(1 << 18, dtype=np.float32) * 3 + i * 7 + 1)
+               .reshape(512, 512) for i in range(16)}, path)  # fmt: skip
+    from userfaultfd.runtime import lazy_tensors
+
+    model = lazy_tensors(path, budget=budget)
+    peak = 0
+    with safe_open(path, framework="numpy") as reference:
+        for round_ in range(2):
+            for name in reference.keys():  # noqa: SIM118 - safe_open is not a mapping
+                want = reference.get_tensor(name)
+                got = model[name]
+                flat = np.flatnonzero(got != want)
+                record: dict[str, Any] = {"who": f"{name}, pass {round_}", "lo": 0,
+                                          "hi": int(want.size), "bad": int(flat.size)}  # fmt: skip
+                if flat.size:
+                    record.update(index=int(flat[0]), page=int(flat[0]) * 4 // PAGE,
+                                  held=float(got.flat[flat[0]]),
+                                  expected=float(want.flat[flat[0]]))  # fmt: skip
+                say("check", **record)
+                peak = max(peak, rss_shmem_kib())
+    say("rss", peak_kib=peak)
+
+
 def both_killed(args: list[str]) -> None:
     """SIGKILL the supervisor and the handler together: the program's watchdog settles the
     array (runtime/_export). Every page then reads what it must hold (the written values of

@@ -214,6 +214,18 @@ def test_both_daemons_killed_leave_right_bytes_or_eio_never_zeros(
 
 
 @pytest.mark.timeout(DEADLINE + 30)
+def test_a_model_four_times_the_budget_by_name(tmp_path: Path) -> None:
+    model = tmp_path / "model.safetensors"
+    with run("lazy_tensors(budget=)", "tensors", [model, 4 << 20], tmp_path) as r:
+        r.assert_exit(0)
+        all_right(r)
+        assert len(r.records("check")) == 32, f"{r.case}: {len(r.records('check'))} tensors read"
+        [rss] = r.records("rss")
+        assert rss["peak_kib"] <= (4 << 10) + SLACK_KIB, f"{r.case}: {rss}{r.summary()}"
+        r.assert_gone()
+
+
+@pytest.mark.timeout(DEADLINE + 30)
 def test_a_dropped_array_is_written_back_and_its_memory_freed_within_a_second(
     npy: Path, tmp_path: Path
 ) -> None:

@@ -30,8 +30,9 @@ offset. So a tensor is fetched when, and where, it is touched; nothing else is r
   waking, one wake per run. serve() does not wait for them (``prefetch_timeout=0`` unless
   given): the program starts at once and uses what has arrived. The handler reads the file
   before serve() returns, so it is removed then.
-- ``budget`` (models larger than memory) is not here: it rides on the out-of-core issue, which
-  has not landed. A page filled stays resident until the arrays go.
+- ``budget`` (models larger than memory) maps the tensors as an out-of-core array (_budgeted,
+  _pager): at most that many bytes in memory, the oldest given back. Without it a page filled
+  stays resident until the arrays go.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from typing import Any, Literal, final
 
 from .. import memory
 from ..stores import FileStore, Store, open_store
+from ._budgeted import parse_budget, served_paged
 from ._direct import handler_needed, map_file
 from ._inflight import RECORD
 from ._lazy import _served
@@ -96,6 +98,7 @@ def lazy_tensors(
     exclude: str | Iterable[str] | None = None,
     prefetch: Literal["all"] | Iterable[str] | None = None,
     direct: bool | None = None,
+    budget: int | str | None = None,
     **serve_options: Any,
 ) -> LazyTensors:
     """The tensors of a safetensors file or an .npz (stored members), by name, each a read-only
@@ -114,13 +117,22 @@ def lazy_tensors(
     Through a handler the default policy is ``TensorChunks`` (a fault fills its tensor, up to
     64 MiB of it); ``policy=Adaptive()`` for random access inside large tensors.
 
-    No ``budget`` yet: models larger than memory wait for the out-of-core work. A torch tensor
+    ``budget`` (bytes, or a string such as ``"8G"``): a model larger than memory; at most that
+    much of it is in memory at once, the tensors touched longest ago go first and come back
+    from ``source`` when touched again (an out-of-core array: see ``lazy(budget=...)``; the
+    fill unit is then that of ``lazy``, not a whole tensor). A torch tensor
     without a copy: ``torch.from_numpy(array)``; for bfloat16,
     ``torch.from_numpy(array.view(numpy.uint16)).view(torch.bfloat16)``.
     """
-    if "budget" in serve_options:
-        raise TypeError("lazy_tensors() has no budget= yet: models larger than memory ride on the"
-                        " out-of-core work, which has not landed")  # fmt: skip
+    limit = None
+    if budget is not None:
+        limit = parse_budget(budget)
+        if direct:
+            raise ValueError("direct=True maps the file with the kernel's page cache, which "
+                             "keeps no budget")  # fmt: skip
+        if prefetch is not None:
+            raise ValueError("prefetch= reads the tensors in whole, past any budget: not with "
+                             "budget=")  # fmt: skip
     cache = serve_options.pop("cache", None)
     store = open_store(source) if cache is None else open_store(source, cache=cache)
     try:
@@ -137,12 +149,16 @@ def lazy_tensors(
                 raise ValueError("direct=True cannot leave tensors out: the kernel's read-ahead"
                                  " would read them; a handler serves a selection")  # fmt: skip
             served = _Selected(store, placed)
-        holder = _map(source, store, served, low, high - low, records, direct, cache,
-                      serve_options, TensorChunks(placed, low))  # fmt: skip
+        if limit is not None:
+            policy = serve_options.pop("policy", None)
+            holder = served_paged(served, low, high - low, limit, False, policy, serve_options)
+        else:
+            holder = _map(source, store, served, low, high - low, records, direct, cache,
+                          serve_options, TensorChunks(placed, low))  # fmt: skip
     finally:
         if store is not source:
             store.close()  # the supervisor (or the mapping) has its own handle
-    return LazyTensors(index, selected, memoryview(holder).cast("B"), low)
+    return LazyTensors(index, selected, memoryview(holder).cast("B").toreadonly(), low)
 
 
 def select(
