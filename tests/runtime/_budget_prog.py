@@ -271,7 +271,8 @@ def replaced(args: list[str]) -> None:
 def tensors(args: list[str]) -> None:
     """A model four times the budget by name (lazy_tensors(budget=...)), every tensor compared
     with safetensors' own reader, twice (the second pass reads what was given back)."""
-    from safetensors.numpy import safe_open, save_file
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
 
     path, budget = args[0], int(args[1])
     save_file({f"layer{i}.weight": (np.arange(1 << 18, dtype=np.float32) * 3 + i * 7 + 1)
