@@ -125,8 +125,12 @@ def test_selection_and_prefetch_errors_name_what_is_wrong(
         lazy_tensors(path, exclude="embed", prefetch=["embed"])
     with pytest.raises(ValueError, match='prefetch must be None, "all" or a list'):
         lazy_tensors(path, prefetch="embed")
-    with pytest.raises(TypeError, match="no budget= yet"):
-        lazy_tensors(path, budget=1 << 30)
+    with pytest.raises(ValueError, match="prefetch= reads the tensors in whole, past any budget"):
+        lazy_tensors(path, budget=1 << 30, prefetch="all")
+    with pytest.raises(ValueError, match="keeps no budget"):
+        lazy_tensors(path, budget="1G", direct=True)
+    with pytest.raises(ValueError, match="is not a size"):
+        lazy_tensors(path, budget="lots")
     with pytest.raises(ValueError, match="direct=True cannot leave tensors out"):
         lazy_tensors(path, include="embed", direct=True)
 
