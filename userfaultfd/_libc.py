@@ -22,9 +22,13 @@ __all__ = [
     "munmap",
     "prctl",
     "sched_getcpu",
+    "sync_file_range",
     "syscall",
     "usleep",
 ]
+
+#: sync_file_range(2) flags (include/uapi/linux/fs.h).
+SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -46,6 +50,10 @@ _sched_getcpu.restype = ctypes.c_int
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_sync_file_range.restype = ctypes.c_int
 
 _mmap = _libc.mmap
 _mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
@@ -150,6 +158,17 @@ def fallocate(
         lambda: int(_fallocate(fd, mode, offset, length)),
         _negative,
         describe or _default(f"fallocate({mode:#x}) at {offset}+{length}"),
+    )
+
+
+def sync_file_range(
+    fd: int, offset: int, length: int, flags: int, *, describe: Callable[[int], str] | None = None
+) -> None:
+    """sync_file_range(2) on [offset, offset+length) of ``fd``."""
+    _checked(
+        lambda: int(_sync_file_range(fd, offset, length, flags)),
+        _negative,
+        describe or _default(f"sync_file_range({flags}) at {offset}+{length}"),
     )
 
 

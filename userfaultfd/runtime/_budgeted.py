@@ -169,11 +169,12 @@ def _serve(
     user_mode_only = options.pop("user_mode_only", False)
     prefetch_timeout = options.get("prefetch_timeout", 60.0)
     options.setdefault("batch", 64)
-    # A fill never brings in more than an eighth of the budget at once, nor do the reads in
-    # flight (each up to 2 MiB: runtime/_handler.py's fetch unit) hold more than a quarter:
+    # A fill never brings in more than 2 MiB or an eighth of the budget at once (the handler's
+    # buffer is memory outside the budget, which a memory cgroup counts too), nor do the reads
+    # in flight (each up to 2 MiB: runtime/_handler.py's fetch unit) hold more than a quarter:
     # read-ahead that the budget evicts before the program gets to it is read twice.
     budget = setup.budget_pages * setup.page
-    options.setdefault("buffer_bytes", max(setup.page, min(8 << 20, budget // 8)))
+    options.setdefault("buffer_bytes", max(setup.page, min(2 << 20, budget // 8)))
     if options.get("fetches") is None and store.parallel_reads > 1:
         options["fetches"] = max(1, min(store.parallel_reads, budget // 4 // (2 << 20)))
     if policy is None:

@@ -60,6 +60,7 @@ ABSENT, CLEAN, DIRTY = 0, 1, 2
 
 _LARGEST_UNIT = 2 << 20
 _WRITE_BLOCK = 64
+_WRITE_BACK_BYTES = 256 << 10
 _WRITTEN_KEPT = 16
 
 
@@ -122,13 +123,17 @@ class Pager:
         self._resident = sum(self._counts)
         stats.set(_stats.RESIDENT, self._resident)
         stats.set(_stats.DIRTY, dirty)
-        self._buffer = bytearray(self._unit * setup.page)
+        # Write-back goes through this many pages at a time: the handler's memory is outside
+        # the budget, and a memory cgroup the program runs in counts it.
+        self._copy_pages = max(1, min(self._unit, _WRITE_BACK_BYTES // setup.page))
+        self._buffer = bytearray(self._copy_pages * setup.page)
         #: errno of the last write-back that failed (0: none since the last flush).
         self.failed = 0
         # The block of the last write fault (see write_fault).
         self._last_block = -2
         # Ranges written back lately: their pages leave the page cache once written (dont_need
-        # asks the kernel to write them out; a later call drops them, clean by then).
+        # starts writing them out; a later call waits for that and drops them). A memory cgroup
+        # of version 1 does not hold back a writer whose dirty pages fill it: it kills it.
         self._written: deque[tuple[int, int]] = deque(maxlen=_WRITTEN_KEPT)
 
     @property
@@ -345,8 +350,8 @@ class Pager:
         """Copy the dirty pages of [first, last) to the store (write-protected by the caller)
         and mark them clean; a failure is counted and noted, and its pages stay dirty."""
         for lo, hi in _runs(self.setup.states, first, last, DIRTY):
-            for start in range(lo, hi, self._unit):
-                end = min(hi, start + self._unit)
+            for start in range(lo, hi, self._copy_pages):
+                end = min(hi, start + self._copy_pages)
                 if self._copy_out(start, end):
                     self._states[start:end] = bytes([CLEAN]) * (end - start)
                     self._stats.add(_stats.DIRTY, -(end - start))
@@ -365,9 +370,10 @@ class Pager:
             self._store.write_from(offset, view[:size])
             # The store's copy need not stay in memory: only the memfd counts against the
             # budget, and a memory cgroup the program runs in must not fill with it.
-            self._store.dont_need(offset, size)
+            self._store.dont_need(offset, size)  # written out from now, dropped when it is
             if len(self._written) == self._written.maxlen:
-                self._store.dont_need(*self._written[0])
+                old_offset, old_size = self._written[0]
+                self._store.dont_need(old_offset, old_size, wait=True)
             self._written.append((offset, size))
         except OSError as err:
             self.failed = err.errno or errno.EIO

@@ -109,10 +109,11 @@ class Store(abc.ABC):
         """A hint that bytes [offset, offset + length) will be read soon (a local file starts
         reading them in the background: POSIX_FADV_WILLNEED). Default: nothing."""
 
-    def dont_need(self, offset: int, length: int) -> None:  # noqa: B027 - an optional hint
+    def dont_need(self, offset: int, length: int, *, wait: bool = False) -> None:  # noqa: B027
         """A hint that bytes [offset, offset + length) will not be read again soon (a local
-        file drops them from the page cache: an out-of-core array's pager keeps its own copy,
-        and a second one would count against its memory). Default: nothing."""
+        file starts writing what was written there, and drops them from the page cache: an
+        out-of-core array's pager keeps its own copy, and a second one would count against its
+        memory); ``wait``: for the writing first, so that they do go. Default: nothing."""
 
     @property
     def writable(self) -> bool:

@@ -8,6 +8,7 @@ import mmap
 import os
 from contextlib import ExitStack, suppress
 
+from .. import _libc
 from .._buffer import pinned
 from ._base import Store, StoreError
 
@@ -163,10 +164,15 @@ class FileStore(Store):
                 os.posix_fadvise(self._fd, offset, min(length, self._size - offset),
                                  os.POSIX_FADV_WILLNEED)  # fmt: skip
 
-    def dont_need(self, offset: int, length: int) -> None:
-        if self._fd >= 0:
-            with suppress(OSError):
-                os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
+    def dont_need(self, offset: int, length: int, *, wait: bool = False) -> None:
+        if self._fd < 0:
+            return
+        flags = _libc.SYNC_FILE_RANGE_WRITE
+        if wait:
+            flags |= _libc.SYNC_FILE_RANGE_WAIT_BEFORE | _libc.SYNC_FILE_RANGE_WAIT_AFTER
+        with suppress(OSError):
+            _libc.sync_file_range(self._fd, offset, length, flags)
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     @property
     def writable(self) -> bool:
