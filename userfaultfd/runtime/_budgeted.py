@@ -48,8 +48,11 @@ class NearBlocks(Policy):
     them: a sort in place 3.6x slower in benchmarks/out_of_core.py); random writes under a
     small budget do not evict a block each."""
 
-    def __init__(self, pages: int) -> None:
+    def __init__(self, pages: int, most: int | None = None) -> None:
         self.pages = pages
+        #: The most pages one fault fills (an eighth of the budget: a window that evicted
+        #: its own first pages would fault again for ever).
+        self.most = most if most is not None else pages * _LONGEST_RUN
         # (stream, first block, last block filled) of the last few windows.
         self._recent: deque[tuple[int, int, int]] = deque(maxlen=_STREAMS)
 
@@ -68,7 +71,11 @@ class NearBlocks(Policy):
         self._recent.append((stream, low, high - 1))
         if not near:
             return index, index + 1
-        return max(0, low * self.pages), min(high * self.pages, pages)
+        start = max(0, low * self.pages)
+        if block < first:  # going down: the window ends at the faulting block
+            start = max(start, (block + 1) * self.pages - self.most)
+            return start, min((block + 1) * self.pages, pages)
+        return start, min(high * self.pages, start + self.most, pages)
 
     def __repr__(self) -> str:
         return f"NearBlocks({self.pages})"
@@ -178,7 +185,8 @@ def _serve(
     if options.get("fetches") is None and store.parallel_reads > 1:
         options["fetches"] = max(1, min(store.parallel_reads, budget // 4 // (2 << 20)))
     if policy is None:
-        policy = NearBlocks(max(1, min(_FILL_UNIT_PAGES, setup.budget_pages // 16)))
+        policy = NearBlocks(max(1, min(_FILL_UNIT_PAGES, setup.budget_pages // 16)),
+                            max(1, setup.budget_pages // 8))  # fmt: skip
     region = Region(address, setup.length, setup.offset, setup.page)
     resolved, planned = plan([region], store, policy=policy, **options)
     planned = dataclasses.replace(planned, pager=setup)

@@ -362,7 +362,10 @@ class Filler:
         if outcome is Outcome.PROCESS_GONE and source not in self.gone:
             self.gone.append(source)
         if outcome is Outcome.DONE:
-            region.settled[first:last] = b"\x01" * (last - first)
+            region.settled[first:last] = (
+                self.pager.present(region, first, last) if how is not Fill.POISON
+                else b"\x01" * (last - first)
+            )  # fmt: skip
         return outcome
 
     def _count(self, region: RegionState, first: int, last: int, how: Fill, sign: int = 1) -> None:

@@ -535,7 +535,8 @@ class Handler:
         stats, for the flush the program asked for last (see Server.flush)."""
         assert self._pager is not None
         asked = self.stats.value(_stats.FLUSH_ASKED)
-        failed = self._pager.flush()
+        while (failed := self._pager.flush()) is None:
+            self._catch_up()  # a FORK, REMAP or UNMAP first: the kernel refuses WP until then
         self.stats.set(_stats.FLUSH_ERRNO, failed)
         self.stats.set(_stats.FLUSH_DONE, asked)
 

@@ -60,6 +60,8 @@ ABSENT, CLEAN, DIRTY = 0, 1, 2
 
 _LARGEST_UNIT = 2 << 20
 _WRITE_BLOCK = 64
+#: A page's state as a settled bit (bytes.translate): in memory, clean or dirty.
+_IN_MEMORY = bytes([0, 1, 1]) + bytes(253)
 _WRITE_BACK_BYTES = 256 << 10
 _WRITTEN_KEPT = 16
 
@@ -219,6 +221,12 @@ class Pager:
             except ProcessGoneError:
                 return Outcome.PROCESS_GONE, needed
         return Outcome.DONE, needed
+
+    def present(self, region: RegionState, first: int, last: int) -> bytes:
+        """Pages [first, last) of ``region`` as settled bits: 1 for a page in memory. (Room
+        made for a fill may have evicted pages of its own window: those are not settled.)"""
+        base = self.index(region, 0)
+        return bytes(self._states[base + first : base + last]).translate(_IN_MEMORY)
 
     def _mark_in(self, first: int, last: int) -> None:
         self._states[first:last] = bytes([CLEAN]) * (last - first)
@@ -387,13 +395,13 @@ class Pager:
             view.release()
         return True
 
-    def flush(self) -> int:
+    def flush(self) -> int | None:
         """Write every dirty page back and make the store durable; 0, or the errno of a
-        write-back that failed since the last flush (those pages stay dirty)."""
+        write-back that failed since the last flush (those pages stay dirty); None when an
+        event waits to be read first (EAGAIN: read the events, then call again)."""
         for lo, hi in list(_runs(self.setup.states, 0, self.setup.pages, DIRTY)):
-            if self.writable:
-                while self._protect(lo, hi) is Outcome.CHANGED:
-                    pass  # (a REMAP or FORK unread: the protection is retried, it is idempotent)
+            if self.writable and self._protect(lo, hi) is Outcome.CHANGED:
+                return None  # (what was written back so far stays clean: no work is lost)
             self._write_back(lo, hi)
         failed, self.failed = self.failed, 0
         if self._store is not None and self.writable and not failed:
