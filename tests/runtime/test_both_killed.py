@@ -106,3 +106,44 @@ def test_both_daemons_killed_leave_sigbus_or_zeros_where_they_belong_never_zeros
         pytest.skip("the watchdog is a native thread: the extension is not built or UFFD_NATIVE=0")
     wrong = in_target(_kill_both, timeout=50)
     assert not wrong, wrong[:5]
+
+
+def _kill_the_first_of_two() -> list[str]:
+    """Two servers; both daemons of the first killed: its pages settle although the second
+    server (started after it, so forked from a program holding the first's watchdog uffd)
+    still runs."""
+    data = _data()
+    first, second = memory.anonymous(PAGES * PAGE), memory.anonymous(PAGES * PAGE)
+    server = serve([first], BytesStore(data), policy=Single())
+    later = serve([second], BytesStore(data), policy=Single())
+    if bytes(first.view[:PAGE]) != data[:PAGE] or bytes(second.view[:PAGE]) != data[:PAGE]:
+        return ["page 0 was wrong before the kill"]
+    for pid in (server.pid, server.handler_pid):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while _registered(first.address) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    wrong = []
+    if _registered(first.address):
+        wrong.append("the first range is still registered 20 s after its daemons died (a "
+                     "later server holds a copy of its uffd): a fault there would hang")  # fmt: skip
+    else:
+        mem = os.open("/proc/self/mem", os.O_RDONLY)
+        try:
+            got = _read(mem, first.address + 9 * PAGE)  # never filled: poisoned
+        finally:
+            os.close(mem)
+        if got != os.strerror(5):
+            wrong.append(f"page 9 of the first range read {got!r:.40}, not EIO")
+    if bytes(second.view[9 * PAGE : 10 * PAGE]) != data[9 * PAGE : 10 * PAGE]:
+        wrong.append("the second server no longer serves its range")
+    later.stop()
+    return wrong
+
+
+@pytest.mark.timeout(60)
+def test_a_later_server_does_not_keep_an_earlier_range_registered() -> None:
+    if not native_available():
+        pytest.skip("the watchdog is a native thread: the extension is not built or UFFD_NATIVE=0")
+    wrong = in_target(_kill_the_first_of_two, timeout=50)
+    assert not wrong, wrong[:5]

@@ -482,6 +482,25 @@ def _shed_registered_ranges() -> None:
     for start, end, _flags in _registered_ranges():
         with contextlib.suppress(OSError):
             _libc.madvise(start, end - start, _abi.MADV_DONTFORK)
+    _close_inherited_userfaultfds()
+
+
+def _close_inherited_userfaultfds() -> None:
+    """In the launch's middle process: close every userfaultfd it inherited from the program
+    (the watchdog's descriptor of each earlier array: see _export). The new server needs none
+    (its uffd is made after this fork and sent to it), and a copy kept here would outlive the
+    array's own daemons: when both died, its watchdog would close its copy, and the range
+    would stay registered with nobody serving it (a fault there hung, where it must be SIGBUS)."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for name in names:
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[userfaultfd]":
+                os.close(int(name))
+        except (OSError, ValueError):
+            pass
 
 
 def _wait_for_prefetch(stats: StatsBlock, launched: Launched, timeout: float) -> None:
