@@ -141,9 +141,10 @@ def test_a_killed_daemon_loses_no_write(npy: Path, tmp_path: Path, who: str) -> 
         r.assert_gone()
 
 
-@pytest.mark.timeout(DEADLINE + 30)
+@pytest.mark.timeout(DEADLINE * 2 + 30)
 def test_a_signal_handler_that_writes(npy: Path, tmp_path: Path) -> None:
-    with run("handled SIGALRM", "handled_signal", [npy, BUDGET], tmp_path) as r:
+    with Program("handled SIGALRM", "handled_signal", [str(npy), str(BUDGET)], tmp_path,
+                 DEADLINE * 2, module=MODULE) as r:  # fmt: skip
         r.assert_exit(0)
         all_right(r)
         [ticks] = r.records("ticks")
