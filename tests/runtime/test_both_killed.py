@@ -125,8 +125,10 @@ def _kill_the_first_of_two() -> list[str]:
         time.sleep(0.01)
     wrong = []
     if _registered(first.address):
-        wrong.append("the first range is still registered 20 s after its daemons died (a "
-                     "later server holds a copy of its uffd): a fault there would hang")  # fmt: skip
+        wrong.append(
+            "the first range is still registered 20 s after its daemons died (a later server "
+            "holds a copy of its uffd): a fault there would hang"
+        )
     else:
         mem = os.open("/proc/self/mem", os.O_RDONLY)
         try:
