@@ -303,6 +303,37 @@ def _tensors(plt: Any, text: str) -> Any:
     return figure
 
 
+def _out_of_core(plt: Any, text: str) -> Any:
+    """The array's memory over time, a panel per work: np.memmap in a cgroup of the budget
+    against lazy(budget=...), with the budget drawn across."""
+    budget = re.search(r"budget (\d+) MiB", text)
+    rows: dict[str, list[tuple[str, list[float], list[float]]]] = {}
+    for line in text.splitlines():
+        if line.startswith("# series|"):
+            _tag, work, way, points = line.split("|", 3)
+            pairs = [p.split(":") for p in points.split(",") if p]
+            seconds = [float(t) / 1000 for t, _m in pairs]
+            mib = [float(m) for _t, m in pairs]
+            rows.setdefault(work, []).append((way, seconds, mib))
+    if not rows:
+        raise ValueError("no '# series|' lines: a table of benchmarks/out_of_core.py has them")
+    figure, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 2.8), squeeze=False)
+    for axis, (work, ways) in zip(axes[0], rows.items(), strict=True):
+        for way, seconds, mib in ways:
+            colour = "#1f77b4" if way.startswith("lazy") else "#555555"
+            axis.plot(seconds, mib, label=way, color=colour, linewidth=1.2)
+        if budget:
+            axis.axhline(float(budget[1]), color="#888888", linestyle="--", linewidth=0.8,
+                         label="budget")  # fmt: skip
+        axis.set_title(work)
+        axis.set_xlabel("seconds")
+        axis.set_ylabel("array in memory (MiB)")
+        axis.legend(fontsize=6)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    return figure
+
+
 _FIGURES: dict[str, Callable[[Any, str], Any]] = {
     "runtime": _runtime, "local": _local, "remote": _remote, "criu": _criu, "tensors": _tensors,
+    "out_of_core": _out_of_core,
 }  # fmt: skip

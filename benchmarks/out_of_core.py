@@ -148,13 +148,17 @@ def measure(args: argparse.Namespace, kind: str, work: str, path: str, url: str)
         limit = baseline + args.budget + SLACK
         (cg / "memory.limit_in_bytes").write_text(str(limit))
         peak = {"array": 0}
+        series: list[tuple[float, int]] = []  # (seconds since go, array bytes)
         done = threading.Event()
         key = "RssFile" if kind in ("memmap", "download") else "RssShmem"
         before = status(proc.pid).get(key, 0)  # (the interpreter's own files: not the array)
 
         def sample() -> None:
+            began = time.perf_counter()
             while not done.wait(0.002):
-                peak["array"] = max(peak["array"], status(proc.pid).get(key, 0) - before)
+                now = status(proc.pid).get(key, 0) - before
+                peak["array"] = max(peak["array"], now)
+                series.append((time.perf_counter() - began, now))
 
         sampler = threading.Thread(target=sample)
         sampler.start()
@@ -169,7 +173,8 @@ def measure(args: argparse.Namespace, kind: str, work: str, path: str, url: str)
     if not line:
         return {"failed": f"exited {code}", "limit": limit}
     result: dict[str, Any] = json.loads(line)
-    result.update(limit=limit, array_peak=peak["array"], group_peak=group_peak, failcnt=failcnt)
+    result.update(limit=limit, array_peak=peak["array"], group_peak=group_peak, failcnt=failcnt,
+                  series=series)  # fmt: skip
     return result
 
 
@@ -193,6 +198,10 @@ def main() -> None:
     parser.add_argument("--dir", default="/var/tmp")
     parser.add_argument("--works", default="scan,gather,sort,http")
     parser.add_argument("--policy", default="", help="lazy()'s policy (default: its own)")
+    sys.path.insert(0, HERE)
+    from _plots import add_options  # benchmarks/_plots.py: the figure of the table
+
+    add_options(parser)
     parser.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--group", "--kind", "--work", "--path", "--url", "--scratch"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -239,6 +248,7 @@ def main() -> None:
               f"{'array peak':>11} {'group peak':>11}  notes")  # fmt: skip
         reference: dict[str, float] = {}
         expected: dict[str, set[int]] = {}
+        over_time: list[str] = []
         for work_name, way, kind, work in rows:
             results = []
             for _ in range(args.repeat):
@@ -249,6 +259,7 @@ def main() -> None:
                 print(f"{work_name:<15} {way:<28} {'failed: ' + results[0]['failed']:>22}")
                 continue
             times = [r["seconds"] for r in ok]
+            over_time.append(f"# series|{work_name}|{way}|" + _downsampled(ok[0]["series"]))
             median = statistics.median(times)
             reference.setdefault(work_name, median)
             ratio = median / reference[work_name]
@@ -266,10 +277,24 @@ def main() -> None:
                   f" {ratio:>5.2f}x {max(r['array_peak'] for r in ok) >> 20:>8} MiB "
                   f"{max(r['group_peak'] for r in ok) >> 20:>8} MiB  {', '.join(notes)}",
                   flush=True)  # fmt: skip
+        print("# the array's memory over time, the first run of each row (ms:MiB), for the figure:")
+        print("\n".join(over_time))
     finally:
         if server is not None:
             server.kill()
 
 
+def _downsampled(series: list[tuple[float, int]], points: int = 120) -> str:
+    step = max(1, len(series) // points)
+    kept = series[::step] + series[-1:]
+    return ",".join(f"{t * 1000:.0f}:{b / (1 << 20):.1f}" for t, b in kept)
+
+
 if __name__ == "__main__":
-    main()
+    if "--row" in sys.argv:
+        main()
+    else:
+        sys.path.insert(0, HERE)
+        from _plots import main_with_figure  # benchmarks/_plots.py: the figure of the table
+
+        main_with_figure(main, "out_of_core")
