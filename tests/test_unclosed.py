@@ -14,6 +14,7 @@ from userfaultfd import Userfaultfd
 
 def collected() -> tuple[list[warnings.WarningMessage], int]:
     """The warnings raised while an open uffd is dropped and collected, and its descriptor."""
+    gc.collect()  # garbage of earlier tests (an exception that kept a uffd alive) goes first
     uffd = Userfaultfd()
     fd = uffd.fileno()
     with warnings.catch_warnings(record=True) as caught:
