@@ -162,7 +162,12 @@ class Pager:
         """Make room for ``count`` pages about to be filled: evict the oldest units until they
         fit (or nothing more can go)."""
         budget = self.setup.budget_pages
-        while self._resident + count > budget and self._order:
+        # One round at most: units whose dirty pages cannot be written back (a full disk) go
+        # to the back again, and a second round would only fail again, for ever. Over the
+        # budget then, but no write is dropped and no fault waits; flush() says why.
+        tries = len(self._order)
+        while self._resident + count > budget and self._order and tries > 0:
+            tries -= 1
             unit = self._order.popleft()
             if not self._counts[unit]:
                 continue
