@@ -21,6 +21,7 @@ import numpy as np
 
 from tests.runtime import _lifecycle_prog
 from tests.runtime._lifecycle_prog import PAGE, N, pids, say
+from tests.runtime.test_both_killed import _registered
 from userfaultfd import _abi, _libc
 from userfaultfd.runtime import lazy, server_of
 
@@ -339,16 +340,6 @@ def both_killed(args: list[str]) -> None:
         right += 1
     say("pages", right=right, failed=failed)
     say("check", who="after both died", lo=0, hi=N, bad=0)
-
-
-def _registered(address: int) -> bool:
-    with open("/proc/self/smaps") as f:
-        lines = f.read().splitlines()
-    for i, line in enumerate(lines):
-        if line.startswith(f"{address:x}-"):
-            flags = next(f for f in lines[i:] if f.startswith("VmFlags:"))
-            return " um" in flags
-    return False
 
 
 def dropped(args: list[str]) -> None:

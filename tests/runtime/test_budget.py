@@ -27,7 +27,7 @@ from userfaultfd._native import native_available
 from userfaultfd.check import pager_guarantees
 from userfaultfd.runtime import lazy
 from userfaultfd.runtime._budgeted import parse_budget
-from userfaultfd.stores import BytesStore, FileStore
+from userfaultfd.stores import BytesStore, FileStore, pack
 
 N = prog.N
 MODULE = "tests.runtime._budget_prog"
@@ -261,6 +261,10 @@ def test_sources_that_cannot_be_written_refuse_writable_up_front(npy: Path) -> N
         with pytest.raises(ValueError, match="writable=True needs a source") as caught:
             lazy(source, budget="1M", writable=True)
         assert named in str(caught.value), f"the error does not name the source: {caught.value}"
+    packed = npy.with_suffix(".pack")
+    pack(npy, packed)
+    with pytest.raises(ValueError, match="writable=True needs a source"):
+        lazy(packed, budget="1M", writable=True)
     with pytest.raises(ValueError, match="direct=True"):
         lazy(npy, budget="1M", direct=True)
 

@@ -21,6 +21,7 @@ from .._buffer import pinned
 from .._core import Userfaultfd, supported_features
 from .._errors import FeatureUnavailableError
 from .._flags import Feature, Mode
+from .._location import is_url, local_path
 from ..stores import FileStore, Store, open_store
 from ._pager import PagerSetup, eviction_unit
 from ._policy import Policy
@@ -100,10 +101,11 @@ def paged_store(source: Any, writable: bool, cache: Any) -> Store:
     saying why it cannot be written."""
     if not writable:
         return open_store(source) if cache is None else open_store(source, cache=cache)
-    if isinstance(source, str | os.PathLike) and "://" not in os.fspath(source):
-        store: Store = FileStore(source, writable=True)
-        if store.writable:
-            return store
+    if isinstance(source, str | os.PathLike) and not is_url(text := os.fspath(source)):
+        with open_store(text) as opened:  # (a pack over a local file is no plain file)
+            plain = type(opened) is FileStore
+        if plain:
+            return FileStore(local_path(text), writable=True)
     elif isinstance(source, Store) and source.writable:
         return source
     raise ValueError(
