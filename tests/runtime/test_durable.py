@@ -132,6 +132,10 @@ def _killed_between_read_and_report(change: str, flag: str) -> list[str]:
             if _libc.munmap(mapping.address + 8 * PAGE, 8 * PAGE) != 0:
                 return [f"munmap failed: errno {ctypes.get_errno()}"]
             got, want = bytes(mapping.view[16 * PAGE : 32 * PAGE]), data[16 * PAGE : 32 * PAGE]
+        # munmap() returns once the UNMAP event is read; the hook removes the flag just after.
+        deadline = time.monotonic() + 5
+        while os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.001)
         if os.path.exists(flag):
             wrong.append("the hook did not fire: the handler read no change")
         if got != want:
